@@ -1,0 +1,83 @@
+"""Artifacts are complete or absent: write under a temporary name, then rename.
+
+Training checkpoints live in ``OUT/checkpoints/step_XXXXXXXX``; a directory is complete when it has
+been renamed from its ``.tmp`` name and holds ``trainer_state.json`` (written last). Anything else is
+the debris of an interrupted write and is ignored (and cleaned up by the next save).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def tmp_dir_for(final: Path) -> Path:
+    return final.with_name(final.name + ".tmp")
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written directory into place (replacing an older one of the same name)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / STATE_FILE).is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    ckpts = list_checkpoints(root)
+    return ckpts[-1][1] if ckpts else None
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and stale temporary directories."""
+    for child in Path(root).glob("step_*.tmp"):
+        shutil.rmtree(child, ignore_errors=True)
+    ckpts = list_checkpoints(root)
+    for _, path in ckpts[: max(len(ckpts) - keep_last, 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / STATE_FILE).read_text())

@@ -1,0 +1,102 @@
+"""The ``distill`` command: one function per sub-command, each a thin shell around a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+
+from pydantic import BaseModel
+
+from distill import __version__
+
+logger = logging.getLogger("distill")
+
+
+def _describe(model: type[BaseModel], indent: str = "  ") -> str:
+    """A config model's sections and keys with defaults, for ``--help``."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                   None)
+        if sub is not None:
+            keys = ", ".join(sub.model_fields)
+            lines.append(f"{indent}{name}: {textwrap.shorten(keys, 90)}")
+        else:
+            default = "required" if field.is_required() else repr(field.default)
+            lines.append(f"{indent}{name} (default {default})")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.recipes import train
+
+    cfg = load_config(train.TrainConfig, args.config, args.overrides)
+    summary = train.main(cfg, resume=args.resume)
+    logger.info("done: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in summary.items()))
+    return 0
+
+
+def _train_parser(sub) -> None:
+    from distill.recipes.train import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="distill a teacher into a student (or train from scratch with no teacher)",
+        description="Train a student with token-level knowledge distillation.\n\n"
+        "Config sections (YAML file, then key=value overrides such as optim.lr=1e-3):\n" + _describe(TrainConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. loss.temperature=2")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.set_defaults(func=cmd_train)
+
+
+PARSERS = {"train": _train_parser}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Knowledge distillation of large language models: make a small student behave like a teacher.",
+    )
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in PARSERS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[distill] %(message)s"))
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)
+                       or isinstance(h, logging.FileHandler)] + [handler]
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logger.propagate = False
+
+    from distill.recipes.train import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except NonFiniteLossError as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Typed configs: YAML file < ``key=value`` overrides, validated once with every problem listed.
+
+Each recipe owns a pydantic model; the sections shared between recipes (data, models, optimizer...)
+live here. Unknown keys are errors (``extra="forbid"``), so a typo never silently falls back to a
+default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the file and field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the text comes from and how it becomes ``{input_ids, labels}`` blocks."""
+
+    source: str = Field(description="local file (.jsonl/.json/.parquet/.txt/.csv), local directory, or hub dataset id")
+    split: str = "train"
+    format: Literal["auto", "text", "prompt_response", "messages"] = "auto"
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    seq_len: int = Field(512, gt=1)
+    packing: bool = True
+    truncate: bool = False
+    eval_source: str | None = None
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_examples: int | None = Field(None, gt=0)
+    max_eval_examples: int | None = Field(None, gt=0)
+    seed: int = 0
+    num_proc: int | None = Field(None, gt=0)
+
+
+class ModelSpec(Section):
+    """A model: ``path`` (local HF directory or hub id) or ``config`` (random init from a config dict)."""
+
+    path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = Field(
+        None, description="tokenizer directory or hub id; 'byte' for the built-in byte-level tokenizer"
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of `path` (HF directory or hub id) or `config` (random init)")
+        if self.path is None and self.tokenizer is None:
+            raise ValueError("a model built from `config` needs `tokenizer` (a directory, hub id, or 'byte')")
+        return self
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: cannot set `{dotted}`: `{key}` is {child!r}, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-3", "teacher=null"]`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override `{item}` is not of the form key=value (e.g. optim.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override `{item}` has an empty key")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "", origin=f"override `{item}`")
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {err.error_count()} problem(s) in the config:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `distill <command> --help` lists the sections)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None):
+    """Defaults < YAML file < ``key=value`` overrides, validated by ``model``; raises ConfigError."""
+    tree: dict = {}
+    origin = "config"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        origin += " + overrides"
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def dump_config(cfg: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically), loadable by ``load_config``."""
+    from distill.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+class LossConfig(Section):
+    """``alpha * CE + (1 - alpha) * s * D(p_T, q_T)`` with ``s = T^2`` when ``t2_scale`` (METHODS.md §1)."""
+
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys"] = (
+        "forward_kl"
+    )
+    temperature: float = Field(1.0, gt=0)
+    t2_scale: bool = True
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD interpolation: 0 = forward KL, 1 = reverse KL")
+    skew: float = Field(0.1, ge=0.0, lt=1.0, description="skew KL / skew reverse KL mixing weight")
+    chunked: bool = Field(True, description="memory-efficient loss that never materializes (tokens, V) logits")
+    chunk_size: int | None = Field(None, gt=0, description="tokens per chunk; default: chosen from a memory budget")
+    vocab_policy: Literal["truncate", "error"] = "truncate"
+
+
+class OptimConfig(Section):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to lr * min_lr_ratio")
+    max_grad_norm: float | None = Field(1.0, gt=0)

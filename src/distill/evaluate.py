@@ -1,0 +1,123 @@
+"""Held-out evaluation of a student: loss, perplexity, bits per byte, KL to the teacher, agreement.
+
+The sums are computed with the same memory-efficient loss path as training (no (tokens, V) logits),
+at temperature 1, over whichever batches a process is given; callers that shard across processes add
+the sums up (``EvalSums`` is a plain tensor for that) before turning them into metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from distill.chunked import LinearHead, chunked_kd_loss
+from distill.losses import IGNORE_INDEX
+
+SUM_KEYS = ("ce_sum", "kl_sum", "agree_sum", "correct_sum", "count")
+
+
+def final_hidden(model, batch: dict) -> torch.Tensor:
+    """Final (post-norm) hidden states (B, T, H); ``logits_to_keep=1`` skips the full logits."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.hidden_states[-1]
+
+
+def flat_positions(hidden_BTH: torch.Tensor) -> torch.Tensor:
+    """Hidden states of the positions that predict a next token, as (N, H)."""
+    return hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
+
+
+@torch.no_grad()
+def eval_sums(
+    model,
+    head: LinearHead,
+    batches: Iterable[dict],
+    teacher=None,
+    teacher_head: LinearHead | None = None,
+    autocast: Callable = torch.autocast,
+) -> torch.Tensor:
+    """Summed statistics over ``batches`` as a float64 tensor ordered like ``SUM_KEYS``."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    for batch in batches:
+        labels = batch["labels"][:, 1:].reshape(-1)
+        signal = None
+        with autocast():
+            if teacher is not None:
+                signal = (flat_positions(final_hidden(teacher, batch)), teacher_head)
+            _, stats = chunked_kd_loss(flat_positions(final_hidden(model, batch)), head, labels, signal, 1,
+                                       kind="forward_kl", temperature=1.0, alpha=1.0)
+        sums += torch.stack([stats[k].double().cpu() if k in stats else torch.zeros((), dtype=torch.float64)
+                             for k in SUM_KEYS])
+    model.train(was_training)
+    return sums
+
+
+def metrics_from_sums(sums: torch.Tensor, with_teacher: bool, target_bytes: int | None = None) -> dict:
+    """Turn summed statistics into metrics; ``target_bytes`` (UTF-8 bytes of the scored tokens) adds bpb."""
+    s = dict(zip(SUM_KEYS, sums.tolist(), strict=True))
+    count = max(s["count"], 1.0)
+    out = {
+        "val_loss": s["ce_sum"] / count,
+        "val_ppl": math.exp(min(s["ce_sum"] / count, 50.0)),
+        "val_top1_accuracy": s["correct_sum"] / count,
+        "val_tokens": int(s["count"]),
+    }
+    if target_bytes:
+        out["bits_per_byte"] = s["ce_sum"] / (target_bytes * math.log(2))
+    if with_teacher:
+        out["kl_to_teacher"] = s["kl_sum"] / count
+        out["top1_agreement"] = s["agree_sum"] / count
+    return out
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's reversible byte <-> printable-character map, character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits-per-byte.
+
+    Byte-level BPE tokens are read through the byte alphabet (exact even for tokens that hold part of
+    a multi-byte character); other tokenizers fall back to decoding each token on its own.
+    """
+    alphabet = _byte_level_alphabet()
+    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    special = set(tokenizer.all_special_ids)
+    for token, idx in tokenizer.get_vocab().items():
+        if idx >= len(lengths) or idx in special or tokenizer.convert_ids_to_tokens(idx) != token:
+            continue
+        if token and all(c in alphabet for c in token):
+            lengths[idx] = len(token)
+        else:
+            lengths[idx] = len(tokenizer.convert_tokens_to_string([token]).encode("utf-8"))
+    return lengths
+
+
+def target_bytes(examples: Iterable[dict], byte_lengths: torch.Tensor) -> int:
+    """UTF-8 bytes of the supervised next-token targets of ``examples``."""
+    total = 0
+    for ex in examples:
+        labels = torch.as_tensor(ex["labels"][1:], dtype=torch.long)
+        labels = labels[labels != IGNORE_INDEX]
+        total += int(byte_lengths[labels].sum())
+    return total

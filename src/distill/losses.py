@@ -1,0 +1,291 @@
+"""Distillation losses: pure functions of tensors that return a per-token loss.
+
+Conventions (see METHODS.md):
+
+* ``p`` is the teacher distribution, ``q`` the student's, both at temperature ``T``.
+* Every divergence is summed over the class axis and returned per position (``loss_BT``); nothing here
+  reduces over tokens. :func:`reduce_loss` is the one reduction: the sum over supervised tokens divided
+  by the number of supervised tokens in the whole optimizer step.
+* Everything is computed in fp32 from ``log_softmax``.
+* Positions are already aligned: ``logits[..., t, :]`` scores ``labels[..., t]`` (callers shift).
+
+A teacher signal is either dense logits ``(..., V)`` or a :class:`SparseTarget` (ids + probabilities,
+optionally the tail mass of everything else). Both reduce to a pair of log-probability tensors over a
+common class axis, and :func:`divergence_from_logprobs` works on that pair, so every divergence works
+with every teacher signal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+# Divergences that stay finite when the teacher puts zero mass on classes the student does not
+# (sampled targets: the teacher's tail is exactly 0).
+ZERO_TEACHER_MASS_OK = ("forward_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+@dataclass
+class SparseTarget:
+    """A compact teacher target per position.
+
+    ids:   (..., K) long, token ids. Entries with ``probs == 0`` are padding and are ignored.
+    probs: (..., K) float, teacher probabilities of ``ids`` (at the temperature they were captured at).
+    tail:  (...) float or None. Teacher mass outside ``ids``; the student's tail class is then
+           ``1 - sum(q[ids])`` and the divergence runs over K + 1 classes. ``None`` renormalizes both
+           teacher and student over ``ids`` (the biased top-k convention). Sampled targets are
+           ``probs = counts / N`` with ``tail = 0``: forward KL over K + 1 classes then equals the
+           exact KL(p_hat || q) and its gradient the unbiased sampled cross-entropy.
+    """
+
+    ids: torch.Tensor
+    probs: torch.Tensor
+    tail: torch.Tensor | None = None
+
+    def __getitem__(self, index) -> SparseTarget:
+        """Index the leading (position) dimensions, e.g. ``target[mask]`` or ``target[:, :-1]``."""
+        return SparseTarget(self.ids[index], self.probs[index], None if self.tail is None else self.tail[index])
+
+    def to(self, device) -> SparseTarget:
+        return SparseTarget(
+            self.ids.to(device), self.probs.to(device), None if self.tail is None else self.tail.to(device)
+        )
+
+
+TeacherSignal = torch.Tensor | SparseTarget
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64, which gradient checks use)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """Per-class ``a * (log a - log b)``, exactly 0 where a == 0, with NaN-free gradients."""
+    pos = logp_a > -math.inf
+    la = torch.where(pos, logp_a, torch.zeros_like(logp_a))
+    return torch.where(pos, la.exp() * (la - logp_b), torch.zeros_like(la))
+
+
+def _log_mix(logp: torch.Tensor, logq: torch.Tensor, w_p: float) -> torch.Tensor:
+    """log(w_p * p + (1 - w_p) * q) for 0 < w_p < 1."""
+    return torch.logaddexp(logp + math.log(w_p), logq + math.log1p(-w_p))
+
+
+def _scaled_jsd_terms(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-class ``[beta KL(p||M) + (1-beta) KL(q||M)] / (beta (1-beta))``, M = beta p + (1-beta) q.
+
+    Written as ``KL(p||M) / (1-beta) + KL(q||M) / beta`` with ``log M`` taken *relative* to ``log p``
+    and ``log q`` (``log M - log q = log(1 - beta + beta e^d)``, d = log p - log q). Forming ``log M``
+    first and subtracting loses ~1e-7 * |log q| absolutely, which the 1/beta factor blows up near the
+    ends; the relative form keeps the result accurate for beta down to 1e-6 in fp32.
+    """
+    # Floor zero-mass classes so that d stays finite; their own terms are zeroed by the weights below.
+    d = lp.clamp_min(-1e4) - lq.clamp_min(-1e4)
+    log_m_minus_q = torch.logaddexp(torch.full_like(d, math.log1p(-beta)), math.log(beta) + d)
+    log_m_minus_p = torch.logaddexp(torch.full_like(d, math.log(beta)), math.log1p(-beta) - d)
+    p_pos, q_pos = lp > -math.inf, lq > -math.inf
+    p = torch.where(p_pos, lp, torch.zeros_like(lp)).exp()
+    q = torch.where(q_pos, lq, torch.zeros_like(lq)).exp()
+    term_p = torch.where(p_pos, p * -log_m_minus_p, torch.zeros_like(p)) / (1.0 - beta)
+    term_q = torch.where(q_pos, q * -log_m_minus_q, torch.zeros_like(q)) / beta
+    return term_p + term_q
+
+
+def divergence_from_logprobs(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    kind: Divergence,
+    *,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Divergence between two distributions given as log-probabilities, summed over the last axis.
+
+    student_logp, teacher_logp: (..., C) fp32 log-probabilities (``-inf`` allowed for zero mass).
+    valid: optional (..., C) bool; classes where it is False are left out entirely.
+    Returns (...).
+
+    * forward_kl: KL(p || q)          * reverse_kl: KL(q || p)       * jeffreys: (fwd + rev) / 2
+    * jsd: generalized JSD with M = beta p + (1 - beta) q, scaled by 1 / (beta (1 - beta)) so that it is
+      continuous in beta and tends to forward KL as beta -> 0 and reverse KL as beta -> 1 (the end points
+      are computed as those limits). Note the scale: at beta = 0.5 this is 4x the unscaled JSD.
+    * skew_kl: KL(p || skew p + (1 - skew) q)     * skew_reverse_kl: KL(q || (1 - skew) p + skew q)
+    * tvd: 0.5 * sum |p - q|
+    """
+    lq, lp = student_logp, teacher_logp
+    if valid is not None:
+        # Neutral values keep invalid classes finite; their terms are zeroed below.
+        lq = lq.masked_fill(~valid, 0.0)
+        lp = lp.masked_fill(~valid, 0.0)
+
+    if kind == "forward_kl":
+        terms = _kl_terms(lp, lq)
+    elif kind == "reverse_kl":
+        terms = _kl_terms(lq, lp)
+    elif kind == "jeffreys":
+        terms = 0.5 * (_kl_terms(lp, lq) + _kl_terms(lq, lp))
+    elif kind == "jsd":
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+        if beta == 0.0:
+            terms = _kl_terms(lp, lq)
+        elif beta == 1.0:
+            terms = _kl_terms(lq, lp)
+        else:
+            terms = _scaled_jsd_terms(lp, lq, beta)
+    elif kind == "skew_kl":
+        if not 0.0 <= skew < 1.0:
+            raise ValueError(f"skew must be in [0, 1), got {skew}")
+        lm = lq if skew == 0.0 else _log_mix(lp, lq, skew)
+        terms = _kl_terms(lp, lm)
+    elif kind == "skew_reverse_kl":
+        if not 0.0 <= skew < 1.0:
+            raise ValueError(f"skew must be in [0, 1), got {skew}")
+        lm = lp if skew == 0.0 else _log_mix(lp, lq, 1.0 - skew)
+        terms = _kl_terms(lq, lm)
+    elif kind == "tvd":
+        terms = 0.5 * (lp.exp() - lq.exp()).abs()
+    else:
+        raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+
+    if valid is not None:
+        terms = terms.masked_fill(~valid, 0.0)
+    return terms.sum(-1)
+
+
+def sparse_logprobs(
+    student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probabilities over the sparse target's classes.
+
+    student_logits: (..., V). Returns ``(student_logp, teacher_logp, valid)``, each (..., C) with
+    C = K + 1 (the last class is the tail) when ``target.tail`` is given, else C = K (renormalized).
+    """
+    z = _upcast(student_logits) / temperature
+    ids = target.ids
+    present = target.probs > 0  # (..., K); zero-probability entries are padding
+    z_ids = z.gather(-1, ids)
+    teacher_logp = _upcast(target.probs).log()
+    if target.tail is None:
+        # Renormalize both distributions over the kept ids.
+        student_logp = torch.log_softmax(z_ids.masked_fill(~present, -math.inf), dim=-1)
+        student_logp = student_logp.masked_fill(~present, 0.0)
+        teacher_logp = torch.log_softmax(teacher_logp, dim=-1)
+        return student_logp, teacher_logp, present
+
+    lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
+    student_ids = z_ids - lse_all
+    # Student tail: log of the mass on every id not in the target, via a masked logsumexp (exact,
+    # unlike log(1 - sum q)). Counting membership with scatter_add keeps padded ids out of the mask.
+    counts = torch.zeros(z.shape, dtype=torch.int32, device=z.device)
+    counts.scatter_add_(-1, ids, present.to(torch.int32))
+    in_set = counts > 0
+    all_in = in_set.all(-1, keepdim=True)  # K covers the vocabulary: the tail is empty
+    rest = z.masked_fill(in_set, -math.inf).masked_fill(all_in, 0.0)
+    student_tail = torch.where(all_in, -math.inf, torch.logsumexp(rest, dim=-1, keepdim=True) - lse_all)
+    teacher_tail = _upcast(target.tail).clamp_min(0.0).log().unsqueeze(-1)
+    student_logp = torch.cat([student_ids, student_tail], dim=-1)
+    teacher_logp = torch.cat([teacher_logp, teacher_tail], dim=-1)
+    valid = torch.cat([present, torch.ones_like(present[..., :1])], dim=-1)
+    return student_logp, teacher_logp, valid
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher: TeacherSignal,
+    kind: Divergence,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """Per-position divergence between the student and a teacher signal at temperature T.
+
+    student_logits: (..., V); teacher: dense logits (..., V) or a SparseTarget. Returns (...) fp32.
+    No T^2 factor here (see :func:`kd_loss_per_token`).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if isinstance(teacher, SparseTarget):
+        lq, lp, valid = sparse_logprobs(student_logits, teacher, temperature)
+        return divergence_from_logprobs(lq, lp, kind, beta=beta, skew=skew, valid=valid)
+    if teacher.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} differ; "
+            "slice both to the tokenizer's vocabulary first"
+        )
+    lq = torch.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    lp = torch.log_softmax(_upcast(teacher) / temperature, dim=-1)
+    return divergence_from_logprobs(lq, lp, kind, beta=beta, skew=skew)
+
+
+def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hard-label cross-entropy per position (T = 1), 0 where ``labels == IGNORE_INDEX``.
+
+    logits: (..., V); labels: (...). Returns (...) fp32.
+    """
+    flat = F.cross_entropy(
+        _upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return flat.reshape(labels.shape)
+
+
+def kd_loss_per_token(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher: TeacherSignal | None,
+    *,
+    kind: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    t2_scale: bool = True,
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """``alpha * CE + (1 - alpha) * s * D_T`` per position, with ``s = T^2`` if ``t2_scale`` else 1.
+
+    student_logits: (B, T, V); labels: (B, T) with IGNORE_INDEX for unsupervised positions.
+    Returns per-position tensors (B, T): ``loss`` (what to reduce and backpropagate), ``ce`` and
+    ``div`` (the unscaled divergence). With ``teacher=None`` the loss is the plain CE.
+    Positions with IGNORE_INDEX still get values here; :func:`reduce_loss` masks them.
+    """
+    ce = cross_entropy_per_token(student_logits, labels)
+    if teacher is None:
+        return {"loss": ce, "ce": ce}
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    div = token_divergence(student_logits, teacher, kind, temperature=temperature, beta=beta, skew=skew)
+    scale = temperature**2 if t2_scale else 1.0
+    loss = (1.0 - alpha) * scale * div
+    if alpha > 0:
+        loss = loss + alpha * ce
+    return {"loss": loss, "ce": ce, "div": div}
+
+
+def supervised_mask(labels: torch.Tensor) -> torch.Tensor:
+    return labels != IGNORE_INDEX
+
+
+def reduce_loss(loss_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int | float | torch.Tensor) -> torch.Tensor:
+    """The one reduction: sum of ``loss_BT`` over supervised positions / ``num_tokens``.
+
+    ``num_tokens`` is the number of supervised tokens in the whole optimizer step (all micro-batches,
+    all ranks), so accumulated micro-batch losses add up to the loss of the full step. An all-masked
+    input gives 0 (with a gradient of 0), never NaN.
+    """
+    total = torch.where(mask_BT, loss_BT, torch.zeros_like(loss_BT)).sum()
+    if isinstance(num_tokens, torch.Tensor):
+        num_tokens = num_tokens.clamp_min(1).to(total.dtype)
+    else:
+        num_tokens = max(float(num_tokens), 1.0)
+    return total / num_tokens

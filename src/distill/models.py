@@ -1,0 +1,146 @@
+"""Load Hugging Face models and tokenizers, or build small random ones from a config dict.
+
+Models stay ordinary ``transformers`` models: what goes in is what ``from_pretrained`` reads, and what
+comes out is what ``save_pretrained`` writes.
+
+Vocabulary policy. Checkpoints often have more embedding rows than the tokenizer has tokens (Qwen2.5:
+152,064 rows for 151,936 tokens). The extra rows are never real tokens, so with ``vocab_policy:
+truncate`` (the default) both models' logits are cut to the tokenizer's size before any softmax. Padding
+the smaller model with zero logits would give those fake tokens real probability mass, so it is never
+done. ``vocab_policy: error`` refuses any model whose row count differs from the tokenizer's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from distill.config import ModelSpec
+from distill.tokenizer import byte_tokenizer, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from distill.chunked import LinearHead
+
+logger = logging.getLogger("distill")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _looks_local(ref: str) -> bool:
+    """Hub ids look like ``org/name``; anything starting like a path is treated as one."""
+    return ref.startswith((".", "/", "~"))
+
+
+def _check_local(ref: str, field: str, want: str) -> None:
+    """A reference that is clearly a path must exist; anything else may be a hub id."""
+    if _looks_local(ref) and not Path(ref).expanduser().exists():
+        raise ValueError(f"{field}: {ref} does not exist (expected {want})")
+
+
+def load_tokenizer(spec: ModelSpec, field: str):
+    ref = spec.tokenizer or spec.path
+    assert ref is not None
+    if ref == "byte":
+        return byte_tokenizer()
+    _check_local(ref, f"{field}.tokenizer" if spec.tokenizer else f"{field}.path", "a tokenizer directory")
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(ref))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{field}: cannot load a tokenizer from {ref!r}: {exc}") from None
+
+
+def load_model(spec: ModelSpec, field: str, tokenizer=None) -> PreTrainedModel:
+    """``spec.path``: ``from_pretrained``; ``spec.config``: random init with ``spec.seed``."""
+    dtype = DTYPES[spec.dtype]
+    if spec.path is not None:
+        _check_local(spec.path, f"{field}.path", "a Hugging Face model directory")
+        path = os.path.expanduser(spec.path)
+        if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+            raise ValueError(f"{field}.path: {path} has no config.json; is it a Hugging Face model directory?")
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{field}.path: cannot load a causal LM from {spec.path!r}: {exc}") from None
+
+    cfg_dict = dict(spec.config or {})
+    model_type = cfg_dict.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(f"{field}.config needs `model_type` (e.g. llama, qwen2, gemma2)")
+    if tokenizer is not None:
+        cfg_dict.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name, None) is not None:
+                cfg_dict.setdefault(name, getattr(tokenizer, name))
+    try:
+        config = AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{field}.config: {exc}") from None
+    # Build under a fixed seed so a random-init model is the same on every process and every run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def check_tokenizers_agree(student_tok, teacher_tok, student_ref: str, teacher_ref: str) -> None:
+    """Token-level distillation compares distributions id by id: the vocabularies must be the same."""
+    if tokenizer_fingerprint(student_tok) == tokenizer_fingerprint(teacher_tok):
+        return
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    detail = f"{len(s_vocab)} vs {len(t_vocab)} tokens"
+    if len(s_vocab) == len(t_vocab):
+        diff = sorted(k for k in s_vocab if t_vocab.get(k) != s_vocab[k])[:3]
+        detail = f"same size, but ids differ (e.g. {diff})" if diff else "same vocabulary, other special tokens or chat template"
+    raise ValueError(
+        f"the student tokenizer ({student_ref}) and the teacher tokenizer ({teacher_ref}) differ: {detail}. "
+        "Token-level distillation needs one tokenizer; give both models the same `tokenizer`, or use "
+        "sequence-level distillation (teacher generations) for a teacher with another tokenizer."
+    )
+
+
+def resolve_vocab(model: PreTrainedModel, vocab_size: int, field: str, policy: Literal["truncate", "error"]) -> int:
+    """How many logit columns of ``model`` are real tokens; see the module docstring."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ValueError(
+            f"{field}: the output layer has {rows} rows but the tokenizer has {vocab_size} tokens; "
+            "the model cannot score every token (wrong tokenizer for this model?)"
+        )
+    if rows > vocab_size:
+        if policy == "error":
+            raise ValueError(
+                f"{field}: the output layer has {rows} rows for {vocab_size} tokenizer tokens; "
+                "set loss.vocab_policy=truncate to drop the padding rows"
+            )
+        logger.info("%s: %d output rows, %d tokenizer tokens: logits truncated to %d", field, rows, vocab_size, vocab_size)
+    return vocab_size
+
+
+def output_head(model: PreTrainedModel, vocab_size: int) -> LinearHead:
+    """The model's output layer as a :class:`~distill.chunked.LinearHead` (with soft-capping/scale)."""
+    from distill.chunked import LinearHead
+
+    lm_head = model.get_output_embeddings()
+    config = model.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    return LinearHead(
+        weight=lm_head.weight,
+        bias=getattr(lm_head, "bias", None),
+        logit_scale=float(scale) if scale is not None else 1.0,
+        softcap=float(softcap) if softcap else None,
+        vocab_size=vocab_size,
+    )
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -76,8 +76,10 @@ def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
 
 
 def _log_mix(logp: torch.Tensor, logq: torch.Tensor, w_p: float) -> torch.Tensor:
-    """log(w_p * p + (1 - w_p) * q) for 0 < w_p < 1."""
-    return torch.logaddexp(logp + math.log(w_p), logq + math.log1p(-w_p))
+    """log(w_p * p + (1 - w_p) * q) for 0 < w_p < 1; -inf (with finite gradients) where p = q = 0."""
+    both = (logp == -math.inf) & (logq == -math.inf)  # logaddexp(-inf, -inf) has a NaN gradient
+    out = torch.logaddexp(logp.masked_fill(both, 0.0) + math.log(w_p), logq.masked_fill(both, 0.0) + math.log1p(-w_p))
+    return out.masked_fill(both, -math.inf)
 
 
 def _scaled_jsd_terms(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.Tensor:
@@ -214,9 +216,16 @@ def token_divergence(
     student_logits: (..., V); teacher: dense logits (..., V) or a SparseTarget. Returns (...) fp32.
     No T^2 factor here (see :func:`kd_loss_per_token`).
     """
-    if temperature <= 0:
+    if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(teacher, SparseTarget):
+        if teacher.ids.shape[:-1] != student_logits.shape[:-1] or teacher.probs.shape != teacher.ids.shape:
+            raise ValueError(
+                f"sparse target positions {tuple(teacher.ids.shape[:-1])} (probs {tuple(teacher.probs.shape)}) and "
+                f"student logits positions {tuple(student_logits.shape[:-1])} differ"
+            )
+        if teacher.tail is not None and teacher.tail.shape != teacher.ids.shape[:-1]:
+            raise ValueError(f"sparse target tail {tuple(teacher.tail.shape)} does not match ids {tuple(teacher.ids.shape)}")
         lq, lp, valid = sparse_logprobs(student_logits, teacher, temperature)
         return divergence_from_logprobs(lq, lp, kind, beta=beta, skew=skew, valid=valid)
     if teacher.shape != student_logits.shape:
@@ -259,16 +268,19 @@ def kd_loss_per_token(
     ``div`` (the unscaled divergence). With ``teacher=None`` the loss is the plain CE.
     Positions with IGNORE_INDEX still get values here; :func:`reduce_loss` masks them.
     """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     ce = cross_entropy_per_token(student_logits, labels)
     if teacher is None:
         return {"loss": ce, "ce": ce}
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     div = token_divergence(student_logits, teacher, kind, temperature=temperature, beta=beta, skew=skew)
     scale = temperature**2 if t2_scale else 1.0
-    loss = (1.0 - alpha) * scale * div
-    if alpha > 0:
-        loss = loss + alpha * ce
+    if alpha == 1.0:
+        loss = ce  # not 0 * div: an infinite divergence must not turn the CE into NaN
+    else:
+        loss = (1.0 - alpha) * scale * div
+        if alpha > 0:
+            loss = loss + alpha * ce
     return {"loss": loss, "ce": ce, "div": div}
 
 

@@ -173,3 +173,41 @@ class OptimConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to lr * min_lr_ratio")
     max_grad_norm: float | None = Field(1.0, gt=0)
+
+
+class LoopConfig(Section):
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
+    grad_accum: int = Field(1, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
+    batch_size: int = Field(8, gt=0)
+    max_batches: int | None = Field(None, gt=0)
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(2, gt=0)
+
+
+class LogConfig(Section):
+    every: int = Field(10, gt=0)
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class TrainConfig(Section):
+    out_dir: str = "runs/train"
+    student: ModelSpec
+    teacher: ModelSpec | None = None
+    data: DataConfig
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: LoopConfig = LoopConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()

@@ -70,7 +70,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 
 def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """Per-class ``a * (log a - log b)``, exactly 0 where a == 0, with NaN-free gradients."""
-    pos = logp_a > -math.inf
+    pos = logp_a != -math.inf  # NaN stays NaN: a broken teacher must not look like zero mass
     la = torch.where(pos, logp_a, torch.zeros_like(logp_a))
     return torch.where(pos, la.exp() * (la - logp_b), torch.zeros_like(la))
 
@@ -94,7 +94,7 @@ def _scaled_jsd_terms(lp: torch.Tensor, lq: torch.Tensor, beta: float) -> torch.
     d = lp.clamp_min(-1e4) - lq.clamp_min(-1e4)
     log_m_minus_q = torch.logaddexp(torch.full_like(d, math.log1p(-beta)), math.log(beta) + d)
     log_m_minus_p = torch.logaddexp(torch.full_like(d, math.log(beta)), math.log1p(-beta) - d)
-    p_pos, q_pos = lp > -math.inf, lq > -math.inf
+    p_pos, q_pos = lp != -math.inf, lq != -math.inf
     p = torch.where(p_pos, lp, torch.zeros_like(lp)).exp()
     q = torch.where(q_pos, lq, torch.zeros_like(lq)).exp()
     term_p = torch.where(p_pos, p * -log_m_minus_p, torch.zeros_like(p)) / (1.0 - beta)

@@ -2,7 +2,7 @@
 
     distill train configs/tiny/train.yaml out_dir=runs/tiny            # tiny CPU run, < 1 minute
     distill train my.yaml loss.divergence=jsd loss.beta=0.9 --resume   # continue the latest checkpoint
-    accelerate launch --num_processes 2 -m distill train my.yaml       # data parallel (CPU: gloo)
+    accelerate launch --multi_gpu --num_processes 2 -m distill train my.yaml   # data parallel (CPU too: gloo)
 
 Loss per supervised token: ``alpha * CE + (1 - alpha) * T^2 * D(p_T || q_T)`` (``losses.py``). The
 reduction divides by the number of supervised tokens in the whole optimizer step (all micro-batches,
@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from pydantic import Field
 from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
 from distill.chunked import chunked_kd_loss
-from distill.config import DataConfig, LossConfig, ModelSpec, OptimConfig, Section, dump_config
+from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.evaluate import eval_sums, final_hidden, flat_positions, metrics_from_sums
 from distill.losses import IGNORE_INDEX
@@ -50,44 +49,6 @@ from distill.models import (
 )
 
 logger = logging.getLogger("distill")
-
-
-class LoopConfig(Section):
-    max_steps: int = Field(100, gt=0)
-    batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
-    grad_accum: int = Field(1, gt=0)
-    precision: str = Field("fp32", pattern="^(fp32|bf16)$")
-    seed: int = 0
-
-
-class EvalConfig(Section):
-    every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
-    batch_size: int = Field(8, gt=0)
-    max_batches: int | None = Field(None, gt=0)
-
-
-class CheckpointConfig(Section):
-    every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
-    keep_last: int = Field(2, gt=0)
-
-
-class LogConfig(Section):
-    every: int = Field(10, gt=0)
-    tensorboard: bool = False
-    progress: bool = True
-
-
-class TrainConfig(Section):
-    out_dir: str = "runs/train"
-    student: ModelSpec
-    teacher: ModelSpec | None = None
-    data: DataConfig
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    train: LoopConfig = LoopConfig()
-    eval: EvalConfig = EvalConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    log: LogConfig = LogConfig()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -143,7 +104,6 @@ def kd_step_loss(model, student_head_fn, teacher, teacher_head, batch, num_token
         teacher_signal,
         num_tokens,
         chunk_size=loss.chunk_size,
-        naive=not loss.chunked,
         kind=loss.divergence,
         temperature=loss.temperature,
         alpha=loss.alpha,
@@ -254,12 +214,15 @@ def save_student(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, s
 def main(cfg: TrainConfig, resume: bool = False) -> dict:
     out_dir = Path(cfg.out_dir)
     accelerator = Accelerator(
+        cpu=not _has_accelerator(),  # on a CPU-only machine, lets launched processes form a gloo group
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # we step the scheduler exactly once per optimizer step
     )
     is_main = accelerator.is_main_process
+    if not is_main:
+        logger.setLevel(logging.WARNING)  # one process reports progress
     world = accelerator.num_processes
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -415,6 +378,13 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool((xpu is not None and xpu.is_available()) or torch.backends.mps.is_available())
 
 
 def _collate_to(examples, pad_token_id: int, device) -> dict:

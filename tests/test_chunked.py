@@ -11,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from distill.chunked import (
     DEFAULT_MEMORY_BUDGET_BYTES,
     LinearHead,
-    auto_chunk_size,
     chunked_kd_loss,
     naive_kd_loss,
+    plan_chunks,
     temporaries_per_token,
 )
 from distill.losses import (
@@ -98,10 +98,29 @@ def _naive(hidden, head, labels, teacher, num_tokens, **kw):
     return reduce_loss(out["loss"], labels != IGNORE_INDEX, num_tokens)
 
 
-def _check(hidden, head, labels, teacher, num_tokens=31, chunk_size=CHUNK, tol=TOL, budget=None, **kw):
+def _check(
+    hidden,
+    head,
+    labels,
+    teacher,
+    num_tokens=31,
+    chunk_size=CHUNK,
+    tol=TOL,
+    budget=None,
+    loss_chunk_size=None,
+    **kw,
+):
     params = _params(hidden, head)
     loss, stats = chunked_kd_loss(
-        hidden, head, labels, teacher, num_tokens, chunk_size=chunk_size, memory_budget_bytes=budget, **kw
+        hidden,
+        head,
+        labels,
+        teacher,
+        num_tokens,
+        chunk_size=chunk_size,
+        loss_chunk_size=loss_chunk_size,
+        memory_budget_bytes=budget,
+        **kw,
     )
     grads = torch.autograd.grad(loss, params)
     ref = _naive(hidden, head, labels, teacher, num_tokens, **kw)
@@ -335,33 +354,55 @@ def test_mismatched_vocab_raises():
         chunked_kd_loss(hidden, head, labels, (t_hidden, bad), 31)
 
 
-def test_auto_chunk_size_from_budget():
+def test_chunk_sizes_from_budget():
     temps = temporaries_per_token("dense", "forward_kl")
-    sizes = [
-        auto_chunk_size(131072, 4096, temporaries=temps, memory_budget_bytes=b)
-        for b in (1, 2**20, 2**24, 2**26, 2**28, 2**30, 2**40)
-    ]
-    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] == 4096
-    assert all(s >= 1 for s in sizes)
-    # The budget is respected (unless a single row does not fit).
-    for b, s in zip((2**26, 2**28, 2**30), sizes[3:6], strict=True):
-        assert s * 131072 * 4 * temps <= b
-    assert auto_chunk_size(131072, 0, temporaries=temps) == 1
-    default = auto_chunk_size(131072, 10**6, temporaries=temps)
-    assert default == auto_chunk_size(
+    budgets = (1, 2**20, 2**24, 2**26, 2**28, 2**30, 2**40)
+    plans = [plan_chunks(131072, 4096, temporaries=temps, memory_budget_bytes=b) for b in budgets]
+    chunks = [c for c, _ in plans]
+    loss_chunks = [r for _, r in plans]
+    assert chunks == sorted(chunks) and loss_chunks == sorted(loss_chunks)
+    assert plans[0] == (1, 1) and chunks[-1] == 4096
+    assert all(1 <= r <= c for c, r in plans)
+    # The budget is respected (unless a single row does not fit): two logit buffers + the loss chunk.
+    for b, (c, r) in zip(budgets[2:6], plans[2:6], strict=True):
+        assert (2 * c + (temps - 2) * r) * 131072 * 4 <= b
+    assert plan_chunks(131072, 0, temporaries=temps) == (1, 1)
+    default = plan_chunks(131072, 10**6, temporaries=temps)
+    assert default == plan_chunks(
         131072, 10**6, temporaries=temps, memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES
     )
-    assert 8 <= default <= 256
-    # More temporaries (JSD, or no teacher: fewer) -> fewer (more) rows.
-    assert auto_chunk_size(131072, 10**6, temporaries=temporaries_per_token("dense", "jsd")) < default
-    assert auto_chunk_size(131072, 10**6, temporaries=temporaries_per_token("none")) > default
+    assert 64 <= default[0] <= 512 and 4 <= default[1] <= 32
+    # More temporaries (JSD) -> smaller loss chunks; no teacher (one buffer) -> bigger chunks.
+    assert plan_chunks(131072, 10**6, temporaries=temporaries_per_token("dense", "jsd"))[1] < default[1]
+    assert plan_chunks(131072, 10**6, temporaries=temporaries_per_token("none"), buffers=1)[0] > default[0]
     assert temporaries_per_token("dense", "forward_kl", grad=False) < temps
+    # Explicit sizes are kept; the loss chunk never exceeds the chunk.
+    assert plan_chunks(131072, 4096, temporaries=temps, chunk_size=100, loss_chunk_size=7) == (100, 7)
+    assert plan_chunks(131072, 4096, temporaries=temps, chunk_size=5, loss_chunk_size=7) == (5, 5)
+    assert plan_chunks(131072, 30, temporaries=temps, chunk_size=100)[0] == 30
 
 
-def test_tiny_budget_still_runs():
+@pytest.mark.parametrize(("chunk", "loss_chunk"), [(10, 3), (7, 7), (25, 4), (1000, 6), (6, None)])
+def test_loss_chunks_within_chunks(chunk, loss_chunk):
+    hidden, head, labels, teacher = _problem(seed=21)
+    _check(
+        hidden,
+        head,
+        labels,
+        teacher,
+        chunk_size=chunk,
+        loss_chunk_size=loss_chunk,
+        kind="skew_reverse_kl",
+        temperature=1.5,
+        alpha=0.5,
+    )
+    _check(hidden, head, labels, _sparse(21), chunk_size=chunk, loss_chunk_size=loss_chunk, kind="jeffreys")
+
+
+@pytest.mark.parametrize("budget", [1, V * 4 * 40, 10**12])
+def test_chunk_sizes_from_budget_run(budget):
     hidden, head, labels, teacher = _problem(seed=20)
-    _check(hidden, head, labels, teacher, chunk_size=None, budget=1, kind="reverse_kl")
-    _check(hidden, head, labels, teacher, chunk_size=None, budget=10**12, kind="reverse_kl")
+    _check(hidden, head, labels, teacher, chunk_size=None, budget=budget, kind="reverse_kl")
 
 
 class _LargestOutput(TorchDispatchMode):

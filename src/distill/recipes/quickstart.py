@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -232,14 +233,25 @@ def evaluate_all(models: dict[str, Path], teacher_dir: Path, tok_dir: Path, val_
     return out
 
 
+@contextlib.contextmanager
+def phase(name: str, timings: dict):
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 1)
+    logger.info("%s: %.1f s", name, timings[name])
+
+
 def main(out_dir: str | Path = "runs/quickstart", fast: bool = False) -> dict:
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     preset = PRESETS["fast" if fast else "default"]
-    train_jsonl, val_jsonl, corpus_key = write_corpus(out / "data", preset.max_files)
+    with phase("corpus", timings):
+        train_jsonl, val_jsonl, corpus_key = write_corpus(out / "data", preset.max_files)
 
-    tok_dir, teacher_dir, teacher_info = get_teacher(preset, corpus_key, train_jsonl, val_jsonl)
+    with phase("teacher", timings):
+        tok_dir, teacher_dir, teacher_info = get_teacher(preset, corpus_key, train_jsonl, val_jsonl)
     if (out / "teacher").exists():
         shutil.rmtree(out / "teacher")
     shutil.copytree(teacher_dir, out / "teacher")
@@ -251,10 +263,12 @@ def main(out_dir: str | Path = "runs/quickstart", fast: bool = False) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = run_config(preset, name, out, tok_dir, train_jsonl, val_jsonl, preset.student, preset.student_steps,
                          preset.student_lr, teacher)
-        runs[name] = train.main(cfg)
+        with phase(f"student {name}", timings):
+            runs[name] = train.main(cfg)
 
     logger.info("evaluating teacher, scratch and distilled on the validation files")
-    results = evaluate_all({"teacher": out / "teacher", "scratch": out / "scratch" / "student",
+    with phase("evaluation", timings):
+        results = evaluate_all({"teacher": out / "teacher", "scratch": out / "scratch" / "student",
                             "distilled": out / "distilled" / "student"}, out / "teacher", tok_dir, val_jsonl,
                            preset.seq_len)
     results["teacher"].update(steps=teacher_info["steps"], tokens=teacher_info["tokens"])
@@ -262,7 +276,7 @@ def main(out_dir: str | Path = "runs/quickstart", fast: bool = False) -> dict:
         results[name].update(steps=runs[name]["steps"], tokens=runs[name]["tokens"])
     results["settings"] = {"preset": "fast" if fast else "default", **asdict(replace(preset)),
                            "python": sys.version.split()[0], "seconds": round(time.perf_counter() - t_start, 1),
-                           "teacher_cached": teacher_info.get("seconds") is not None}
+                           "phase_seconds": timings, "teacher_train_seconds": round(teacher_info["seconds"], 1)}
     ckpt.atomic_write_json(out / "results.json", results)
     curves = {"scratch": _eval_curve(out / "scratch"), "distilled": _eval_curve(out / "distilled")}
     plot_curves(curves, results["teacher"]["val_loss"], out / "curves.png")

@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
-from distill.chunked import chunked_kd_loss
+from distill.chunked import chunked_kd_loss, naive_kd_loss
 from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.evaluate import eval_sums, final_hidden, flat_positions, metrics_from_sums
@@ -97,20 +98,18 @@ def kd_step_loss(model, student_head_fn, teacher, teacher_head, batch, num_token
         with torch.no_grad():
             teacher_signal = (flat_positions(final_hidden(teacher, batch)), teacher_head)
 
-    return chunked_kd_loss(
-        flat_positions(final_hidden(model, batch)),
-        student_head_fn(),
-        labels.reshape(-1),
-        teacher_signal,
-        num_tokens,
-        chunk_size=loss.chunk_size,
-        kind=loss.divergence,
-        temperature=loss.temperature,
-        alpha=loss.alpha,
-        t2_scale=loss.t2_scale,
-        beta=loss.beta,
-        skew=loss.skew,
-    )
+    hidden = flat_positions(final_hidden(model, batch))
+    head = student_head_fn()
+    kw = dict(kind=loss.divergence, temperature=loss.temperature, alpha=loss.alpha, t2_scale=loss.t2_scale,
+              beta=loss.beta, skew=loss.skew)
+    labels = labels.reshape(-1)
+    if loss.chunked:
+        return chunked_kd_loss(hidden, head, labels, teacher_signal, num_tokens, chunk_size=loss.chunk_size, **kw)
+    # The reference path (materialized logits, plain autograd); statistics come from a no-grad pass.
+    value = naive_kd_loss(hidden, head, labels, teacher_signal, num_tokens, **kw)
+    with torch.no_grad():
+        _, stats = chunked_kd_loss(hidden.detach(), head, labels, teacher_signal, num_tokens, **kw)
+    return value, stats
 
 
 def _diagnose_nonfinite(step: int, model, teacher, batch, last_ckpt: Path | None, lr: float) -> str:
@@ -293,7 +292,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     # 5. The loop. ------------------------------------------------------------------------------------
     model.train()
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
-                    disable=not (is_main and cfg.log.progress), dynamic_ncols=True)
+                    disable=not (is_main and cfg.log.progress), dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)  # keep redirected logs short
     # Running sums since the last log line: ce, div, kl, supervised count, tokens (reduced over processes).
     window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     window_loss, window_from, window_t0 = 0.0, start_step, time.perf_counter()

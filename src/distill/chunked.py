@@ -152,7 +152,7 @@ def _raw_logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: tor
 # up: (teacher type, divergence) -> (with gradients, without). These include the token's raw logits (and a
 # live teacher's), which live in the chunk buffers. The sparse row is for K = 64 with a tail.
 _TEMPORARIES: dict[tuple[str, str | None], tuple[int, int]] = {
-    ("none", None): (5, 4),
+    ("none", None): (5, 3),
     ("sparse", None): (7, 6),
     ("dense", "forward_kl"): (11, 9),
     ("dense", "reverse_kl"): (12, 9),
@@ -381,7 +381,13 @@ def _run_chunks(
                     if d_c.dtype == acc_dtype:
                         gw_view.addmm_(d_c.t(), h_c)
                     else:
-                        gw_view.addmm_(d_c.t().to(acc_dtype), h_c.to(acc_dtype))
+                        # bf16/fp16 logits: an fp32 GEMM into the fp32 accumulator, in vocabulary slices
+                        # so that the upcast copy stays at 1/8 of the chunk buffer.
+                        h32 = h_c.to(acc_dtype)
+                        step = max(1, -(-v // 8))
+                        for s in range(0, v, step):
+                            gw_view[s : s + step].addmm_(d_c[:, s : s + step].t().to(acc_dtype), h32)
+                        del h32
                 if need_b:
                     gb_view += d_c.sum(0, dtype=acc_dtype)
 

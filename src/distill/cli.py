@@ -88,7 +88,13 @@ def _quickstart_parser(sub) -> None:
     p.set_defaults(func=cmd_quickstart)
 
 
-PARSERS = {"train": _train_parser, "quickstart": _quickstart_parser}
+def _cache_parser(sub) -> None:
+    from distill.recipes.cache import add_parser
+
+    add_parser(sub)
+
+
+PARSERS = {"train": _train_parser, "cache": _cache_parser, "quickstart": _quickstart_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

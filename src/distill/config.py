@@ -8,10 +8,10 @@ default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -134,7 +134,9 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
     if overrides:
-        tree = _merge(tree, parse_overrides(overrides))
+        # Applied in order onto the file's tree, so `teacher=null teacher.cache=DIR` replaces the section.
+        for item in overrides:
+            tree = _merge(tree, parse_overrides([item]))
         origin += " + overrides"
     try:
         return model.model_validate(tree)
@@ -200,10 +202,28 @@ class LogConfig(Section):
     progress: bool = True
 
 
+class TeacherCacheSpec(Section):
+    """A teacher given by its offline targets (``distill cache``) instead of a live model."""
+
+    cache: str = Field(description="the out_dir of `distill cache`")
+    topk_tail: bool = Field(True, description="top-k caches: keep the tail mass as a class (false: renormalize)")
+
+
+def _teacher_kind(value: Any) -> str:
+    is_cache = isinstance(value, TeacherCacheSpec) or (isinstance(value, dict) and "cache" in value)
+    return "cache" if is_cache else "model"
+
+
+# A live model or a cache; the discriminator keeps errors to the branch that was meant.
+TeacherSpec = Annotated[
+    Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")], Discriminator(_teacher_kind)
+]
+
+
 class TrainConfig(Section):
     out_dir: str = "runs/train"
     student: ModelSpec
-    teacher: ModelSpec | None = None
+    teacher: TeacherSpec | None = None
     data: DataConfig
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()

@@ -44,8 +44,10 @@ class CacheConfig(Section):
     k: int = Field(64, gt=0, description="top-k: ids kept per token")
     n: int = Field(50, gt=0, description="sampled: draws per token (with replacement)")
     temperature: float = Field(1.0, gt=0, description="targets are softmax(logits / temperature)")
-    prob_bits: int | None = Field(None, ge=2, le=16, description="top-k probability code bits (default: auto, <= 3 B/entry)")
-    splits: list[Literal["train", "eval"]] = Field(default_factory=lambda: ["train"])
+    prob_bits: int | None = Field(
+        None, ge=2, le=16, description="top-k probability code bits (default: auto, <= 3 B/entry)"
+    )
+    splits: list[Literal["train", "eval"]] = Field(["train"], description="build_datasets splits to capture")
     batch_size: int = Field(8, gt=0, description="examples per teacher forward (per process)")
     shard_examples: int = Field(256, gt=0, description="examples per shard file")
     seed: int = Field(0, description="sampled: seed of the draws")
@@ -64,8 +66,11 @@ def teacher_identity(spec: ModelSpec) -> dict:
             cfg = root / "config.json"
             if cfg.is_file():
                 ident["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
-            weights = sorted((p.name, p.stat().st_size) for p in root.iterdir()
-                             if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+            weights = sorted(
+                (p.name, p.stat().st_size)
+                for p in root.iterdir()
+                if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+            )
             ident["weights"] = hashlib.sha256(json.dumps(weights).encode()).hexdigest()
     else:
         ident["config"] = spec.config
@@ -89,8 +94,19 @@ class Capturer:
     runs at nearly the speed of the bare forward.
     """
 
-    def __init__(self, teacher, head, params, *, temperature: float, seed: int, batch_size: int, pad_id: int,
-                 device, logits_memory_mb: int = 256):
+    def __init__(
+        self,
+        teacher,
+        head,
+        params,
+        *,
+        temperature: float,
+        seed: int,
+        batch_size: int,
+        pad_id: int,
+        device,
+        logits_memory_mb: int = 256,
+    ):
         from distill.cache import sample_block
 
         self.teacher, self.head, self.params = teacher, head, params
@@ -118,8 +134,9 @@ class Capturer:
         c = rows.shape[0]
         buf = self._zbuf[slot]
         if buf is None or buf.shape[0] < c:
-            buf = self._zbuf[slot] = torch.empty(min(self.chunk_rows, max(c, 1)), w.shape[0], dtype=w.dtype,
-                                                 device=rows.device)
+            buf = self._zbuf[slot] = torch.empty(
+                min(self.chunk_rows, max(c, 1)), w.shape[0], dtype=w.dtype, device=rows.device
+            )
         out = buf[:c]
         _raw_logits_into(out, rows, w, b)
         z = self.head.postprocess(out).float()
@@ -132,8 +149,9 @@ class Capturer:
 
         work = self._work[slot]
         if work is None or work.shape[0] < c:
-            work = self._work[slot] = torch.empty(min(self.chunk_rows, max(c, 1)), self.work_width,
-                                                  dtype=torch.float32, device=device)
+            work = self._work[slot] = torch.empty(
+                min(self.chunk_rows, max(c, 1)), self.work_width, dtype=torch.float32, device=device
+            )
         return work
 
     def _targets(self, z, slot: int, uniforms) -> dict:
@@ -160,7 +178,10 @@ class Capturer:
         from distill.losses import IGNORE_INDEX
 
         for b0 in range(0, len(examples), self.batch_size):
-            batch = {k: v.to(self.device) for k, v in collate(examples[b0 : b0 + self.batch_size], self.pad_id).items()}
+            batch = {
+                k: v.to(self.device)
+                for k, v in collate(examples[b0 : b0 + self.batch_size], self.pad_id).items()
+            }
             sel = torch.zeros_like(batch["labels"], dtype=torch.bool)
             sel[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
             yield b0, batch, sel
@@ -209,8 +230,12 @@ class Capturer:
                 rows = final_hidden(self.teacher, batch)[sel]
                 uniforms = None
                 if p.mode == "sampled":
-                    uniforms = torch.cat([example_uniforms(self.seed, split, first_index + b0 + j, positions[b0 + j], p.n)
-                                          for j in range(sel.shape[0])]).to(self.device)
+                    uniforms = torch.cat(
+                        [
+                            example_uniforms(self.seed, split, first_index + b0 + j, positions[b0 + j], p.n)
+                            for j in range(sel.shape[0])
+                        ]
+                    ).to(self.device)
                 for r0 in range(0, rows.shape[0], self.chunk_rows):
                     slot = chunk_no % 2
                     if len(pending) == 2:
@@ -226,11 +251,17 @@ class Capturer:
         arrays = {key: torch.cat(vals).numpy() for key, vals in parts.items()}
         if not parts:  # no stored position at all (cannot happen with build_datasets, but stay valid)
             if p.mode == "topk":
-                arrays = {"ids": np.zeros((0, p.k), np.int64), "codes": np.zeros((0, max(p.k - 1, 0)), np.int32),
-                          "tail_codes": np.zeros(0, np.int64)}
+                arrays = {
+                    "ids": np.zeros((0, p.k), np.int64),
+                    "codes": np.zeros((0, max(p.k - 1, 0)), np.int32),
+                    "tail_codes": np.zeros(0, np.int64),
+                }
             else:
-                arrays = {"distinct": np.zeros(0, np.int64), "ids": np.zeros(0, np.int64),
-                          "counts": np.zeros(0, np.int64)}
+                arrays = {
+                    "distinct": np.zeros(0, np.int64),
+                    "ids": np.zeros(0, np.int64),
+                    "counts": np.zeros(0, np.int64),
+                }
         return {"arrays": arrays, "positions": positions}
 
 
@@ -281,26 +312,42 @@ def capture_split(
         path = out_dir / shard_name(split, s)
         if path.exists():
             info = shard_file_info(path)
-            if info is not None and info["header"].get("examples") == [a, b] and info["header"].get("split") == split:
+            if (
+                info is not None
+                and info["header"].get("examples") == [a, b]
+                and info["header"].get("split") == split
+            ):
                 skipped += 1
                 continue
             logger.warning("%s is damaged or from another run; rewriting it", path)
         todo.append((s, a, b))
     total = sum(sum(lengths[a:b]) for _, a, b in todo)
-    bar = tqdm(total=total, desc=f"cache {split}", unit="tok", unit_scale=True, disable=not progress,
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(
+        total=total,
+        desc=f"cache {split}",
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     t0 = time.perf_counter()
     pending = None
 
     def write(s: int, a: int, shard_hashes, shard_lengths, out) -> None:
-        blob = encode_shard(capturer.params, split, s, a, shard_hashes, shard_lengths, out["positions"], out["arrays"])
+        blob = encode_shard(
+            capturer.params, split, s, a, shard_hashes, shard_lengths, out["positions"], out["arrays"]
+        )
         write_file_atomic(out_dir / shard_name(split, s), blob)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         for s, a, b in todo:
             examples = _examples(dataset, a, b)
-            shard_hashes = hashes[a:b] if hashes is not None else [
-                example_hash(ex["input_ids"], ex["labels"]) for ex in examples]
+            shard_hashes = (
+                hashes[a:b]
+                if hashes is not None
+                else [example_hash(ex["input_ids"], ex["labels"]) for ex in examples]
+            )
             out = capturer.capture(examples, a, split, on_batch=bar.update)
             if pending is not None:
                 pending.result()  # at most one shard being encoded/written while the next is captured
@@ -326,13 +373,27 @@ def build_manifest(out_dir: Path, identity: dict) -> dict:
             got = shard_file_info(out_dir / name)
             want = [s * e, min((s + 1) * e, n)]
             if got is None or got["header"]["examples"] != want:
-                raise RuntimeError(f"{out_dir / name} is missing or damaged after capture; run the same command again")
-            shards.append({"file": name, "examples": want, "positions": got["header"]["positions"],
-                           "entries": got["header"]["entries"], "bytes": got["bytes"], "sha256": got["sha256"]})
+                raise RuntimeError(
+                    f"{out_dir / name} is missing or damaged after capture; run the same command again"
+                )
+            shards.append(
+                {
+                    "file": name,
+                    "examples": want,
+                    "positions": got["header"]["positions"],
+                    "entries": got["header"]["entries"],
+                    "bytes": got["bytes"],
+                    "sha256": got["sha256"],
+                }
+            )
             nbytes += got["bytes"]
             positions += got["header"]["positions"]
-        info.update(shards=shards, bytes=nbytes, positions=positions,
-                    bytes_per_token=round(nbytes / max(positions, 1), 4))
+        info.update(
+            shards=shards,
+            bytes=nbytes,
+            positions=positions,
+            bytes_per_token=round(nbytes / max(positions, 1), 4),
+        )
     return manifest
 
 
@@ -366,8 +427,10 @@ def main(cfg: CacheConfig) -> dict:
     datasets = {"train": train_ds, "eval": eval_ds}
     for split in cfg.splits:
         if datasets[split] is None:
-            raise ValueError("splits includes eval, but the data has no eval split (data.eval_fraction=0 and no "
-                             "data.eval_source)")
+            raise ValueError(
+                "splits includes eval, but the data has no eval split (data.eval_fraction=0 and no "
+                "data.eval_source)"
+            )
 
     hashes = {split: fmt.example_hashes(datasets[split]) for split in cfg.splits}
     identity = {
@@ -408,19 +471,37 @@ def main(cfg: CacheConfig) -> dict:
     accelerator.wait_for_everyone()
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    capturer = Capturer(teacher, output_head(teacher, vocab), params, temperature=cfg.temperature, seed=cfg.seed,
-                        batch_size=cfg.batch_size, pad_id=pad_id, device=accelerator.device,
-                        logits_memory_mb=cfg.logits_memory_mb)
+    capturer = Capturer(
+        teacher,
+        output_head(teacher, vocab),
+        params,
+        temperature=cfg.temperature,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        pad_id=pad_id,
+        device=accelerator.device,
+        logits_memory_mb=cfg.logits_memory_mb,
+    )
     written = tokens = 0
     seconds = 0.0
     for split in cfg.splits:
-        res = capture_split(capturer, datasets[split], split, out_dir, shard_examples=cfg.shard_examples,
-                            hashes=hashes[split], rank=rank, world=world, progress=cfg.progress and is_main)
+        res = capture_split(
+            capturer,
+            datasets[split],
+            split,
+            out_dir,
+            shard_examples=cfg.shard_examples,
+            hashes=hashes[split],
+            rank=rank,
+            world=world,
+            progress=cfg.progress and is_main,
+        )
         written, tokens, seconds = written + res["written"], tokens + res["tokens"], seconds + res["seconds"]
         if res["skipped"]:
             logger.info("%s: %d complete shard(s) kept, %d written", split, res["skipped"], res["written"])
-    counts = accelerator.reduce(torch.tensor([written, tokens], dtype=torch.float64, device=accelerator.device),
-                                "sum").tolist()
+    counts = accelerator.reduce(
+        torch.tensor([written, tokens], dtype=torch.float64, device=accelerator.device), "sum"
+    ).tolist()
     accelerator.wait_for_everyone()
     manifest = None
     if is_main:
@@ -430,8 +511,14 @@ def main(cfg: CacheConfig) -> dict:
     if manifest is None:
         manifest = json.loads(manifest_path.read_text())
     summary = _summary(manifest, out_dir, written=int(counts[0]), seconds=seconds, tokens=int(counts[1]))
-    logger.info("cache written to %s: %s", out_dir, ", ".join(
-        f"{s}: {v['examples']} examples, {v['bytes_per_token']:.2f} B/token" for s, v in summary["splits"].items()))
+    logger.info(
+        "cache written to %s: %s",
+        out_dir,
+        ", ".join(
+            f"{s}: {v['examples']} examples, {v['bytes_per_token']:.2f} B/token"
+            for s, v in summary["splits"].items()
+        ),
+    )
     return summary
 
 
@@ -439,11 +526,15 @@ def _check_same(found: dict, identity: dict, out_dir: Path, complete: bool) -> N
     from distill.cache import FORMAT_NAME, identity_diff
 
     if found.get("format") != FORMAT_NAME:
-        raise ValueError(f"{out_dir} holds something that is not a distill teacher cache; choose another out_dir")
+        raise ValueError(
+            f"{out_dir} holds something that is not a distill teacher cache; choose another out_dir"
+        )
     found = {k: v for k, v in found.items() if k in identity}
     if complete:
-        found["splits"] = {s: {k: v for k, v in info.items() if k in identity["splits"].get(s, {})}
-                           for s, info in found.get("splits", {}).items()}
+        found["splits"] = {
+            s: {k: v for k, v in info.items() if k in identity["splits"].get(s, {})}
+            for s, info in found.get("splits", {}).items()
+        }
     diff = identity_diff(found, identity)
     if diff:
         what = "a complete cache" if complete else "a partial cache"
@@ -454,12 +545,25 @@ def _check_same(found: dict, identity: dict, out_dir: Path, complete: bool) -> N
 
 
 def _summary(manifest: dict, out_dir: Path, *, written: int, seconds: float, tokens: int) -> dict:
-    splits = {s: {"examples": v["num_examples"], "positions": v["positions"], "shards": len(v["shards"]),
-                  "bytes": v["bytes"], "bytes_per_token": v["bytes_per_token"]}
-              for s, v in manifest["splits"].items()}
-    return {"out_dir": str(out_dir), "mode": manifest["params"]["mode"], "splits": splits, "shards_written": written,
-            "tokens_captured": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None}
+    splits = {
+        s: {
+            "examples": v["num_examples"],
+            "positions": v["positions"],
+            "shards": len(v["shards"]),
+            "bytes": v["bytes"],
+            "bytes_per_token": v["bytes_per_token"],
+        }
+        for s, v in manifest["splits"].items()
+    }
+    return {
+        "out_dir": str(out_dir),
+        "mode": manifest["params"]["mode"],
+        "splits": splits,
+        "shards_written": written,
+        "tokens_captured": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+    }
 
 
 def _has_accelerator() -> bool:
@@ -494,7 +598,8 @@ def add_parser(sub) -> None:
         help="run a teacher over the data once and store sparse per-token targets (top-k or sampled)",
         description="Capture teacher targets into an offline cache; train from it with teacher: {cache: OUT}.\n"
         "Re-running the same command resumes an interrupted capture.\n\n"
-        "Config keys (YAML file, then key=value overrides such as mode=sampled n=50):\n" + _describe(CacheConfig),
+        "Config keys (YAML file, then key=value overrides such as mode=sampled n=50):\n"
+        + _describe(CacheConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="YAML config file (see configs/tiny/cache.yaml)")

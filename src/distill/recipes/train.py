@@ -34,11 +34,12 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
+from distill.cache import TeacherCache, data_fingerprint
 from distill.chunked import chunked_kd_loss, naive_kd_loss
-from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
+from distill.config import LoopConfig, LossConfig, OptimConfig, TeacherCacheSpec, TrainConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.evaluate import eval_sums, final_hidden, flat_positions, metrics_from_sums
-from distill.losses import IGNORE_INDEX
+from distill.losses import IGNORE_INDEX, ZERO_TEACHER_MASS_OK
 from distill.models import (
     check_tokenizers_agree,
     count_parameters,
@@ -48,6 +49,7 @@ from distill.models import (
     output_head,
     resolve_vocab,
 )
+from distill.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("distill")
 
@@ -89,11 +91,11 @@ def lr_lambda(step: int, optim: OptimConfig, max_steps: int) -> float:
 def kd_step_loss(model, student_head_fn, teacher, teacher_head, batch, num_tokens, loss: LossConfig):
     """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics.
 
-    The teacher signal is built here: the live teacher's final hidden states + output layer, or
-    nothing for plain CE.
+    The teacher signal is the live teacher's final hidden states + output layer, the cached sparse
+    targets carried in the batch, or nothing (plain CE).
     """
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    teacher_signal = None
+    teacher_signal = batch.get("teacher_target")  # cached sparse targets, aligned with labels[:, 1:]
     if teacher is not None:
         with torch.no_grad():
             teacher_signal = (flat_positions(final_hidden(teacher, batch)), teacher_head)
@@ -241,8 +243,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     vocab = len(tokenizer)
     student = load_model(cfg.student, "student", tokenizer)
     resolve_vocab(student, vocab, "student", cfg.loss.vocab_policy)
-    teacher = None
-    if cfg.teacher is not None:
+    teacher = cache = None
+    if isinstance(cfg.teacher, TeacherCacheSpec):
+        cache = open_teacher_cache(cfg, tokenizer)
+    elif cfg.teacher is not None:
         teacher_tok = load_tokenizer(cfg.teacher, "teacher")
         check_tokenizers_agree(tokenizer, teacher_tok, cfg.student.tokenizer or cfg.student.path,
                                cfg.teacher.tokenizer or cfg.teacher.path)
@@ -250,12 +254,16 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
         resolve_vocab(teacher, vocab, "teacher", cfg.loss.vocab_policy)
         teacher.to(accelerator.device).eval().requires_grad_(False)
     limits = [m for m in (max_positions(student), teacher and max_positions(teacher)) if m]
-    logger.info("student: %.2fM parameters%s", count_parameters(student) / 1e6,
-                f"; teacher: {count_parameters(teacher) / 1e6:.2f}M" if teacher is not None else " (no teacher: plain CE)")
+    described = (f"; teacher: {count_parameters(teacher) / 1e6:.2f}M" if teacher is not None
+                 else f"; teacher: {cache.mode} targets from {cache.path}" if cache is not None
+                 else " (no teacher: plain CE)")
+    logger.info("student: %.2fM parameters%s", count_parameters(student) / 1e6, described)
 
     # 2. Data. ----------------------------------------------------------------------------------------
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=min(limits) if limits else None)
+    if cache is not None:  # refuse targets of other data before training on them
+        cache.check_compatible(data_fingerprint=data_fingerprint(train_ds), num_examples=len(train_ds))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate_fn = functools.partial(_collate_to, pad_token_id=pad_id, device=accelerator.device)
     logger.info("data: %d train / %d eval examples of up to %d tokens", len(train_ds),
@@ -299,11 +307,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     window_loss, window_from, window_t0 = 0.0, start_step, time.perf_counter()
     last_eval: dict = {}
     for step in range(start_step, cfg.train.max_steps):
-        micro_batches = [
-            collate_fn([train_ds[i] for i in example_indices(step, m, accelerator.process_index, world, cfg.train,
-                                                            len(train_ds))])
-            for m in range(cfg.train.grad_accum)
-        ]
+        micro_batches = [load_batch(train_ds, example_indices(step, m, accelerator.process_index, world, cfg.train,
+                                                              len(train_ds)), collate_fn, cache, accelerator.device)
+                         for m in range(cfg.train.grad_accum)]
         # Supervised tokens in the whole step, all processes: the one normalizer for every micro-batch.
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
@@ -350,7 +356,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
                       "tokens_per_s": tokens / max(time.perf_counter() - window_t0, 1e-9)}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
-            if teacher is not None:
+            if teacher is not None or cache is not None:
                 record["kl"] = kl_sum / count
                 record["div"] = div_sum / count
             metrics.write(record)
@@ -378,6 +384,33 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def open_teacher_cache(cfg: TrainConfig, tokenizer) -> TeacherCache:
+    """Open ``teacher: {cache: DIR}`` and refuse one that does not fit this run."""
+    spec = cfg.teacher
+    cache = TeacherCache(spec.cache, topk_tail=spec.topk_tail)
+    cache.check_compatible(tokenizer_fingerprint(tokenizer), len(tokenizer), cfg.data.seq_len)
+    if abs(cache.temperature - cfg.loss.temperature) > 1e-9:
+        raise ValueError(
+            f"teacher.cache: the targets in {spec.cache} were captured at temperature {cache.temperature}, but "
+            f"loss.temperature={cfg.loss.temperature}; set loss.temperature={cache.temperature} or rebuild the cache"
+        )
+    if cache.mode == "sampled" and cfg.loss.divergence not in ZERO_TEACHER_MASS_OK:
+        raise ValueError(
+            f"loss.divergence={cfg.loss.divergence} is infinite on sampled targets (the teacher puts no mass "
+            f"outside the sampled ids); use one of {', '.join(ZERO_TEACHER_MASS_OK)}"
+        )
+    return cache
+
+
+def load_batch(dataset, indices: list[int], collate_fn, cache: TeacherCache | None, device) -> dict:
+    examples = [dataset[i] for i in indices]
+    batch = collate_fn(examples)
+    if cache is not None:
+        width = batch["input_ids"].shape[1]
+        batch["teacher_target"] = cache.batch_target(indices, examples, width=width).to(device)
+    return batch
 
 
 def _has_accelerator() -> bool:

@@ -1,0 +1,587 @@
+"""Peak memory and time of one forward + backward of the distillation loss: chunked vs naive.
+
+Each case (impl, divergence, vocab, tokens) runs in a fresh subprocess (``--worker``), so peak memory is
+that case's alone. The measured step includes the output-layer matmuls of both models:
+
+* naive:   ``s = h @ W.T``, ``t = h_t @ W_t.T`` (no grad), ``log_softmax`` of both at temperature T, the
+           divergence written the textbook way (``F.kl_div(..., log_target=True)`` for forward KL), summed
+           and divided by the token count, ``.backward()``.
+* chunked: :func:`distill.chunked.chunked_kd_loss` (automatic chunk size), ``.backward()``.
+
+Peak memory: on CPU, the growth of the process's peak RSS (``ru_maxrss``) over its RSS just before the
+step (inputs allocated, a small warm-up done); on CUDA, ``torch.cuda.max_memory_allocated`` over the
+allocated bytes before the step. Both include the gradients of W and h (``grad_bytes`` in the record).
+By default (``--malloc pinned``) the CPU workers run with glibc's mmap threshold fixed at 128 KiB, so
+that every tensor allocation is its own mapping, returned on free, and RSS tracks live tensor bytes (the
+CPU analogue of ``max_memory_allocated``). With glibc's default dynamic threshold (``--malloc
+default``) freed chunk temporaries are kept in the heap, which adds some fragmentation to the chunked
+path's RSS (about +60 MiB at V=128k) but saves it page faults (about 25% faster); the naive path's
+allocations are mmapped either way.
+
+Time: the median over repeats (the first is the measured one; more run while the total is under
+``--min-time`` seconds, up to ``--repeats``), after a small warm-up problem. On a shared machine other
+processes distort wall time, and the chunked path (many short parallel ops) more than the naive one:
+each record has ``cpu_utilization`` (the process's CPU seconds / (wall seconds x cores); ~0.9+ when the
+machine is otherwise idle) and ``cpu_seconds``. Before each case the runner waits up to
+``--quiet-wait`` seconds for idle CPUs, and re-runs a case that got less than ``--min-cpu-share`` up to
+``--retries`` times. ``--merge`` re-runs a subset into an existing results file.
+
+    python benchmarks/loss_memory.py            # full: V in {32k, 128k}, tokens {2048, 4096} (+8192 on GPU)
+    python benchmarks/loss_memory.py --quick    # V=128k, 2048 tokens, forward KL only
+    python benchmarks/loss_memory.py --calibrate  # V-sized temporaries per token of one chunk
+
+Writes a list of records (impl, divergence, vocab, tokens, hidden, peak_bytes, seconds, ...) to
+``benchmarks/results/loss_memory.json`` (``--out`` to change) and prints a table with the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loss_memory.json"
+BETA, SKEW = 0.5, 0.1
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _limit_address_space(fraction: float) -> None:
+    """Cap the address space so that a case that does not fit fails with an allocation error instead of
+    waking the OOM killer (which might pick another process)."""
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    cap = vm + int(_mem_available_bytes() * fraction)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def naive_loss(h, w, th, tw, kind, temperature, num_tokens):
+    import torch
+    import torch.nn.functional as F
+
+    s = h @ w.T
+    with torch.no_grad():
+        t = th @ tw.T
+    ls = F.log_softmax(s / temperature, dim=-1)
+    lt = F.log_softmax(t / temperature, dim=-1)
+
+    def kl(log_a, log_b):  # KL(a || b), summed
+        return F.kl_div(log_b, log_a, reduction="sum", log_target=True)
+
+    if kind == "forward_kl":
+        div = kl(lt, ls)
+    elif kind == "reverse_kl":
+        div = kl(ls, lt)
+    elif kind == "jeffreys":
+        div = 0.5 * (kl(lt, ls) + kl(ls, lt))
+    elif kind == "jsd":
+        lm = torch.logaddexp(lt + math.log(BETA), ls + math.log1p(-BETA))
+        div = (BETA * kl(lt, lm) + (1 - BETA) * kl(ls, lm)) / (BETA * (1 - BETA))
+    elif kind == "skew_kl":
+        lm = torch.logaddexp(lt + math.log(SKEW), ls + math.log1p(-SKEW))
+        div = kl(lt, lm)
+    elif kind == "skew_reverse_kl":
+        lm = torch.logaddexp(lt + math.log1p(-SKEW), ls + math.log(SKEW))
+        div = kl(ls, lm)
+    elif kind == "tvd":
+        div = 0.5 * (lt.exp() - ls.exp()).abs().sum()
+    else:
+        raise ValueError(kind)
+    return div * temperature**2 / num_tokens
+
+
+def _make_inputs(vocab, tokens, hidden, device, teacher, k=64):
+    import torch
+
+    from distill.losses import SparseTarget
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # In-place init: no transient copies that would raise the process's peak RSS before the measurement.
+    w = torch.empty(vocab, hidden).normal_(0.0, 0.03, generator=g).to(device).requires_grad_()
+    h = torch.randn(tokens, hidden, generator=g).to(device).requires_grad_()
+    labels = torch.randint(vocab, (tokens,), generator=g).to(device)
+    inputs = {"w": w, "h": h, "labels": labels}
+    if teacher == "dense":
+        inputs["tw"] = torch.empty(vocab, hidden).normal_(0.0, 0.04, generator=g).to(device)
+        inputs["th"] = torch.randn(tokens, hidden, generator=g).to(device)
+    elif teacher == "sparse":
+        ids = torch.randint(vocab, (tokens, k), generator=g)
+        probs = torch.softmax(torch.randn(tokens, k, generator=g), -1) * 0.9
+        inputs["sparse"] = SparseTarget(
+            ids.to(device), probs.to(device), torch.full((tokens,), 0.1).to(device)
+        )
+    return inputs
+
+
+def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chunk_size=None):
+    import torch
+
+    from distill.chunked import LinearHead, chunked_kd_loss
+
+    inp["w"].grad = None
+    inp["h"].grad = None
+    n = inp["h"].shape[0]
+    with torch.set_grad_enabled(grad):
+        if impl == "naive":
+            loss = naive_loss(inp["h"], inp["w"], inp["th"], inp["tw"], kind, temperature, n)
+        else:
+            if "tw" in inp:
+                teacher = (inp["th"], LinearHead(inp["tw"]))
+            else:
+                teacher = inp.get("sparse")
+            loss, _ = chunked_kd_loss(
+                inp["h"],
+                LinearHead(inp["w"]),
+                inp["labels"],
+                teacher,
+                n,
+                kind=kind,
+                temperature=temperature,
+                beta=BETA,
+                skew=SKEW,
+                chunk_size=chunk_size,
+                loss_chunk_size=loss_chunk_size,
+                memory_budget_bytes=budget,
+            )
+    if grad:
+        loss.backward()
+    if inp["h"].is_cuda:
+        torch.cuda.synchronize()
+    return float(loss)
+
+
+def worker(args) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = "cuda" if cuda else "cpu"
+    grad = not args.no_grad
+    if not cuda and args.mem_fraction > 0:
+        _limit_address_space(args.mem_fraction)
+    record = {
+        "impl": args.impl,
+        "divergence": args.divergence,
+        "vocab": args.vocab,
+        "tokens": args.tokens,
+        "hidden": args.hidden,
+        "teacher": args.teacher,
+        "temperature": args.temperature,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
+    try:
+        # Warm-up on a small problem (kernels, thread pools), then the real inputs.
+        small = _make_inputs(512, 64, args.hidden, device, args.teacher)
+        _step(
+            args.impl,
+            args.divergence,
+            small,
+            args.temperature,
+            args.chunk_size,
+            args.budget,
+            grad,
+            args.loss_chunk_size,
+        )
+        del small
+        inp = _make_inputs(args.vocab, args.tokens, args.hidden, device, args.teacher)
+        gc.collect()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _rss_bytes()
+        step_args = (
+            args.impl,
+            args.divergence,
+            inp,
+            args.temperature,
+            args.chunk_size,
+            args.budget,
+            grad,
+            args.loss_chunk_size,
+        )
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        loss = _step(*step_args)
+        times, cpu_times = [time.perf_counter() - t0], [_cpu_seconds() - cpu0]
+        peak = (torch.cuda.max_memory_allocated() if cuda else _maxrss_bytes()) - base
+        grad_bytes = sum(
+            t.grad.numel() * t.grad.element_size() for t in (inp["w"], inp["h"]) if t.grad is not None
+        )
+        while len(times) < args.repeats and sum(times) < args.min_time:
+            cpu0, t0 = _cpu_seconds(), time.perf_counter()
+            _step(*step_args)
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(_cpu_seconds() - cpu0)
+        # Share of the machine's cores this process got while timed: well below 1 means other processes
+        # competed for the CPU and the wall time is inflated. CPU seconds (user + sys, all threads) are
+        # much less sensitive to such load.
+        cpu_util = sum(cpu_times) / (sum(times) * max(1, os.cpu_count() or 1))
+        record.update(
+            peak_bytes=int(peak),
+            seconds=statistics.median(times),
+            times=times,
+            loss=loss,
+            grad_bytes=int(grad_bytes),
+            cpu_utilization=round(cpu_util, 3),
+            cpu_seconds=statistics.median(cpu_times),
+            cpu_times=cpu_times,
+        )
+    except (MemoryError, RuntimeError) as e:  # allocation failures under the address-space cap
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        record.update(peak_bytes=None, seconds=None, error=f"out of memory: {str(e).splitlines()[0][:200]}")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def _run_case(script_args: list[str], timeout: float, malloc: str = "pinned") -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *script_args]
+    env = dict(os.environ)
+    if malloc == "pinned":
+        # glibc: a fixed mmap threshold (which also turns off its dynamic growth) serves every allocation
+        # >= 128 KiB with its own mmap and unmaps it on free, so RSS follows live tensor memory (the CPU
+        # analogue of torch.cuda.max_memory_allocated). With the default dynamic threshold, glibc's heap
+        # keeps freed chunk temporaries around (fragmentation), which inflates the chunked path's RSS.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+        return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    return json.loads(lines[-1])
+
+
+def _busy_fraction(seconds: float = 1.0) -> float:
+    """Share of all CPUs busy (not idle / iowait) over ``seconds``, from /proc/stat."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+        return sum(vals), vals[3] + vals[4]
+
+    (t0, i0), _ = sample(), time.sleep(seconds)
+    t1, i1 = sample()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def _wait_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """Wait (up to ``max_wait`` s) until other processes leave the CPUs idle. Returns seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait:
+        if _busy_fraction() <= threshold:
+            break
+        time.sleep(4.0)
+    return time.perf_counter() - start
+
+
+def _run_case_robust(extra: list[str], args, timeout: float) -> dict:
+    """Run a case when the machine is quiet; re-run (up to ``--retries``) if it got too little CPU.
+
+    Keeps the run with the highest CPU share (the least disturbed one), not the fastest.
+    """
+    best = None
+    for attempt in range(1 + max(0, args.retries)):
+        waited = _wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
+        r = _run_case(extra, timeout=timeout, malloc=args.malloc)
+        r["waited_for_quiet_s"] = round(waited, 1)
+        r["attempt"] = attempt + 1
+        util = r.get("cpu_utilization")
+        if best is None or (util is not None and util > (best.get("cpu_utilization") or -1.0)):
+            best = r
+        if r.get("error") or util is None or util >= args.min_cpu_share:
+            break
+    return best
+
+
+def _sorted(records: list[dict]) -> list[dict]:
+    order = {d: i for i, d in enumerate(DIVERGENCES)}
+    return sorted(
+        records,
+        key=lambda r: (order.get(r["divergence"], 99), r["vocab"], r["tokens"], r["impl"] != "naive"),
+    )
+
+
+def _fmt_bytes(b):
+    return "-" if b is None else f"{b / 2**20:,.0f} MiB"
+
+
+def _fmt_s(s):
+    return "-" if s is None else f"{s:.2f} s"
+
+
+def print_table(records: list[dict]) -> None:
+    by_key = {}
+    for r in records:
+        by_key.setdefault((r["divergence"], r["vocab"], r["tokens"]), {})[r["impl"]] = r
+    header = (
+        f"{'divergence':<16}{'V':>8}{'tokens':>8}{'naive mem':>12}{'chunked mem':>13}{'mem ratio':>11}"
+        f"{'naive time':>12}{'chunked time':>14}{'time ratio':>12}{'cpu-s ratio':>13}{'cpu share':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for (div, v, n), pair in by_key.items():
+        nv, ch = pair.get("naive", {}), pair.get("chunked", {})
+        nm, cm = nv.get("peak_bytes"), ch.get("peak_bytes")
+        nt, ct = nv.get("seconds"), ch.get("seconds")
+        mr = f"{cm / nm:.3f}" if nm and cm else ("<" if cm and nv.get("error") else "-")
+        tr = f"{ct / nt:.2f}" if nt and ct else "-"
+        nc, cc = nv.get("cpu_seconds"), ch.get("cpu_seconds")
+        cr = f"{cc / nc:.2f}" if nc and cc else "-"
+        nu, cu = nv.get("cpu_utilization"), ch.get("cpu_utilization")
+        share = f"{nu:.2f}/{cu:.2f}" if nu is not None and cu is not None else "-"
+        print(
+            f"{div:<16}{v:>8}{n:>8}{_fmt_bytes(nm):>12}{_fmt_bytes(cm):>13}{mr:>11}"
+            f"{_fmt_s(nt):>12}{_fmt_s(ct):>14}{tr:>12}{cr:>13}{share:>11}"
+        )
+    for r in records:
+        where = f"{r['impl']} {r['divergence']} V={r['vocab']} N={r['tokens']}"
+        if r.get("error"):
+            print(f"  note: {where}: {r['error']}")
+        elif r.get("cpu_utilization") is not None and r["cpu_utilization"] < 0.8:
+            print(
+                f"  note: {where}: got {r['cpu_utilization']:.0%} of the CPU (other load): wall time inflated"
+            )
+
+
+def calibrate(args) -> None:
+    """V-sized fp32 temporaries per token of one chunk (peak growth minus the gradients)."""
+    vocab, rows, hidden = args.calib_vocab, args.calib_rows, 256
+    cases = [("none", "forward_kl"), ("sparse", "forward_kl")] + [("dense", d) for d in DIVERGENCES]
+    for teacher, div in cases:
+        for grad in (True, False):
+            extra = [
+                "--impl",
+                "chunked",
+                "--divergence",
+                div,
+                "--vocab",
+                str(vocab),
+                "--tokens",
+                str(rows),
+                "--hidden",
+                str(hidden),
+                "--teacher",
+                teacher,
+                "--chunk-size",
+                str(rows),
+                "--loss-chunk-size",
+                str(rows),
+                "--repeats",
+                "1",
+                "--temperature",
+                str(args.temperature),
+            ]
+            if not grad:
+                extra.append("--no-grad")
+            r = _run_case(extra, timeout=600, malloc=args.malloc)
+            if r.get("error"):
+                print(teacher, div, r["error"])
+                continue
+            work = r["peak_bytes"] - (r["grad_bytes"] if grad else 0)
+            print(
+                f"{teacher:<7}{div:<16} grad={grad!s:<6} temporaries/token = {work / (rows * vocab * 4):.2f}",
+                flush=True,
+            )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="V=128k, 2048 tokens, forward KL only")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--divergences", nargs="*", default=None)
+    p.add_argument("--vocabs", nargs="*", type=int, default=None)
+    p.add_argument("--tokens-list", nargs="*", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repeats", type=int, default=3, help="at most this many timed runs per case")
+    p.add_argument("--min-time", type=float, default=20.0, help="stop repeating once this many seconds ran")
+    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--loss-chunk-size", type=int, default=None)
+    p.add_argument("--budget", type=int, default=None, help="chunked memory budget in bytes")
+    p.add_argument("--cpu", action="store_true", help="stay on CPU even if CUDA is available")
+    p.add_argument(
+        "--mem-fraction",
+        type=float,
+        default=0.85,
+        help="CPU: cap each case's address space at this fraction of MemAvailable (0: no cap)",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("pinned", "default"),
+        default="pinned",
+        help="CPU: 'pinned' fixes glibc's mmap threshold so that RSS tracks live memory; "
+        "'default' keeps glibc's dynamic threshold (heap retention counts as peak)",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="before each case, wait up to this many seconds for other processes to leave the CPU idle",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=1,
+        help="re-run a case that got less than --min-cpu-share of the CPU (other load) this many times",
+    )
+    p.add_argument("--min-cpu-share", type=float, default=0.8)
+    p.add_argument("--merge", action="store_true", help="replace only the re-run cases in an existing --out")
+    p.add_argument("--calibrate", action="store_true")
+    p.add_argument("--calib-vocab", type=int, default=32768)
+    p.add_argument("--calib-rows", type=int, default=64)
+    # worker-only
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="chunked", help=argparse.SUPPRESS)
+    p.add_argument("--divergence", default="forward_kl", help=argparse.SUPPRESS)
+    p.add_argument("--vocab", type=int, default=131072, help=argparse.SUPPRESS)
+    p.add_argument("--tokens", type=int, default=2048, help=argparse.SUPPRESS)
+    p.add_argument("--teacher", default="dense", help=argparse.SUPPRESS)
+    p.add_argument("--no-grad", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        rec = worker(args)
+        print(json.dumps(rec), flush=True)
+        return
+
+    if args.calibrate:
+        calibrate(args)
+        return
+
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    if args.quick:
+        divergences, vocabs, tokens_list = ["forward_kl"], [131072], [2048]
+    else:
+        divergences = list(DIVERGENCES)
+        vocabs = [32768, 131072]
+        tokens_list = [2048, 4096, 8192] if cuda else [2048, 4096]
+    divergences = args.divergences or divergences
+    vocabs = args.vocabs or vocabs
+    tokens_list = args.tokens_list or tokens_list
+
+    cases = [
+        (d, v, n, impl)
+        for d in divergences
+        for v in vocabs
+        for n in tokens_list
+        for impl in ("naive", "chunked")
+    ]
+    records: list[dict] = []
+    kept: list[dict] = []
+    if args.merge and args.out.exists():
+        # Re-run a subset: keep the other cases of an earlier run, replace the re-run ones.
+        todo = {(d, v, n, impl, args.hidden) for d, v, n, impl in cases}
+        kept = [
+            r
+            for r in json.loads(args.out.read_text())
+            if (r["divergence"], r["vocab"], r["tokens"], r["impl"], r["hidden"]) not in todo
+        ]
+    t_start = time.perf_counter()
+    for i, (div, v, n, impl) in enumerate(cases, 1):
+        extra = [
+            "--impl",
+            impl,
+            "--divergence",
+            div,
+            "--vocab",
+            str(v),
+            "--tokens",
+            str(n),
+            "--hidden",
+            str(args.hidden),
+            "--temperature",
+            str(args.temperature),
+            "--repeats",
+            str(args.repeats),
+            "--min-time",
+            str(args.min_time),
+            "--mem-fraction",
+            str(args.mem_fraction),
+        ]
+        if args.chunk_size:
+            extra += ["--chunk-size", str(args.chunk_size)]
+        if args.loss_chunk_size:
+            extra += ["--loss-chunk-size", str(args.loss_chunk_size)]
+        if args.budget:
+            extra += ["--budget", str(args.budget)]
+        if args.cpu:
+            extra.append("--cpu")
+        r = _run_case_robust(extra, args, timeout=1800)
+        base = {"impl": impl, "divergence": div, "vocab": v, "tokens": n, "hidden": args.hidden}
+        r = {**base, "peak_bytes": None, "seconds": None, **r}
+        records.append(r)
+        status = r.get("error") or f"peak {_fmt_bytes(r['peak_bytes'])}, {_fmt_s(r['seconds'])}"
+        print(
+            f"[{i}/{len(cases)} {time.perf_counter() - t_start:6.0f}s] {impl:<8}{div:<16}V={v:<7}N={n:<6}{status}",
+            flush=True,
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(_sorted(kept + records), indent=1) + "\n")
+
+    # Sanity: both implementations give the same loss.
+    for r in records:
+        if r["impl"] == "chunked" and r.get("loss") is not None:
+            twin = next(
+                (
+                    x
+                    for x in records
+                    if x["impl"] == "naive"
+                    and x.get("loss") is not None
+                    and (x["divergence"], x["vocab"], x["tokens"])
+                    == (r["divergence"], r["vocab"], r["tokens"])
+                ),
+                None,
+            )
+            if twin is not None and not math.isclose(r["loss"], twin["loss"], rel_tol=1e-3, abs_tol=1e-5):
+                print(
+                    f"WARNING: loss differs for {r['divergence']} V={r['vocab']} N={r['tokens']}: "
+                    f"chunked {r['loss']} vs naive {twin['loss']}"
+                )
+    print()
+    print_table(_sorted(kept + records))
+    print(f"\nwrote {args.out} ({time.perf_counter() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

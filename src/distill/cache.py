@@ -1,0 +1,957 @@
+"""Offline teacher caches: sparse per-token teacher targets on disk, written once, read by training.
+
+``distill cache`` (:mod:`distill.recipes.cache`) runs a teacher over a tokenized dataset and stores, for
+every position whose next token is supervised, one of (METHODS.md §2):
+
+* ``topk``: the k most probable ids, their probabilities and the tail mass ``1 - sum(top-k p)``;
+* ``sampled``: N draws with replacement from the teacher distribution, kept as distinct ids + counts.
+
+Probabilities are at the capture temperature ``T``: ``p = softmax(z / T)``. This module is the format
+(encoding, the shard files, the manifest, the reader); it has no CLI.
+
+Positions
+---------
+Position ``t`` of an example (``0 <= t < len - 1``) predicts token ``t + 1``; it is stored iff
+``labels[t + 1] != IGNORE_INDEX``, exactly the rows the training loss uses (``labels[:, 1:]``). The reader
+needs the example's ``labels`` to put rows back in place, and checks them: the per-example hash covers
+``input_ids`` and ``labels``.
+
+Encoding (all integers little-endian; bit fields packed LSB-first, see :func:`pack_bits`)
+------------------------------------------------------------------------------------------
+* ids: ``id_bits = ceil(log2 V)`` bits each (9 for V = 263, 17 for 128k, 18 for 262k).
+* ``topk``, per position, sorted by probability (descending): k ids; the ratios ``r_i = p_i / p_1`` of
+  entries 2..k (the first is 1 and not stored) as ``prob_bits``-bit codes on a fourth-root grid,
+  ``c = round((1 - r^(1/4)) * (L - 1))``, ``L = 2^prob_bits``, decoded as ``r = (1 - c / (L - 1))^4``;
+  the top code (r = 0) marks a negligible entry, read back as padding (probability 0). The fourth-root
+  grid spends its levels where the KL is sensitive (large ratios) and still resolves ratios down to
+  ``(L - 1)^-4`` (1e-6 at 5 bits). The tail mass in ``tail_bits`` bits (16 from k = 32 on, else 8):
+  code 0 is a tail below ``sigmoid(-20)`` (read as 0), else ``logit(tail)`` clamped to [-20, 20] on
+  ``2^tail_bits - 1`` uniform levels (step 0.157 at 8 bits: relative error at most 8% on the tail and on
+  1 - tail; 6e-4 at 16 bits). On reading, the ratios are normalized so that the kept entries sum to
+  ``1 - tail`` (``topk_tail=True``) or to 1 (renormalized top-k).
+  ``prob_bits`` defaults to the most bits (at most 8, at least 4) that keep an entry within 3 bytes, the
+  tail and the index included: ``(24k - k * id_bits - tail_bits - 2) // (k - 1)``: 8 bits at V = 263,
+  6 at 128k, 5 at 262k (k >= 8). Measured error (``tests/test_cache.py``): mean KL between the exact and
+  the decoded renormalized top-k below 2e-3 nats at 5 bits, 5e-4 at 6 bits.
+* ``sampled``, per position: ``d - 1`` (``d`` distinct ids, ``bit_length(min(N, V) - 1)`` bits); the d ids
+  in increasing order; ``count - 1`` of each but the last (``bit_length(N - 1)`` bits: the fewest that
+  hold a count of 1..N; the last count is ``N - sum(others)``). Exact: read back as ``probs = count / N``,
+  ``tail = 0`` (unbiased: E[count / N] = p). Draws are inverse-CDF samples (fp64 over blocks of 256
+  ids, fp32 within a block) with uniforms from a generator seeded by (seed, split, example index), so
+  they do not depend on batching.
+
+Files
+-----
+``OUT/plan.json``: the cache's identity, written first (resume checks it). ``OUT/shard-SPLIT-SSSSSS.bin``:
+shard ``S`` holds examples ``[S * shard_examples, (S + 1) * shard_examples)`` of the split (so the layout
+does not depend on the number of processes; process ``r`` of ``w`` writes shards ``S % w == r``). Each
+shard is written under a temporary name, fsynced and renamed, so a file with a shard's name is complete.
+Layout: magic ``DSTLSHRD``, u32 format version, u32 header length, the header (JSON: split, shard,
+examples, positions, entries, section offsets), then 8-byte aligned sections (``index``: per example an
+8-byte hash, u32 token count, u32 stored positions; then the bit streams), then the sha256 of everything
+before it (a shard verifies itself). ``OUT/manifest.json``, written last (atomically): format name and
+version, teacher identity, tokenizer fingerprint, vocabulary size, mode and its parameters, temperature,
+seq_len, and per split the data fingerprint and each shard's name, example range, size and sha256. No
+manifest means an incomplete cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.losses import IGNORE_INDEX, SparseTarget
+
+FORMAT_NAME = "distill-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+SHARD_MAGIC = b"DSTLSHRD"
+TAIL_LOGIT_RANGE = 20.0  # tail codes: logit(tail) in [-20, 20] on codes 1.., code 0 = (almost) no tail
+_INDEX_DTYPE = np.dtype([("hash", "V8"), ("length", "<u4"), ("positions", "<u4")])
+_TRAILER = 32  # sha256 of the shard's content
+
+
+class CacheError(ValueError):
+    """A teacher cache that cannot be used; the message says why and what to do."""
+
+
+class IncompleteCacheError(CacheError):
+    pass
+
+
+class CacheMismatchError(CacheError):
+    pass
+
+
+class CorruptShardError(CacheError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- bit packing
+
+
+def id_bits_for(vocab_size: int) -> int:
+    """``ceil(log2 V)`` (at least 1): the bits one token id needs."""
+    if vocab_size < 1:
+        raise ValueError(f"vocabulary size must be >= 1, got {vocab_size}")
+    return max(1, (vocab_size - 1).bit_length())
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack non-negative integers into ``bits`` bits each, LSB-first; returns uint8.
+
+    Value ``i`` occupies bits ``[i * bits, (i + 1) * bits)`` of the stream (bit ``j`` of the stream is bit
+    ``j % 8`` of byte ``j // 8``). The values are padded with zeros to a multiple of 8, so the stream is
+    ``ceil(n / 8) * bits`` bytes: every block of 8 values is exactly ``bits`` bytes, which is what makes
+    vectorized encoding and random access simple. ``bits`` in [0, 57]; 0 gives an empty stream.
+    """
+    values = np.asarray(values)
+    if bits == 0:
+        if values.size and values.max() != 0:
+            raise ValueError("pack_bits: non-zero values do not fit in 0 bits")
+        return np.zeros(0, np.uint8)
+    if not 1 <= bits <= 57:
+        raise ValueError(f"pack_bits: bits must be in [0, 57], got {bits}")
+    n = values.size
+    if n and (values.min() < 0 or int(values.max()) >> bits):
+        raise ValueError(f"pack_bits: values must be in [0, 2^{bits}), got [{values.min()}, {values.max()}]")
+    blocks = -(-n // 8)
+    dt = np.uint32 if bits <= 25 else np.uint64  # shift + bits fits in the word
+    v = np.zeros(blocks * 8, dt)
+    v[:n] = values.reshape(-1)
+    v = v.reshape(blocks, 8)
+    out = np.zeros((bits, blocks), np.uint8)  # byte lanes, each contiguous
+    for j in range(8):
+        first = j * bits
+        off, shift = first >> 3, first & 7
+        w = v[:, j] << dt(shift)
+        for m in range((shift + bits + 7) >> 3):
+            out[off + m] |= (w >> dt(8 * m)).astype(np.uint8)  # astype keeps the low byte
+    return np.ascontiguousarray(out.T).reshape(-1)
+
+
+def unpack_bits(buf, bits: int, start: int, count: int) -> np.ndarray:
+    """Values ``[start, start + count)`` of a stream written by :func:`pack_bits`, as int64.
+
+    ``buf``: anything ``np.frombuffer`` accepts (bytes, a memoryview or mmap slice, a uint8 array). Only
+    the blocks of 8 values that hold the requested ones are read.
+    """
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    if bits == 0:
+        return np.zeros(count, np.int64)
+    dt = np.uint32 if bits <= 25 else np.uint64
+    b0, b1 = start // 8, -(-(start + count) // 8)
+    raw = np.frombuffer(buf, np.uint8, count=(b1 - b0) * bits, offset=b0 * bits).reshape(-1, bits)
+    raw = np.ascontiguousarray(raw.T)
+    out = np.empty((8, b1 - b0), dt)
+    mask = dt((1 << bits) - 1)
+    for j in range(8):
+        first = j * bits
+        off, shift = first >> 3, first & 7
+        acc = raw[off].astype(dt)
+        for m in range(1, (shift + bits + 7) >> 3):
+            acc |= raw[off + m].astype(dt) << dt(8 * m)
+        out[j] = (acc >> dt(shift)) & mask
+    lo = start - b0 * 8
+    return out.T.reshape(-1)[lo : lo + count].astype(np.int64)
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    return -(-count // 8) * bits
+
+
+# ---------------------------------------------------------------------------------------------- quantization
+
+
+def auto_tail_bits(k: int) -> int:
+    """Tail code bits for top-k: 16 from k = 32 on (1/2 bit per entry or less), else 8."""
+    return 16 if k >= 32 else 8
+
+
+def auto_prob_bits(k: int, id_bits: int, tail_bits: int | None = None) -> int:
+    """Ratio-code bits for top-k: the most (<= 8, >= 4) that keep a kept entry within 3 bytes.
+
+    Per position: ``k * id_bits + (k - 1) * prob_bits + tail_bits + 2`` (index, amortized) bits must fit
+    in ``24 k``.
+    """
+    if k <= 1:
+        return 0
+    tail_bits = auto_tail_bits(k) if tail_bits is None else tail_bits
+    return int(min(8, max(4, (24 * k - k * id_bits - tail_bits - 2) // (k - 1))))
+
+
+def encode_ratios(ratios: np.ndarray | torch.Tensor, bits: int) -> np.ndarray:
+    """Ratios ``p_i / p_1`` in [0, 1] -> codes ``round((1 - r^(1/4)) * (2^bits - 1))`` (uint16)."""
+    r = torch.as_tensor(ratios, dtype=torch.float64).clamp(0.0, 1.0)
+    top = (1 << bits) - 1
+    codes = torch.round((1.0 - r.pow(0.25)) * top)
+    return codes.to(torch.int32).numpy().astype(np.uint16)
+
+
+def ratio_levels(bits: int) -> np.ndarray:
+    """The decoded ratio of each code: ``(1 - c / (2^bits - 1))^4`` (the last code is 0)."""
+    top = (1 << bits) - 1
+    return (1.0 - np.arange(top + 1, dtype=np.float64) / top) ** 4
+
+
+def encode_tail(tail: np.ndarray | torch.Tensor, bits: int = 8) -> np.ndarray:
+    """Tail masses in [0, 1] -> ``bits``-bit codes: 0 below ``sigmoid(-20)``, else ``logit(tail)`` clamped
+    to [-20, 20] on the ``2^bits - 1`` uniform levels 1, 2, ... (int64)."""
+    t = torch.as_tensor(tail, dtype=torch.float64).clamp(0.0, 1.0)
+    a, top = TAIL_LOGIT_RANGE, (1 << bits) - 2
+    x = (torch.log(t) - torch.log1p(-t)).clamp(-a, a)  # logit; +-inf at 0 / 1 clamp to the ends
+    codes = 1 + torch.round((x + a) / (2 * a) * top)
+    codes = torch.where(t < 1.0 / (1.0 + math.exp(a)), torch.zeros_like(codes), codes)
+    return codes.to(torch.int64).numpy()
+
+
+def decode_tail(codes: np.ndarray, bits: int = 8) -> np.ndarray:
+    a, top = TAIL_LOGIT_RANGE, (1 << bits) - 2
+    x = (np.asarray(codes, dtype=np.float64) - 1) / top * (2 * a) - a
+    return np.where(np.asarray(codes) == 0, 0.0, 1.0 / (1.0 + np.exp(-x)))
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class CacheParams:
+    """How targets are encoded; what the manifest records about the mode."""
+
+    mode: str  # "topk" | "sampled"
+    vocab_size: int
+    k: int = 0
+    prob_bits: int = 0
+    tail_bits: int = 0
+    n: int = 0
+
+    @property
+    def id_bits(self) -> int:
+        return id_bits_for(self.vocab_size)
+
+    @property
+    def count_bits(self) -> int:
+        return (self.n - 1).bit_length()
+
+    @property
+    def distinct_bits(self) -> int:
+        return (min(self.n, self.vocab_size) - 1).bit_length()
+
+    @classmethod
+    def make(cls, mode: str, vocab_size: int, *, k: int = 64, n: int = 50, prob_bits: int | None = None):
+        if mode == "topk":
+            if not 1 <= k <= vocab_size:
+                raise ValueError(f"top-k: k={k} must be between 1 and the vocabulary size {vocab_size}")
+            tail_bits = auto_tail_bits(k)
+            bits = (
+                auto_prob_bits(k, id_bits_for(vocab_size), tail_bits) if prob_bits is None else int(prob_bits)
+            )
+            if k > 1 and not 2 <= bits <= 16:
+                raise ValueError(f"prob_bits must be in [2, 16], got {bits}")
+            return cls("topk", vocab_size, k=k, prob_bits=bits if k > 1 else 0, tail_bits=tail_bits)
+        if mode == "sampled":
+            if n < 1:
+                raise ValueError(f"sampled: n={n} must be >= 1")
+            return cls("sampled", vocab_size, n=n)
+        raise ValueError(f"unknown cache mode {mode!r} (expected topk or sampled)")
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {"mode": self.mode, "vocab_size": self.vocab_size, "id_bits": self.id_bits}
+        if self.mode == "topk":
+            out.update(
+                k=self.k,
+                prob_bits=self.prob_bits,
+                prob_scheme="fourth-root-ratio-to-top1",
+                tail_bits=self.tail_bits,
+                tail_scheme=f"logit-clamp-{TAIL_LOGIT_RANGE:g}",
+            )
+        else:
+            out.update(n=self.n, count_bits=self.count_bits, distinct_bits=self.distinct_bits)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> CacheParams:
+        if d.get("mode") == "topk":
+            return cls(
+                "topk",
+                int(d["vocab_size"]),
+                k=int(d["k"]),
+                prob_bits=int(d["prob_bits"]),
+                tail_bits=int(d["tail_bits"]),
+            )
+        return cls("sampled", int(d["vocab_size"]), n=int(d["n"]))
+
+
+# ---------------------------------------------------------------------------------------------- hashes
+
+
+def example_hash(input_ids, labels) -> bytes:
+    """8-byte BLAKE2b of an example's ``input_ids`` and ``labels`` (as int32)."""
+    ids = np.asarray(input_ids, dtype=np.int32)
+    lab = np.asarray(labels, dtype=np.int32)
+    if ids.shape != lab.shape:
+        raise ValueError(f"{ids.shape[0]} input_ids but {lab.shape[0]} labels")
+    h = hashlib.blake2b(digest_size=8, person=b"distill-ex-v1")
+    h.update(ids.tobytes())
+    h.update(lab.tobytes())
+    return h.digest()
+
+
+def example_hashes(dataset) -> list[bytes]:
+    """:func:`example_hash` of every example of a dataset (or a list of dicts), in order."""
+    columns = None
+    try:
+        import pyarrow.compute as pc
+
+        table = dataset.with_format("arrow")[:]
+        ids_col, lab_col = table.column("input_ids"), table.column("labels")
+        ids_flat = pc.list_flatten(ids_col).to_numpy().astype(np.int32, copy=False)
+        lab_flat = pc.list_flatten(lab_col).to_numpy().astype(np.int32, copy=False)
+        lengths = pc.list_value_length(ids_col).to_numpy()
+        columns = ids_flat, lab_flat, lengths
+    except (AttributeError, TypeError, KeyError):
+        pass
+    if columns is None:
+        return [example_hash(ex["input_ids"], ex["labels"]) for ex in dataset]
+    ids_flat, lab_flat, lengths = columns
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    return [
+        example_hash(ids_flat[a:b], lab_flat[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+    ]
+
+
+def data_fingerprint(dataset=None, hashes: Sequence[bytes] | None = None) -> str:
+    """sha256 over the number of examples and every example's hash: identifies the tokenized data."""
+    if hashes is None:
+        hashes = example_hashes(dataset)
+    h = hashlib.sha256(b"distill-data-v1")
+    h.update(len(hashes).to_bytes(8, "little"))
+    for x in hashes:
+        h.update(x)
+    return h.hexdigest()
+
+
+def stored_positions(labels) -> np.ndarray:
+    """Positions ``t`` (0 <= t < len - 1) whose next token is supervised: the rows a cache stores."""
+    lab = np.asarray(labels)
+    return np.flatnonzero(lab[1:] != IGNORE_INDEX)
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+def _work(work: torch.Tensor | None, rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous (rows, width) fp32 scratch tensor, carved out of ``work`` when it is big enough."""
+    if work is not None and work.numel() >= rows * width and work.dtype == torch.float32:
+        return work.reshape(-1)[: rows * width].view(rows, width)
+    return torch.empty(rows, width, dtype=torch.float32, device=like.device)
+
+
+def topk_targets(
+    logits: torch.Tensor, k: int, bits: int, work: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Top-k of ``softmax(logits)`` (already divided by T), as the codes the cache stores.
+
+    logits: (M, V) fp32. Returns ``ids`` (M, k) long sorted by probability, ``codes`` (M, k - 1) int32
+    ratio codes, ``tail`` (M,) fp64 tail mass (the exps outside the top-k over all of them, so small
+    tails keep their digits). ``work``: optional fp32 scratch of at least M * V elements (reused, no allocation).
+    """
+    z = logits.float()
+    m_rows, v = z.shape
+    vals, ids = z.topk(k, dim=-1, sorted=True)
+    m = vals[:, :1]
+    e = _work(work, m_rows, v, z)
+    torch.sub(z, m, out=e)
+    e.exp_()
+    total = e.sum(-1).double()  # cascade-summed fp32: ~1e-7 relative
+    rest = e.scatter_(-1, ids, 0.0).sum(-1).double()  # the mass outside the top-k, without cancellation
+    tail = rest / total
+    out = {"ids": ids, "tail": tail}
+    if k > 1:
+        root4 = (vals[:, 1:] - m).mul_(0.25).exp_()  # r^(1/4) = exp((log r) / 4), in fp32
+        top = (1 << bits) - 1
+        out["codes"] = torch.round((1.0 - root4) * top).to(torch.int32)
+    else:
+        out["codes"] = torch.zeros(m_rows, 0, dtype=torch.int32)
+    return out
+
+
+def sample_block(vocab_size: int) -> int:
+    """Block size of the two-level inverse CDF; one block (a plain fp64 CDF) up to 2048 ids."""
+    return vocab_size if vocab_size <= 2048 else 256
+
+
+def sampled_targets(
+    logits: torch.Tensor, uniforms: torch.Tensor, work: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """N draws per row from ``softmax(logits)`` by inverse CDF, as distinct ids + counts.
+
+    logits: (M, V); uniforms: (M, N) in [0, 1). Returns ``distinct`` (M,), ``ids`` (sum distinct,)
+    increasing within a row, ``counts`` (sum distinct,), rows one after the other.
+
+    Above 2048 ids, a two-level inverse CDF, accurate without an fp64 cumulative sum over V: the
+    vocabulary is cut into blocks of 256; a draw picks its block on the fp64 cumulative block masses,
+    then its id on the fp32 cumulative sum within the block. ``work``: optional fp32 scratch of
+    M * ceil(V / block) * block elements.
+    """
+    z = logits.float()
+    m_rows, v = z.shape
+    n = uniforms.shape[1]
+    block = sample_block(v)
+    nb = -(-v // block)
+    e = _work(work, m_rows, nb * block, z)
+    torch.sub(z, z.max(dim=-1, keepdim=True).values, out=e[:, :v])
+    e[:, :v].exp_()
+    e[:, v:] = 0.0
+    if nb == 1:  # small vocabulary: one fp64 CDF
+        cdf = e.double().cumsum_(-1)
+        x = uniforms.to(torch.float64) * cdf[:, -1:]
+        draws = torch.searchsorted(cdf, x, right=True).clamp_max_(v - 1)
+    else:
+        e3 = e.view(m_rows, nb, block).cumsum_(-1)  # within-block cumulative masses
+        bcdf = e3[:, :, -1].double().cumsum(-1)  # (M, nb) cumulative block masses
+        x = uniforms.to(torch.float64) * bcdf[:, -1:]
+        blk = torch.searchsorted(bcdf, x, right=True).clamp_max_(nb - 1)
+        before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp_min(0)), torch.zeros_like(x))
+        seg = e3[torch.arange(m_rows, device=z.device).unsqueeze(1), blk]  # (M, N, block)
+        # within the block: stay strictly below its total so a rounding never lands on a zero-mass id
+        r = (x - before).clamp_min(0.0).to(torch.float32).unsqueeze(-1)
+        last = seg[..., -1:]
+        r = torch.minimum(r, last - last.abs() * 1e-6)
+        j = torch.searchsorted(seg, r, right=True).squeeze(-1).clamp_max_(block - 1)
+        draws = (blk * block + j).clamp_max_(v - 1)
+    draws, _ = draws.sort(dim=-1)
+    start = torch.ones_like(draws, dtype=torch.bool)
+    start[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    flat_start = start.reshape(-1).nonzero().squeeze(1)
+    counts = torch.diff(flat_start, append=torch.tensor([m_rows * n], device=flat_start.device))
+    return {"distinct": start.sum(-1), "ids": draws.reshape(-1)[flat_start], "counts": counts}
+
+
+def example_uniforms(seed: int, split: str, example: int, rows: int, n: int) -> torch.Tensor:
+    """The (rows, n) uniforms that drive the draws of one example: a pure function of its identity."""
+    digest = hashlib.blake2b(f"{seed}:{split}:{example}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return torch.rand(rows, n, generator=gen, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def shard_name(split: str, shard: int) -> str:
+    return f"shard-{split}-{shard:06d}.bin"
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def encode_shard(
+    params: CacheParams,
+    split: str,
+    shard: int,
+    first_example: int,
+    hashes: Sequence[bytes],
+    lengths: Sequence[int],
+    positions: Sequence[int],
+    arrays: dict[str, np.ndarray],
+) -> bytes:
+    """One shard file's bytes (deterministic). ``arrays``: the targets of all its rows, in order.
+
+    topk: ``ids`` (P, k), ``codes`` (P, k - 1), ``tail_codes`` (P,).
+    sampled: ``distinct`` (P,), ``ids`` (E,), ``counts`` (E,).
+    """
+    num = len(hashes)
+    index = np.zeros(num, _INDEX_DTYPE)
+    index["hash"] = np.frombuffer(b"".join(hashes), dtype="V8") if num else index["hash"]
+    index["length"] = np.asarray(lengths, dtype=np.uint32)
+    index["positions"] = np.asarray(positions, dtype=np.uint32)
+    total = int(index["positions"].sum())
+    sections: list[tuple[str, np.ndarray]] = [("index", index.view(np.uint8))]
+    if params.mode == "topk":
+        ids = np.asarray(arrays["ids"]).reshape(total, params.k)
+        sections += [
+            ("ids", pack_bits(ids.reshape(-1), params.id_bits)),
+            ("codes", pack_bits(np.asarray(arrays["codes"]).reshape(-1), params.prob_bits)),
+            ("tail", pack_bits(np.asarray(arrays["tail_codes"]).reshape(-1), params.tail_bits)),
+        ]
+        entries = total * params.k
+    else:
+        distinct = np.asarray(arrays["distinct"], dtype=np.int64)
+        ids = np.asarray(arrays["ids"], dtype=np.int64)
+        counts = np.asarray(arrays["counts"], dtype=np.int64)
+        entries = int(distinct.sum())
+        if len(distinct) != total or len(ids) != entries or len(counts) != entries:
+            raise ValueError("sampled shard: distinct/ids/counts do not add up")
+        last = np.cumsum(distinct) - 1  # the last count of each row is implied by the others
+        keep = np.ones(entries, bool)
+        keep[last] = False
+        sections += [
+            ("distinct", pack_bits(distinct - 1, params.distinct_bits)),
+            ("ids", pack_bits(ids, params.id_bits)),
+            ("counts", pack_bits(counts[keep] - 1, params.count_bits)),
+        ]
+    layout: dict[str, list[int]] = {}
+    offset = 0
+    for name, arr in sections:
+        layout[name] = [offset, int(arr.nbytes)]
+        offset = _align8(offset + arr.nbytes)
+    header = {
+        "split": split,
+        "shard": shard,
+        "examples": [first_example, first_example + num],
+        "positions": total,
+        "entries": entries,
+        "sections": layout,
+    }
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    prefix_len = _align8(16 + len(head))
+    buf = bytearray(prefix_len + offset)
+    buf[0:8] = SHARD_MAGIC
+    buf[8:12] = FORMAT_VERSION.to_bytes(4, "little")
+    buf[12:16] = len(head).to_bytes(4, "little")
+    buf[16 : 16 + len(head)] = head
+    for name, arr in sections:
+        start = prefix_len + layout[name][0]
+        buf[start : start + arr.nbytes] = arr.tobytes()
+    buf += hashlib.sha256(buf).digest()
+    return bytes(buf)
+
+
+def write_file_atomic(path: Path, blob: bytes) -> None:
+    """Write under a temporary name in the same directory, fsync, rename: complete or absent."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def read_shard_header(data) -> tuple[dict, int]:
+    """(header, offset of the first section) of a shard's bytes; raises ValueError if malformed."""
+    if len(data) < 16 + _TRAILER or bytes(data[0:8]) != SHARD_MAGIC:
+        raise ValueError("not a shard file (bad magic or too short)")
+    version = int.from_bytes(data[8:12], "little")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"shard format version {version}, this distill reads version {FORMAT_VERSION}")
+    hlen = int.from_bytes(data[12:16], "little")
+    if 16 + hlen > len(data) - _TRAILER:
+        raise ValueError("header runs past the end of the file (truncated)")
+    try:
+        header = json.loads(bytes(data[16 : 16 + hlen]))
+    except ValueError as exc:
+        raise ValueError(f"unreadable header ({exc})") from None
+    return header, _align8(16 + hlen)
+
+
+def shard_file_info(path: Path) -> dict | None:
+    """Size, sha256 and header of a complete, self-consistent shard file; None if it is not one."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    if len(data) < 16 + _TRAILER:
+        return None
+    digest = hashlib.sha256(data[:-_TRAILER]).digest()
+    if digest != data[-_TRAILER:]:
+        return None
+    try:
+        header, _ = read_shard_header(data)
+    except ValueError:
+        return None
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "header": header}
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
+def identity_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two identity dicts (for 'built with other settings')."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += identity_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {_short(va)} (cache) vs {_short(vb)} (now)")
+    return out
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- reader
+
+
+class _Shard:
+    """One opened shard: its bytes (mmap), parsed index and per-example offsets."""
+
+    def __init__(self, path: Path, entry: dict, params: CacheParams, cache_path: Path, split: str):
+        self.name = entry["file"]
+        self.first, self.stop = entry["examples"]
+        self.path = path
+        where = f"teacher cache {cache_path}: shard {self.name} (split {split}, examples {self.first}-{self.stop - 1})"
+        self.where = where
+        self.problem: str | None = None
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            self.problem = "is missing"
+            return
+        if size != entry["bytes"]:
+            self.problem = f"is truncated or was changed: {size} bytes, the manifest says {entry['bytes']}"
+            return
+        with open(path, "rb") as fh:
+            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        digest = hashlib.sha256(self.mm).hexdigest()
+        if digest != entry["sha256"]:
+            self.problem = (
+                "is corrupt: its sha256 does not match the manifest (bit flip or partial overwrite)"
+            )
+            return
+        try:
+            header, base = read_shard_header(self.mm)
+        except ValueError as exc:
+            self.problem = f"is malformed: {exc}"
+            return
+        self.header, self.base = header, base
+        self.params = params
+        off, nb = header["sections"]["index"]
+        self.index = np.frombuffer(
+            self.mm, _INDEX_DTYPE, count=nb // _INDEX_DTYPE.itemsize, offset=base + off
+        )
+        self.pos_off = np.concatenate([[0], np.cumsum(self.index["positions"], dtype=np.int64)])
+        if params.mode == "sampled":
+            d = unpack_bits(self.section("distinct"), params.distinct_bits, 0, int(self.pos_off[-1])) + 1
+            self.distinct = d
+            self.row_entry_off = np.concatenate([[0], np.cumsum(d)])
+
+    def section(self, name: str) -> memoryview:
+        off, nb = self.header["sections"][name]
+        start = self.base + off
+        return memoryview(self.mm)[start : start + nb]
+
+    def rows(self, local: int) -> dict[str, np.ndarray]:
+        """The decoded rows of the shard's ``local``-th example."""
+        p = self.params
+        p0, p1 = int(self.pos_off[local]), int(self.pos_off[local + 1])
+        rows = p1 - p0
+        if p.mode == "topk":
+            ids = unpack_bits(self.section("ids"), p.id_bits, p0 * p.k, rows * p.k).reshape(rows, p.k)
+            codes = unpack_bits(self.section("codes"), p.prob_bits, p0 * (p.k - 1), rows * (p.k - 1))
+            tail_codes = unpack_bits(self.section("tail"), p.tail_bits, p0, rows)
+            return {"ids": ids, "codes": codes.reshape(rows, p.k - 1), "tail_codes": tail_codes}
+        e0, e1 = int(self.row_entry_off[p0]), int(self.row_entry_off[p1])
+        distinct = self.distinct[p0:p1]
+        ids = unpack_bits(self.section("ids"), p.id_bits, e0, e1 - e0)
+        stored = unpack_bits(self.section("counts"), p.count_bits, e0 - p0, (e1 - e0) - rows) + 1
+        counts = np.empty(e1 - e0, np.int64)
+        last = np.cumsum(distinct) - 1
+        keep = np.ones(e1 - e0, bool)
+        keep[last] = False
+        counts[keep] = stored
+        row_of = np.repeat(np.arange(rows), distinct)
+        sums = np.bincount(row_of[keep], weights=stored, minlength=rows).astype(np.int64)
+        counts[last] = p.n - sums
+        return {"distinct": distinct, "ids": ids, "counts": counts}
+
+
+class TeacherCache:
+    """Read a teacher cache written by ``distill cache``.
+
+    ``TeacherCache(path, split="train", topk_tail=True)`` validates the manifest (present, a supported
+    version); shards are opened and verified against their sha256 on first use. ``target(i, input_ids,
+    labels)`` gives example ``i``'s :class:`~distill.losses.SparseTarget` of shape (len - 1, K), aligned with
+    ``labels[1:]``, after checking that the example is the one the cache was built from.
+
+    topk_tail: top-k caches only: keep the tail mass (``tail`` = stored tail, the loss runs over k + 1
+    classes) or renormalize the top-k (``tail=None``). Sampled caches always give ``probs = counts / N``
+    and ``tail = 0``.
+    """
+
+    def __init__(
+        self, path: str | Path, split: str = "train", *, topk_tail: bool = True, max_open_shards: int = 64
+    ):
+        self.path = Path(path).expanduser()
+        self.split_name = split
+        self.topk_tail = topk_tail
+        self.max_open_shards = max_open_shards
+        manifest_path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise CacheError(f"teacher cache {self.path} does not exist (run `distill cache` to build it)")
+        if not manifest_path.is_file():
+            what = (
+                "a capture was started here but did not finish"
+                if (self.path / PLAN).is_file()
+                else "no manifest.json"
+            )
+            raise IncompleteCacheError(
+                f"incomplete cache at {self.path} ({what}): run the same `distill cache` command to resume; "
+                "it continues from the last complete shard"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as exc:
+            raise CacheError(f"teacher cache {self.path}: manifest.json is not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise CacheError(
+                f"{self.path} is not a distill teacher cache (manifest format {manifest.get('format')!r})"
+            )
+        version = manifest.get("version")
+        if version != FORMAT_VERSION:
+            raise CacheError(
+                f"teacher cache {self.path}: unsupported format version {version!r}; this distill reads version "
+                f"{FORMAT_VERSION}. Rebuild the cache with this distill (`distill cache`) or use a matching distill"
+            )
+        self.manifest = manifest
+        self.params = CacheParams.from_json(manifest["params"])
+        splits = manifest["splits"]
+        if split not in splits:
+            raise CacheError(f"teacher cache {self.path} has no {split!r} split (it has {', '.join(splits)})")
+        self.split = splits[split]
+        self.shard_examples = int(self.split["shard_examples"])
+        self.num_examples = int(self.split["num_examples"])
+        self._shards: OrderedDict[int, _Shard] = OrderedDict()
+
+    # ---- identity
+
+    @property
+    def mode(self) -> str:
+        return self.params.mode
+
+    @property
+    def temperature(self) -> float:
+        return float(self.manifest["temperature"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self.params.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest["seq_len"])
+
+    @property
+    def data_fingerprint(self) -> str:
+        return self.split["data_fingerprint"]
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def check_compatible(
+        self,
+        tokenizer_fingerprint: str | None = None,
+        vocab_size: int | None = None,
+        seq_len: int | None = None,
+        data_fingerprint: str | None = None,
+        num_examples: int | None = None,
+    ) -> None:
+        """Refuse a cache built with another tokenizer, vocabulary, seq_len or data (clear messages)."""
+        m, where = self.manifest, f"the teacher cache {self.path}"
+        if tokenizer_fingerprint is not None and tokenizer_fingerprint != m["tokenizer_fingerprint"]:
+            raise CacheMismatchError(
+                f"{where} was built with another tokenizer (fingerprint {m['tokenizer_fingerprint'][:12]}..., "
+                f"this run's is {tokenizer_fingerprint[:12]}...); use the teacher's tokenizer for the student or "
+                "rebuild the cache with `distill cache`"
+            )
+        if vocab_size is not None and vocab_size != self.vocab_size:
+            raise CacheMismatchError(
+                f"{where} holds ids over a vocabulary of {self.vocab_size} tokens, but the tokenizer here has "
+                f"{vocab_size}; rebuild the cache with this tokenizer"
+            )
+        if seq_len is not None and seq_len != self.seq_len:
+            raise CacheMismatchError(
+                f"{where} was built with data.seq_len={self.seq_len}, this config has data.seq_len={seq_len}; "
+                "use the same data settings or rebuild the cache"
+            )
+        if num_examples is not None and num_examples != self.num_examples:
+            raise CacheMismatchError(
+                f"{where} was built from other data: it holds {self.num_examples} {self.split_name} examples, "
+                f"the data here has {num_examples}; use the same data config or rebuild the cache"
+            )
+        if data_fingerprint is not None and data_fingerprint != self.data_fingerprint:
+            raise CacheMismatchError(
+                f"{where} was built from other data (data fingerprint {self.data_fingerprint[:12]}... vs "
+                f"{data_fingerprint[:12]}... here: other data, tokenizer or seq_len); use the same data config "
+                "or rebuild the cache with `distill cache`"
+            )
+
+    # ---- shards
+
+    def _shard(self, shard: int, example: int) -> _Shard:
+        got = self._shards.get(shard)
+        if got is not None:
+            self._shards.move_to_end(shard)
+            return got
+        entries = self.split["shards"]
+        if not 0 <= shard < len(entries):
+            raise IndexError(
+                f"example {example} is out of range: the cache holds {self.num_examples} examples"
+            )
+        entry = entries[shard]
+        opened = _Shard(self.path / entry["file"], entry, self.params, self.path, self.split_name)
+        if opened.problem is not None:
+            raise CorruptShardError(
+                f"{opened.where} {opened.problem}, so example {example} cannot be read; nothing is trained on it. "
+                f"Delete {entry['file']} and manifest.json and run the same `distill cache` command to rewrite it"
+            )
+        self._shards[shard] = opened
+        while len(self._shards) > self.max_open_shards:
+            self._shards.popitem(last=False)
+        return opened
+
+    def verify(self) -> None:
+        """Open (and checksum) every shard now rather than on first use."""
+        for s, entry in enumerate(self.split["shards"]):
+            self._shard(s, entry["examples"][0])
+
+    def raw(self, index: int) -> tuple[dict[str, np.ndarray], np.void]:
+        """The decoded rows of example ``index`` and its index record (hash, length, positions)."""
+        if not 0 <= index < self.num_examples:
+            raise IndexError(f"example {index} is out of range: the cache holds {self.num_examples} examples")
+        shard = self._shard(index // self.shard_examples, index)
+        local = index - shard.first
+        return shard.rows(local), shard.index[local]
+
+    # ---- targets
+
+    def target(self, index: int, input_ids, labels) -> SparseTarget:
+        """Example ``index``'s target (len - 1, K) aligned with ``labels[1:]``; unstored rows have probs 0."""
+        ids_np = np.asarray(
+            input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64
+        )
+        lab_np = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+        rows, rec = self.raw(index)
+        if example_hash(ids_np, lab_np) != bytes(rec["hash"]):
+            extra = ""
+            if int(rec["length"]) != len(ids_np):
+                extra = f" (the cache has {int(rec['length'])} tokens for it, the data {len(ids_np)}: another data.seq_len?)"
+            raise CacheMismatchError(
+                f"example {index}: its tokens do not match the teacher cache {self.path}{extra}. The cache was "
+                "built from other data, another tokenizer or another sequence length; rebuild it with "
+                "`distill cache` on this data"
+            )
+        where = stored_positions(lab_np)
+        t = max(len(ids_np) - 1, 0)
+        return self._assemble(rows, where, t)
+
+    def _assemble(self, rows: dict[str, np.ndarray], where: np.ndarray, t: int) -> SparseTarget:
+        p = self.params
+        n_rows = len(where)
+        if p.mode == "topk":
+            ratios = np.empty((n_rows, p.k), np.float64)
+            ratios[:, 0] = 1.0
+            if p.k > 1:
+                ratios[:, 1:] = ratio_levels(p.prob_bits)[rows["codes"]]
+            ratios /= ratios.sum(1, keepdims=True)
+            tail = decode_tail(rows["tail_codes"], p.tail_bits)
+            if self.topk_tail:
+                ratios *= (1.0 - tail)[:, None]
+            ids_full = torch.zeros(t, p.k, dtype=torch.long)
+            probs_full = torch.zeros(t, p.k, dtype=torch.float32)
+            idx = torch.from_numpy(where)
+            ids_full[idx] = torch.from_numpy(rows["ids"])
+            probs_full[idx] = torch.from_numpy(ratios).float()
+            tail_full = None
+            if self.topk_tail:
+                tail_full = torch.zeros(t, dtype=torch.float32)
+                tail_full[idx] = torch.from_numpy(tail).float()
+            return SparseTarget(ids_full, probs_full, tail_full)
+        distinct = rows["distinct"]
+        width = int(distinct.max()) if n_rows else 1
+        row_of = np.repeat(np.arange(n_rows), distinct)
+        starts = np.concatenate([[0], np.cumsum(distinct)[:-1]]) if n_rows else np.zeros(0, np.int64)
+        col = np.arange(len(row_of)) - np.repeat(starts, distinct)
+        ids_full = torch.zeros(t, width, dtype=torch.long)
+        probs_full = torch.zeros(t, width, dtype=torch.float32)
+        r = torch.from_numpy(where[row_of])
+        c = torch.from_numpy(col)
+        ids_full[r, c] = torch.from_numpy(rows["ids"])
+        probs_full[r, c] = torch.from_numpy(rows["counts"] / p.n).float()
+        return SparseTarget(ids_full, probs_full, torch.zeros(t, dtype=torch.float32))
+
+    def batch_target(
+        self, indices: Sequence[int], examples: Sequence[dict], width: int | None = None
+    ) -> SparseTarget:
+        """Targets of a collated batch: (B, width - 1, K), aligned with ``batch["labels"][:, 1:]``.
+
+        indices: the dataset index of each example; examples: dicts with ``input_ids`` and ``labels``;
+        width: the collated sequence length (default: the longest example).
+        """
+        targets = [
+            self.target(i, ex["input_ids"], ex["labels"]) for i, ex in zip(indices, examples, strict=True)
+        ]
+        if width is None:
+            width = max(len(ex["input_ids"]) for ex in examples)
+        return collate_targets(targets, length=max(width - 1, 0))
+
+    def iter_targets(self, dataset: Iterable[dict], start: int = 0) -> Iterator[tuple[int, SparseTarget]]:
+        """Stream ``(index, target)`` for the examples of ``dataset`` from ``start`` on, shard by shard."""
+        for i, ex in enumerate(dataset):
+            if i < start:
+                continue
+            yield i, self.target(i, ex["input_ids"], ex["labels"])
+
+    def stats(self) -> dict:
+        """Size of the split: bytes, stored positions, bytes per position."""
+        shards = self.split["shards"]
+        nbytes = sum(s["bytes"] for s in shards)
+        positions = sum(s["positions"] for s in shards)
+        return {"bytes": nbytes, "positions": positions, "bytes_per_token": nbytes / max(positions, 1)}
+
+
+def collate_targets(targets: Sequence[SparseTarget], length: int | None = None) -> SparseTarget:
+    """Stack per-example targets (T_i, K_i) into (B, T, K): padded rows and entries have probs 0.
+
+    ``length``: T (default: the longest). Tails are stacked when every target has one, else None.
+    """
+    if not targets:
+        raise ValueError("collate_targets got no targets")
+    t = max(x.ids.shape[0] for x in targets) if length is None else length
+    k = max(max(x.ids.shape[-1] for x in targets), 1)
+    b = len(targets)
+    ids = torch.zeros(b, t, k, dtype=torch.long)
+    probs = torch.zeros(b, t, k, dtype=targets[0].probs.dtype)
+    with_tail = all(x.tail is not None for x in targets)
+    tail = torch.zeros(b, t, dtype=targets[0].probs.dtype) if with_tail else None
+    for i, x in enumerate(targets):
+        ti, ki = min(x.ids.shape[0], t), x.ids.shape[-1]
+        ids[i, :ti, :ki] = x.ids[:ti]
+        probs[i, :ti, :ki] = x.probs[:ti]
+        if tail is not None:
+            tail[i, :ti] = x.tail[:ti]
+    return SparseTarget(ids, probs, tail)

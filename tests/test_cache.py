@@ -1,0 +1,486 @@
+"""Offline teacher caches: bit packing, quantization error, sampling, the files, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill import cache as fmt
+from distill.cache import (
+    CacheMismatchError,
+    CacheParams,
+    CorruptShardError,
+    IncompleteCacheError,
+    TeacherCache,
+    collate_targets,
+)
+from distill.chunked import chunked_kd_loss, naive_kd_loss
+from distill.config import ConfigError, load_config
+from distill.data import build_datasets, collate
+from distill.evaluate import final_hidden
+from distill.losses import IGNORE_INDEX, SparseTarget
+from distill.models import load_model, load_tokenizer, output_head
+from distill.recipes import cache as recipe
+from distill.recipes.cache import CacheConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CACHE = REPO / "configs" / "tiny" / "cache.yaml"
+SMALL = ["progress=false", "data.max_examples=120", "shard_examples=8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny models are fastest so, and busy machines do not stall OpenMP."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cfg_with(out: Path, *overrides: str) -> CacheConfig:
+    return load_config(CacheConfig, TINY_CACHE, [f"out_dir={out}", *SMALL, *overrides])
+
+
+def capture_cmd() -> list[str]:
+    """``distill cache`` once the CLI has it, else the recipe module's own entry point."""
+    from distill import cli
+
+    return (
+        ["-m", "distill", "cache"]
+        if "cache" in getattr(cli, "PARSERS", {})
+        else ["-m", "distill.recipes.cache"]
+    )
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A complete top-k cache of the small tiny config, with the teacher and the dataset it came from."""
+    out = tmp_path_factory.mktemp("cache") / "topk"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = cfg_with(out)
+        summary = recipe.main(cfg)
+        tok = load_tokenizer(cfg.teacher, "teacher")
+        teacher = load_model(cfg.teacher, "teacher", tok).eval()
+        train_ds, _ = build_datasets(cfg.data, tok, 256)
+    finally:
+        torch.set_num_threads(before)
+    return {"cfg": cfg, "out": out, "summary": summary, "tok": tok, "teacher": teacher, "ds": train_ds}
+
+
+def stored_row_logits(teacher, tok, examples: list[dict]) -> list[torch.Tensor]:
+    """Each example's logits at its stored positions, computed exactly as the capture does (one batch)."""
+    batch = collate(examples, tok.pad_token_id)
+    with torch.no_grad():
+        hidden = final_hidden(teacher, batch)
+        sel = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        sel[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+        z = output_head(teacher, len(tok)).logits(hidden[sel]).float()
+    return list(z.split(sel.sum(1).tolist()))
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+
+
+@pytest.mark.parametrize("vocab", [263, 131073, 262144])
+def test_bit_packing_roundtrip_and_random_access(vocab):
+    rng = np.random.default_rng(vocab)
+    bits = fmt.id_bits_for(vocab)
+    assert bits == math.ceil(math.log2(vocab))
+    for n in (0, 1, 7, 8, 9, 1000):
+        values = rng.integers(0, vocab, n)
+        values[: min(n, 2)] = vocab - 1  # the largest id must fit
+        packed = fmt.pack_bits(values, bits)
+        assert packed.nbytes == fmt.packed_nbytes(n, bits) == math.ceil(n / 8) * bits
+        assert np.array_equal(fmt.unpack_bits(packed.tobytes(), bits, 0, n), values)
+        for start in range(0, n, max(1, n // 7)):
+            count = int(rng.integers(0, n - start + 1))
+            assert np.array_equal(fmt.unpack_bits(packed, bits, start, count), values[start : start + count])
+    with pytest.raises(ValueError, match="must be in"):
+        fmt.pack_bits(np.array([vocab]) << 1, bits)
+
+
+@pytest.mark.parametrize("n", [1, 16, 50, 64, 256])
+def test_count_fields_use_the_fewest_bits(n):
+    params = CacheParams.make("sampled", 131073, n=n)
+    assert params.count_bits == (n - 1).bit_length()  # count - 1 in [0, N - 1]
+    counts = np.arange(1, n + 1)
+    packed = fmt.pack_bits(counts - 1, params.count_bits)
+    assert np.array_equal(fmt.unpack_bits(packed, params.count_bits, 0, n) + 1, counts)
+
+
+@pytest.mark.parametrize("vocab", [263, 131072, 131073, 262144])
+@pytest.mark.parametrize("k", [8, 32, 64])
+def test_default_top_k_encoding_is_at_most_three_bytes_per_entry(vocab, k):
+    p = CacheParams.make("topk", vocab, k=k)
+    seq_len = 128
+    per_position = k * p.id_bits + (k - 1) * p.prob_bits + p.tail_bits
+    index = fmt._INDEX_DTYPE.itemsize * 8 / (seq_len - 1)
+    assert (per_position + index) / k <= 24, (p, per_position / k)
+    assert p.prob_bits >= 5
+
+
+def _sharp_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """LM-like logits: a Zipfian prior plus noise at several sharpness levels (entropy ~0.5 to ~7 nats)."""
+    gen = torch.Generator().manual_seed(seed)
+    prior = -torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    scale = torch.linspace(0.5, 6.0, rows).unsqueeze(1)
+    return scale * torch.randn(rows, vocab, generator=gen) + 1.5 * prior[torch.randperm(vocab, generator=gen)]
+
+
+@pytest.mark.parametrize(("bits", "kl_bound"), [(5, 2e-3), (6, 5e-4), (8, 4e-5)])
+def test_top_k_quantization_error_is_measured_and_bounded(bits, kl_bound):
+    """The error of the documented scheme: ratio codes within half a step on the fourth-root grid,
+    mean KL(exact renormalized top-k || decoded) below the documented bound, tail within half a step."""
+    k, vocab = 64, 4096
+    logits = _sharp_logits(512, vocab, seed=bits)
+    out = fmt.topk_targets(logits, k, bits)
+    logp = torch.log_softmax(logits.double(), -1)
+    top, ids = logp.topk(k, -1)
+    assert torch.equal(out["ids"], ids)
+    exact_tail = 1 - top.exp().sum(-1)
+    assert torch.allclose(out["tail"], exact_tail, rtol=1e-4, atol=1e-9)
+
+    ratios = (top[:, 1:] - top[:, :1]).exp()
+    levels = fmt.ratio_levels(bits)
+    decoded = torch.from_numpy(levels[out["codes"].numpy()])
+    half_step = 0.5 / ((1 << bits) - 1)
+    assert ((ratios.pow(0.25) - decoded.pow(0.25)).abs() <= half_step + 1e-6).all()  # fp32 codes
+
+    p = top.exp() / top.exp().sum(-1, keepdim=True)
+    q = torch.cat([torch.ones(len(p), 1, dtype=torch.float64), decoded], 1)
+    q = q / q.sum(-1, keepdim=True)
+    kl = torch.where(q > 0, p * (p.log() - q.log()), p * 50.0).sum(-1)  # a dropped entry counts heavily
+    assert kl.mean() < kl_bound, kl.mean()
+    assert kl.max() < 20 * kl_bound
+
+    for tail_bits, step in ((8, 40 / 254), (16, 40 / 65534)):
+        codes = fmt.encode_tail(exact_tail, tail_bits)
+        back = torch.from_numpy(fmt.decode_tail(codes, tail_bits))
+        logit = lambda t: t.log() - (-t).log1p()
+        ok = exact_tail > 1e-8
+        assert ((logit(back[ok]) - logit(exact_tail[ok])).abs() <= step / 2 + 1e-9).all()
+    assert fmt.decode_tail(fmt.encode_tail(torch.tensor([0.0, 1e-12])), 8).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("vocab", [40, 5000])  # one fp64 CDF; the two-level CDF (blocks of 256)
+def test_sampled_counts_are_unbiased(vocab):
+    gen = torch.Generator().manual_seed(0)
+    rows, n = 4000, 50
+    logits = (2.0 * torch.randn(vocab, generator=gen)).expand(rows, vocab).contiguous()
+    p = torch.softmax(logits[0].double(), -1)
+    out = fmt.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
+    assert out["counts"].sum() == rows * n
+    assert int(out["distinct"].sum()) == len(out["ids"])
+    row = torch.repeat_interleave(torch.arange(rows), out["distinct"])
+    freq = torch.zeros(rows, vocab, dtype=torch.float64)
+    freq[row, out["ids"]] = out["counts"].double() / n
+    mean = freq.mean(0)
+    sigma = (p * (1 - p) / (n * rows)).sqrt()
+    z = (mean - p) / sigma
+    frequent = p * n * rows >= 25  # where the normal approximation holds
+    assert (z[frequent].abs() <= 5).all(), z[frequent].abs().max()
+    assert abs(float((z**2).mean()) - 1) < 4 * math.sqrt(2 / vocab)  # chi-square / dof: no bias anywhere
+    # ids are increasing within a row, and zero-probability ids are never drawn
+    logits[:, :5] = -math.inf
+    zero_end = 300 if vocab > 300 else 0  # a whole zero-mass block at the end, and a partial one
+    logits[:, vocab - zero_end :] = -math.inf
+    out = fmt.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
+    assert out["ids"].min() >= 5 and out["ids"].max() < vocab - zero_end
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+
+
+def test_top_k_cache_matches_the_teacher(tiny):
+    out, ds, tok, teacher = tiny["out"], tiny["ds"], tiny["tok"], tiny["teacher"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == fmt.FORMAT_NAME and manifest["version"] == fmt.FORMAT_VERSION
+    assert manifest["params"]["mode"] == "topk" and manifest["params"]["k"] == 64
+    assert manifest["tokenizer_fingerprint"] and manifest["teacher"]["sha256"] and manifest["seq_len"] == 128
+    assert manifest["splits"]["train"]["num_examples"] == len(ds)
+    assert all(len(s["sha256"]) == 64 for s in manifest["splits"]["train"]["shards"])
+    assert tiny["summary"]["splits"]["train"]["bytes_per_token"] <= 3 * 64
+
+    examples = [ds[i] for i in range(8)]  # the first batch of the first shard
+    logits = stored_row_logits(teacher, tok, examples)
+    with_tail, renorm = TeacherCache(out), TeacherCache(out, topk_tail=False)
+    for i, ex in enumerate(examples):
+        rows = torch.from_numpy(fmt.stored_positions(ex["labels"]))
+        vals, ids = logits[i].topk(64, -1)
+        top = vals.double() - torch.logsumexp(logits[i].double(), -1, keepdim=True)
+        t = with_tail.target(i, ex["input_ids"], ex["labels"])
+        assert t.ids.shape == (len(ex["input_ids"]) - 1, 64)
+        assert torch.equal(t.ids[rows], ids)
+        p = top.exp()
+        tail = 1 - p.sum(-1)
+        assert torch.allclose(t.tail[rows].double(), tail, rtol=1e-3)
+        assert torch.allclose(t.probs[rows].double(), p, rtol=0.02, atol=1e-6)  # 8-bit codes at V = 263
+        r = renorm.target(i, ex["input_ids"], ex["labels"])
+        assert r.tail is None
+        assert torch.allclose(r.probs[rows].sum(-1), torch.ones(len(rows)), atol=1e-5)
+        assert torch.allclose(r.probs[rows].double(), p / p.sum(-1, keepdim=True), rtol=0.02, atol=1e-6)
+        unstored = torch.ones(len(t.ids), dtype=torch.bool)
+        unstored[rows] = False
+        assert (t.probs[unstored] == 0).all()
+
+
+def test_sampled_cache_reproduces_the_draws(tmp_path, tiny):
+    cfg = cfg_with(tmp_path / "s", "mode=sampled", "n=16", "temperature=2.0", "seed=3", "splits=[train,eval]")
+    summary = recipe.main(cfg)
+    _, eval_ds = build_datasets(cfg.data, tiny["tok"], 256)
+    ev = TeacherCache(cfg.out_dir, split="eval")
+    assert len(ev) == len(eval_ds) == summary["splits"]["eval"]["examples"]
+    t = ev.target(len(ev) - 1, eval_ds[-1]["input_ids"], eval_ds[-1]["labels"])
+    assert torch.allclose(
+        t.probs.sum(-1)[torch.from_numpy(fmt.stored_positions(eval_ds[-1]["labels"]))], torch.tensor(1.0)
+    )
+    ds, tok, teacher = tiny["ds"], tiny["tok"], tiny["teacher"]
+    cache = TeacherCache(cfg.out_dir)
+    assert cache.mode == "sampled" and cache.temperature == 2.0
+    examples = [ds[i] for i in range(8, 16)]  # the first batch of the second shard
+    logits = stored_row_logits(teacher, tok, examples)
+    for j, ex in enumerate(examples):
+        rows = torch.from_numpy(fmt.stored_positions(ex["labels"]))
+        u = fmt.example_uniforms(3, "train", 8 + j, len(rows), 16)
+        want = fmt.sampled_targets(logits[j] / 2.0, u)
+        t = cache.target(8 + j, ex["input_ids"], ex["labels"])
+        assert torch.equal(t.tail, torch.zeros(len(t.ids)))
+        assert torch.allclose(t.probs[rows].sum(-1), torch.ones(len(rows)))
+        got_ids = t.ids[rows][t.probs[rows] > 0]
+        assert torch.equal(got_ids, want["ids"])
+        assert torch.equal((t.probs[rows][t.probs[rows] > 0] * 16).round().long(), want["counts"])
+    assert summary["splits"]["train"]["bytes_per_token"] < 16 * (9 + 4) / 8 + 2
+
+
+def test_random_access_across_shards_and_batches(tiny):
+    cache, ds = TeacherCache(tiny["out"]), tiny["ds"]
+    n = len(ds)
+    assert n > 3 * cache.shard_examples
+    order = np.random.default_rng(0).permutation(n)[:40]
+    got = {int(i): cache.target(int(i), ds[int(i)]["input_ids"], ds[int(i)]["labels"]) for i in order}
+    fresh = TeacherCache(tiny["out"])
+    streamed = dict(fresh.iter_targets(ds[i] for i in range(n)))
+    for i, t in got.items():
+        assert torch.equal(t.ids, streamed[i].ids) and torch.equal(t.probs, streamed[i].probs)
+    idx = [int(i) for i in order[:4]]
+    exs = [ds[i] for i in idx]
+    bt = cache.batch_target(idx, exs, width=130)
+    assert bt.ids.shape == (4, 129, 64) and bt.tail.shape == (4, 129)
+    assert (bt.probs[:, 127:] == 0).all()
+    assert torch.equal(bt.ids[1, :127], got[idx[1]].ids)
+
+
+def test_collate_targets_pads_with_zero_probability():
+    a = SparseTarget(torch.ones(3, 2, dtype=torch.long), torch.full((3, 2), 0.5), torch.zeros(3))
+    b = SparseTarget(torch.full((5, 4), 7), torch.full((5, 4), 0.25), torch.zeros(5))
+    out = collate_targets([a, b])
+    assert out.ids.shape == (2, 5, 4) and out.tail.shape == (2, 5)
+    assert (out.probs[0, 3:] == 0).all() and (out.probs[0, :, 2:] == 0).all()
+    assert collate_targets([SparseTarget(a.ids, a.probs, None), b]).tail is None
+
+
+def test_cached_targets_feed_the_chunked_sparse_loss(tiny):
+    """The training path: a batch's targets from the cache through chunked_kd_loss == the naive loss."""
+    from distill.chunked import LinearHead
+
+    cache, ds = TeacherCache(tiny["out"]), tiny["ds"]
+    idx = [3, 17, 40, 41]
+    exs = [ds[i] for i in idx]
+    batch = collate(exs, 258)
+    target = cache.batch_target(idx, exs, width=batch["input_ids"].shape[1])
+    labels = batch["labels"][:, 1:]
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(*labels.shape, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    head = LinearHead(torch.randn(263, 16, generator=gen, dtype=torch.float64))
+    n = int((labels != IGNORE_INDEX).sum())
+    for tgt in (target, TeacherCache(tiny["out"], topk_tail=False).batch_target(idx, exs)):
+        loss, _ = chunked_kd_loss(hidden, head, labels, tgt, n, alpha=0.0)
+        ref = naive_kd_loss(hidden, head, labels, tgt, n, alpha=0.0)
+        assert torch.isfinite(loss) and torch.allclose(loss, ref)
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def test_sigkill_then_resume_with_two_processes_is_byte_identical(tmp_path):
+    """Kill a capture mid-way (SIGKILL), resume it with ``accelerate launch`` on 2 processes (each writes
+    its own shards, the main process merges the manifest): the files equal an uninterrupted
+    single-process capture byte for byte."""
+    overrides = ["data.max_examples=240"]
+    ref = cfg_with(tmp_path / "ref", *overrides)
+    recipe.main(ref)
+
+    out = tmp_path / "killed"
+    args = [str(TINY_CACHE), f"out_dir={out}", *SMALL, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, *capture_cmd(), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 120
+    try:
+        while len(list(out.glob("shard-*.bin"))) < 6:
+            assert proc.poll() is None, (
+                f"the capture ended before it could be killed: {proc.stderr.read()[-2000:]}"
+            )
+            assert time.time() < deadline, "no shard appeared"
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert not (out / "manifest.json").exists(), "the capture was not killed mid-way"
+    with pytest.raises(IncompleteCacheError, match="incomplete cache.*run the same `distill cache` command"):
+        TeacherCache(out)
+
+    # debris of a killed writer and a damaged complete shard are both handled on resume
+    (out / ".shard-train-000003.bin.abc.tmp").write_bytes(b"half a shard")
+    first = out / "shard-train-000000.bin"
+    first.write_bytes(first.read_bytes()[:100])
+    kept = len(list(out.glob("shard-*.bin"))) - 1
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *capture_cmd(),
+        *args,
+    ]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rewriting it" in res.stderr and "resuming the capture" in res.stderr
+    assert files_of(out) == files_of(tmp_path / "ref")
+    assert not list(out.glob(".*.tmp"))
+    assert kept >= 5
+    # a finished cache is left alone; other settings are refused
+    assert recipe.main(cfg_with(out, *overrides))["shards_written"] == 0
+    with pytest.raises(ValueError, match="other settings.*k: 64"):
+        recipe.main(cfg_with(out, *overrides, "k=8"))
+
+
+def test_resume_of_a_partial_cache_with_other_settings_is_refused(tmp_path):
+    cfg = cfg_with(tmp_path / "c")
+    recipe.main(cfg)
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="partial cache built with other settings.*temperature"):
+        recipe.main(cfg_with(tmp_path / "c", "temperature=2.0"))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def copy_of(tiny, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny["out"], dst)
+    return dst
+
+
+def test_missing_manifest_is_an_incomplete_cache(copy_of):
+    (copy_of / "manifest.json").unlink()
+    with pytest.raises(
+        IncompleteCacheError, match="incomplete cache.*run the same `distill cache` command to resume"
+    ):
+        TeacherCache(copy_of)
+    with pytest.raises(fmt.CacheError, match="does not exist"):
+        TeacherCache(copy_of / "nope")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "delete"])
+def test_damaged_shard_names_the_shard_and_example(copy_of, tiny, damage):
+    ds = tiny["ds"]
+    shard = copy_of / "shard-train-000002.bin"
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    elif damage == "bitflip":
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(data)
+    else:
+        shard.unlink()
+    cache = TeacherCache(copy_of)
+    ex = ds[5]
+    assert cache.target(5, ex["input_ids"], ex["labels"]).ids.shape[0] == 127  # other shards still read
+    ex = ds[19]
+    reason = {"truncate": "truncated", "bitflip": "corrupt", "delete": "missing"}[damage]
+    with pytest.raises(
+        CorruptShardError, match=rf"shard-train-000002\.bin .*examples 16-23\) .*{reason}.*example 19 "
+    ):
+        cache.target(19, ex["input_ids"], ex["labels"])
+    with pytest.raises(CorruptShardError):  # and again: a bad shard is never half-used
+        cache.target(16, ds[16]["input_ids"], ds[16]["labels"])
+
+
+def test_unsupported_format_version(copy_of):
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["version"] = 99
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(fmt.CacheError, match="unsupported format version 99.*reads version 1"):
+        TeacherCache(copy_of)
+
+
+def test_other_tokenizer_vocabulary_seq_len_or_data_is_refused(tiny):
+    cache, ds, tok = TeacherCache(tiny["out"]), tiny["ds"], tiny["tok"]
+    from distill.tokenizer import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tok)
+    cache.check_compatible(fp, len(tok), 128, fmt.data_fingerprint(ds), len(ds))  # the right one passes
+    with pytest.raises(CacheMismatchError, match="another tokenizer"):
+        cache.check_compatible(tokenizer_fingerprint="0" * 64)
+    with pytest.raises(CacheMismatchError, match="vocabulary of 263 tokens.*has 300"):
+        cache.check_compatible(vocab_size=300)
+    with pytest.raises(CacheMismatchError, match="data.seq_len=128.*data.seq_len=64"):
+        cache.check_compatible(seq_len=64)
+    with pytest.raises(CacheMismatchError, match="other data"):
+        cache.check_compatible(data_fingerprint=fmt.data_fingerprint(hashes=[b"x" * 8]))
+    with pytest.raises(CacheMismatchError, match="other data: it holds"):
+        cache.check_compatible(num_examples=len(ds) + 1)
+
+    ex = ds[10]
+    other = list(ex["input_ids"])
+    other[5] = (other[5] + 1) % 256
+    with pytest.raises(
+        CacheMismatchError, match="example 10: its tokens do not match.*other data, another tokenizer"
+    ):
+        cache.target(10, other, ex["labels"])
+    with pytest.raises(CacheMismatchError, match="128 tokens for it, the data 64: another data.seq_len"):
+        cache.target(10, ex["input_ids"][:64], ex["labels"][:64])
+    with pytest.raises(IndexError, match="out of range"):
+        cache.target(len(ds), ex["input_ids"], ex["labels"])
+
+
+def test_config_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="mode"):
+        cfg_with(tmp_path, "mode=full")
+    with pytest.raises(ConfigError, match="unknown key"):
+        cfg_with(tmp_path, "kk=3")
+    with pytest.raises(ValueError, match="k=999 must be between 1 and the vocabulary size 263"):
+        recipe.main(cfg_with(tmp_path / "c", "k=999"))

@@ -53,6 +53,88 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loss_memory.json"
 BETA, SKEW = 0.5, 0.1
 
 
+# A tiny LD_PRELOAD shim that counts live malloc'd bytes (and their peak) by wrapping glibc's allocator,
+# so that the peak of live tensor memory is measured without changing how glibc allocates (the CPU
+# analogue of torch.cuda.max_memory_allocated); built with the system C compiler when there is one.
+_MALLOC_PEAK_C = r"""
+#include <stddef.h>
+#include <stdatomic.h>
+#include <malloc.h>
+#include <errno.h>
+extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+extern void __libc_free(void *);
+extern void *__libc_memalign(size_t, size_t);
+static _Atomic long live_ = 0, peak_ = 0;
+static inline void add_(void *p) {
+    if (!p) return;
+    long n = (long)malloc_usable_size(p);
+    long v = atomic_fetch_add_explicit(&live_, n, memory_order_relaxed) + n;
+    long pk = atomic_load_explicit(&peak_, memory_order_relaxed);
+    while (v > pk && !atomic_compare_exchange_weak(&peak_, &pk, v)) {}
+}
+static inline void sub_(void *p) {
+    if (p) atomic_fetch_sub_explicit(&live_, (long)malloc_usable_size(p), memory_order_relaxed);
+}
+void *malloc(size_t n) { void *p = __libc_malloc(n); add_(p); return p; }
+void *calloc(size_t a, size_t b) { void *p = __libc_calloc(a, b); add_(p); return p; }
+void *realloc(void *q, size_t n) {
+    sub_(q);
+    void *p = __libc_realloc(q, n);
+    if (p) add_(p); else if (q && n) add_(q);
+    return p;
+}
+void free(void *p) { sub_(p); __libc_free(p); }
+void *memalign(size_t a, size_t n) { void *p = __libc_memalign(a, n); add_(p); return p; }
+void *aligned_alloc(size_t a, size_t n) { return memalign(a, n); }
+int posix_memalign(void **out, size_t a, size_t n) {
+    void *p = memalign(a, n);
+    if (!p) return ENOMEM;
+    *out = p;
+    return 0;
+}
+void *valloc(size_t n) { return memalign(4096, n); }
+long distill_malloc_live(void) { return atomic_load(&live_); }
+long distill_malloc_peak(void) { return atomic_load(&peak_); }
+void distill_malloc_reset_peak(void) { atomic_store(&peak_, atomic_load(&live_)); }
+"""
+
+
+def build_malloc_hook() -> str | None:
+    """Compile the shim (cached in the temp dir); None if there is no C compiler or it fails."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc or not sys.platform.startswith("linux"):
+        return None
+    digest = hashlib.sha1(_MALLOC_PEAK_C.encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"distill_malloc_peak_{digest}.so"
+    if not out.exists():
+        src = out.with_suffix(".c")
+        src.write_text(_MALLOC_PEAK_C)
+        tmp = out.with_suffix(f".{os.getpid()}.so")
+        res = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src)], capture_output=True)
+        if res.returncode != 0:
+            return None
+        os.replace(tmp, out)
+    return str(out)
+
+
+def _malloc_hook():
+    """The shim's counters if this process was started with it preloaded, else None."""
+    import ctypes
+
+    lib = ctypes.CDLL(None)
+    if not hasattr(lib, "distill_malloc_peak"):
+        return None
+    lib.distill_malloc_live.restype = ctypes.c_long
+    lib.distill_malloc_peak.restype = ctypes.c_long
+    return lib
+
+
 # ----------------------------------------------------------------------------------------------- worker
 
 
@@ -202,6 +284,10 @@ def worker(args) -> dict:
         "threads": torch.get_num_threads(),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }
+    hook = None if cuda else _malloc_hook()
+    record["memory_method"] = (
+        "cuda_max_memory_allocated" if cuda else ("malloc_live_peak" if hook is not None else "rss")
+    )
     try:
         # Warm-up on a small problem (kernels, thread pools), then the real inputs.
         small = _make_inputs(512, 64, args.hidden, device, args.teacher)
@@ -224,6 +310,9 @@ def worker(args) -> dict:
             base = torch.cuda.memory_allocated()
         else:
             base = _rss_bytes()
+            if hook is not None:
+                hook.distill_malloc_reset_peak()
+                hook_base = hook.distill_malloc_live()
         step_args = (
             args.impl,
             args.divergence,
@@ -237,7 +326,13 @@ def worker(args) -> dict:
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         loss = _step(*step_args)
         times, cpu_times = [time.perf_counter() - t0], [_cpu_seconds() - cpu0]
-        peak = (torch.cuda.max_memory_allocated() if cuda else _maxrss_bytes()) - base
+        rss_peak = None if cuda else _maxrss_bytes() - base
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() - base
+        elif hook is not None:
+            peak = hook.distill_malloc_peak() - hook_base
+        else:
+            peak = rss_peak
         grad_bytes = sum(
             t.grad.numel() * t.grad.element_size() for t in (inp["w"], inp["h"]) if t.grad is not None
         )
@@ -252,6 +347,7 @@ def worker(args) -> dict:
         cpu_util = sum(cpu_times) / (sum(times) * max(1, os.cpu_count() or 1))
         record.update(
             peak_bytes=int(peak),
+            rss_peak_bytes=None if rss_peak is None else int(rss_peak),
             seconds=statistics.median(times),
             times=times,
             loss=loss,
@@ -270,14 +366,18 @@ def worker(args) -> dict:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def _run_case(script_args: list[str], timeout: float, malloc: str = "pinned") -> dict:
+def _run_case(
+    script_args: list[str], timeout: float, malloc: str = "hook", hook_path: str | None = None
+) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *script_args]
     env = dict(os.environ)
-    if malloc == "pinned":
-        # glibc: a fixed mmap threshold (which also turns off its dynamic growth) serves every allocation
-        # >= 128 KiB with its own mmap and unmaps it on free, so RSS follows live tensor memory (the CPU
-        # analogue of torch.cuda.max_memory_allocated). With the default dynamic threshold, glibc's heap
-        # keeps freed chunk temporaries around (fragmentation), which inflates the chunked path's RSS.
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if malloc == "hook" and hook_path:
+        env["LD_PRELOAD"] = " ".join(x for x in (hook_path, env.get("LD_PRELOAD", "")) if x)
+    elif malloc in ("hook", "pinned"):
+        # No shim: a fixed glibc mmap threshold (which also turns off its dynamic growth) gives every
+        # allocation >= 128 KiB its own mapping, unmapped on free, so RSS follows live memory; it costs
+        # the chunked path page faults (slower) that the default allocator avoids.
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -321,7 +421,7 @@ def _run_case_robust(extra: list[str], args, timeout: float) -> dict:
     best = None
     for attempt in range(1 + max(0, args.retries)):
         waited = _wait_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
-        r = _run_case(extra, timeout=timeout, malloc=args.malloc)
+        r = _run_case(extra, timeout=timeout, malloc=args.malloc, hook_path=args.hook_path)
         r["waited_for_quiet_s"] = round(waited, 1)
         r["attempt"] = attempt + 1
         util = r.get("cpu_utilization")
@@ -412,7 +512,7 @@ def calibrate(args) -> None:
             ]
             if not grad:
                 extra.append("--no-grad")
-            r = _run_case(extra, timeout=600, malloc=args.malloc)
+            r = _run_case(extra, timeout=600, malloc=args.malloc, hook_path=args.hook_path)
             if r.get("error"):
                 print(teacher, div, r["error"])
                 continue
@@ -446,10 +546,12 @@ def main(argv=None) -> None:
     )
     p.add_argument(
         "--malloc",
-        choices=("pinned", "default"),
-        default="pinned",
-        help="CPU: 'pinned' fixes glibc's mmap threshold so that RSS tracks live memory; "
-        "'default' keeps glibc's dynamic threshold (heap retention counts as peak)",
+        choices=("hook", "pinned", "default"),
+        default="hook",
+        help="CPU peak memory: 'hook' counts live malloc'd bytes with an LD_PRELOAD shim (glibc allocates as "
+        "usual; falls back to 'pinned' without a C compiler); 'pinned' fixes glibc's mmap threshold so "
+        "that RSS tracks live memory (slows the chunked path); 'default': RSS under glibc's defaults "
+        "(includes heap retention)",
     )
     p.add_argument(
         "--quiet-wait",
@@ -483,6 +585,9 @@ def main(argv=None) -> None:
         print(json.dumps(rec), flush=True)
         return
 
+    args.hook_path = build_malloc_hook() if args.malloc == "hook" else None
+    if args.malloc == "hook" and args.hook_path is None:
+        print("no C compiler for the malloc shim: measuring RSS with a pinned mmap threshold instead")
     if args.calibrate:
         calibrate(args)
         return

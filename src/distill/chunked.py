@@ -32,8 +32,8 @@ divergence and teacher type, with and without gradients: :func:`temporaries_per_
 the budget goes to the loss chunk, ``loss_chunk_size = u / (4 n)``, and the rest to the logit buffers,
 ``chunk_size = (u - n * loss_chunk_size) / b`` with ``b`` the number of buffers (2 with a live teacher,
 else 1; half a row each in bf16). Both at least 1, at most the number of supervised rows; ``chunk_size``
-is rounded down to a multiple of 8 from 32 up. Defaults: :data:`DEFAULT_MEMORY_BUDGET_BYTES` (192 MiB)
-on CPU, e.g. at V = 128k forward KL: chunks of 144 rows, loss chunks of 10; and
+is rounded down to a multiple of 8 from 32 up. Defaults: :data:`DEFAULT_MEMORY_BUDGET_BYTES` (160 MiB)
+on CPU, e.g. at V = 128k forward KL: chunks of 120 rows, loss chunks of 8 (JSD 4); and
 :data:`DEFAULT_CUDA_MEMORY_BUDGET_BYTES` (1 GiB) on a GPU. Either size can be given explicitly. The budget
 bounds the chunk temporaries; the fp32 weight gradient ``(V_rows, H)`` and the ``(N, H)`` hidden
 gradient come on top (the naive path has those as well).

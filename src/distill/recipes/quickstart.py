@@ -87,7 +87,7 @@ PRESETS = {
     "fast": Preset(
         vocab_size=2048, seq_len=128,
         teacher=_llama(128, 3, 4, 2, 384, 128), student=_llama(64, 2, 4, 2, 192, 128),
-        teacher_steps=200, student_steps=120, batch_size=16, teacher_lr=3e-3, student_lr=3e-3, eval_every=30,
+        teacher_steps=150, student_steps=100, batch_size=16, teacher_lr=3e-3, student_lr=3e-3, eval_every=25,
         max_files=150,
     ),
 }

@@ -61,8 +61,6 @@ import hashlib
 import json
 import math
 import mmap
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -72,6 +70,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.checkpoint import atomic_write_bytes
 from distill.losses import IGNORE_INDEX, SparseTarget
 
 FORMAT_NAME = "distill-teacher-cache"
@@ -532,27 +531,7 @@ def encode_shard(
     return bytes(buf)
 
 
-def write_file_atomic(path: Path, blob: bytes) -> None:
-    """Write under a temporary name in the same directory, fsync, rename: complete or absent."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+write_file_atomic = atomic_write_bytes  # shards and manifests: complete or absent
 
 
 def read_shard_header(data) -> tuple[dict, int]:

@@ -238,7 +238,35 @@ class _Plan:
         self.__dict__.update(kw)
 
 
-def _run_chunks(
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for bf16/fp16 ``a``, ``b`` and an fp32 ``acc``.
+
+    On CUDA the product runs on the tensor cores with fp32 output (``torch.mm(..., out_dtype=)``, or a
+    half-precision product upcast where that is missing); on CPU it is an fp32 GEMM of upcast copies.
+    """
+    if a.is_cuda:
+        if _MM_OUT_DTYPE.get("cuda", True):
+            try:
+                acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
+                _MM_OUT_DTYPE["cuda"] = True
+                return
+            except (TypeError, RuntimeError):
+                _MM_OUT_DTYPE["cuda"] = False
+        acc.add_(a @ b)
+        return
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _run_chunks(plan: _Plan, *args):
+    """:func:`_chunk_loop` with autocast off: the loop chooses its own dtypes (``plan.compute_dtype``)."""
+    with torch.autocast(plan.device_type, enabled=False):
+        return _chunk_loop(plan, *args)
+
+
+def _chunk_loop(
     plan: _Plan,
     s_hidden: torch.Tensor,
     s_weight: torch.Tensor,
@@ -256,6 +284,11 @@ def _run_chunks(
     v = head.num_classes
     w = s_weight if v == s_weight.shape[0] else s_weight[:v]
     b = None if s_bias is None else (s_bias if v == s_bias.shape[0] else s_bias[:v])
+    # Under autocast the logit matmuls run in the autocast dtype (as the model's own head would);
+    # otherwise in the weight's dtype. The losses upcast to fp32 inside the chunk either way.
+    cdt = plan.compute_dtype
+    w_mm = w.detach() if cdt is None else w.detach().to(cdt)
+    b_mm = None if b is None else (b.detach() if cdt is None else b.detach().to(cdt))
     need_grad = need_h or need_w or need_b
     device = s_hidden.device
     dense = teacher is not None and not isinstance(teacher, SparseTarget)
@@ -273,6 +306,9 @@ def _run_chunks(
     loss_sum, ce_sum, div_sum, kl_sum = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     agree = torch.zeros((), dtype=torch.long, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    bins = plan.calibration_bins
+    # Per confidence bin: positions, summed confidence, correct predictions (float64 sums).
+    calib = torch.zeros(3, bins, dtype=torch.float64, device=device) if bins else None
     inv_n = plan.inv_num_tokens.to(stat_dtype)
     kw = dict(
         kind=plan.kind,
@@ -285,13 +321,13 @@ def _run_chunks(
 
     # Logit buffers, reused by every chunk (the last one uses a prefix).
     rows0 = min(chunk, max(m, 1))
-    s_buf = torch.empty(rows0, v, dtype=w.dtype, device=device) if m else None
+    s_buf = torch.empty(rows0, v, dtype=w_mm.dtype, device=device) if m else None
     t_buf = None
     if dense and m:
         t_hidden, t_head = teacher
         t_w, t_b = t_head.sliced()
-        t_w = t_w.detach()
-        t_b = None if t_b is None else t_b.detach()
+        t_w = t_w.detach() if cdt is None else t_w.detach().to(cdt)
+        t_b = None if t_b is None else (t_b.detach() if cdt is None else t_b.detach().to(cdt))
         t_buf = torch.empty(rows0, v, dtype=t_w.dtype, device=device)
     grad_ctx = torch.enable_grad if need_grad else contextlib.nullcontext
 
@@ -304,13 +340,14 @@ def _run_chunks(
         else:
             sel = rows[start:stop]
             h_c = s_hidden.detach().index_select(0, sel)
+        h_c = h_c.to(w_mm.dtype)  # a no-op unless autocast (or a model) mixes dtypes
         lab_c = labels[sel]
         raw_c = s_buf[:c]
         with torch.no_grad():
             if dense:
                 th_c = t_hidden[sel] if rows is None else t_hidden.index_select(0, sel)
-                _raw_logits_into(t_buf[:c], th_c.detach(), t_w, t_b)
-            _raw_logits_into(raw_c, h_c, w.detach(), None if b is None else b.detach())
+                _raw_logits_into(t_buf[:c], th_c.detach().to(t_w.dtype), t_w, t_b)
+            _raw_logits_into(raw_c, h_c, w_mm, b_mm)
         sparse_c = teacher[sel] if isinstance(teacher, SparseTarget) else None
 
         for i in range(0, c, loss_chunk):
@@ -347,7 +384,17 @@ def _run_chunks(
 
             with torch.no_grad():
                 ce_sum += ce.sum()
-                s_arg = z.detach().argmax(-1)
+                if calib is None:
+                    s_arg = z.detach().argmax(-1)
+                else:
+                    zf = z.detach().float()
+                    top, s_arg = zf.max(-1)
+                    conf = torch.exp(top - torch.logsumexp(zf, -1)).double()  # max softmax prob, T = 1
+                    idx = (conf * bins).long().clamp_(0, bins - 1)
+                    calib[0].index_add_(0, idx, torch.ones_like(conf))
+                    calib[1].index_add_(0, idx, conf)
+                    calib[2].index_add_(0, idx, (s_arg == lab).double())
+                    del zf, top, conf, idx
                 correct += (s_arg == lab).sum()
                 if t_sig is not None:
                     div_sum += div.sum()
@@ -371,27 +418,27 @@ def _run_chunks(
             with torch.no_grad():
                 d_c = raw_c  # (c, V): gradient w.r.t. the chunk's raw logits, already / num_tokens
                 if need_h:
-                    g = d_c @ w.detach()  # (c, H) in the input dtype
+                    g = d_c @ w_mm  # (c, H) in the matmul dtype
                     if rows is None:
                         grad_h[sel] = g
                     else:
-                        grad_h.index_copy_(0, sel, g)
+                        grad_h.index_copy_(0, sel, g.to(grad_h.dtype))
                     del g
                 if need_w:
                     if d_c.dtype == acc_dtype:
                         gw_view.addmm_(d_c.t(), h_c)
                     else:
-                        # bf16/fp16 logits: an fp32 GEMM into the fp32 accumulator, in vocabulary slices
-                        # so that the upcast copy stays at 1/8 of the chunk buffer.
-                        h32 = h_c.to(acc_dtype)
+                        # bf16/fp16 logits into the fp32 accumulator, in vocabulary slices so that any
+                        # temporary stays at 1/8 of the chunk buffer.
                         step = max(1, -(-v // 8))
                         for s in range(0, v, step):
-                            gw_view[s : s + step].addmm_(d_c[:, s : s + step].t().to(acc_dtype), h32)
-                        del h32
+                            _accumulate_mm(gw_view[s : s + step], d_c[:, s : s + step].t(), h_c)
                 if need_b:
                     gb_view += d_c.sum(0, dtype=acc_dtype)
 
     stats = {"ce_sum": ce_sum, "correct_sum": correct, "count": torch.tensor(m, device=device)}
+    if calib is not None:
+        stats["calibration"] = calib
     if teacher is not None:
         stats["div_sum"] = div_sum
         if plan.want_kl:
@@ -434,6 +481,13 @@ def _normalize(loss_sum: torch.Tensor, num_tokens) -> torch.Tensor:
     return reduce_loss(loss_sum, torch.ones((), dtype=torch.bool, device=loss_sum.device), num_tokens)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type``, or None."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def chunked_kd_loss(
     student_hidden: torch.Tensor,
     student_head: LinearHead,
@@ -452,6 +506,7 @@ def chunked_kd_loss(
     loss_chunk_size: int | None = None,
     log_kl: bool = True,
     grad_weight_fp32: bool = True,
+    calibration_bins: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss from final hidden states, without materializing ``(N, V)`` logits.
 
@@ -468,6 +523,12 @@ def chunked_kd_loss(
     log_kl: compute ``kl_sum`` (the true forward KL at temperature T) also when ``kind`` is not forward
         KL; that costs an extra no-grad pass. With ``False``, ``kl_sum`` is left out unless it is free.
     grad_weight_fp32: accumulate the weight/bias gradient in fp32 (else in the weight's dtype).
+    calibration_bins: with B > 0, ``stats["calibration"]`` is a (3, B) float64 tensor: per bin of the
+        student's top-1 probability at T = 1 (equal-width bins over [0, 1]), the number of positions, their
+        summed confidence and their correct top-1 predictions (for the expected calibration error).
+
+    Called under autocast, the logit matmuls run in the autocast dtype (like the model's own head) and
+    the gradients come back in the parameters' dtypes.
 
     Returns ``(loss, stats)``; ``loss`` equals ``reduce_loss(kd_loss_per_token(logits, labels, teacher,
     ...)["loss"], labels != IGNORE_INDEX, num_tokens)``. ``stats`` (detached, summed over supervised
@@ -547,6 +608,9 @@ def chunked_kd_loss(
         want_kl=log_kl or kind == "forward_kl",
         kl_is_div=kind == "forward_kl" or (kind == "jsd" and beta == 0.0),
         grad_weight_fp32=grad_weight_fp32,
+        calibration_bins=int(calibration_bins),
+        device_type=student_hidden.device.type,
+        compute_dtype=_autocast_dtype(student_hidden.device.type),
         inv_num_tokens=inv.to(student_hidden.device),
         needs=needs,
     )

@@ -1,4 +1,5 @@
-"""Held-out evaluation of a student: loss, perplexity, bits per byte, KL to the teacher, agreement.
+"""Held-out evaluation of a student: loss, perplexity, bits per byte, calibration, KL to the teacher,
+agreement.
 
 The sums are computed with the same memory-efficient loss path as training (no (tokens, V) logits),
 at temperature 1, over whichever batches a process is given; callers that shard across processes add
@@ -16,6 +17,7 @@ from distill.chunked import LinearHead, chunked_kd_loss
 from distill.losses import IGNORE_INDEX
 
 SUM_KEYS = ("ce_sum", "kl_sum", "agree_sum", "correct_sum", "count")
+CALIBRATION_BINS = 15  # equal-width bins of top-1 confidence for the expected calibration error (ECE)
 
 
 def final_hidden(model, batch: dict) -> torch.Tensor:
@@ -44,10 +46,11 @@ def eval_sums(
     teacher_head: LinearHead | None = None,
     autocast: Callable = torch.autocast,
 ) -> torch.Tensor:
-    """Summed statistics over ``batches`` as a float64 tensor ordered like ``SUM_KEYS``."""
+    """Summed statistics over ``batches`` as a float64 tensor: ``SUM_KEYS`` in order, then the
+    (3, ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.chunked.chunked_kd_loss`)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    sums = torch.zeros(len(SUM_KEYS) + 3 * CALIBRATION_BINS, dtype=torch.float64)
     for batch in batches:
         labels = batch["labels"][:, 1:].reshape(-1)
         signal = None
@@ -55,16 +58,17 @@ def eval_sums(
             if teacher is not None:
                 signal = (flat_positions(final_hidden(teacher, batch)), teacher_head)
             _, stats = chunked_kd_loss(flat_positions(final_hidden(model, batch)), head, labels, signal, 1,
-                                       kind="forward_kl", temperature=1.0, alpha=1.0)
-        sums += torch.stack([stats[k].double().cpu() if k in stats else torch.zeros((), dtype=torch.float64)
-                             for k in SUM_KEYS])
+                                       kind="forward_kl", temperature=1.0, alpha=1.0,
+                                       calibration_bins=CALIBRATION_BINS)
+        scalars = [stats[k].double().cpu() if k in stats else torch.zeros((), dtype=torch.float64) for k in SUM_KEYS]
+        sums += torch.cat([torch.stack(scalars), stats["calibration"].cpu().reshape(-1)])
     model.train(was_training)
     return sums
 
 
 def metrics_from_sums(sums: torch.Tensor, with_teacher: bool, target_bytes: int | None = None) -> dict:
     """Turn summed statistics into metrics; ``target_bytes`` (UTF-8 bytes of the scored tokens) adds bpb."""
-    s = dict(zip(SUM_KEYS, sums.tolist(), strict=True))
+    s = dict(zip(SUM_KEYS, sums[: len(SUM_KEYS)].tolist(), strict=True))
     count = max(s["count"], 1.0)
     out = {
         "val_loss": s["ce_sum"] / count,
@@ -72,12 +76,26 @@ def metrics_from_sums(sums: torch.Tensor, with_teacher: bool, target_bytes: int 
         "val_top1_accuracy": s["correct_sum"] / count,
         "val_tokens": int(s["count"]),
     }
+    if sums.numel() > len(SUM_KEYS):
+        out["val_ece"] = expected_calibration_error(sums[len(SUM_KEYS):].reshape(3, -1))
     if target_bytes:
         out["bits_per_byte"] = s["ce_sum"] / (target_bytes * math.log(2))
     if with_teacher:
         out["kl_to_teacher"] = s["kl_sum"] / count
         out["top1_agreement"] = s["agree_sum"] / count
     return out
+
+
+def expected_calibration_error(calibration: torch.Tensor) -> float:
+    """ECE = sum over bins of (positions in bin / all) * |accuracy in bin - mean confidence in bin|.
+
+    ``calibration``: (3, B) rows of positions, summed top-1 confidence and correct top-1 predictions.
+    """
+    n, conf, hits = (calibration[i].double() for i in range(3))
+    total = float(n.sum())
+    if total == 0:
+        return 0.0
+    return float((hits - conf).abs().sum() / total)  # |acc_b - conf_b| * n_b = |hits_b - conf_b|
 
 
 def _byte_level_alphabet() -> dict[str, int]:

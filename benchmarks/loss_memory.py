@@ -7,6 +7,13 @@ that case's alone. The measured step includes the output-layer matmuls of both m
            divergence written the textbook way (``F.kl_div(..., log_target=True)`` for forward KL), summed
            and divided by the token count, ``.backward()``.
 * chunked: :func:`distill.chunked.chunked_kd_loss` (automatic chunk size), ``.backward()``.
+* liger:   (CUDA, JSD only, when ``liger-kernel`` is installed) Liger-Kernel's ``LigerFusedLinearJSD``,
+           the fused chunked JSD of a live teacher, for comparison. Its loss is the unscaled
+           ``beta KL(P||M) + (1-beta) KL(Q||M)``; ours divides by ``beta (1-beta)`` (METHODS.md), so the
+           recorded ``loss`` differs by that factor (4 at beta=0.5).
+
+``--dtype bfloat16`` runs hidden states and weights in bf16 (the usual GPU setting); the losses still
+accumulate in fp32.
 
 Peak memory: on CPU, the growth of the process's peak RSS (``ru_maxrss``) over its RSS just before the
 step (inputs allocated, a small warm-up done); on CUDA, ``torch.cuda.max_memory_allocated`` over the
@@ -204,20 +211,21 @@ def naive_loss(h, w, th, tw, kind, temperature, num_tokens):
     return div * temperature**2 / num_tokens
 
 
-def _make_inputs(vocab, tokens, hidden, device, teacher, k=64):
+def _make_inputs(vocab, tokens, hidden, device, teacher, k=64, dtype="float32"):
     import torch
 
     from distill.losses import SparseTarget
 
     g = torch.Generator(device="cpu").manual_seed(0)
     # In-place init: no transient copies that would raise the process's peak RSS before the measurement.
-    w = torch.empty(vocab, hidden).normal_(0.0, 0.03, generator=g).to(device).requires_grad_()
-    h = torch.randn(tokens, hidden, generator=g).to(device).requires_grad_()
+    dt = getattr(torch, dtype)
+    w = torch.empty(vocab, hidden).normal_(0.0, 0.03, generator=g).to(device, dt).requires_grad_()
+    h = torch.randn(tokens, hidden, generator=g).to(device, dt).requires_grad_()
     labels = torch.randint(vocab, (tokens,), generator=g).to(device)
     inputs = {"w": w, "h": h, "labels": labels}
     if teacher == "dense":
-        inputs["tw"] = torch.empty(vocab, hidden).normal_(0.0, 0.04, generator=g).to(device)
-        inputs["th"] = torch.randn(tokens, hidden, generator=g).to(device)
+        inputs["tw"] = torch.empty(vocab, hidden).normal_(0.0, 0.04, generator=g).to(device, dt)
+        inputs["th"] = torch.randn(tokens, hidden, generator=g).to(device, dt)
     elif teacher == "sparse":
         ids = torch.randint(vocab, (tokens, k), generator=g)
         probs = torch.softmax(torch.randn(tokens, k, generator=g), -1) * 0.9
@@ -227,7 +235,7 @@ def _make_inputs(vocab, tokens, hidden, device, teacher, k=64):
     return inputs
 
 
-def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chunk_size=None):
+def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chunk_size=None, log_kl=True):
     import torch
 
     from distill.chunked import LinearHead, chunked_kd_loss
@@ -238,6 +246,14 @@ def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chun
     with torch.set_grad_enabled(grad):
         if impl == "naive":
             loss = naive_loss(inp["h"], inp["w"], inp["th"], inp["tw"], kind, temperature, n)
+        elif impl == "liger":
+            from liger_kernel.transformers import LigerFusedLinearJSD
+
+            if kind != "jsd":
+                raise ValueError("liger: only jsd")
+            loss = LigerFusedLinearJSD(jsd_beta=BETA, temperature=temperature)(
+                inp["h"], inp["w"], inp["th"], inp["tw"], None
+            )
         else:
             if "tw" in inp:
                 teacher = (inp["th"], LinearHead(inp["tw"]))
@@ -256,6 +272,7 @@ def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chun
                 chunk_size=chunk_size,
                 loss_chunk_size=loss_chunk_size,
                 memory_budget_bytes=budget,
+                log_kl=log_kl,
             )
     if grad:
         loss.backward()
@@ -280,6 +297,8 @@ def worker(args) -> dict:
         "hidden": args.hidden,
         "teacher": args.teacher,
         "temperature": args.temperature,
+        "dtype": args.dtype,
+        "log_kl": not args.no_log_kl,
         "device": device,
         "threads": torch.get_num_threads(),
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
@@ -290,7 +309,7 @@ def worker(args) -> dict:
     )
     try:
         # Warm-up on a small problem (kernels, thread pools), then the real inputs.
-        small = _make_inputs(512, 64, args.hidden, device, args.teacher)
+        small = _make_inputs(512, 64, args.hidden, device, args.teacher, dtype=args.dtype)
         _step(
             args.impl,
             args.divergence,
@@ -300,9 +319,10 @@ def worker(args) -> dict:
             args.budget,
             grad,
             args.loss_chunk_size,
+            not args.no_log_kl,
         )
         del small
-        inp = _make_inputs(args.vocab, args.tokens, args.hidden, device, args.teacher)
+        inp = _make_inputs(args.vocab, args.tokens, args.hidden, device, args.teacher, dtype=args.dtype)
         gc.collect()
         if cuda:
             torch.cuda.synchronize()
@@ -322,6 +342,7 @@ def worker(args) -> dict:
             args.budget,
             grad,
             args.loss_chunk_size,
+            not args.no_log_kl,
         )
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         loss = _step(*step_args)
@@ -432,11 +453,22 @@ def _run_case_robust(extra: list[str], args, timeout: float) -> dict:
     return best
 
 
+def _has_liger() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # not installed, or no triton / GPU to import it with
+        return False
+    return True
+
+
 def _sorted(records: list[dict]) -> list[dict]:
     order = {d: i for i, d in enumerate(DIVERGENCES)}
+    impls = {"naive": 0, "chunked": 1, "liger": 2}
     return sorted(
         records,
-        key=lambda r: (order.get(r["divergence"], 99), r["vocab"], r["tokens"], r["impl"] != "naive"),
+        key=lambda r: (
+            r.get("dtype", "float32"), order.get(r["divergence"], 99), r["vocab"], r["tokens"], impls[r["impl"]]
+        ),
     )
 
 
@@ -445,38 +477,46 @@ def _fmt_bytes(b):
 
 
 def _fmt_s(s):
-    return "-" if s is None else f"{s:.2f} s"
+    if s is None:
+        return "-"
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1000:.1f} ms"
 
 
 def print_table(records: list[dict]) -> None:
     by_key = {}
     for r in records:
-        by_key.setdefault((r["divergence"], r["vocab"], r["tokens"]), {})[r["impl"]] = r
+        key = (r.get("dtype", "float32"), r["divergence"], r["vocab"], r["tokens"])
+        by_key.setdefault(key, {})[r["impl"]] = r
     header = (
-        f"{'divergence':<16}{'V':>8}{'tokens':>8}{'naive mem':>12}{'chunked mem':>13}{'mem ratio':>11}"
+        f"{'dtype':<10}{'divergence':<16}{'V':>8}{'tokens':>8}{'naive mem':>12}{'chunked mem':>13}{'mem ratio':>11}"
         f"{'naive time':>12}{'chunked time':>14}{'time ratio':>12}{'cpu-s ratio':>13}{'cpu share':>11}"
     )
     print(header)
     print("-" * len(header))
-    for (div, v, n), pair in by_key.items():
-        nv, ch = pair.get("naive", {}), pair.get("chunked", {})
-        nm, cm = nv.get("peak_bytes"), ch.get("peak_bytes")
-        nt, ct = nv.get("seconds"), ch.get("seconds")
-        mr = f"{cm / nm:.3f}" if nm and cm else ("<" if cm and nv.get("error") else "-")
-        tr = f"{ct / nt:.2f}" if nt and ct else "-"
-        nc, cc = nv.get("cpu_seconds"), ch.get("cpu_seconds")
-        cr = f"{cc / nc:.2f}" if nc and cc else "-"
-        nu, cu = nv.get("cpu_utilization"), ch.get("cpu_utilization")
-        share = f"{nu:.2f}/{cu:.2f}" if nu is not None and cu is not None else "-"
-        print(
-            f"{div:<16}{v:>8}{n:>8}{_fmt_bytes(nm):>12}{_fmt_bytes(cm):>13}{mr:>11}"
-            f"{_fmt_s(nt):>12}{_fmt_s(ct):>14}{tr:>12}{cr:>13}{share:>11}"
-        )
+    for (dt, div, v, n), group in by_key.items():
+        nv = group.get("naive", {})
+        for impl in ("chunked", "liger"):
+            if impl not in group:
+                continue
+            ch = group[impl]
+            nm, cm = nv.get("peak_bytes"), ch.get("peak_bytes")
+            nt, ct = nv.get("seconds"), ch.get("seconds")
+            mr = f"{cm / nm:.3f}" if nm and cm else ("<" if cm and nv.get("error") else "-")
+            tr = f"{ct / nt:.2f}" if nt and ct else "-"
+            nc, cc = nv.get("cpu_seconds"), ch.get("cpu_seconds")
+            cr = f"{cc / nc:.2f}" if nc and cc and nv.get("device") == "cpu" else "-"
+            nu, cu = nv.get("cpu_utilization"), ch.get("cpu_utilization")
+            share = f"{nu:.2f}/{cu:.2f}" if nu is not None and cu is not None and cr != "-" else "-"
+            name = div if impl == "chunked" else f"{div} (liger)"
+            print(
+                f"{dt:<10}{name:<16}{v:>8}{n:>8}{_fmt_bytes(nm):>12}{_fmt_bytes(cm):>13}{mr:>11}"
+                f"{_fmt_s(nt):>12}{_fmt_s(ct):>14}{tr:>12}{cr:>13}{share:>11}"
+            )
     for r in records:
         where = f"{r['impl']} {r['divergence']} V={r['vocab']} N={r['tokens']}"
         if r.get("error"):
             print(f"  note: {where}: {r['error']}")
-        elif r.get("cpu_utilization") is not None and r["cpu_utilization"] < 0.8:
+        elif r.get("device") == "cpu" and r.get("cpu_utilization") is not None and r["cpu_utilization"] < 0.8:
             print(
                 f"  note: {where}: got {r['cpu_utilization']:.0%} of the CPU (other load): wall time inflated"
             )
@@ -532,6 +572,14 @@ def main(argv=None) -> None:
     p.add_argument("--tokens-list", nargs="*", type=int, default=None)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument(
+        "--no-log-kl",
+        action="store_true",
+        help="chunked: skip the logging-only forward KL that it computes besides a non-forward-KL divergence "
+        "(the naive path computes only the loss)",
+    )
+    p.add_argument("--no-liger", action="store_true", help="skip Liger-Kernel's fused JSD on CUDA")
     p.add_argument("--repeats", type=int, default=3, help="at most this many timed runs per case")
     p.add_argument("--min-time", type=float, default=20.0, help="stop repeating once this many seconds ran")
     p.add_argument("--chunk-size", type=int, default=None)
@@ -605,22 +653,25 @@ def main(argv=None) -> None:
     vocabs = args.vocabs or vocabs
     tokens_list = args.tokens_list or tokens_list
 
+    liger = cuda and not args.no_liger and _has_liger()
     cases = [
         (d, v, n, impl)
         for d in divergences
         for v in vocabs
         for n in tokens_list
-        for impl in ("naive", "chunked")
+        for impl in ("naive", "chunked", "liger")
+        if impl != "liger" or (liger and d == "jsd")
     ]
     records: list[dict] = []
     kept: list[dict] = []
     if args.merge and args.out.exists():
         # Re-run a subset: keep the other cases of an earlier run, replace the re-run ones.
-        todo = {(d, v, n, impl, args.hidden) for d, v, n, impl in cases}
+        todo = {(d, v, n, impl, args.hidden, args.dtype) for d, v, n, impl in cases}
         kept = [
             r
             for r in json.loads(args.out.read_text())
-            if (r["divergence"], r["vocab"], r["tokens"], r["impl"], r["hidden"]) not in todo
+            if (r["divergence"], r["vocab"], r["tokens"], r["impl"], r["hidden"], r.get("dtype", "float32"))
+            not in todo
         ]
     t_start = time.perf_counter()
     for i, (div, v, n, impl) in enumerate(cases, 1):
@@ -637,6 +688,9 @@ def main(argv=None) -> None:
             str(args.hidden),
             "--temperature",
             str(args.temperature),
+            "--dtype",
+            args.dtype,
+            *(["--no-log-kl"] if args.no_log_kl else []),
             "--repeats",
             str(args.repeats),
             "--min-time",
@@ -653,7 +707,7 @@ def main(argv=None) -> None:
         if args.cpu:
             extra.append("--cpu")
         r = _run_case_robust(extra, args, timeout=1800)
-        base = {"impl": impl, "divergence": div, "vocab": v, "tokens": n, "hidden": args.hidden}
+        base = {"impl": impl, "divergence": div, "vocab": v, "tokens": n, "hidden": args.hidden, "dtype": args.dtype}
         r = {**base, "peak_bytes": None, "seconds": None, **r}
         records.append(r)
         status = r.get("error") or f"peak {_fmt_bytes(r['peak_bytes'])}, {_fmt_s(r['seconds'])}"

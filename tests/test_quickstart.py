@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from dataclasses import replace
 
 from conftest import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.recipes.quickstart import is_validation, stdlib_files
+from distill.recipes.quickstart import PRESETS, _llama, get_teacher, is_validation, stdlib_files, write_corpus
 
 
 def test_split_is_by_file_and_deterministic():
@@ -50,3 +52,33 @@ def test_quickstart_fast_distilled_beats_scratch(tmp_path):
     # The teacher is cached, complete (its info file is written last), for the next run to reuse.
     cached = list((tmp_path / "cache" / "quickstart").glob("*/teacher.json"))
     assert len(cached) == 1 and (cached[0].parent / "teacher" / "config.json").is_file()
+
+
+def test_teacher_cache_is_reused_and_never_used_half_written(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    preset = replace(PRESETS["fast"], vocab_size=300, seq_len=64, teacher=_llama(16, 1, 2, 1, 32, 64),
+                     teacher_steps=2, eval_every=0)
+    train_jsonl, val_jsonl, key = write_corpus(tmp_path / "data", preset.max_files)
+    caplog.set_level(logging.INFO, logger="distill")
+
+    def fetch():
+        caplog.clear()
+        tok_dir, teacher_dir, info = get_teacher(preset, key, train_jsonl, val_jsonl)
+        trained = any("training one" in r.getMessage() for r in caplog.records)
+        return teacher_dir, info, trained
+
+    teacher_dir, info, trained = fetch()
+    assert trained and info["steps"] == 2
+    weights = teacher_dir / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    # Second run: the complete entry is reused as is.
+    again_dir, again_info, trained = fetch()
+    assert not trained and again_dir == teacher_dir and again_info == json.loads(json.dumps(info))
+    assert weights.stat().st_mtime_ns == stamp
+    # A run killed before teacher.json was written leaves a half-written entry: it is trained again,
+    # never loaded.
+    (teacher_dir.parent / "teacher.json").unlink()
+    weights.write_bytes(b"half-written")
+    _, _, trained = fetch()
+    assert trained and (teacher_dir.parent / "teacher.json").is_file()
+    AutoModelForCausalLM.from_pretrained(teacher_dir)  # a whole checkpoint again

@@ -14,9 +14,10 @@ Teachers are random-init Llamas whose output layer is scaled so that the mean te
 LM-like (``--entropy``, 2 nats by default, about the loss, hence the entropy, of a calibrated 8B-class
 teacher on web text; a random init is near-uniform, which would make the sampled mode look far larger
 than on a real teacher: N = 50 draws from a uniform 131k vocabulary are ~50 distinct ids). The measured
-entropy and mean number of distinct sampled ids are in the records: sampled bytes per token are
-``(d * (id_bits + count_bits) - count_bits + distinct_bits) / 8`` for d distinct ids, so they follow the
-teacher. The data is random token ids (every position supervised). ``bytes_per_token`` counts the shard
+entropy and mean number of distinct sampled ids are in the records: sampled bytes per token grow with
+the d distinct ids (Rice-coded sorted gaps, about ``log2(V / d) + 1.5`` bits each, plus Rice-coded counts),
+so they follow the teacher; ``fixed_width_bytes_per_token`` is what plain ``ceil(log2 V)``-bit ids and
+``bit_length(N - 1)``-bit counts would take. The data is random token ids (every position supervised). ``bytes_per_token`` counts the shard
 files (headers, index and checksums included) over the stored positions; the manifest is a fixed size
 (``manifest_bytes``). The forward and the capture of each setting are timed back to back.
 
@@ -300,8 +301,10 @@ def main() -> None:
             else:
                 cache = fmt.TeacherCache(out)
                 distinct = [float(np.mean(cache.raw(i)[0]["distinct"])) for i in range(len(examples))]
-                rec["mean_distinct_ids"] = round(float(np.mean(distinct)), 2)
-                rec["count_bits"] = params.count_bits
+                d = float(np.mean(distinct))
+                rec["mean_distinct_ids"] = round(d, 2)
+                fixed = d * (params.id_bits + params.count_bits) - params.count_bits + params.distinct_bits
+                rec["fixed_width_bytes_per_token"] = round(fixed / 8, 2)
             records.append(rec)
             print(json.dumps(rec), flush=True)
 

@@ -125,6 +125,56 @@ def test_count_fields_use_the_fewest_bits(n):
     assert np.array_equal(fmt.unpack_bits(packed, params.count_bits, 0, n) + 1, counts)
 
 
+@pytest.mark.parametrize("scale", [0, 3, 1000, 100_000])
+def test_rice_roundtrip_random_access_and_optimal_parameter(scale):
+    rng = np.random.default_rng(scale)
+    values = rng.geometric(1.0 / (scale + 1), 997) - 1 if scale else np.zeros(997, np.int64)
+    values[::50] = rng.integers(0, 10 * scale + 2, len(values[::50]))  # some outliers
+    max_k = 20
+    k = fmt.rice_parameter(values, max_k)
+    sizes = [sum(int(v >> j) + 1 + j for v in values) for j in range(max_k + 1)]  # bits, by brute force
+    assert sizes[k] == min(sizes)
+    unary, rem, starts = fmt.rice_encode(values, k)
+    assert starts[-1] == sum(int(v >> k) + 1 for v in values) and unary.nbytes == math.ceil(starts[-1] / 8)
+    assert np.array_equal(fmt.rice_decode(unary, rem, k, 0, len(values), 0, int(starts[-1])), values)
+    for first in (0, 1, 7, 8, 500, 996):
+        for count in (0, 1, 9, 997 - first):
+            if first + count <= len(values):
+                got = fmt.rice_decode(unary.tobytes(), rem, k, first, count, int(starts[first]),
+                                      int(starts[first + count]))
+                assert np.array_equal(got, values[first : first + count])
+    with pytest.raises(ValueError, match="Rice stream"):
+        fmt.rice_decode(unary, rem, k, 0, 5, 0, int(starts[4]))  # a range that holds only 4 values
+
+
+@pytest.mark.parametrize(("vocab", "spread"), [(4096, 0.0), (4096, 4.0), (131073, 1.0), (131073, 3.0)])
+def test_sampled_encoding_is_smaller_than_fixed_width_fields(tmp_path, vocab, spread):
+    """Rice-coded sorted gaps + counts: lossless, and below the fixed-width layout
+    (ids in ceil(log2 V) bits, counts in bit_length(N - 1) bits) by a margin that grows with entropy."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows, n = 256, 50
+    logits = spread * torch.randn(rows, vocab, generator=gen)
+    out = fmt.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
+    params = CacheParams.make("sampled", vocab, n=n)
+    arrays = {k: v.numpy() for k, v in out.items()}
+    blob = fmt.encode_shard(params, "train", 0, 0, [b"\0" * 8], [rows + 1], [rows], arrays)
+    d = arrays["distinct"]
+    fixed_bits = (d * (params.id_bits + params.count_bits) - params.count_bits + params.distinct_bits).sum()
+    ratio = len(blob) / (fixed_bits / 8)
+    entropy = float(-(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean())
+    print(f"V={vocab} entropy {entropy:.2f} nats, {d.mean():.1f} distinct: {len(blob) / rows:.1f} B/token, "
+          f"{ratio:.2f} of fixed width")
+    assert ratio < (0.65 if entropy > 5 else 0.85)
+    path = tmp_path / "shard.bin"
+    path.write_bytes(blob)
+    entry = {"file": path.name, "examples": [0, 1], "bytes": len(blob), "sha256": fmt.hashlib.sha256(blob).hexdigest()}
+    shard = fmt._Shard(path, entry, params, tmp_path, "train")
+    assert shard.problem is None
+    back = shard.rows(0)
+    for key in ("distinct", "ids", "counts"):
+        assert np.array_equal(back[key], arrays[key]), key
+
+
 @pytest.mark.parametrize("vocab", [263, 131072, 131073, 262144])
 @pytest.mark.parametrize("k", [8, 32, 64])
 def test_default_top_k_encoding_is_at_most_three_bytes_per_entry(vocab, k):
@@ -443,7 +493,7 @@ def test_unsupported_format_version(copy_of):
     manifest = json.loads((copy_of / "manifest.json").read_text())
     manifest["version"] = 99
     (copy_of / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(fmt.CacheError, match="unsupported format version 99.*reads version 1"):
+    with pytest.raises(fmt.CacheError, match=f"unsupported format version 99.*reads version {fmt.FORMAT_VERSION}"):
         TeacherCache(copy_of)
 
 

@@ -34,11 +34,15 @@ Encoding (all integers little-endian; bit fields packed LSB-first, see :func:`pa
   6 at 128k, 5 at 262k (k >= 8). Measured error (``tests/test_cache.py``): mean KL between the exact and
   the decoded renormalized top-k below 2e-3 nats at 5 bits, 5e-4 at 6 bits.
 * ``sampled``, per position: ``d - 1`` (``d`` distinct ids, ``bit_length(min(N, V) - 1)`` bits); the d ids
-  in increasing order; ``count - 1`` of each but the last (``bit_length(N - 1)`` bits: the fewest that
-  hold a count of 1..N; the last count is ``N - sum(others)``). Exact: read back as ``probs = count / N``,
-  ``tail = 0`` (unbiased: E[count / N] = p). Draws are inverse-CDF samples (fp64 over blocks of 256
-  ids, fp32 within a block) with uniforms from a generator seeded by (seed, split, example index), so
-  they do not depend on batching.
+  in increasing order as gaps (the first id, then ``id_j - id_{j-1} - 1``) and ``count - 1`` of each but
+  the last (the last count is ``N - sum(others)``), both Rice-coded (see :func:`rice_encode`: a unary
+  quotient stream and a fixed-width remainder stream, with the parameter k that minimizes each shard's
+  bits). Sorted gaps of d ids out of V take about ``log2(V / d) + 1.5`` bits instead of ``log2 V``, and
+  the many counts of 1 a high-entropy teacher gives take 1 bit; per example the shard stores the unary
+  streams' bit offsets (``offsets`` section), so any example decodes on its own. Exact: read back as
+  ``probs = count / N``, ``tail = 0`` (unbiased: E[count / N] = p). Draws are inverse-CDF samples (fp64
+  over blocks of 256 ids, fp32 within a block) with uniforms from a generator seeded by (seed, split,
+  example index), so they do not depend on batching.
 
 Files
 -----
@@ -74,7 +78,7 @@ from distill.checkpoint import atomic_write_bytes
 from distill.losses import IGNORE_INDEX, SparseTarget
 
 FORMAT_NAME = "distill-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 SHARD_MAGIC = b"DSTLSHRD"
@@ -171,6 +175,49 @@ def unpack_bits(buf, bits: int, start: int, count: int) -> np.ndarray:
 
 def packed_nbytes(count: int, bits: int) -> int:
     return -(-count // 8) * bits
+
+
+# Rice codes: a value v with parameter k is the unary quotient v >> k (that many 0 bits, then a 1) in one
+# stream and the k low bits in another (fixed width, so pack_bits gives random access by value index).
+# Small values cost k + 1 bits; the encoder picks k per shard and stream (Rice with k = b costs at most one
+# bit more than a fixed b-bit field, so a good k is never much worse than fixed width).
+
+
+def rice_parameter(values: np.ndarray, max_k: int) -> int:
+    """The k in [0, max_k] that codes ``values`` (non-negative) in the fewest bits."""
+    v = np.asarray(values, dtype=np.int64)
+    if v.size == 0:
+        return 0
+    costs = [int((v >> k).sum()) + v.size * (k + 1) for k in range(max_k + 1)]
+    return int(np.argmin(costs))
+
+
+def rice_encode(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unary stream, remainder stream, unary bit offset of every value and of the end) for ``values``."""
+    v = np.asarray(values, dtype=np.int64).reshape(-1)
+    ends = np.cumsum((v >> k) + 1)  # one past each value's terminating 1 bit
+    starts = np.concatenate([[0], ends]).astype(np.int64)
+    bits = np.zeros(int(starts[-1]), np.uint8)
+    bits[ends - 1] = 1
+    unary = np.packbits(bits, bitorder="little")
+    rem = pack_bits(v & ((1 << k) - 1), k) if k else np.zeros(0, np.uint8)
+    return unary, rem, starts
+
+
+def rice_decode(unary, rem, k: int, first: int, count: int, bit0: int, bit1: int) -> np.ndarray:
+    """Values ``[first, first + count)`` whose unary codes fill bits ``[bit0, bit1)`` of the stream."""
+    if count <= 0:
+        return np.zeros(0, np.int64)
+    b0, b1 = bit0 // 8, -(-bit1 // 8)
+    raw = np.frombuffer(unary, np.uint8, count=b1 - b0, offset=b0)
+    bits = np.unpackbits(raw, bitorder="little")[bit0 - 8 * b0 : bit1 - 8 * b0]
+    ones = np.flatnonzero(bits)
+    if len(ones) != count or (count and ones[-1] != len(bits) - 1):
+        raise ValueError(f"Rice stream: expected {count} values in bits {bit0}-{bit1}, found {len(ones)}")
+    q = np.diff(ones, prepend=-1) - 1
+    if not k:
+        return q.astype(np.int64)
+    return (q.astype(np.int64) << k) | unpack_bits(rem, k, first, count)
 
 
 # ---------------------------------------------------------------------------------------------- quantization
@@ -279,7 +326,12 @@ class CacheParams:
                 tail_scheme=f"logit-clamp-{TAIL_LOGIT_RANGE:g}",
             )
         else:
-            out.update(n=self.n, count_bits=self.count_bits, distinct_bits=self.distinct_bits)
+            out.update(
+                n=self.n,
+                distinct_bits=self.distinct_bits,
+                id_scheme="sorted-gaps-rice",
+                count_scheme="count-minus-1-rice",
+            )
         return out
 
     @classmethod
@@ -472,7 +524,7 @@ def encode_shard(
     """One shard file's bytes (deterministic). ``arrays``: the targets of all its rows, in order.
 
     topk: ``ids`` (P, k), ``codes`` (P, k - 1), ``tail_codes`` (P,).
-    sampled: ``distinct`` (P,), ``ids`` (E,), ``counts`` (E,).
+    sampled: ``distinct`` (P,), ``ids`` (E,) increasing within each position, ``counts`` (E,).
     """
     num = len(hashes)
     index = np.zeros(num, _INDEX_DTYPE)
@@ -481,6 +533,7 @@ def encode_shard(
     index["positions"] = np.asarray(positions, dtype=np.uint32)
     total = int(index["positions"].sum())
     sections: list[tuple[str, np.ndarray]] = [("index", index.view(np.uint8))]
+    extra: dict[str, Any] = {}
     if params.mode == "topk":
         ids = np.asarray(arrays["ids"]).reshape(total, params.k)
         sections += [
@@ -496,14 +549,33 @@ def encode_shard(
         entries = int(distinct.sum())
         if len(distinct) != total or len(ids) != entries or len(counts) != entries:
             raise ValueError("sampled shard: distinct/ids/counts do not add up")
+        if entries and (distinct.min() < 1 or ids.min() < 0 or ids.max() >= params.vocab_size):
+            raise ValueError("sampled shard: ids outside the vocabulary or a position without draws")
+        row_start = np.concatenate([[0], np.cumsum(distinct)[:-1]]).astype(np.int64)
+        gaps = ids - np.concatenate([[-1], ids[:-1]]) - 1  # ids increase within a row: gaps >= 0
+        gaps[row_start[distinct > 0]] = ids[row_start[distinct > 0]]
+        if entries and gaps.min() < 0:
+            raise ValueError("sampled shard: ids must be distinct and increasing within each position")
         last = np.cumsum(distinct) - 1  # the last count of each row is implied by the others
         keep = np.ones(entries, bool)
         keep[last] = False
+        stored = counts[keep] - 1
+        k_ids, k_counts = rice_parameter(gaps, params.id_bits), rice_parameter(stored, params.count_bits)
+        id_unary, id_rem, id_bit = rice_encode(gaps, k_ids)
+        count_unary, count_rem, count_bit = rice_encode(stored, k_counts)
+        # Per example (and the end): the unary bit offset of its first id and of its first stored count.
+        pos_off = np.concatenate([[0], np.cumsum(index["positions"], dtype=np.int64)])
+        entry_off = np.concatenate([[0], np.cumsum(distinct)]).astype(np.int64)[pos_off]
+        offsets = np.stack([id_bit[entry_off], count_bit[entry_off - pos_off]], 1).astype("<u8")
         sections += [
             ("distinct", pack_bits(distinct - 1, params.distinct_bits)),
-            ("ids", pack_bits(ids, params.id_bits)),
-            ("counts", pack_bits(counts[keep] - 1, params.count_bits)),
+            ("offsets", offsets.reshape(-1).view(np.uint8)),
+            ("id_unary", id_unary),
+            ("id_rem", id_rem),
+            ("count_unary", count_unary),
+            ("count_rem", count_rem),
         ]
+        extra["rice"] = {"ids": k_ids, "counts": k_counts}
     layout: dict[str, list[int]] = {}
     offset = 0
     for name, arr in sections:
@@ -516,6 +588,7 @@ def encode_shard(
         "positions": total,
         "entries": entries,
         "sections": layout,
+        **extra,
     }
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     prefix_len = _align8(16 + len(head))
@@ -638,6 +711,8 @@ class _Shard:
             d = unpack_bits(self.section("distinct"), params.distinct_bits, 0, int(self.pos_off[-1])) + 1
             self.distinct = d
             self.row_entry_off = np.concatenate([[0], np.cumsum(d)])
+            self.bit_off = np.frombuffer(self.section("offsets"), "<u8").reshape(-1, 2).astype(np.int64)
+            self.rice = header["rice"]
 
     def section(self, name: str) -> memoryview:
         off, nb = self.header["sections"][name]
@@ -656,8 +731,18 @@ class _Shard:
             return {"ids": ids, "codes": codes.reshape(rows, p.k - 1), "tail_codes": tail_codes}
         e0, e1 = int(self.row_entry_off[p0]), int(self.row_entry_off[p1])
         distinct = self.distinct[p0:p1]
-        ids = unpack_bits(self.section("ids"), p.id_bits, e0, e1 - e0)
-        stored = unpack_bits(self.section("counts"), p.count_bits, e0 - p0, (e1 - e0) - rows) + 1
+        (i0, c0), (i1, c1) = self.bit_off[local], self.bit_off[local + 1]
+        try:
+            g = rice_decode(self.section("id_unary"), self.section("id_rem"), self.rice["ids"], e0, e1 - e0, i0, i1)
+            stored = rice_decode(self.section("count_unary"), self.section("count_rem"), self.rice["counts"],
+                                 e0 - p0, (e1 - e0) - rows, c0, c1) + 1
+        except ValueError as exc:
+            raise CorruptShardError(f"{self.where}: example {self.first + local} {exc}") from None
+        # ids from gaps: within each row, id_j = sum_{i <= j} (gap_i + 1) - 1.
+        g += 1
+        cs = np.cumsum(g)
+        starts = self.row_entry_off[p0:p1] - e0
+        ids = cs - np.repeat(cs[starts] - g[starts], distinct) - 1
         counts = np.empty(e1 - e0, np.int64)
         last = np.cumsum(distinct) - 1
         keep = np.ones(e1 - e0, bool)

@@ -1,0 +1,131 @@
+"""Student quality from cached teacher targets vs the live teacher, on the quickstart corpus.
+
+The same student (architecture, seed, steps, data order, forward KL at T=1, alpha=0) is trained from:
+
+* ``live``: the teacher model itself on every batch (full KD);
+* ``topk_renorm``: a top-k cache, the k probabilities renormalized to sum to 1 (what most tools store);
+* ``topk_tail``: the same cache with the tail mass ``1 - sum(top-k)`` kept as one extra class;
+* ``sampled``: N draws with replacement from the teacher, stored as ids + counts (unbiased);
+* ``scratch``: no teacher (plain cross-entropy), for reference.
+
+Everything is built with the library (quickstart corpus, tokenizer and cached teacher; ``distill cache``;
+the ``train`` recipe). Each student is evaluated on every validation file: loss, perplexity, expected
+calibration error (15 bins of top-1 confidence), KL to the teacher and top-1 agreement. Writes
+``benchmarks/results/cache_quality.json`` (``--out``) and prints a table.
+
+    python benchmarks/cache_quality.py                       # quickstart fast preset, 200 student steps
+    python benchmarks/cache_quality.py --preset default --steps 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.config import ModelSpec, TeacherCacheSpec  # noqa: E402
+from distill.recipes import cache as cache_recipe  # noqa: E402
+from distill.recipes import train  # noqa: E402
+from distill.recipes.quickstart import PRESETS, evaluate_all, get_teacher, run_config, write_corpus  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cache_quality.json"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="fast", help="quickstart preset (models, data)")
+    p.add_argument("--steps", type=int, default=200, help="student steps (each run the same)")
+    p.add_argument("--k", type=int, default=12, help="top-k: ids kept per token")
+    p.add_argument("--n", type=int, default=50, help="sampled: draws per token")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "cache_quality", help="corpus, caches, students")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+
+    t_start = time.perf_counter()
+    preset = replace(PRESETS[args.preset], student_steps=args.steps)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    train_jsonl, val_jsonl, corpus_key = write_corpus(work / "data", preset.max_files)
+    # The teacher is keyed by the preset's model and data settings; student_steps is not part of a teacher.
+    tok_dir, teacher_dir, teacher_info = get_teacher(
+        PRESETS[args.preset], corpus_key, train_jsonl, val_jsonl
+    )
+
+    def student_cfg(name: str, live_teacher: Path | None):
+        return run_config(preset, name, work, tok_dir, train_jsonl, val_jsonl, preset.student,
+                          preset.student_steps, preset.student_lr, live_teacher)
+
+    # The caches cover the same training examples the students read (the data section of their config).
+    data = student_cfg("scratch", None).data
+    caches = {}
+    for mode, params in (("topk", {"k": args.k}), ("sampled", {"n": args.n})):
+        cache_dir = work / f"cache_{mode}"
+        cfg = cache_recipe.CacheConfig(out_dir=str(cache_dir), teacher=ModelSpec(path=str(teacher_dir)), data=data,
+                                       mode=mode, batch_size=16, **params)
+        summary = cache_recipe.main(cfg)
+        caches[mode] = {"dir": cache_dir, **params, "bytes_per_token": summary["splits"]["train"]["bytes_per_token"],
+                        "capture_seconds": summary["seconds"]}
+
+    variants = {
+        "scratch": None,
+        "live": "live",
+        "topk_renorm": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=False),
+        "topk_tail": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=True),
+        "sampled": TeacherCacheSpec(cache=str(caches["sampled"]["dir"])),
+    }
+    runs, seconds = {}, {}
+    for name, signal in variants.items():
+        cfg = student_cfg(name, teacher_dir if signal == "live" else None)
+        if isinstance(signal, TeacherCacheSpec):
+            cfg = cfg.model_copy(update={"teacher": signal})
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)
+        t0 = time.perf_counter()
+        runs[name] = train.main(cfg)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+
+    paths = {"teacher": teacher_dir, **{name: work / name / "student" for name in variants}}
+    metrics = evaluate_all(paths, teacher_dir, tok_dir, val_jsonl, preset.seq_len)
+    live_loss = metrics["live"]["val_loss"]
+    records = []
+    for name in ("teacher", *variants):
+        m = metrics[name]
+        rec = {"teacher_signal": name, **{k: m[k] for k in ("val_loss", "val_ppl", "val_ece", "kl_to_teacher",
+                                                              "top1_agreement", "val_top1_accuracy")}}
+        if name != "teacher":
+            rec["val_loss_vs_live"] = (m["val_loss"] - live_loss) / live_loss
+            rec["steps"], rec["tokens"], rec["train_seconds"] = runs[name]["steps"], runs[name]["tokens"], seconds[name]
+        if name.startswith("topk"):
+            rec.update(mode="topk", k=args.k, bytes_per_token=caches["topk"]["bytes_per_token"])
+        elif name == "sampled":
+            rec.update(mode="sampled", n=args.n, bytes_per_token=caches["sampled"]["bytes_per_token"])
+        records.append(rec)
+    result = {
+        "settings": {"preset": args.preset, **asdict(preset), "k": args.k, "n": args.n,
+                     "python": sys.version.split()[0], "seconds": round(time.perf_counter() - t_start, 1),
+                     "teacher_steps": teacher_info["steps"]},
+        "records": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result)
+
+    print(f"\n{'signal':<13}{'val loss':>9}{'vs live':>9}{'ppl':>9}{'ECE':>8}{'KL to T':>9}{'agree':>8}{'B/token':>9}")
+    for r in records:
+        vs = f"{r['val_loss_vs_live']:+.2%}" if "val_loss_vs_live" in r else "-"
+        bpt = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "-"
+        print(f"{r['teacher_signal']:<13}{r['val_loss']:>9.4f}{vs:>9}{r['val_ppl']:>9.2f}{r['val_ece']:>8.4f}"
+              f"{r['kl_to_teacher']:>9.4f}{r['top1_agreement']:>8.3f}{bpt:>9}")
+    print(f"\nwrote {args.out} ({result['settings']['seconds']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

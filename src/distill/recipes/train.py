@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
@@ -214,6 +215,9 @@ def save_student(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, s
 
 def main(cfg: TrainConfig, resume: bool = False) -> dict:
     out_dir = Path(cfg.out_dir)
+    # Each run sets its own precision: forget an earlier run's settings in this process (the process
+    # group itself, PartialState, is kept).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         cpu=not _has_accelerator(),  # on a CPU-only machine, lets launched processes form a gloo group
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",

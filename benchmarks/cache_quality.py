@@ -15,11 +15,14 @@ calibration error (15 bins of top-1 confidence), KL to the teacher and top-1 agr
 
     python benchmarks/cache_quality.py                       # quickstart fast preset, 200 student steps
     python benchmarks/cache_quality.py --preset default --steps 250
+    python benchmarks/cache_quality.py --preset default --steps 250 --signals live sampled --seed 1 --reuse \
+        --out benchmarks/results/cache_quality_seed1.json   # another draw of the sampled targets
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -37,6 +40,7 @@ from distill.recipes import train  # noqa: E402
 from distill.recipes.quickstart import PRESETS, evaluate_all, get_teacher, run_config, write_corpus  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cache_quality.json"
+SIGNALS = ("scratch", "live", "topk_renorm", "topk_tail", "sampled")
 
 
 def main(argv=None) -> dict:
@@ -45,6 +49,9 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=200, help="student steps (each run the same)")
     p.add_argument("--k", type=int, default=12, help="top-k: ids kept per token")
     p.add_argument("--n", type=int, default=50, help="sampled: draws per token")
+    p.add_argument("--signals", nargs="+", choices=SIGNALS, default=list(SIGNALS), help="which students to train")
+    p.add_argument("--seed", type=int, default=0, help="sampled: seed of the draws")
+    p.add_argument("--reuse", action="store_true", help="keep caches and students already complete in --work")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "cache_quality", help="corpus, caches, students")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -67,46 +74,59 @@ def main(argv=None) -> dict:
     # The caches cover the same training examples the students read (the data section of their config).
     data = student_cfg("scratch", None).data
     caches = {}
-    for mode, params in (("topk", {"k": args.k}), ("sampled", {"n": args.n})):
-        cache_dir = work / f"cache_{mode}"
+    suffix = f"_seed{args.seed}" if args.seed else ""
+    for mode, params in (("topk", {"k": args.k}), ("sampled", {"n": args.n, "seed": args.seed})):
+        if not any(name.startswith(mode) for name in args.signals):
+            continue
+        cache_dir = work / f"cache_{mode}{suffix if mode == 'sampled' else ''}"
+        if not args.reuse:
+            shutil.rmtree(cache_dir, ignore_errors=True)
         cfg = cache_recipe.CacheConfig(out_dir=str(cache_dir), teacher=ModelSpec(path=str(teacher_dir)), data=data,
                                        mode=mode, batch_size=16, **params)
-        summary = cache_recipe.main(cfg)
+        summary = cache_recipe.main(cfg)  # a complete cache with the same settings is kept as is
         caches[mode] = {"dir": cache_dir, **params, "bytes_per_token": summary["splits"]["train"]["bytes_per_token"],
                         "capture_seconds": summary["seconds"]}
 
     variants = {
         "scratch": None,
         "live": "live",
-        "topk_renorm": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=False),
-        "topk_tail": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=True),
-        "sampled": TeacherCacheSpec(cache=str(caches["sampled"]["dir"])),
+        "topk_renorm": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=False) if "topk" in caches else 0,
+        "topk_tail": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=True) if "topk" in caches else 0,
+        "sampled": TeacherCacheSpec(cache=str(caches["sampled"]["dir"])) if "sampled" in caches else 0,
     }
-    runs, seconds = {}, {}
+    variants = {name: variants[name] for name in SIGNALS if name in args.signals}
+    runs, seconds, dirs = {}, {}, {}
     for name, signal in variants.items():
-        cfg = student_cfg(name, teacher_dir if signal == "live" else None)
+        run_name = f"{name}{suffix}" if name == "sampled" else name
+        cfg = student_cfg(run_name, teacher_dir if signal == "live" else None)
         if isinstance(signal, TeacherCacheSpec):
             cfg = cfg.model_copy(update={"teacher": signal})
+        dirs[name] = Path(cfg.out_dir)
+        done = dirs[name] / "student" / "distill_summary.json"  # the student directory is committed whole
+        if args.reuse and done.is_file():
+            runs[name], seconds[name] = json.loads(done.read_text()), None
+            continue
         shutil.rmtree(cfg.out_dir, ignore_errors=True)
         t0 = time.perf_counter()
         runs[name] = train.main(cfg)
         seconds[name] = round(time.perf_counter() - t0, 1)
 
-    paths = {"teacher": teacher_dir, **{name: work / name / "student" for name in variants}}
+    paths = {"teacher": teacher_dir, **{name: dirs[name] / "student" for name in variants}}
     metrics = evaluate_all(paths, teacher_dir, tok_dir, val_jsonl, preset.seq_len)
-    live_loss = metrics["live"]["val_loss"]
+    live_loss = metrics["live"]["val_loss"] if "live" in metrics else None
     records = []
     for name in ("teacher", *variants):
         m = metrics[name]
         rec = {"teacher_signal": name, **{k: m[k] for k in ("val_loss", "val_ppl", "val_ece", "kl_to_teacher",
                                                               "top1_agreement", "val_top1_accuracy")}}
         if name != "teacher":
-            rec["val_loss_vs_live"] = (m["val_loss"] - live_loss) / live_loss
+            if live_loss is not None:
+                rec["val_loss_vs_live"] = (m["val_loss"] - live_loss) / live_loss
             rec["steps"], rec["tokens"], rec["train_seconds"] = runs[name]["steps"], runs[name]["tokens"], seconds[name]
         if name.startswith("topk"):
             rec.update(mode="topk", k=args.k, bytes_per_token=caches["topk"]["bytes_per_token"])
         elif name == "sampled":
-            rec.update(mode="sampled", n=args.n, bytes_per_token=caches["sampled"]["bytes_per_token"])
+            rec.update(mode="sampled", n=args.n, seed=args.seed, bytes_per_token=caches["sampled"]["bytes_per_token"])
         records.append(rec)
     result = {
         "settings": {"preset": args.preset, **asdict(preset), "k": args.k, "n": args.n,

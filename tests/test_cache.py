@@ -175,6 +175,25 @@ def test_sampled_encoding_is_smaller_than_fixed_width_fields(tmp_path, vocab, sp
         assert np.array_equal(back[key], arrays[key]), key
 
 
+def test_sampled_shard_with_examples_without_stored_positions(tmp_path):
+    """Examples whose labels are all masked store nothing; a shard may hold only such examples."""
+    params = CacheParams.make("sampled", 300, n=8)
+    for positions, arrays in (
+        ([0, 0], {"distinct": np.zeros(0, np.int64), "ids": np.zeros(0, np.int64), "counts": np.zeros(0, np.int64)}),
+        ([0, 2], {"distinct": np.array([2, 1]), "ids": np.array([3, 299, 0]), "counts": np.array([5, 3, 8])}),
+    ):
+        blob = fmt.encode_shard(params, "train", 0, 0, [b"\0" * 8, b"\1" * 8], [5, 3], positions, arrays)
+        path = tmp_path / "shard.bin"
+        path.write_bytes(blob)
+        entry = {"file": path.name, "examples": [0, 2], "bytes": len(blob), "sha256": fmt.hashlib.sha256(blob).hexdigest()}
+        shard = fmt._Shard(path, entry, params, tmp_path, "train")
+        assert shard.problem is None
+        assert all(len(v) == 0 for v in shard.rows(0).values())
+        back = shard.rows(1)
+        for key in ("distinct", "ids", "counts"):
+            assert np.array_equal(back[key], arrays[key]), key
+
+
 @pytest.mark.parametrize("vocab", [263, 131072, 131073, 262144])
 @pytest.mark.parametrize("k", [8, 32, 64])
 def test_default_top_k_encoding_is_at_most_three_bytes_per_entry(vocab, k):

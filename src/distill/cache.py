@@ -551,9 +551,9 @@ def encode_shard(
             raise ValueError("sampled shard: distinct/ids/counts do not add up")
         if entries and (distinct.min() < 1 or ids.min() < 0 or ids.max() >= params.vocab_size):
             raise ValueError("sampled shard: ids outside the vocabulary or a position without draws")
-        row_start = np.concatenate([[0], np.cumsum(distinct)[:-1]]).astype(np.int64)
+        row_start = np.cumsum(distinct) - distinct  # entry index of each position's first id
         gaps = ids - np.concatenate([[-1], ids[:-1]]) - 1  # ids increase within a row: gaps >= 0
-        gaps[row_start[distinct > 0]] = ids[row_start[distinct > 0]]
+        gaps[row_start] = ids[row_start]
         if entries and gaps.min() < 0:
             raise ValueError("sampled shard: ids must be distinct and increasing within each position")
         last = np.cumsum(distinct) - 1  # the last count of each row is implied by the others

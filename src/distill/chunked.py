@@ -245,7 +245,8 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` for bf16/fp16 ``a``, ``b`` and an fp32 ``acc``.
 
     On CUDA the product runs on the tensor cores with fp32 output (``torch.mm(..., out_dtype=)``, or a
-    half-precision product upcast where that is missing); on CPU it is an fp32 GEMM of upcast copies.
+    half-precision product upcast where that is missing); on CPU it is an fp32 GEMM of upcast copies
+    (``b`` may already be fp32).
     """
     if a.is_cuda:
         if _MM_OUT_DTYPE.get("cuda", True):
@@ -431,8 +432,10 @@ def _chunk_loop(
                         # bf16/fp16 logits into the fp32 accumulator, in vocabulary slices so that any
                         # temporary stays at 1/8 of the chunk buffer.
                         step = max(1, -(-v // 8))
+                        h_acc = h_c if d_c.is_cuda else h_c.to(acc_dtype)  # upcast once per chunk on CPU
                         for s in range(0, v, step):
-                            _accumulate_mm(gw_view[s : s + step], d_c[:, s : s + step].t(), h_c)
+                            _accumulate_mm(gw_view[s : s + step], d_c[:, s : s + step].t(), h_acc)
+                        del h_acc
                 if need_b:
                     gb_view += d_c.sum(0, dtype=acc_dtype)
 

@@ -357,3 +357,14 @@ def test_cache_from_other_data_or_settings_is_refused(tmp_path, tiny_caches):
     sampled = ["teacher=null", f"teacher.cache={tiny_caches['sampled']}", "train.max_steps=1"]
     with pytest.raises(ValueError, match=r"reverse_kl is infinite on sampled targets"):
         train.main(cfg_with(tmp_path / "d", *sampled, "loss.divergence=reverse_kl"))
+
+
+def test_capped_eval_samples_batches_across_the_whole_split():
+    assert train.eval_batch_indices(10, None) == list(range(10))
+    assert train.eval_batch_indices(10, 20) == list(range(10))
+    for total, cap in ((10, 4), (43, 8), (1000, 7), (9, 8)):
+        chosen = train.eval_batch_indices(total, cap)
+        assert len(chosen) == cap == len(set(chosen)) and chosen == sorted(chosen)
+        assert chosen[0] == 0 and chosen[-1] >= total - math.ceil(total / cap)  # reaches the end of the split
+        gaps = [b - a for a, b in zip(chosen[:-1], chosen[1:], strict=True)]
+        assert max(gaps) - min(gaps) <= 1  # evenly spread

@@ -188,7 +188,9 @@ class LoopConfig(Section):
 class EvalConfig(Section):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only at the end)")
     batch_size: int = Field(8, gt=0)
-    max_batches: int | None = Field(None, gt=0)
+    max_batches: int | None = Field(
+        None, gt=0, description="evaluate this many batches, evenly spread over the eval split (default: all)"
+    )
 
 
 class CheckpointConfig(Section):

@@ -140,15 +140,21 @@ def evaluate(accelerator, model, student_head_fn, teacher, teacher_head, eval_ds
              collate_fn) -> dict:
     """Held-out CE/perplexity and, with a teacher, KL(p||q) at T=1 and top-1 agreement (all processes)."""
     bs = cfg.eval.batch_size
-    n_batches = math.ceil(len(eval_ds) / bs)
-    if cfg.eval.max_batches:
-        n_batches = min(n_batches, cfg.eval.max_batches)
-    mine = range(accelerator.process_index, n_batches, accelerator.num_processes)
+    chosen = eval_batch_indices(math.ceil(len(eval_ds) / bs), cfg.eval.max_batches)
+    mine = chosen[accelerator.process_index :: accelerator.num_processes]
     batches = (collate_fn([eval_ds[i] for i in range(b * bs, min((b + 1) * bs, len(eval_ds)))]) for b in mine)
     sums = eval_sums(accelerator.unwrap_model(model), student_head_fn(), batches, teacher, teacher_head,
                      autocast=accelerator.autocast)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     return metrics_from_sums(sums, with_teacher=teacher is not None)
+
+
+def eval_batch_indices(total: int, max_batches: int | None) -> list[int]:
+    """Which of ``total`` eval batches to run: all, or ``max_batches`` of them evenly spread over the split
+    (so a capped eval is a sample of the whole split, not of its beginning)."""
+    if not max_batches or max_batches >= total:
+        return list(range(total))
+    return [(j * total) // max_batches for j in range(max_batches)]
 
 
 class MetricsWriter:

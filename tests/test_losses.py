@@ -722,3 +722,34 @@ def test_mismatched_sparse_positions_raise(with_tail):
     target = topk_target(zt[:, :3], 3, with_tail)  # positions (2, 3) != (2, 5)
     with pytest.raises(ValueError, match="differ"):
         token_divergence(zs, target, "forward_kl")
+
+
+@pytest.mark.parametrize(("dtype", "gap"), [(torch.float32, 120.0), (torch.float32, 30.0), (torch.float64, 800.0)])
+@pytest.mark.parametrize(("kind", "kw"), [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5})])
+def test_sparse_tail_far_below_the_kept_ids_stays_exact(dtype, gap, kind, kw):
+    """A tail whose exp underflows next to the row maximum (fp32: e^-120; fp64: e^-800) keeps its exact
+    log-mass and gradient; compared with logsumexp over the tail ids in float64."""
+    v, k = 30, 3
+    z = torch.zeros(3, v, dtype=torch.float64)
+    z[:, :k] = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    z[:, k:] = -gap + torch.linspace(0.0, 3.0, v - k, dtype=torch.float64)
+    z[2, k:] = -2.0  # an ordinary row beside the extreme ones
+    ids = torch.arange(k).expand(3, k).contiguous()
+    target = SparseTarget(ids, torch.tensor([0.5, 0.3, 0.1]).expand(3, k).to(dtype), torch.full((3,), 0.1, dtype=dtype))
+
+    zs = z.to(dtype).requires_grad_()
+    div = token_divergence(zs, target, kind, **kw)
+    (grad,) = torch.autograd.grad(div.sum(), zs)
+
+    zr = z.clone().requires_grad_()
+    lse = torch.logsumexp(zr, -1, keepdim=True)
+    lq = torch.cat([zr[:, :k] - lse, torch.logsumexp(zr[:, k:], -1, keepdim=True) - lse], -1)
+    lp = torch.cat([target.probs.double(), target.tail.double()[:, None]], -1).log()
+    ref = divergence_from_logprobs(lq, lp, kind, **kw)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), zr)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(div).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(div.double(), ref, **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda a: token_divergence(a, target, kind, **kw), (z.clone().requires_grad_(),))

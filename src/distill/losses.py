@@ -165,6 +165,62 @@ def divergence_from_logprobs(
     return terms.sum(-1)
 
 
+class _SparseTailLogprobs(torch.autograd.Function):
+    """Student log-probabilities of the target ids and of the tail (every id not in the target).
+
+    ``z`` (..., V) logits (already / T), ``ids`` (..., K), ``present`` (..., K) (False: padding, not a
+    member). Returns (..., K + 1): ``z[ids] - lse(z)`` and ``log sum_{j not in ids} exp(z_j) - lse(z)``
+    (``-inf`` when the ids cover the vocabulary). One exp pass serves both normalizers and the analytic
+    backward; rows whose tail underflows relative to the row maximum get an exact logsumexp of their
+    own, so tiny tails stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx, z, ids, present):
+        m = z.amax(-1, keepdim=True)
+        m = m.masked_fill(~torch.isfinite(m), 0.0)
+        e = torch.exp(z - m)
+        s_all = e.sum(-1, keepdim=True)
+        member = torch.zeros(z.shape, dtype=torch.uint8, device=z.device)
+        member.scatter_reduce_(-1, ids, present.to(torch.uint8), "amax")
+        member = member.bool()
+        log_rest = e.masked_fill(member, 0.0).sum(-1, keepdim=True).log()  # relative to m; -inf if empty
+        # Where the tail is (nearly) lost to underflow but not empty, recompute it with its own maximum.
+        weak = (log_rest < math.log(torch.finfo(z.dtype).tiny) + 20.0).squeeze(-1)
+        rows = None
+        if bool(weak.any()):
+            weak &= ~member.all(-1)
+            if bool(weak.any()):
+                rows = weak.nonzero(as_tuple=True)
+                rest = z[rows].masked_fill(member[rows], -math.inf)
+                log_rest[rows] = torch.logsumexp(rest, dim=-1, keepdim=True) - m[rows]
+        log_all = s_all.log()
+        out = torch.cat([z.gather(-1, ids) - m - log_all, log_rest - log_all], dim=-1)
+        ctx.save_for_backward(z, e, s_all, log_rest, member, ids)
+        ctx.rows = rows
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        z, e, s_all, log_rest, member, ids = ctx.saved_tensors
+        k = ids.shape[-1]
+        g_ids, g_tail = g[..., :k], g[..., k:]
+        # d/dz of (z_id - lse): onehot(id) - softmax; of (log rest - lse): [j not in ids] e_j / rest - softmax.
+        grad = e * (-(g.sum(-1, keepdim=True) / s_all))
+        grad.scatter_add_(-1, ids, g_ids)
+        finite = torch.isfinite(log_rest)
+        coef = torch.where(finite, g_tail * torch.exp(-log_rest.masked_fill(~finite, 0.0)), 0.0)
+        rows = ctx.rows
+        if rows is not None:
+            coef[rows] = 0.0
+        grad.addcmul_(e.masked_fill(member, 0.0), coef)
+        if rows is not None:
+            soft_rest = torch.softmax(z[rows].masked_fill(member[rows], -math.inf), dim=-1)
+            grad[rows] += g_tail[rows] * soft_rest
+        return grad, None, None
+
+
 def sparse_logprobs(
     student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,18 +241,9 @@ def sparse_logprobs(
         teacher_logp = torch.log_softmax(teacher_logp, dim=-1)
         return student_logp, teacher_logp, present
 
-    lse_all = torch.logsumexp(z, dim=-1, keepdim=True)
-    student_ids = z_ids - lse_all
-    # Student tail: log of the mass on every id not in the target, via a masked logsumexp (exact,
-    # unlike log(1 - sum q)). Counting membership with scatter_add keeps padded ids out of the mask.
-    counts = torch.zeros(z.shape, dtype=torch.int32, device=z.device)
-    counts.scatter_add_(-1, ids, present.to(torch.int32))
-    in_set = counts > 0
-    all_in = in_set.all(-1, keepdim=True)  # K covers the vocabulary: the tail is empty
-    rest = z.masked_fill(in_set, -math.inf).masked_fill(all_in, 0.0)
-    student_tail = torch.where(all_in, -math.inf, torch.logsumexp(rest, dim=-1, keepdim=True) - lse_all)
+    del z_ids
+    student_logp = _SparseTailLogprobs.apply(z, ids, present)
     teacher_tail = _upcast(target.tail).clamp_min(0.0).log().unsqueeze(-1)
-    student_logp = torch.cat([student_ids, student_tail], dim=-1)
     teacher_logp = torch.cat([teacher_logp, teacher_tail], dim=-1)
     valid = torch.cat([present, torch.ones_like(present[..., :1])], dim=-1)
     return student_logp, teacher_logp, valid

@@ -309,18 +309,21 @@ def worker(args) -> dict:
     )
     try:
         # Warm-up on a small problem (kernels, thread pools), then the real inputs.
+        def step(inputs):
+            return _step(
+                args.impl,
+                args.divergence,
+                inputs,
+                args.temperature,
+                args.chunk_size,
+                args.budget,
+                grad,
+                args.loss_chunk_size,
+                not args.no_log_kl,
+            )
+
         small = _make_inputs(512, 64, args.hidden, device, args.teacher, dtype=args.dtype)
-        _step(
-            args.impl,
-            args.divergence,
-            small,
-            args.temperature,
-            args.chunk_size,
-            args.budget,
-            grad,
-            args.loss_chunk_size,
-            not args.no_log_kl,
-        )
+        step(small)
         del small
         inp = _make_inputs(args.vocab, args.tokens, args.hidden, device, args.teacher, dtype=args.dtype)
         gc.collect()
@@ -333,19 +336,8 @@ def worker(args) -> dict:
             if hook is not None:
                 hook.distill_malloc_reset_peak()
                 hook_base = hook.distill_malloc_live()
-        step_args = (
-            args.impl,
-            args.divergence,
-            inp,
-            args.temperature,
-            args.chunk_size,
-            args.budget,
-            grad,
-            args.loss_chunk_size,
-            not args.no_log_kl,
-        )
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
-        loss = _step(*step_args)
+        loss = step(inp)
         times, cpu_times = [time.perf_counter() - t0], [_cpu_seconds() - cpu0]
         rss_peak = None if cuda else _maxrss_bytes() - base
         if cuda:
@@ -359,7 +351,7 @@ def worker(args) -> dict:
         )
         while len(times) < args.repeats and sum(times) < args.min_time:
             cpu0, t0 = _cpu_seconds(), time.perf_counter()
-            _step(*step_args)
+            step(inp)
             times.append(time.perf_counter() - t0)
             cpu_times.append(_cpu_seconds() - cpu0)
         # Share of the machine's cores this process got while timed: well below 1 means other processes

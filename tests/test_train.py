@@ -119,35 +119,35 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     assert_same_weights(student_state(Path(big.out_dir)), student_state(Path(small.out_dir)), atol=1e-6)
 
 
-def test_chunked_and_naive_paths_train_the_same(tmp_path):
-    common = ["train.max_steps=20", "eval.every=0", "checkpoint.every=0", "log.every=1", "loss.divergence=jsd",
-              "loss.temperature=2.0"]
-    chunked = cfg_with(tmp_path / "c", *common, "loss.chunked=true", "loss.chunk_size=100")
+def train_both_paths(tmp_path: Path, common: list[str], chunk_size: int) -> tuple[list, list, Path, Path]:
+    """Train with the chunked and the naive loss; their per-step train losses and run directories."""
+    chunked = cfg_with(tmp_path / "c", *common, "loss.chunked=true", f"loss.chunk_size={chunk_size}")
     naive = cfg_with(tmp_path / "n", *common, "loss.chunked=false")
     train.main(chunked)
     train.main(naive)
-    lc = [r["loss"] for r in read_metrics(Path(chunked.out_dir)) if r["split"] == "train"]
-    ln = [r["loss"] for r in read_metrics(Path(naive.out_dir)) if r["split"] == "train"]
+    runs = Path(chunked.out_dir), Path(naive.out_dir)
+    lc, ln = ([r["loss"] for r in read_metrics(run) if r["split"] == "train"] for run in runs)
+    return lc, ln, *runs
+
+
+def test_chunked_and_naive_paths_train_the_same(tmp_path):
+    common = ["train.max_steps=20", "eval.every=0", "checkpoint.every=0", "log.every=1", "loss.divergence=jsd",
+              "loss.temperature=2.0"]
+    lc, ln, chunked_dir, naive_dir = train_both_paths(tmp_path, common, chunk_size=100)
     assert len(lc) == len(ln) == 20
     assert max(abs(a - b) for a, b in zip(lc, ln, strict=True)) < 1e-4
-    assert_same_weights(student_state(Path(chunked.out_dir)), student_state(Path(naive.out_dir)), atol=1e-4)
-
+    assert_same_weights(student_state(chunked_dir), student_state(naive_dir), atol=1e-4)
 
 
 def test_bf16_precision_trains_along_both_paths(tmp_path):
     """train.precision=bf16 (autocast): the chunked and naive paths give close losses, fp32 weights out."""
     common = ["train.max_steps=6", "eval.every=0", "checkpoint.every=0", "log.every=1", "train.precision=bf16",
               "data.packing=false", "data.truncate=true"]  # padding: masked rows take the chunked path's index_copy branch
-    chunked = cfg_with(tmp_path / "c", *common, "loss.chunked=true", "loss.chunk_size=64")
-    naive = cfg_with(tmp_path / "n", *common, "loss.chunked=false")
-    train.main(chunked)
-    train.main(naive)
-    lc = [r["loss"] for r in read_metrics(Path(chunked.out_dir)) if r["split"] == "train"]
-    ln = [r["loss"] for r in read_metrics(Path(naive.out_dir)) if r["split"] == "train"]
+    lc, ln, chunked_dir, _ = train_both_paths(tmp_path, common, chunk_size=64)
     assert len(lc) == len(ln) == 6 and all(math.isfinite(x) for x in lc)
     assert max(abs(a - b) for a, b in zip(lc, ln, strict=True)) < 0.05
     assert lc[-1] < lc[0]
-    state = student_state(Path(chunked.out_dir))
+    state = student_state(chunked_dir)
     assert all(t.dtype == torch.float32 for t in state.values())
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):

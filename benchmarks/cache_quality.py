@@ -87,14 +87,14 @@ def main(argv=None) -> dict:
         caches[mode] = {"dir": cache_dir, **params, "bytes_per_token": summary["splits"]["train"]["bytes_per_token"],
                         "capture_seconds": summary["seconds"]}
 
-    variants = {
-        "scratch": None,
-        "live": "live",
-        "topk_renorm": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=False) if "topk" in caches else 0,
-        "topk_tail": TeacherCacheSpec(cache=str(caches["topk"]["dir"]), topk_tail=True) if "topk" in caches else 0,
-        "sampled": TeacherCacheSpec(cache=str(caches["sampled"]["dir"])) if "sampled" in caches else 0,
-    }
-    variants = {name: variants[name] for name in SIGNALS if name in args.signals}
+    def signal(name: str):
+        """None: no teacher; "live": the teacher model; else the cache spec the student trains from."""
+        if name in ("scratch", "live"):
+            return None if name == "scratch" else "live"
+        mode = "topk" if name.startswith("topk") else "sampled"
+        return TeacherCacheSpec(cache=str(caches[mode]["dir"]), topk_tail=name != "topk_renorm")
+
+    variants = {name: signal(name) for name in SIGNALS if name in args.signals}
     runs, seconds, dirs = {}, {}, {}
     for name, signal in variants.items():
         run_name = f"{name}{suffix}" if name == "sampled" else name

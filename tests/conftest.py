@@ -12,6 +12,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TRAIN = REPO / "configs" / "tiny" / "train.yaml"
+TINY_CACHE = REPO / "configs" / "tiny" / "cache.yaml"
+# The cached-teacher tests run on the first 120 rows of the tiny data, in shards of 8 examples.
+SMALL_DATA = ["data.max_examples=120"]
+SMALL_CACHE = ["progress=false", *SMALL_DATA, "shard_examples=8"]
+# The cached teacher: the tiny teacher with a larger init, so that its distribution is far from uniform
+# (a student moving toward it is then distinguishable from one moving toward any flat target).
+SHARP_TEACHER = ["teacher.config.initializer_range=0.2"]
 
 # Keep tests quiet, offline and reproducible.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,3 +38,25 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
 def tiny_overrides(tmp_path):
     """Overrides that make the tiny config write into a temporary directory, quietly."""
     return [f"out_dir={tmp_path / 'run'}", "log.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_caches(tmp_path_factory):
+    """Caches of the sharp tiny teacher (configs/tiny/cache.yaml, the teacher of configs/tiny/train.yaml,
+    with ``SHARP_TEACHER``) on the small data, train and eval splits, built once per session: ``topk`` (k = 64 + tail), ``topk_all``
+    (k = V = 263 with 16-bit probability codes: the full distribution, nearly exactly) and ``sampled`` (N = 32).
+    Each entry: ``{"out": Path, "cfg": CacheConfig, "summary": dict}``."""
+    from distill.config import CacheConfig, load_config
+    from distill.recipes import cache as cache_recipe
+
+    root = tmp_path_factory.mktemp("caches")
+    built = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny teacher is fastest so
+    try:
+        for name, extra in (("topk", []), ("topk_all", ["k=263", "prob_bits=16"]), ("sampled", ["mode=sampled", "n=32"])):
+            cfg = load_config(CacheConfig, TINY_CACHE, [f"out_dir={root / name}", *SMALL_CACHE, *SHARP_TEACHER, *extra])
+            built[name] = {"out": root / name, "cfg": cfg, "summary": cache_recipe.main(cfg)}
+    finally:
+        torch.set_num_threads(before)
+    return built

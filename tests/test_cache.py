@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SHARP_TEACHER, SMALL_CACHE, TINY_CACHE
 
 from distill import cache as fmt
 from distill.cache import (
@@ -26,17 +27,11 @@ from distill.cache import (
     collate_targets,
 )
 from distill.chunked import chunked_kd_loss, naive_kd_loss
-from distill.config import ConfigError, load_config
+from distill.config import CacheConfig, ConfigError, load_config
 from distill.data import build_datasets, collate
-from distill.evaluate import final_hidden
 from distill.losses import IGNORE_INDEX, SparseTarget
-from distill.models import load_model, load_tokenizer, output_head
+from distill.models import final_hidden, load_model, load_tokenizer, output_head
 from distill.recipes import cache as recipe
-from distill.recipes.cache import CacheConfig
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_CACHE = REPO / "configs" / "tiny" / "cache.yaml"
-SMALL = ["progress=false", "data.max_examples=120", "shard_examples=8"]
 
 
 @pytest.fixture(autouse=True)
@@ -49,18 +44,8 @@ def one_thread():
 
 
 def cfg_with(out: Path, *overrides: str) -> CacheConfig:
-    return load_config(CacheConfig, TINY_CACHE, [f"out_dir={out}", *SMALL, *overrides])
-
-
-def capture_cmd() -> list[str]:
-    """``distill cache`` once the CLI has it, else the recipe module's own entry point."""
-    from distill import cli
-
-    return (
-        ["-m", "distill", "cache"]
-        if "cache" in getattr(cli, "PARSERS", {})
-        else ["-m", "distill.recipes.cache"]
-    )
+    """The tiny cache config on the small data, with the teacher of the session's caches (``tiny_caches``)."""
+    return load_config(CacheConfig, TINY_CACHE, [f"out_dir={out}", *SMALL_CACHE, *SHARP_TEACHER, *overrides])
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -68,20 +53,13 @@ def files_of(root: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A complete top-k cache of the small tiny config, with the teacher and the dataset it came from."""
-    out = tmp_path_factory.mktemp("cache") / "topk"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = cfg_with(out)
-        summary = recipe.main(cfg)
-        tok = load_tokenizer(cfg.teacher, "teacher")
-        teacher = load_model(cfg.teacher, "teacher", tok).eval()
-        train_ds, _ = build_datasets(cfg.data, tok, 256)
-    finally:
-        torch.set_num_threads(before)
-    return {"cfg": cfg, "out": out, "summary": summary, "tok": tok, "teacher": teacher, "ds": train_ds}
+def tiny(tiny_caches):
+    """The session's top-k cache of the small tiny config, with the teacher and the dataset it came from."""
+    cfg = tiny_caches["topk"]["cfg"]
+    tok = load_tokenizer(cfg.teacher, "teacher")
+    teacher = load_model(cfg.teacher, "teacher", tok).eval()
+    train_ds, _ = build_datasets(cfg.data, tok, 256)
+    return {**tiny_caches["topk"], "tok": tok, "teacher": teacher, "ds": train_ds}
 
 
 def stored_row_logits(teacher, tok, examples: list[dict]) -> list[torch.Tensor]:
@@ -300,11 +278,15 @@ def test_top_k_cache_matches_the_teacher(tiny):
         p = top.exp()
         tail = 1 - p.sum(-1)
         assert torch.allclose(t.tail[rows].double(), tail, rtol=1e-3)
-        assert torch.allclose(t.probs[rows].double(), p, rtol=0.02, atol=1e-6)  # 8-bit codes at V = 263
+        # 8-bit codes at V = 263 on the fourth-root grid of ratios to the top-1: within half a step there.
+        got = t.probs[rows].double()
+        step = 1.0 / ((1 << manifest["params"]["prob_bits"]) - 1)
+        assert ((got / got[:, :1]) ** 0.25 - (p / p[:, :1]) ** 0.25).abs().max() <= 0.5 * step + 1e-6
+        assert torch.allclose(got.sum(-1) + t.tail[rows].double(), torch.ones(len(rows), dtype=torch.float64))
         r = renorm.target(i, ex["input_ids"], ex["labels"])
         assert r.tail is None
         assert torch.allclose(r.probs[rows].sum(-1), torch.ones(len(rows)), atol=1e-5)
-        assert torch.allclose(r.probs[rows].double(), p / p.sum(-1, keepdim=True), rtol=0.02, atol=1e-6)
+        assert torch.allclose(r.probs[rows].double(), got / got.sum(-1, keepdim=True), rtol=1e-5)
         unstored = torch.ones(len(t.ids), dtype=torch.bool)
         unstored[rows] = False
         assert (t.probs[unstored] == 0).all()
@@ -380,14 +362,15 @@ def test_cached_targets_feed_the_chunked_sparse_loss(tiny):
     head = LinearHead(torch.randn(263, 16, generator=gen, dtype=torch.float64))
     n = int((labels != IGNORE_INDEX).sum())
     for tgt in (target, TeacherCache(tiny["out"], topk_tail=False).batch_target(idx, exs)):
-        loss, _ = chunked_kd_loss(hidden, head, labels, tgt, n, alpha=0.0)
-        ref = naive_kd_loss(hidden, head, labels, tgt, n, alpha=0.0)
+        loss, _ = chunked_kd_loss(hidden, head, labels, tgt, n)
+        ref = naive_kd_loss(hidden, head, labels, tgt, n)
         assert torch.isfinite(loss) and torch.allclose(loss, ref)
 
 
 # ----------------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_with_two_processes_is_byte_identical(tmp_path):
     """Kill a capture mid-way (SIGKILL), resume it with ``accelerate launch`` on 2 processes (each writes
     its own shards, the main process merges the manifest): the files equal an uninterrupted
@@ -397,10 +380,10 @@ def test_sigkill_then_resume_with_two_processes_is_byte_identical(tmp_path):
     recipe.main(ref)
 
     out = tmp_path / "killed"
-    args = [str(TINY_CACHE), f"out_dir={out}", *SMALL, *overrides]
+    args = [str(TINY_CACHE), f"out_dir={out}", *SMALL_CACHE, *SHARP_TEACHER, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, *capture_cmd(), *args],
+        [sys.executable, *["-m", "distill", "cache"], *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -440,7 +423,7 @@ def test_sigkill_then_resume_with_two_processes_is_byte_identical(tmp_path):
         "no",
         "--dynamo_backend",
         "no",
-        *capture_cmd(),
+        *["-m", "distill", "cache"],
         *args,
     ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill.chunked import (
     DEFAULT_MEMORY_BUDGET_BYTES,
+    DenseSignal,
     LinearHead,
     chunked_kd_loss,
     naive_kd_loss,
@@ -19,7 +21,7 @@ from distill.chunked import (
 from distill.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
-    ZERO_TEACHER_MASS_OK,
+    LossSpec,
     SparseTarget,
     kd_loss_per_token,
     reduce_loss,
@@ -69,7 +71,7 @@ def _problem(seed=0, dtype=torch.float32, bias=True, post=True, masked=MASKED):
     )
     labels = torch.randint(V, (N,), generator=g)
     labels[masked] = IGNORE_INDEX
-    return hidden, s_head, labels, (t_hidden, t_head)
+    return hidden, s_head, labels, DenseSignal(t_hidden, t_head)
 
 
 def _sparse(seed=0, tail="tail"):
@@ -89,12 +91,16 @@ def _params(hidden, head):
     return [t for t in (hidden, head.weight, head.bias) if t is not None]
 
 
+def _spec(kind="forward_kl", **kw) -> LossSpec:
+    return LossSpec(kind, **kw)
+
+
 def _naive(hidden, head, labels, teacher, num_tokens, **kw):
     logits = _ref_logits(hidden, head)
-    if isinstance(teacher, tuple):
+    if isinstance(teacher, DenseSignal):
         with torch.no_grad():
-            teacher = _ref_logits(teacher[0], teacher[1])
-    out = kd_loss_per_token(logits, labels, teacher, **kw)
+            teacher = _ref_logits(teacher.hidden, teacher.head)
+    out = kd_loss_per_token(logits, labels, teacher, _spec(**kw))
     return reduce_loss(out["loss"], labels != IGNORE_INDEX, num_tokens)
 
 
@@ -117,10 +123,10 @@ def _check(
         labels,
         teacher,
         num_tokens,
+        _spec(**kw),
         chunk_size=chunk_size,
         loss_chunk_size=loss_chunk_size,
         memory_budget_bytes=budget,
-        **kw,
     )
     grads = torch.autograd.grad(loss, params)
     ref = _naive(hidden, head, labels, teacher, num_tokens, **kw)
@@ -147,7 +153,7 @@ def test_sparse_teacher_matches_naive(kind, setting, tail):
     _check(hidden, head, labels, _sparse(1, tail), kind=kind, **setting)
 
 
-@pytest.mark.parametrize("kind", ZERO_TEACHER_MASS_OK)
+@pytest.mark.parametrize("kind", [d for d in DIVERGENCES if LossSpec(d).tolerates_zero_teacher_mass])
 def test_sampled_sparse_target_matches_naive(kind):
     hidden, head, labels, _ = _problem(seed=2, post=False)
     _check(hidden, head, labels, _sparse(2, "sampled"), kind=kind, temperature=1.0)
@@ -198,12 +204,12 @@ def test_stats_match_naive(teacher_kind):
     with torch.no_grad():
         logits = _ref_logits(hidden, head)
         if teacher_kind == "dense":
-            t = _ref_logits(teacher[0], teacher[1])
+            t = _ref_logits(teacher.hidden, teacher.head)
             t_arg = t.argmax(-1)
         else:
             t = teacher
             t_arg = teacher.ids.gather(-1, teacher.probs.argmax(-1, keepdim=True)).squeeze(-1)
-        out = kd_loss_per_token(logits, labels, t, **kw)
+        out = kd_loss_per_token(logits, labels, t, _spec(**kw))
         kl = token_divergence(logits, t, "forward_kl", temperature=2.0)
         s_arg = logits.argmax(-1)
     assert int(stats["count"]) == int(mask.sum())
@@ -213,11 +219,42 @@ def test_stats_match_naive(teacher_kind):
     assert int(stats["agree_sum"]) == int((s_arg == t_arg)[mask].sum())
     assert int(stats["correct_sum"]) == int((s_arg == labels)[mask].sum())
     assert all(not v.requires_grad for v in stats.values())
+    if teacher_kind == "sparse":  # the target's entropy and its probability of the student's top-1
+        p = teacher.probs[mask].double().numpy()
+        tail = teacher.tail[mask].double().numpy()
+        hits = (teacher.ids[mask] == s_arg[mask].unsqueeze(-1)).numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            entropy = -np.where(p > 0, p * np.log(p), 0.0).sum() - np.where(tail > 0, tail * np.log(tail), 0.0).sum()
+        torch.testing.assert_close(stats["teacher_entropy_sum"].double(), torch.tensor(entropy), **TOL)
+        torch.testing.assert_close(stats["teacher_p_top1_sum"].double(), torch.tensor((p * hits).sum()), **TOL)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "jeffreys", "jsd"])
+def test_naive_path_with_zero_mass_rows_at_masked_positions_has_finite_gradients(kind):
+    """A cached target is all zeros (no ids, no tail) at unsupervised positions; reverse KL there is
+    infinite. The naive path once masked those rows after computing them (0 * inf = NaN gradients); both
+    paths must give the same finite loss and gradients."""
+    hidden, head, labels, _ = _problem(seed=22)
+    target = _sparse(22, "tail")
+    masked = labels == IGNORE_INDEX
+    target.probs[masked] = 0.0
+    target.tail[masked] = 0.0
+    spec = _spec(kind=kind, beta=1.0) if kind == "jsd" else _spec(kind=kind)
+    params = _params(hidden, head)
+    naive = naive_kd_loss(hidden, head, labels, target, 31, spec)
+    naive_grads = torch.autograd.grad(naive, params)
+    chunked, _ = chunked_kd_loss(hidden, head, labels, target, 31, spec, chunk_size=CHUNK)
+    chunked_grads = torch.autograd.grad(chunked, params)
+    assert torch.isfinite(naive)
+    torch.testing.assert_close(naive, chunked, **TOL)
+    for a, b in zip(naive_grads, chunked_grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **TOL)
 
 
 def test_forward_kl_stat_is_the_divergence():
     hidden, head, labels, teacher = _problem(seed=8)
-    _, stats = chunked_kd_loss(hidden, head, labels, teacher, 10, kind="forward_kl", temperature=3.0)
+    _, stats = chunked_kd_loss(hidden, head, labels, teacher, 10, _spec(kind="forward_kl", temperature=3.0))
     torch.testing.assert_close(stats["kl_sum"], stats["div_sum"])
 
 
@@ -237,7 +274,7 @@ def test_teacher_none_is_cross_entropy():
 def test_all_masked_gives_zero(teacher_kind):
     hidden, head, labels, teacher = _problem(seed=10, masked=list(range(N)))
     teacher = {"dense": teacher, "sparse": _sparse(10), "none": None}[teacher_kind]
-    loss, stats = chunked_kd_loss(hidden, head, labels, teacher, 0, kind="reverse_kl")
+    loss, stats = chunked_kd_loss(hidden, head, labels, teacher, 0, _spec(kind="reverse_kl"))
     loss.backward()
     assert float(loss.detach()) == 0.0
     for p in _params(hidden, head):
@@ -277,7 +314,7 @@ def test_backward_twice_raises():
 def test_no_grad_mode():
     hidden, head, labels, teacher = _problem(seed=14)
     with torch.no_grad():
-        loss, stats = chunked_kd_loss(hidden, head, labels, teacher, 31, kind="jeffreys", chunk_size=CHUNK)
+        loss, stats = chunked_kd_loss(hidden, head, labels, teacher, 31, _spec(kind="jeffreys"), chunk_size=CHUNK)
         ref = _naive(hidden, head, labels, teacher, 31, kind="jeffreys")
     assert loss.grad_fn is None and not loss.requires_grad
     torch.testing.assert_close(loss, ref, **TOL)
@@ -287,13 +324,13 @@ def test_no_grad_mode():
 def test_partial_requires_grad():
     hidden, head, labels, teacher = _problem(seed=15)
     frozen_head = LinearHead(head.weight.detach(), head.bias.detach(), head.logit_scale, head.softcap, V)
-    loss, _ = chunked_kd_loss(hidden, frozen_head, labels, teacher, 31, kind="skew_kl", chunk_size=CHUNK)
+    loss, _ = chunked_kd_loss(hidden, frozen_head, labels, teacher, 31, _spec(kind="skew_kl"), chunk_size=CHUNK)
     (g,) = torch.autograd.grad(loss, [hidden])
     ref = _naive(hidden, frozen_head, labels, teacher, 31, kind="skew_kl")
     torch.testing.assert_close(g, torch.autograd.grad(ref, [hidden])[0], **TOL)
 
     h_const = hidden.detach()
-    loss, _ = chunked_kd_loss(h_const, head, labels, teacher, 31, kind="skew_kl", chunk_size=CHUNK)
+    loss, _ = chunked_kd_loss(h_const, head, labels, teacher, 31, _spec(kind="skew_kl"), chunk_size=CHUNK)
     gw, gb = torch.autograd.grad(loss, [head.weight, head.bias])
     ref = _naive(h_const, head, labels, teacher, 31, kind="skew_kl")
     rw, rb = torch.autograd.grad(ref, [head.weight, head.bias])
@@ -306,14 +343,16 @@ def test_partial_requires_grad():
 
 def test_tied_weights_and_batched_shapes():
     """The head weight is also the input embedding; hidden/labels come as (B, T, ...)."""
-    hidden, head, labels, (t_hidden, t_head) = _problem(seed=16)
+    hidden, head, labels, teacher = _problem(seed=16)
+    t_hidden, t_head = teacher.hidden, teacher.head
     emb = head.weight
     tokens = torch.randint(V, (N,))
 
     def run(fn):
         h = (hidden + emb[tokens]).reshape(5, 9, H)
         return fn(
-            h, head, labels.reshape(5, 9), (t_hidden.reshape(5, 9, H_T), t_head), 31, kind="tvd", alpha=0.5
+            h, head, labels.reshape(5, 9), DenseSignal(t_hidden.reshape(5, 9, H_T), t_head), 31,
+            _spec(kind="tvd", alpha=0.5),
         )
 
     loss, _ = run(lambda *a, **k: chunked_kd_loss(*a, chunk_size=CHUNK, **k))
@@ -327,7 +366,7 @@ def test_tied_weights_and_batched_shapes():
 def test_naive_kd_loss_helper_matches_reference():
     hidden, head, labels, teacher = _problem(seed=17)
     torch.testing.assert_close(
-        naive_kd_loss(hidden, head, labels, teacher, 31, kind="jsd"),
+        naive_kd_loss(hidden, head, labels, teacher, 31, _spec(kind="jsd")),
         _naive(hidden, head, labels, teacher, 31, kind="jsd"),
     )
 
@@ -335,7 +374,7 @@ def test_naive_kd_loss_helper_matches_reference():
 def test_bfloat16_inputs():
     hidden, head, labels, teacher = _problem(seed=18, dtype=torch.bfloat16, post=False)
     params = _params(hidden, head)
-    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, 31, chunk_size=CHUNK, alpha=0.5)
+    loss, _ = chunked_kd_loss(hidden, head, labels, teacher, 31, _spec(alpha=0.5), chunk_size=CHUNK)
     grads = torch.autograd.grad(loss, params)
     ref = _naive(hidden, head, labels, teacher, 31, alpha=0.5)
     ref_grads = torch.autograd.grad(ref, params)
@@ -355,7 +394,7 @@ def test_under_bf16_autocast_matches_naive_and_keeps_param_dtypes(teacher_kind):
         teacher = _sparse(seed=21)
     params = _params(hidden, head)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, stats = chunked_kd_loss(hidden, head, labels, teacher, 31, chunk_size=CHUNK, alpha=0.5)
+        loss, stats = chunked_kd_loss(hidden, head, labels, teacher, 31, _spec(alpha=0.5), chunk_size=CHUNK)
         ref = _naive(hidden, head, labels, teacher, 31, alpha=0.5)
     grads = torch.autograd.grad(loss, params)
     ref_grads = torch.autograd.grad(ref, params)
@@ -365,15 +404,15 @@ def test_under_bf16_autocast_matches_naive_and_keeps_param_dtypes(teacher_kind):
         assert g.dtype == p.dtype == torch.float32 and g.shape == p.shape
         torch.testing.assert_close(g, r.float(), rtol=5e-2, atol=5e-3)
     # Autocast is honoured: the logits come from bf16 matmuls, so the value differs from the fp32 call.
-    loss_fp32, _ = chunked_kd_loss(hidden, head, labels, teacher, 31, chunk_size=CHUNK, alpha=0.5)
+    loss_fp32, _ = chunked_kd_loss(hidden, head, labels, teacher, 31, _spec(alpha=0.5), chunk_size=CHUNK)
     assert not torch.equal(loss, loss_fp32)
 
 
 def test_mismatched_vocab_raises():
-    hidden, head, labels, (t_hidden, t_head) = _problem(seed=19)
-    bad = LinearHead(t_head.weight, vocab_size=V + 1)
+    hidden, head, labels, teacher = _problem(seed=19)
+    bad = LinearHead(teacher.head.weight, vocab_size=V + 1)
     with pytest.raises(ValueError, match="classes"):
-        chunked_kd_loss(hidden, head, labels, (t_hidden, bad), 31)
+        chunked_kd_loss(hidden, head, labels, DenseSignal(teacher.hidden, bad), 31)
 
 
 def test_chunk_sizes_from_budget():
@@ -448,14 +487,12 @@ def test_never_materializes_all_logits(teacher_kind):
     weight = torch.randn(v, h, requires_grad=True)
     labels = torch.randint(v, (n,))
     if teacher_kind == "dense":
-        teacher = (torch.randn(n, h), LinearHead(torch.randn(v, h)))
+        teacher = DenseSignal(torch.randn(n, h), LinearHead(torch.randn(v, h)))
     else:
         teacher = SparseTarget(torch.randint(v, (n, 4)), torch.full((n, 4), 0.2), torch.full((n,), 0.2))
     mode = _LargestOutput()
     with mode:
-        loss, _ = chunked_kd_loss(
-            hidden, LinearHead(weight), labels, teacher, n, kind="jsd", chunk_size=chunk
-        )
+        loss, _ = chunked_kd_loss(hidden, LinearHead(weight), labels, teacher, n, _spec(kind="jsd"), chunk_size=chunk)
         loss.backward()
     assert v * h < n * v  # the weight gradient itself is smaller than the logits
     assert mode.largest <= max(chunk * v, v * h), mode.largest

@@ -1,6 +1,6 @@
 """Tests of distill.losses against independent references.
 
-Reference values are written from the formulas in METHODS.md sections 1-2 with numpy float64 (or
+Reference values are written from the formulas in docs/methods.md sections 1-2 with numpy float64 (or
 plain torch ops / ``torch.nn.functional``); no reference calls ``distill.losses``. Invariant tests
 (padding, sparse vs dense, micro-batches) compare the library with itself on purpose.
 Convention: ``p`` = teacher, ``q`` = student.
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from distill.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
+    LossSpec,
     SparseTarget,
     cross_entropy_per_token,
     divergence_from_logprobs,
@@ -95,7 +96,7 @@ def np_kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def ref_divergence(
     p: np.ndarray, q: np.ndarray, kind: str, beta: float = 0.5, skew: float = 0.1
 ) -> np.ndarray:
-    """METHODS.md section 1, straight from the probabilities."""
+    """docs/methods.md section 1, straight from the probabilities."""
     if kind == "forward_kl":
         return np_kl(p, q)
     if kind == "reverse_kl":
@@ -234,7 +235,7 @@ def test_reduce_loss_all_masked_is_zero_with_zero_grad(num_tokens, kind):
     labels = torch.full((2, 3), IGNORE_INDEX)
     mask = supervised_mask(labels)
     assert not mask.any()
-    out = kd_loss_per_token(zs, labels, zt, kind=kind, alpha=0.5, temperature=2.0)
+    out = kd_loss_per_token(zs, labels, zt, LossSpec(kind, alpha=0.5, temperature=2.0))
     loss = reduce_loss(out["loss"], mask, num_tokens)
     assert loss.item() == 0.0
     loss.backward()
@@ -438,6 +439,9 @@ def test_sampled_target_every_divergence_matches_k_plus_one_reference(kind, kw):
     else:
         assert np.isposinf(expected).all()  # KL(q || p_hat) is infinite: q has mass where p_hat has none
     assert_np_close(out, expected, rtol=1e-10, atol=1e-12)
+    # The loss spec's own claim (what the train recipe checks before training from sampled targets) agrees
+    # with the reference: it once let jsd with beta = 1 through.
+    assert LossSpec(kind, **kw).tolerates_zero_teacher_mass == bool(np.isfinite(expected).all())
 
 
 def test_sampled_target_gradient_is_unbiased():
@@ -496,8 +500,8 @@ def make_batch(seed: int, B: int = 2, T: int = 5, V: int = 7):
 def test_t2_scale(kind, T):
     zs, zt, labels = make_batch(34)
     expected = ref_divergence(np_softmax(np64(zt) / T), np_softmax(np64(zs) / T), kind)
-    on = kd_loss_per_token(zs, labels, zt, kind=kind, temperature=T, t2_scale=True)
-    off = kd_loss_per_token(zs, labels, zt, kind=kind, temperature=T, t2_scale=False)
+    on = kd_loss_per_token(zs, labels, zt, LossSpec(kind, temperature=T, t2_scale=True))
+    off = kd_loss_per_token(zs, labels, zt, LossSpec(kind, temperature=T, t2_scale=False))
     assert_np_close(on["div"], expected, rtol=1e-10, atol=1e-12)
     assert_np_close(off["div"], expected, rtol=1e-10, atol=1e-12)
     assert_np_close(on["loss"], T**2 * expected, rtol=1e-10, atol=1e-12)
@@ -510,7 +514,7 @@ def test_alpha_mixes_ce_and_scaled_divergence(alpha, T):
     zs, zt, labels = make_batch(36)
     d = ref_divergence(np_softmax(np64(zt) / T), np_softmax(np64(zs) / T), "forward_kl")
     ce = ref_ce(zs, labels)  # hard-label CE at T = 1
-    out = kd_loss_per_token(zs, labels, zt, kind="forward_kl", temperature=T, alpha=alpha)
+    out = kd_loss_per_token(zs, labels, zt, LossSpec("forward_kl", temperature=T, alpha=alpha))
     assert_np_close(out["loss"], alpha * ce + (1 - alpha) * T**2 * d, rtol=1e-10, atol=1e-12)
     assert_np_close(out["ce"], ce, rtol=1e-10, atol=1e-12)
 
@@ -518,10 +522,10 @@ def test_alpha_mixes_ce_and_scaled_divergence(alpha, T):
 def test_alpha_one_gives_ce_and_no_teacher_gives_ce():
     zs, zt, labels = make_batch(38)
     ce = ref_ce(zs, labels)
-    out = kd_loss_per_token(zs, labels, zt, kind="reverse_kl", temperature=2.0, alpha=1.0)
+    out = kd_loss_per_token(zs, labels, zt, LossSpec("reverse_kl", temperature=2.0, alpha=1.0))
     assert torch.equal(out["loss"], out["ce"])
     assert_np_close(out["loss"], ce, rtol=1e-10, atol=1e-12)
-    plain = kd_loss_per_token(zs, labels, None, kind="jsd", temperature=2.0, alpha=0.3)
+    plain = kd_loss_per_token(zs, labels, None, LossSpec("jsd", temperature=2.0, alpha=0.3))
     assert set(plain) == {"loss", "ce"}
     assert torch.equal(plain["loss"], plain["ce"])
     assert_np_close(plain["loss"], ce, rtol=1e-10, atol=1e-12)
@@ -647,7 +651,7 @@ def test_extreme_logits_sparse(kind, kw, dtype):
         _assert_finite_value_and_grads(lambda a: token_divergence(a, target, kind, **kw), zs)
 
 
-# Masking padded vocabulary rows with -inf in both models (METHODS.md section 7) must not poison gradients.
+# Masking padded vocabulary rows with -inf in both models (docs/methods.md section 7) must not poison gradients.
 @pytest.mark.parametrize(("kind", "kw"), CONFIGS, ids=CONFIG_IDS)
 def test_minus_inf_masked_vocabulary(kind, kw):
     zs, zt = rand_logits(3, 8, seed=52), rand_logits(3, 8, seed=53)
@@ -670,7 +674,7 @@ def test_unknown_divergence_raises():
     with pytest.raises(ValueError, match="unknown divergence"):
         token_divergence(zs, topk_target(zt, 3, True), "fkl")
     with pytest.raises(ValueError, match="unknown divergence"):
-        kd_loss_per_token(zs, labels, zt, kind="mse")
+        kd_loss_per_token(zs, labels, zt, LossSpec("mse"))
 
 
 @pytest.mark.parametrize("beta", [-0.1, 1.1, float("nan")])
@@ -679,7 +683,7 @@ def test_beta_out_of_range_raises(beta):
     with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
         token_divergence(zs, zt, "jsd", beta=beta)
     with pytest.raises(ValueError, match=r"beta must be in \[0, 1\]"):
-        kd_loss_per_token(zs, labels, topk_target(zt, 3, False), kind="jsd", beta=beta)
+        kd_loss_per_token(zs, labels, topk_target(zt, 3, False), LossSpec("jsd", beta=beta))
 
 
 @pytest.mark.parametrize("kind", ["skew_kl", "skew_reverse_kl"])
@@ -696,14 +700,14 @@ def test_nonpositive_temperature_raises(temperature):
     with pytest.raises(ValueError, match="temperature must be > 0"):
         token_divergence(zs, zt, "forward_kl", temperature=temperature)
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        kd_loss_per_token(zs, labels, topk_target(zt, 3, True), temperature=temperature)
+        kd_loss_per_token(zs, labels, topk_target(zt, 3, True), LossSpec(temperature=temperature))
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5])
 def test_alpha_out_of_range_raises(alpha):
     zs, zt, labels = make_batch(62)
     with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
-        kd_loss_per_token(zs, labels, zt, alpha=alpha)
+        kd_loss_per_token(zs, labels, zt, LossSpec(alpha=alpha))
 
 
 @pytest.mark.parametrize("teacher_shape", [(2, 5, 8), (2, 4, 7), (5, 7)])

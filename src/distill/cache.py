@@ -1,7 +1,7 @@
 """Offline teacher caches: sparse per-token teacher targets on disk, written once, read by training.
 
 ``distill cache`` (:mod:`distill.recipes.cache`) runs a teacher over a tokenized dataset and stores, for
-every position whose next token is supervised, one of (METHODS.md §2):
+every position whose next token is supervised, one of (docs/methods.md §2):
 
 * ``topk``: the k most probable ids, their probabilities and the tail mass ``1 - sum(top-k p)``;
 * ``sampled``: N draws with replacement from the teacher distribution, kept as distinct ids + counts.

@@ -48,19 +48,24 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses import (
+    FORWARD_KL,
     IGNORE_INDEX,
+    LossSpec,
     SparseTarget,
-    _upcast,
     kd_loss_per_token,
     reduce_loss,
     token_divergence,
+    upcast,
 )
 
 __all__ = [
     "DEFAULT_CUDA_MEMORY_BUDGET_BYTES",
     "DEFAULT_MEMORY_BUDGET_BYTES",
+    "DenseSignal",
     "LinearHead",
+    "Signal",
     "chunked_kd_loss",
+    "logits_into",
     "default_memory_budget",
     "naive_kd_loss",
     "plan_chunks",
@@ -116,9 +121,9 @@ class LinearHead:
         """Scale and soft-cap raw logits (fp32 if either applies, else unchanged)."""
         z = raw
         if self.logit_scale != 1.0:
-            z = _upcast(z) * self.logit_scale
+            z = upcast(z) * self.logit_scale
         if self.softcap is not None:
-            z = torch.tanh(_upcast(z) / self.softcap) * self.softcap
+            z = torch.tanh(upcast(z) / self.softcap) * self.softcap
         return z
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -126,10 +131,28 @@ class LinearHead:
         return self.postprocess(self.raw_logits(hidden))
 
 
-Teacher = tuple[torch.Tensor, LinearHead] | SparseTarget | None
+@dataclass
+class DenseSignal:
+    """A teacher given by its final hidden states and output layer; its logits are formed a chunk of rows
+    at a time and never exist for all positions at once.
+
+    hidden: (N, H_t) (or (B, T, H_t)); head: the teacher's output layer. Treated as a constant.
+    """
+
+    hidden: torch.Tensor
+    head: LinearHead
+
+    def rows(self, index) -> torch.Tensor:
+        """Hidden states of some positions: a slice or a (M,) index tensor."""
+        return self.hidden[index] if isinstance(index, slice) else self.hidden.index_select(0, index)
 
 
-def _raw_logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+# What a teacher gives the loss for a batch's positions: dense (hidden states + output layer), sparse
+# (ids + probabilities, with or without a tail), or nothing (plain cross-entropy).
+Signal = DenseSignal | SparseTarget | None
+
+
+def logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
     """``out = x @ w.T + b`` for ``x`` of shape (C, H), ``out`` (C, V) preallocated.
 
     On CPU, BLAS is markedly faster (about 1.5x at 32-128 rows, H = 1024, V = 128k) computing ``w @ x.T``
@@ -217,7 +240,7 @@ def plan_chunks(
     return chunk_size, loss_chunk_size
 
 
-def _flatten_teacher(teacher: Teacher, n: int) -> Teacher:
+def _flatten_signal(teacher: Signal, n: int) -> Signal:
     if teacher is None:
         return None
     if isinstance(teacher, SparseTarget):
@@ -227,15 +250,36 @@ def _flatten_teacher(teacher: Teacher, n: int) -> Teacher:
             teacher.probs.reshape(n, k),
             None if teacher.tail is None else teacher.tail.reshape(n),
         )
-    hidden, head = teacher
-    return hidden.reshape(n, hidden.shape[-1]), head
+    return DenseSignal(teacher.hidden.reshape(n, teacher.hidden.shape[-1]), teacher.head)
 
 
+@dataclass(frozen=True)
 class _Plan:
     """Everything the chunk loop needs that is not a differentiable input."""
 
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    head: LinearHead  # the student's output layer
+    teacher: Signal  # flattened to (N, ...)
+    labels: torch.Tensor  # (N,)
+    rows: torch.Tensor | None  # (M,) supervised positions, or None when all N are supervised
+    num_rows: int  # M
+    chunk_size: int  # rows per logit matmul
+    loss_chunk_size: int  # rows per kd_loss_per_token call
+    spec: LossSpec
+    want_kl: bool  # log the true forward KL beside another divergence
+    grad_weight_fp32: bool
+    calibration_bins: int
+    device_type: str
+    compute_dtype: torch.dtype | None  # the autocast dtype, or None (the weight's dtype)
+    inv_num_tokens: torch.Tensor  # 1 / supervised tokens in the optimizer step (float64 scalar)
+    needs: tuple[bool, bool, bool]  # gradients for (hidden, weight, bias)
+
+    @property
+    def dense(self) -> bool:
+        return isinstance(self.teacher, DenseSignal)
+
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.teacher, SparseTarget)
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}
@@ -261,200 +305,221 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _run_chunks(plan: _Plan, *args):
-    """:func:`_chunk_loop` with autocast off: the loop chooses its own dtypes (``plan.compute_dtype``)."""
-    with torch.autocast(plan.device_type, enabled=False):
-        return _chunk_loop(plan, *args)
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    """Detached, in ``dtype`` (None: unchanged)."""
+    if t is None:
+        return None
+    return t.detach() if dtype is None else t.detach().to(dtype)
 
 
-def _chunk_loop(
-    plan: _Plan,
-    s_hidden: torch.Tensor,
-    s_weight: torch.Tensor,
-    s_bias: torch.Tensor | None,
-    need_h: bool,
-    need_w: bool,
-    need_b: bool,
-):
-    """The loop over chunks. Returns (loss_sum, stats, grad_hidden, grad_weight, grad_bias)."""
-    head: LinearHead = plan.head
-    teacher = plan.teacher
-    rows = plan.rows  # (M,) long indices of supervised rows, or None if all rows are supervised
-    m, chunk, loss_chunk = plan.num_rows, plan.chunk_size, plan.loss_chunk_size
-    labels = plan.labels
-    v = head.num_classes
-    w = s_weight if v == s_weight.shape[0] else s_weight[:v]
-    b = None if s_bias is None else (s_bias if v == s_bias.shape[0] else s_bias[:v])
-    # Under autocast the logit matmuls run in the autocast dtype (as the model's own head would);
-    # otherwise in the weight's dtype. The losses upcast to fp32 inside the chunk either way.
-    cdt = plan.compute_dtype
-    w_mm = w.detach() if cdt is None else w.detach().to(cdt)
-    b_mm = None if b is None else (b.detach() if cdt is None else b.detach().to(cdt))
-    need_grad = need_h or need_w or need_b
-    device = s_hidden.device
-    dense = teacher is not None and not isinstance(teacher, SparseTarget)
+class _Logits:
+    """The reused ``(chunk_size, V)`` raw-logit buffers of the student and of a dense teacher.
 
-    grad_h = torch.zeros_like(s_hidden) if need_h else None
-    acc_dtype = torch.float32 if plan.grad_weight_fp32 else s_weight.dtype
-    acc_dtype = torch.float64 if s_weight.dtype == torch.float64 else acc_dtype
-    grad_w = torch.zeros(s_weight.shape, dtype=acc_dtype, device=device) if need_w else None
-    grad_b = torch.zeros(s_bias.shape, dtype=acc_dtype, device=device) if need_b else None
-    gw_view = None if grad_w is None else grad_w[:v]
-    gb_view = None if grad_b is None else grad_b[:v]
+    ``fill(sel, h_c)`` computes a chunk's raw logits into them; after the loss, the student buffer is
+    overwritten with the gradient w.r.t. those logits (:meth:`_Grads.add_chunk` reads it from there).
+    """
 
-    stat_dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
-    zero = torch.zeros((), dtype=stat_dtype, device=device)
-    loss_sum, ce_sum, div_sum, kl_sum = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    agree = torch.zeros((), dtype=torch.long, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    bins = plan.calibration_bins
-    # Per confidence bin: positions, summed confidence, correct predictions (float64 sums).
-    calib = torch.zeros(3, bins, dtype=torch.float64, device=device) if bins else None
-    inv_n = plan.inv_num_tokens.to(stat_dtype)
-    kw = dict(
-        kind=plan.kind,
-        temperature=plan.temperature,
-        alpha=plan.alpha,
-        t2_scale=plan.t2_scale,
-        beta=plan.beta,
-        skew=plan.skew,
-    )
+    def __init__(self, plan: _Plan, s_weight: torch.Tensor, s_bias: torch.Tensor | None, device):
+        v = plan.head.num_classes
+        cdt = plan.compute_dtype
+        # Under autocast the logit matmuls run in the autocast dtype (as the model's own head would);
+        # otherwise in the weight's dtype. The losses upcast to fp32 inside the chunk either way.
+        w = s_weight if v == s_weight.shape[0] else s_weight[:v]
+        b = None if s_bias is None else (s_bias if v == s_bias.shape[0] else s_bias[:v])
+        self.w, self.b = _cast(w, cdt), _cast(b, cdt)
+        rows0 = min(plan.chunk_size, max(plan.num_rows, 1))
+        self.student = torch.empty(rows0, v, dtype=self.w.dtype, device=device)
+        self.teacher = None
+        if plan.dense:
+            t_w, t_b = plan.teacher.head.sliced()
+            self.t_w, self.t_b = _cast(t_w, cdt), _cast(t_b, cdt)
+            self.teacher = torch.empty(rows0, v, dtype=self.t_w.dtype, device=device)
 
-    # Logit buffers, reused by every chunk (the last one uses a prefix).
-    rows0 = min(chunk, max(m, 1))
-    s_buf = torch.empty(rows0, v, dtype=w_mm.dtype, device=device) if m else None
-    t_buf = None
-    if dense and m:
-        t_hidden, t_head = teacher
-        t_w, t_b = t_head.sliced()
-        t_w = t_w.detach() if cdt is None else t_w.detach().to(cdt)
-        t_b = None if t_b is None else (t_b.detach() if cdt is None else t_b.detach().to(cdt))
-        t_buf = torch.empty(rows0, v, dtype=t_w.dtype, device=device)
-    grad_ctx = torch.enable_grad if need_grad else contextlib.nullcontext
+    @torch.no_grad()
+    def fill(self, plan: _Plan, sel, h_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw logits of the chunk's rows ``sel``: (student (c, V), dense teacher (c, V) or None)."""
+        c = h_c.shape[0]
+        t_raw = None
+        if self.teacher is not None:
+            t_raw = self.teacher[:c]
+            logits_into(t_raw, plan.teacher.rows(sel).detach().to(self.t_w.dtype), self.t_w, self.t_b)
+        s_raw = self.student[:c]
+        logits_into(s_raw, h_c, self.w, self.b)
+        return s_raw, t_raw
 
-    for start in range(0, m, chunk):
-        stop = min(start + chunk, m)
-        c = stop - start
-        if rows is None:
-            sel = slice(start, stop)
-            h_c = s_hidden[sel].detach()
-        else:
-            sel = rows[start:stop]
-            h_c = s_hidden.detach().index_select(0, sel)
-        h_c = h_c.to(w_mm.dtype)  # a no-op unless autocast (or a model) mixes dtypes
-        lab_c = labels[sel]
-        raw_c = s_buf[:c]
-        with torch.no_grad():
-            if dense:
-                th_c = t_hidden[sel] if rows is None else t_hidden.index_select(0, sel)
-                _raw_logits_into(t_buf[:c], th_c.detach().to(t_w.dtype), t_w, t_b)
-            _raw_logits_into(raw_c, h_c, w_mm, b_mm)
-        sparse_c = teacher[sel] if isinstance(teacher, SparseTarget) else None
 
-        for i in range(0, c, loss_chunk):
-            j = min(i + loss_chunk, c)
-            lab = lab_c[i:j]
-            if dense:
-                with torch.no_grad():
-                    t_sig = t_head.postprocess(t_buf[i:j])
-            elif sparse_c is not None:
-                t_sig = sparse_c[i:j]
+class _Grads:
+    """Gradients w.r.t. the student's hidden states, weight and bias, accumulated chunk by chunk."""
+
+    def __init__(self, plan: _Plan, s_hidden, s_weight, s_bias):
+        need_h, need_w, need_b = plan.needs
+        v = plan.head.num_classes
+        acc = torch.float32 if plan.grad_weight_fp32 else s_weight.dtype
+        self.acc_dtype = torch.float64 if s_weight.dtype == torch.float64 else acc
+        dev = s_hidden.device
+        self.h = torch.zeros_like(s_hidden) if need_h else None
+        self.w = torch.zeros(s_weight.shape, dtype=self.acc_dtype, device=dev) if need_w else None
+        self.b = torch.zeros(s_bias.shape, dtype=self.acc_dtype, device=dev) if need_b else None
+        self.w_view = None if self.w is None else self.w[:v]
+        self.b_view = None if self.b is None else self.b[:v]
+
+    @torch.no_grad()
+    def add_chunk(self, d_c: torch.Tensor, h_c: torch.Tensor, sel, w_mm: torch.Tensor) -> None:
+        """``d_c`` (c, V): the loss gradient w.r.t. the chunk's raw logits (already / num_tokens)."""
+        if self.h is not None:
+            g = d_c @ w_mm  # (c, H) in the matmul dtype
+            if isinstance(sel, slice):
+                self.h[sel] = g
             else:
-                t_sig = None
+                self.h.index_copy_(0, sel, g.to(self.h.dtype))
+        if self.w_view is not None:
+            if d_c.dtype == self.acc_dtype:
+                self.w_view.addmm_(d_c.t(), h_c)
+            else:
+                # bf16/fp16 logits into the fp32 accumulator, in vocabulary slices so that any temporary
+                # stays at 1/8 of the chunk buffer.
+                v = d_c.shape[1]
+                step = max(1, -(-v // 8))
+                h_acc = h_c if d_c.is_cuda else h_c.to(self.acc_dtype)  # upcast once per chunk on CPU
+                for s in range(0, v, step):
+                    _accumulate_mm(self.w_view[s : s + step], d_c[:, s : s + step].t(), h_acc)
+        if self.b_view is not None:
+            self.b_view += d_c.sum(0, dtype=self.acc_dtype)
 
-            # Logging-only forward KL first, before the graph holds its saved tensors (lower peak).
-            if t_sig is not None and plan.want_kl and not plan.kl_is_div:
-                with torch.no_grad():
-                    kl = token_divergence(
-                        head.postprocess(raw_c[i:j]), t_sig, "forward_kl", temperature=plan.temperature
-                    )
-                    kl_sum += kl.sum()
-                    del kl
 
-            raw = raw_c[i:j].detach()  # a view into the buffer: the leaf we differentiate w.r.t.
-            with grad_ctx():
-                if need_grad:
-                    raw.requires_grad_(True)
-                z = head.postprocess(raw)
-                out = kd_loss_per_token(z, lab, t_sig, **kw)
-                loss_c = out["loss"].sum()
-            # Keep only detached stats: this drops e.g. the CE graph when alpha == 0.
-            ce = out["ce"].detach()
-            div = out["div"].detach() if "div" in out else None
-            del out
+class _Stats:
+    """Detached sums over supervised positions (see :func:`chunked_kd_loss` for the keys)."""
 
-            with torch.no_grad():
-                ce_sum += ce.sum()
-                if calib is None:
-                    s_arg = z.detach().argmax(-1)
-                else:
-                    zf = z.detach().float()
-                    top, s_arg = zf.max(-1)
-                    conf = torch.exp(top - torch.logsumexp(zf, -1)).double()  # max softmax prob, T = 1
-                    idx = (conf * bins).long().clamp_(0, bins - 1)
-                    calib[0].index_add_(0, idx, torch.ones_like(conf))
-                    calib[1].index_add_(0, idx, conf)
-                    calib[2].index_add_(0, idx, (s_arg == lab).double())
-                    del zf, top, conf, idx
-                correct += (s_arg == lab).sum()
-                if t_sig is not None:
-                    div_sum += div.sum()
-                    if plan.kl_is_div:
-                        kl_sum += div.sum()
-                    if dense:
-                        t_arg = t_sig.argmax(-1)
-                    else:
-                        t_arg = t_sig.ids.gather(-1, t_sig.probs.argmax(-1, keepdim=True)).squeeze(-1)
-                    agree += (s_arg == t_arg).sum()
-            del z, t_sig, ce, div
+    def __init__(self, plan: _Plan, dtype: torch.dtype, device):
+        zero = torch.zeros((), dtype=dtype, device=device)
+        self.plan = plan
+        self.loss, self.ce, self.div, self.kl = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        self.teacher_entropy, self.teacher_p_top1 = zero.clone(), zero.clone()
+        self.agree = torch.zeros((), dtype=torch.long, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        bins = plan.calibration_bins
+        # Per confidence bin: positions, summed confidence, correct predictions (float64 sums).
+        self.calib = torch.zeros(3, bins, dtype=torch.float64, device=device) if bins else None
 
-            if need_grad:
-                (d_raw,) = torch.autograd.grad(loss_c, raw, grad_outputs=inv_n.to(loss_c.dtype))
-                raw_c[i:j].copy_(d_raw)  # the buffer now holds d loss / d raw logits for these rows
-                del d_raw
-            loss_sum += loss_c.detach()
-            del loss_c, raw
+    @torch.no_grad()
+    def add_forward_kl(self, z: torch.Tensor, t_sig) -> None:
+        """The logging-only forward KL when the trained divergence is another one."""
+        kl = token_divergence(z, t_sig, "forward_kl", temperature=self.plan.spec.temperature)
+        self.kl += kl.sum()
 
+    @torch.no_grad()
+    def add(self, z: torch.Tensor, lab: torch.Tensor, t_sig, ce: torch.Tensor, div: torch.Tensor | None) -> None:
+        """One loss chunk: student logits ``z`` (r, V), labels, teacher signal, per-row CE and D."""
+        self.ce += ce.sum()
+        if self.calib is None:
+            s_arg = z.argmax(-1)
+        else:
+            bins = self.calib.shape[1]
+            zf = z.float()
+            top, s_arg = zf.max(-1)
+            conf = torch.exp(top - torch.logsumexp(zf, -1)).double()  # max softmax prob, T = 1
+            idx = (conf * bins).long().clamp_(0, bins - 1)
+            self.calib[0].index_add_(0, idx, torch.ones_like(conf))
+            self.calib[1].index_add_(0, idx, conf)
+            self.calib[2].index_add_(0, idx, (s_arg == lab).double())
+        self.correct += (s_arg == lab).sum()
+        if t_sig is None:
+            return
+        self.div += div.sum()
+        if self.plan.spec.is_forward_kl:
+            self.kl += div.sum()
+        if isinstance(t_sig, SparseTarget):
+            probs = t_sig.probs.to(self.teacher_entropy.dtype)
+            t_arg = t_sig.ids.gather(-1, t_sig.probs.argmax(-1, keepdim=True)).squeeze(-1)
+            # Teacher probability of the student's top-1 and the target's own entropy: both exact
+            # functions of the stored target (for sampled targets, unbiased estimates; evaluate.py).
+            self.teacher_p_top1 += (probs * (t_sig.ids == s_arg.unsqueeze(-1))).sum()
+            self.teacher_entropy -= torch.where(probs > 0, probs * probs.clamp_min(1e-30).log(), 0.0).sum()
+            if t_sig.tail is not None:
+                tail = t_sig.tail.to(probs.dtype)
+                self.teacher_entropy -= torch.where(tail > 0, tail * tail.clamp_min(1e-30).log(), 0.0).sum()
+        else:
+            t_arg = t_sig.argmax(-1)
+        self.agree += (s_arg == t_arg).sum()
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        plan = self.plan
+        out = {"ce_sum": self.ce, "correct_sum": self.correct,
+               "count": torch.tensor(plan.num_rows, device=self.ce.device)}
+        if self.calib is not None:
+            out["calibration"] = self.calib
+        if plan.teacher is not None:
+            out["div_sum"] = self.div
+            if plan.want_kl:
+                out["kl_sum"] = self.kl
+            out["agree_sum"] = self.agree
+        if plan.sparse:
+            out["teacher_entropy_sum"] = self.teacher_entropy
+            out["teacher_p_top1_sum"] = self.teacher_p_top1
+        return out
+
+
+def _loss_chunk(plan: _Plan, stats: _Stats, raw: torch.Tensor, lab: torch.Tensor, t_sig, need_grad: bool) -> None:
+    """One loss chunk: loss and statistics from the raw logits ``raw`` (r, V, a view of the chunk buffer);
+    with ``need_grad`` the buffer rows are overwritten with d loss / d raw logits (already / num_tokens)."""
+    spec = plan.spec
+    # Logging-only forward KL first, before the graph holds its saved tensors (lower peak).
+    if t_sig is not None and plan.want_kl and not spec.is_forward_kl:
+        stats.add_forward_kl(plan.head.postprocess(raw), t_sig)
+
+    leaf = raw.detach()  # a view into the buffer: the leaf we differentiate w.r.t.
+    with torch.enable_grad() if need_grad else contextlib.nullcontext():
         if need_grad:
-            with torch.no_grad():
-                d_c = raw_c  # (c, V): gradient w.r.t. the chunk's raw logits, already / num_tokens
-                if need_h:
-                    g = d_c @ w_mm  # (c, H) in the matmul dtype
-                    if rows is None:
-                        grad_h[sel] = g
-                    else:
-                        grad_h.index_copy_(0, sel, g.to(grad_h.dtype))
-                    del g
-                if need_w:
-                    if d_c.dtype == acc_dtype:
-                        gw_view.addmm_(d_c.t(), h_c)
-                    else:
-                        # bf16/fp16 logits into the fp32 accumulator, in vocabulary slices so that any
-                        # temporary stays at 1/8 of the chunk buffer.
-                        step = max(1, -(-v // 8))
-                        h_acc = h_c if d_c.is_cuda else h_c.to(acc_dtype)  # upcast once per chunk on CPU
-                        for s in range(0, v, step):
-                            _accumulate_mm(gw_view[s : s + step], d_c[:, s : s + step].t(), h_acc)
-                        del h_acc
-                if need_b:
-                    gb_view += d_c.sum(0, dtype=acc_dtype)
+            leaf.requires_grad_(True)
+        z = plan.head.postprocess(leaf)
+        out = kd_loss_per_token(z, lab, t_sig, spec)
+        loss = out["loss"].sum()
+    # Keep only detached stats: this drops e.g. the CE graph when alpha == 0.
+    stats.add(z.detach(), lab, t_sig, out["ce"].detach(), out["div"].detach() if "div" in out else None)
+    del out, z
+    if need_grad:
+        (d_raw,) = torch.autograd.grad(loss, leaf, grad_outputs=plan.inv_num_tokens.to(loss.dtype))
+        raw.copy_(d_raw)  # the buffer now holds d loss / d raw logits for these rows
+    stats.loss += loss.detach()
 
-    stats = {"ce_sum": ce_sum, "correct_sum": correct, "count": torch.tensor(m, device=device)}
-    if calib is not None:
-        stats["calibration"] = calib
-    if teacher is not None:
-        stats["div_sum"] = div_sum
-        if plan.want_kl:
-            stats["kl_sum"] = kl_sum
-        stats["agree_sum"] = agree
-    return loss_sum, stats, grad_h, grad_w, grad_b
+
+def _run_chunks(plan: _Plan, s_hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: torch.Tensor | None):
+    """The loop over chunks, with autocast off (the loop chooses its own dtypes, ``plan.compute_dtype``).
+
+    Returns ``(loss_sum, stats, grad_hidden, grad_weight, grad_bias)`` (gradients None when not needed).
+    """
+    need_grad = any(plan.needs)
+    device = s_hidden.device
+    m, chunk, loss_chunk = plan.num_rows, plan.chunk_size, plan.loss_chunk_size
+    with torch.autocast(plan.device_type, enabled=False):
+        stats = _Stats(plan, torch.float64 if s_hidden.dtype == torch.float64 else torch.float32, device)
+        grads = _Grads(plan, s_hidden, s_weight, s_bias)
+        buffers = _Logits(plan, s_weight, s_bias, device) if m else None
+        for start in range(0, m, chunk):
+            stop = min(start + chunk, m)
+            sel = slice(start, stop) if plan.rows is None else plan.rows[start:stop]
+            h_c = s_hidden[sel] if plan.rows is None else s_hidden.index_select(0, sel)
+            h_c = h_c.detach().to(buffers.w.dtype)  # a no-op unless autocast (or a model) mixes dtypes
+            s_raw, t_raw = buffers.fill(plan, sel, h_c)
+            lab_c = plan.labels[sel]
+            sparse_c = plan.teacher[sel] if plan.sparse else None
+            for i in range(0, stop - start, loss_chunk):
+                j = min(i + loss_chunk, stop - start)
+                if t_raw is not None:
+                    with torch.no_grad():
+                        t_sig = plan.teacher.head.postprocess(t_raw[i:j])
+                else:
+                    t_sig = None if sparse_c is None else sparse_c[i:j]
+                _loss_chunk(plan, stats, s_raw[i:j], lab_c[i:j], t_sig, need_grad)
+            if need_grad:
+                grads.add_chunk(s_raw, h_c, sel, buffers.w)
+    return stats.loss, stats.as_dict(), grads.h, grads.w, grads.b
 
 
 class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, num_tokens, plan, stats_out):
-        need_h, need_w, need_b = plan.needs
-        loss_sum, stats, gh, gw, gb = _run_chunks(plan, s_hidden, s_weight, s_bias, need_h, need_w, need_b)
+        loss_sum, stats, gh, gw, gb = _run_chunks(plan, s_hidden, s_weight, s_bias)
         stats_out.update(stats)
         ctx.grads = (gh, gw, gb)
         ctx.dtypes = (s_hidden.dtype, s_weight.dtype, None if s_bias is None else s_bias.dtype)
@@ -491,19 +556,27 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def _check_shapes(n: int, labels: torch.Tensor, teacher: Signal, student_head: LinearHead) -> None:
+    if labels.shape[0] != n:
+        raise ValueError(f"labels have {labels.shape[0]} positions, hidden states {n}")
+    if isinstance(teacher, DenseSignal):
+        if teacher.hidden.shape[0] != n:
+            raise ValueError(f"teacher hidden states have {teacher.hidden.shape[0]} positions, student {n}")
+        if teacher.head.num_classes != student_head.num_classes:
+            raise ValueError(
+                f"teacher has {teacher.head.num_classes} classes and student {student_head.num_classes}; "
+                "set vocab_size on both heads to the tokenizer's size"
+            )
+
+
 def chunked_kd_loss(
     student_hidden: torch.Tensor,
     student_head: LinearHead,
     labels: torch.Tensor,
-    teacher: Teacher,
+    teacher: Signal,
     num_tokens: int | float | torch.Tensor,
+    spec: LossSpec = FORWARD_KL,
     *,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.0,
-    t2_scale: bool = True,
-    beta: float = 0.5,
-    skew: float = 0.1,
     chunk_size: int | None = None,
     memory_budget_bytes: int | None = None,
     loss_chunk_size: int | None = None,
@@ -517,14 +590,14 @@ def chunked_kd_loss(
     student_head: the student's output layer (its weight/bias receive gradients; may be tied).
     labels: (N,) (or (B, T)), ``IGNORE_INDEX`` for unsupervised positions. Only supervised rows are
         computed; an all-masked input gives a loss of 0 with zero gradients.
-    teacher: ``(teacher_hidden (N, H_t), teacher_head)`` for a live teacher (treated as a constant),
-        a :class:`SparseTarget` with leading shape (N,), or ``None`` (plain cross-entropy).
+    teacher: a :class:`DenseSignal` (treated as a constant), a :class:`SparseTarget` with leading shape
+        (N,), or ``None`` (plain cross-entropy).
     num_tokens: supervised tokens in the whole optimizer step (the :func:`reduce_loss` normalizer).
-    kind, temperature, alpha, t2_scale, beta, skew: as in :func:`distill.losses.kd_loss_per_token`.
+    spec: the loss (:class:`distill.losses.LossSpec`).
     chunk_size: rows whose logits are computed at once (matmul unit); loss_chunk_size: rows per
         ``kd_loss_per_token`` call. Defaults from ``memory_budget_bytes`` (:func:`plan_chunks`).
-    log_kl: compute ``kl_sum`` (the true forward KL at temperature T) also when ``kind`` is not forward
-        KL; that costs an extra no-grad pass. With ``False``, ``kl_sum`` is left out unless it is free.
+    log_kl: compute ``kl_sum`` (the true forward KL at temperature T) also when the divergence is not
+        forward KL; that costs an extra no-grad pass. With ``False``, ``kl_sum`` is left out unless it is free.
     grad_weight_fp32: accumulate the weight/bias gradient in fp32 (else in the weight's dtype).
     calibration_bins: with B > 0, ``stats["calibration"]`` is a (3, B) float64 tensor: per bin of the
         student's top-1 probability at T = 1 (equal-width bins over [0, 1]), the number of positions, their
@@ -534,32 +607,19 @@ def chunked_kd_loss(
     the gradients come back in the parameters' dtypes.
 
     Returns ``(loss, stats)``; ``loss`` equals ``reduce_loss(kd_loss_per_token(logits, labels, teacher,
-    ...)["loss"], labels != IGNORE_INDEX, num_tokens)``. ``stats`` (detached, summed over supervised
+    spec)["loss"], labels != IGNORE_INDEX, num_tokens)``. ``stats`` (detached, summed over supervised
     positions): ``ce_sum``, ``div_sum`` and ``kl_sum`` (teacher only), ``agree_sum`` (student argmax ==
     teacher argmax, teacher only; for a sparse target its most probable id), ``correct_sum`` (student
-    argmax == label), ``count`` (supervised positions).
+    argmax == label), ``count`` (supervised positions); for a sparse target also ``teacher_entropy_sum``
+    (the target's own entropy over its classes) and ``teacher_p_top1_sum`` (the target's probability of
+    the student's argmax).
     """
     if student_hidden.dim() != 2:
         student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n = student_hidden.shape[0]
     labels = labels.reshape(-1)
-    if labels.shape[0] != n:
-        raise ValueError(f"labels have {labels.shape[0]} positions, hidden states {n}")
-    teacher = _flatten_teacher(teacher, n)
-    dense = teacher is not None and not isinstance(teacher, SparseTarget)
-    if dense:
-        t_hidden, t_head = teacher
-        if t_hidden.shape[0] != n:
-            raise ValueError(f"teacher hidden states have {t_hidden.shape[0]} positions, student {n}")
-        if t_head.num_classes != student_head.num_classes:
-            raise ValueError(
-                f"teacher has {t_head.num_classes} classes and student {student_head.num_classes}; "
-                "set vocab_size on both heads to the tokenizer's size"
-            )
-    if teacher is not None and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    teacher = _flatten_signal(teacher, n)
+    _check_shapes(n, labels, teacher, student_head)
     for name, size in (("chunk_size", chunk_size), ("loss_chunk_size", loss_chunk_size)):
         if size is not None and int(size) < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
@@ -575,15 +635,16 @@ def chunked_kd_loss(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
+    dense = isinstance(teacher, DenseSignal)
     teacher_type = "none" if teacher is None else ("dense" if dense else "sparse")
-    post = student_head.has_postprocess or (dense and teacher[1].has_postprocess)
-    buffers = weight.element_size() / 4.0 + (teacher[1].weight.element_size() / 4.0 if dense else 0.0)
+    post = student_head.has_postprocess or (dense and teacher.head.has_postprocess)
+    buffers = weight.element_size() / 4.0 + (teacher.head.weight.element_size() / 4.0 if dense else 0.0)
     if memory_budget_bytes is None:
         memory_budget_bytes = default_memory_budget(student_hidden.device)
     chunk_size, loss_chunk_size = plan_chunks(
         student_head.num_classes,
         m,
-        temporaries=temporaries_per_token(teacher_type, kind, grad=any(needs), postprocess=post),
+        temporaries=temporaries_per_token(teacher_type, spec.divergence, grad=any(needs), postprocess=post),
         buffers=buffers,
         memory_budget_bytes=memory_budget_bytes,
         chunk_size=chunk_size,
@@ -597,19 +658,13 @@ def chunked_kd_loss(
     plan = _Plan(
         head=student_head,
         teacher=teacher,
+        labels=labels,
         rows=rows,
         num_rows=m,
         chunk_size=chunk_size,
         loss_chunk_size=loss_chunk_size,
-        labels=labels,
-        kind=kind,
-        temperature=temperature,
-        alpha=alpha,
-        t2_scale=t2_scale,
-        beta=beta,
-        skew=skew,
-        want_kl=log_kl or kind == "forward_kl",
-        kl_is_div=kind == "forward_kl" or (kind == "jsd" and beta == 0.0),
+        spec=spec,
+        want_kl=log_kl or spec.is_forward_kl,
         grad_weight_fp32=grad_weight_fp32,
         calibration_bins=int(calibration_bins),
         device_type=student_hidden.device.type,
@@ -622,7 +677,7 @@ def chunked_kd_loss(
         loss = _ChunkedKD.apply(student_hidden, weight, bias, num_tokens, plan, stats)
     else:
         with torch.no_grad():
-            loss_sum, stats, *_ = _run_chunks(plan, student_hidden, weight, bias, False, False, False)
+            loss_sum, stats, *_ = _run_chunks(plan, student_hidden, weight, bias)
             loss = _normalize(loss_sum, num_tokens)
     return loss, stats
 
@@ -631,31 +686,29 @@ def naive_kd_loss(
     student_hidden: torch.Tensor,
     student_head: LinearHead,
     labels: torch.Tensor,
-    teacher: Teacher,
+    teacher: Signal,
     num_tokens: int | float | torch.Tensor,
-    *,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.0,
-    t2_scale: bool = True,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    spec: LossSpec = FORWARD_KL,
 ) -> torch.Tensor:
-    """Reference: materialize the logits of both models, then ``kd_loss_per_token`` + ``reduce_loss``."""
-    logits = student_head.logits(student_hidden)
-    if teacher is not None and not isinstance(teacher, SparseTarget):
-        t_hidden, t_head = teacher
+    """Reference: materialize the logits of both models, then ``kd_loss_per_token`` + ``reduce_loss``.
+
+    Like the chunked path, only supervised positions are computed: an unsupervised position may have a
+    zero-mass teacher row (padding of a cached target), whose divergence is infinite for reverse KL, and
+    masking it after the fact would make ``0 * inf = NaN`` gradients.
+    """
+    if student_hidden.dim() != 2:
+        student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = student_hidden.shape[0]
+    labels = labels.reshape(-1)
+    teacher = _flatten_signal(teacher, n)
+    _check_shapes(n, labels, teacher, student_head)
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    logits = student_head.logits(student_hidden.index_select(0, rows))
+    if isinstance(teacher, DenseSignal):
         with torch.no_grad():
-            teacher = t_head.logits(t_hidden.detach())
-    out = kd_loss_per_token(
-        logits,
-        labels,
-        teacher,
-        kind=kind,
-        temperature=temperature,
-        alpha=alpha,
-        t2_scale=t2_scale,
-        beta=beta,
-        skew=skew,
-    )
+            teacher = teacher.head.logits(teacher.rows(rows).detach())
+    elif teacher is not None:
+        teacher = teacher[rows]
+    labels = labels[rows]
+    out = kd_loss_per_token(logits, labels, teacher, spec)
     return reduce_loss(out["loss"], labels != IGNORE_INDEX, num_tokens)

@@ -1,4 +1,5 @@
-"""The ``distill`` command: one function per sub-command, each a thin shell around a recipe."""
+"""The ``distill`` command: every sub-command is registered here (``PARSERS``), each a thin shell around a
+recipe; errors are reported here, once, without a traceback."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import textwrap
 from pydantic import BaseModel
 
 from distill import __version__
+from distill.errors import NonFiniteLossError
 
 logger = logging.getLogger("distill")
 
@@ -88,10 +90,32 @@ def _quickstart_parser(sub) -> None:
     p.set_defaults(func=cmd_quickstart)
 
 
-def _cache_parser(sub) -> None:
-    from distill.recipes.cache import add_parser
+def cmd_cache(args: argparse.Namespace) -> int:
+    import json
 
-    add_parser(sub)
+    from distill.config import CacheConfig, load_config
+    from distill.recipes import cache
+
+    cfg = load_config(CacheConfig, args.config, args.overrides)
+    summary = cache.main(cfg)
+    logger.info("done: %s", json.dumps(summary["splits"]))
+    return 0
+
+
+def _cache_parser(sub) -> None:
+    from distill.config import CacheConfig
+
+    p = sub.add_parser(
+        "cache",
+        help="run a teacher over the data once and store sparse per-token targets (top-k or sampled)",
+        description="Capture teacher targets into an offline cache; train from it with teacher: {cache: OUT}.\n"
+        "Re-running the same command resumes an interrupted capture.\n\n"
+        "Config keys (YAML file, then key=value overrides such as mode=sampled n=50):\n" + _describe(CacheConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config file (see configs/tiny/cache.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. data.seq_len=256")
+    p.set_defaults(func=cmd_cache)
 
 
 PARSERS = {"train": _train_parser, "cache": _cache_parser, "quickstart": _quickstart_parser}
@@ -125,12 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except RuntimeError as exc:
-        if type(exc).__name__ != "NonFiniteLossError":
-            raise
+    except NonFiniteLossError as exc:  # the run stopped; its last good checkpoint is named in the message
         print(f"distill: error: {exc}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # bad input: the message names it and says what to do
         print(f"distill: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,15 +7,33 @@ default.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from distill.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config problem the user must fix; the message names the file and field."""
+# File extension -> the `datasets` builder that reads it (data.source may be such a file).
+DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+def looks_local(ref: str) -> bool:
+    """Whether a model, tokenizer or data reference is meant as a local path rather than a hub id.
+
+    A hub id is ``name`` or ``owner/name``; a reference that is absolute, starts with ``.`` or ``~``, has
+    more than one ``/``, uses the OS's own separator, or ends in a data-file extension is a path (which
+    then must exist: the error says so instead of a failed hub download).
+    """
+    return (
+        os.path.isabs(ref)
+        or ref.startswith((".", "~"))
+        or Path(ref).suffix.lower() in DATA_BUILDERS
+        or ref.count("/") > 1
+        or (os.sep != "/" and os.sep in ref)
+    )
 
 
 class Section(BaseModel):
@@ -152,7 +170,7 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 
 
 class LossConfig(Section):
-    """``alpha * CE + (1 - alpha) * s * D(p_T, q_T)`` with ``s = T^2`` when ``t2_scale`` (METHODS.md §1)."""
+    """``alpha * CE + (1 - alpha) * s * D(p_T, q_T)`` with ``s = T^2`` when ``t2_scale`` (docs/methods.md §1)."""
 
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys"] = (
         "forward_kl"
@@ -166,6 +184,13 @@ class LossConfig(Section):
     chunk_size: int | None = Field(None, gt=0, description="tokens per chunk; default: chosen from a memory budget")
     vocab_policy: Literal["truncate", "error"] = "truncate"
 
+    def spec(self):
+        """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take)."""
+        from distill.losses import LossSpec
+
+        return LossSpec(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
+                        t2_scale=self.t2_scale, beta=self.beta, skew=self.skew)
+
 
 class OptimConfig(Section):
     lr: float = Field(3e-4, gt=0)
@@ -178,6 +203,9 @@ class OptimConfig(Section):
 
 
 class LoopConfig(Section):
+    batches: Literal["dataset"] = Field(
+        "dataset", description="where a step's micro-batches come from: dataset = the data section's examples"
+    )
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
     grad_accum: int = Field(1, gt=0)
@@ -202,6 +230,11 @@ class LogConfig(Section):
     every: int = Field(10, gt=0)
     tensorboard: bool = False
     progress: bool = True
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+# A teacher is one of these specs; `distill.teacher.open_teacher` is the one place that branches on which.
+# A new kind of teacher adds a spec here (and a tag in `_teacher_kind`) and a class in teacher.py.
 
 
 class TeacherCacheSpec(Section):
@@ -233,3 +266,27 @@ class TrainConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+
+class CacheConfig(Section):
+    """``distill cache``: which teacher, which data, which targets, where."""
+
+    out_dir: str = "runs/cache"
+    teacher: ModelSpec
+    data: DataConfig
+    mode: Literal["topk", "sampled"] = "topk"
+    k: int = Field(64, gt=0, description="top-k: ids kept per token")
+    n: int = Field(50, gt=0, description="sampled: draws per token (with replacement)")
+    temperature: float = Field(1.0, gt=0, description="targets are softmax(logits / temperature)")
+    prob_bits: int | None = Field(
+        None, ge=2, le=16, description="top-k probability code bits (default: auto, <= 3 B/entry)"
+    )
+    splits: list[Literal["train", "eval"]] | None = Field(
+        None, description="build_datasets splits to capture (default: train, and eval when the data has one)"
+    )
+    batch_size: int = Field(8, gt=0, description="examples per teacher forward (per process)")
+    shard_examples: int = Field(256, gt=0, description="examples per shard file")
+    seed: int = Field(0, description="sampled: seed of the draws")
+    vocab_policy: Literal["truncate", "error"] = "truncate"
+    logits_memory_mb: int = Field(256, gt=0, description="memory for one chunk of teacher logits")
+    progress: bool = True

@@ -21,7 +21,6 @@ of examples into tensors.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +32,7 @@ import torch
 from datasets.fingerprint import Hasher
 from datasets.table import InMemoryTable
 
-from distill.config import DataConfig
+from distill.config import DATA_BUILDERS, DataConfig, looks_local
 from distill.losses import IGNORE_INDEX
 from distill.tokenizer import tokenizer_fingerprint
 
@@ -41,8 +40,6 @@ Format = Literal["text", "prompt_response", "messages"]
 
 logger = logging.getLogger("distill")
 
-# file extension -> `datasets` builder name
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 _ROW = "__row__"  # index of the row in the source, carried along so errors can point at it
 # Bump when the tokenization changes: `datasets` caches `map` results by fingerprint, and the
 # fingerprint of a module-level function does not follow edits to its code.
@@ -61,17 +58,6 @@ _TOKENIZED_FEATURES = datasets.Features(
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _looks_local(source: str) -> bool:
-    """A hub id is ``name`` or ``owner/name``; anything path-like beyond that is meant as a local path."""
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or Path(source).suffix.lower() in _BUILDERS
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-    )
-
-
 def load_raw(source: str, split: str = "train") -> datasets.Dataset:
     """Load the raw rows of ``source``: a local file, a local directory, or a hub dataset id.
 
@@ -79,12 +65,12 @@ def load_raw(source: str, split: str = "train") -> datasets.Dataset:
     """
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _BUILDERS)
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_BUILDERS)
         if not files:
             raise ValueError(
-                f"data directory {source} holds no supported files ({', '.join(sorted(_BUILDERS))})"
+                f"data directory {source} holds no supported files ({', '.join(sorted(DATA_BUILDERS))})"
             )
-        builders = {_BUILDERS[p.suffix.lower()] for p in files}
+        builders = {DATA_BUILDERS[p.suffix.lower()] for p in files}
         if len(builders) > 1:
             raise ValueError(
                 f"data directory {source} mixes file types ({', '.join(sorted({p.suffix for p in files}))}); "
@@ -95,13 +81,13 @@ def load_raw(source: str, split: str = "train") -> datasets.Dataset:
     elif path.is_file():
         if path.stat().st_size == 0:
             raise ValueError(f"data file {source} is empty (0 bytes); point data.source at a file with rows")
-        builder = _BUILDERS.get(path.suffix.lower())
+        builder = DATA_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(
-                f"data file {source} has an unsupported extension; use one of {', '.join(sorted(_BUILDERS))}"
+                f"data file {source} has an unsupported extension; use one of {', '.join(sorted(DATA_BUILDERS))}"
             )
         args, kwargs = (builder,), {"data_files": str(path), "split": "train"}
-    elif _looks_local(source):
+    elif looks_local(source):
         raise ValueError(
             f"data source {source} does not exist; check the path (data.source / data.eval_source)"
         )

@@ -2,63 +2,46 @@
 agreement.
 
 The sums are computed with the same memory-efficient loss path as training (no (tokens, V) logits),
-at temperature 1, over whichever batches a process is given; callers that shard across processes add
-the sums up (``EvalSums`` is a plain tensor for that) before turning them into metrics.
+with the same teacher object as training (live or cached: :mod:`distill.teacher` says what each can
+estimate), over whichever batches a process is given; callers that shard across processes add the sums
+up (a plain float64 tensor) before turning them into metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 
 from distill.chunked import LinearHead, chunked_kd_loss
-from distill.losses import IGNORE_INDEX
+from distill.losses import IGNORE_INDEX, LossSpec
+from distill.models import final_hidden, flat_positions
 
-SUM_KEYS = ("ce_sum", "kl_sum", "agree_sum", "correct_sum", "count")
+SUM_KEYS = ("ce_sum", "kl_sum", "agree_sum", "correct_sum", "count", "teacher_entropy_sum", "teacher_p_top1_sum")
 CALIBRATION_BINS = 15  # equal-width bins of top-1 confidence for the expected calibration error (ECE)
 
 
-def final_hidden(model, batch: dict) -> torch.Tensor:
-    """Final (post-norm) hidden states (B, T, H); ``logits_to_keep=1`` skips the full logits."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
-    )
-    return out.hidden_states[-1]
-
-
-def flat_positions(hidden_BTH: torch.Tensor) -> torch.Tensor:
-    """Hidden states of the positions that predict a next token, as (N, H)."""
-    return hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
-
-
 @torch.no_grad()
-def eval_sums(
-    model,
-    head: LinearHead,
-    batches: Iterable[dict],
-    teacher=None,
-    teacher_head: LinearHead | None = None,
-    autocast: Callable = torch.autocast,
-) -> torch.Tensor:
+def eval_sums(model, head: LinearHead, batches: Iterable[dict], teacher=None,
+              autocast: Callable = contextlib.nullcontext) -> torch.Tensor:
     """Summed statistics over ``batches`` as a float64 tensor: ``SUM_KEYS`` in order, then the
-    (3, ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.chunked.chunked_kd_loss`)."""
+    (3, ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.chunked.chunked_kd_loss`).
+
+    ``teacher``: a :mod:`distill.teacher` teacher (or None); its signal is compared with the student's at
+    the teacher's ``eval_temperature`` (1 for a live teacher, the capture temperature for a cache).
+    ``autocast``: a context factory for the forward passes (the train recipe passes accelerate's).
+    """
     was_training = model.training
     model.eval()
+    spec = LossSpec("forward_kl", temperature=teacher.eval_temperature if teacher is not None else 1.0, alpha=1.0)
     sums = torch.zeros(len(SUM_KEYS) + 3 * CALIBRATION_BINS, dtype=torch.float64)
     for batch in batches:
         labels = batch["labels"][:, 1:].reshape(-1)
-        signal = None
         with autocast():
-            if teacher is not None:
-                signal = (flat_positions(final_hidden(teacher, batch)), teacher_head)
-            _, stats = chunked_kd_loss(flat_positions(final_hidden(model, batch)), head, labels, signal, 1,
-                                       kind="forward_kl", temperature=1.0, alpha=1.0,
+            signal = teacher.signal(batch) if teacher is not None else None
+            _, stats = chunked_kd_loss(flat_positions(final_hidden(model, batch)), head, labels, signal, 1, spec,
                                        calibration_bins=CALIBRATION_BINS)
         scalars = [stats[k].double().cpu() if k in stats else torch.zeros((), dtype=torch.float64) for k in SUM_KEYS]
         sums += torch.cat([torch.stack(scalars), stats["calibration"].cpu().reshape(-1)])
@@ -66,8 +49,13 @@ def eval_sums(
     return sums
 
 
-def metrics_from_sums(sums: torch.Tensor, with_teacher: bool, target_bytes: int | None = None) -> dict:
-    """Turn summed statistics into metrics; ``target_bytes`` (UTF-8 bytes of the scored tokens) adds bpb."""
+def metrics_from_sums(sums: torch.Tensor, estimates: str | None = None, target_bytes: int | None = None) -> dict:
+    """Turn summed statistics into metrics; ``target_bytes`` (UTF-8 bytes of the scored tokens) adds bpb.
+
+    ``estimates``: the teacher's ``eval_estimates`` (None: no teacher). ``exact``, ``topk_tail`` and ``topk``
+    give ``kl_to_teacher`` and ``top1_agreement``; ``sampled`` gives the unbiased ``ce_to_teacher`` and
+    ``teacher_prob_of_top1`` instead (see :mod:`distill.teacher`).
+    """
     s = dict(zip(SUM_KEYS, sums[: len(SUM_KEYS)].tolist(), strict=True))
     count = max(s["count"], 1.0)
     out = {
@@ -80,7 +68,10 @@ def metrics_from_sums(sums: torch.Tensor, with_teacher: bool, target_bytes: int 
         out["val_ece"] = expected_calibration_error(sums[len(SUM_KEYS):].reshape(3, -1))
     if target_bytes:
         out["bits_per_byte"] = s["ce_sum"] / (target_bytes * math.log(2))
-    if with_teacher:
+    if estimates == "sampled":
+        out["ce_to_teacher"] = (s["kl_sum"] + s["teacher_entropy_sum"]) / count
+        out["teacher_prob_of_top1"] = s["teacher_p_top1_sum"] / count
+    elif estimates is not None:
         out["kl_to_teacher"] = s["kl_sum"] / count
         out["top1_agreement"] = s["agree_sum"] / count
     return out

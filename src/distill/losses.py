@@ -1,6 +1,6 @@
 """Distillation losses: pure functions of tensors that return a per-token loss.
 
-Conventions (see METHODS.md):
+Conventions (``docs/methods.md``):
 
 * ``p`` is the teacher distribution, ``q`` the student's, both at temperature ``T``.
 * Every divergence is summed over the class axis and returned per position (``loss_BT``); nothing here
@@ -28,9 +28,62 @@ IGNORE_INDEX = -100
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
-# Divergences that stay finite when the teacher puts zero mass on classes the student does not
-# (sampled targets: the teacher's tail is exactly 0).
-ZERO_TEACHER_MASS_OK = ("forward_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss of one position: ``alpha * CE + (1 - alpha) * s * D(p_T || q_T)``, ``s = T^2`` if ``t2_scale``.
+
+    divergence: which D; temperature: T (> 0), applied to teacher and student; alpha: the CE weight in
+    [0, 1]; beta: the JSD interpolation in [0, 1] (0 = forward KL, 1 = reverse KL); skew: the skew-KL
+    mixing weight in [0, 1). Passed whole through the losses, the chunked path and the recipes (the train
+    config's ``loss`` section builds one with ``LossConfig.spec()``). The default is pure forward KL.
+    """
+
+    divergence: Divergence = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.0
+    t2_scale: bool = True
+    beta: float = 0.5
+    skew: float = 0.1
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"jsd beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"skew must be in [0, 1), got {self.skew}")
+
+    @property
+    def scale(self) -> float:
+        """The factor on the divergence: T^2 (or 1 without ``t2_scale``)."""
+        return self.temperature**2 if self.t2_scale else 1.0
+
+    @property
+    def is_forward_kl(self) -> bool:
+        """D is exactly KL(p || q) (so the logged KL is the divergence itself)."""
+        return self.divergence == "forward_kl" or (self.divergence == "jsd" and self.beta == 0.0)
+
+    @property
+    def tolerates_zero_teacher_mass(self) -> bool:
+        """D stays finite where the teacher puts zero mass on a class the student does not (sampled
+        targets: no mass outside the drawn ids). Reverse KL, Jeffreys, JSD at beta = 1 and skew reverse
+        KL at skew = 0 all contain KL(q || p) and are infinite there."""
+        d = self.divergence
+        return d in ("forward_kl", "skew_kl", "tvd") or (d == "jsd" and self.beta < 1.0) or (
+            d == "skew_reverse_kl" and self.skew > 0.0
+        )
+
+    def describe(self) -> str:
+        extra = {"jsd": f", beta={self.beta:g}", "skew_kl": f", skew={self.skew:g}",
+                 "skew_reverse_kl": f", skew={self.skew:g}"}.get(self.divergence, "")
+        return (f"{self.alpha:g}*CE + {1 - self.alpha:g}*{'T^2*' if self.t2_scale else ''}{self.divergence}"
+                f"(T={self.temperature:g}{extra})")
 
 
 @dataclass
@@ -60,10 +113,12 @@ class SparseTarget:
         )
 
 
+FORWARD_KL = LossSpec()  # pure forward KL at T = 1: the default of the loss functions
+
 TeacherSignal = torch.Tensor | SparseTarget
 
 
-def _upcast(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 (fp64 stays fp64, which gradient checks use)."""
     return x if x.dtype == torch.float64 else x.float()
 
@@ -229,11 +284,11 @@ def sparse_logprobs(
     student_logits: (..., V). Returns ``(student_logp, teacher_logp, valid)``, each (..., C) with
     C = K + 1 (the last class is the tail) when ``target.tail`` is given, else C = K (renormalized).
     """
-    z = _upcast(student_logits) / temperature
+    z = upcast(student_logits) / temperature
     ids = target.ids
     present = target.probs > 0  # (..., K); zero-probability entries are padding
     z_ids = z.gather(-1, ids)
-    teacher_logp = _upcast(target.probs).log()
+    teacher_logp = upcast(target.probs).log()
     if target.tail is None:
         # Renormalize both distributions over the kept ids.
         student_logp = torch.log_softmax(z_ids.masked_fill(~present, -math.inf), dim=-1)
@@ -243,7 +298,7 @@ def sparse_logprobs(
 
     del z_ids
     student_logp = _SparseTailLogprobs.apply(z, ids, present)
-    teacher_tail = _upcast(target.tail).clamp_min(0.0).log().unsqueeze(-1)
+    teacher_tail = upcast(target.tail).clamp_min(0.0).log().unsqueeze(-1)
     teacher_logp = torch.cat([teacher_logp, teacher_tail], dim=-1)
     valid = torch.cat([present, torch.ones_like(present[..., :1])], dim=-1)
     return student_logp, teacher_logp, valid
@@ -280,8 +335,8 @@ def token_divergence(
             f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} differ; "
             "slice both to the tokenizer's vocabulary first"
         )
-    lq = torch.log_softmax(_upcast(student_logits) / temperature, dim=-1)
-    lp = torch.log_softmax(_upcast(teacher) / temperature, dim=-1)
+    lq = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    lp = torch.log_softmax(upcast(teacher) / temperature, dim=-1)
     return divergence_from_logprobs(lq, lp, kind, beta=beta, skew=skew)
 
 
@@ -291,7 +346,7 @@ def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch
     logits: (..., V); labels: (...). Returns (...) fp32.
     """
     flat = F.cross_entropy(
-        _upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        upcast(logits).reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return flat.reshape(labels.shape)
 
@@ -300,34 +355,28 @@ def kd_loss_per_token(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher: TeacherSignal | None,
-    *,
-    kind: Divergence = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.0,
-    t2_scale: bool = True,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    spec: LossSpec = FORWARD_KL,
 ) -> dict[str, torch.Tensor]:
-    """``alpha * CE + (1 - alpha) * s * D_T`` per position, with ``s = T^2`` if ``t2_scale`` else 1.
+    """``alpha * CE + (1 - alpha) * s * D_T`` per position (see :class:`LossSpec`).
 
     student_logits: (B, T, V); labels: (B, T) with IGNORE_INDEX for unsupervised positions.
     Returns per-position tensors (B, T): ``loss`` (what to reduce and backpropagate), ``ce`` and
     ``div`` (the unscaled divergence). With ``teacher=None`` the loss is the plain CE.
-    Positions with IGNORE_INDEX still get values here; :func:`reduce_loss` masks them.
+    Positions with IGNORE_INDEX still get values here; :func:`reduce_loss` masks them (callers that
+    backpropagate should drop those rows first: a zero-mass teacher row can make their divergence
+    infinite, and ``0 * inf`` in the backward of a mask is NaN).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     ce = cross_entropy_per_token(student_logits, labels)
     if teacher is None:
         return {"loss": ce, "ce": ce}
-    div = token_divergence(student_logits, teacher, kind, temperature=temperature, beta=beta, skew=skew)
-    scale = temperature**2 if t2_scale else 1.0
-    if alpha == 1.0:
+    div = token_divergence(student_logits, teacher, spec.divergence, temperature=spec.temperature,
+                           beta=spec.beta, skew=spec.skew)
+    if spec.alpha == 1.0:
         loss = ce  # not 0 * div: an infinite divergence must not turn the CE into NaN
     else:
-        loss = (1.0 - alpha) * scale * div
-        if alpha > 0:
-            loss = loss + alpha * ce
+        loss = (1.0 - spec.alpha) * spec.scale * div
+        if spec.alpha > 0:
+            loss = loss + spec.alpha * ce
     return {"loss": loss, "ce": ce, "div": div}
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from distill.config import ModelSpec
+from distill.config import ModelSpec, looks_local
 from distill.tokenizer import byte_tokenizer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -31,14 +31,9 @@ logger = logging.getLogger("distill")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _looks_local(ref: str) -> bool:
-    """Hub ids look like ``org/name``; anything starting like a path is treated as one."""
-    return ref.startswith((".", "/", "~"))
-
-
 def _check_local(ref: str, field: str, want: str) -> None:
     """A reference that is clearly a path must exist; anything else may be a hub id."""
-    if _looks_local(ref) and not Path(ref).expanduser().exists():
+    if looks_local(ref) and not Path(ref).expanduser().exists():
         raise ValueError(f"{field}: {ref} does not exist (expected {want})")
 
 
@@ -144,3 +139,28 @@ def max_positions(model: PreTrainedModel) -> int | None:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def has_accelerator() -> bool:
+    """A GPU (CUDA/ROCm), an XPU or Apple's MPS is present; otherwise processes run on the CPU (gloo)."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool((xpu is not None and xpu.is_available()) or torch.backends.mps.is_available())
+
+
+def final_hidden(model, batch: dict) -> torch.Tensor:
+    """Final (post-norm) hidden states (B, T, H); ``logits_to_keep=1`` skips the full logits."""
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    return out.hidden_states[-1]
+
+
+def flat_positions(hidden_BTH: torch.Tensor) -> torch.Tensor:
+    """Hidden states of the positions that predict a next token, as (N, H) with N = B * (T - 1)."""
+    return hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])

@@ -5,7 +5,8 @@
     accelerate launch --num_processes 2 -m distill cache my.yaml      # each process writes its own shards
 
 The data section is the one ``distill train`` uses, and the cache covers ``build_datasets``' train split
-(and the eval split with ``splits=[train,eval]``), example by example in dataset order. The format is
+and, when the data has one, its eval split (``splits`` chooses), example by example in dataset order;
+training from the cache reports KL to the teacher and agreement on the cached eval split. The format is
 described in :mod:`distill.cache`; train from it with ``teacher: {cache: OUT}``.
 
 Resume: running the same command again continues from the last complete shard (shards are written
@@ -25,35 +26,10 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
-
-from distill.config import DataConfig, ModelSpec, Section
+from distill.config import CacheConfig, ModelSpec
 
 logger = logging.getLogger("distill")
-
-
-class CacheConfig(Section):
-    """``distill cache``: which teacher, which data, which targets, where."""
-
-    out_dir: str = "runs/cache"
-    teacher: ModelSpec
-    data: DataConfig
-    mode: Literal["topk", "sampled"] = "topk"
-    k: int = Field(64, gt=0, description="top-k: ids kept per token")
-    n: int = Field(50, gt=0, description="sampled: draws per token (with replacement)")
-    temperature: float = Field(1.0, gt=0, description="targets are softmax(logits / temperature)")
-    prob_bits: int | None = Field(
-        None, ge=2, le=16, description="top-k probability code bits (default: auto, <= 3 B/entry)"
-    )
-    splits: list[Literal["train", "eval"]] = Field(["train"], description="build_datasets splits to capture")
-    batch_size: int = Field(8, gt=0, description="examples per teacher forward (per process)")
-    shard_examples: int = Field(256, gt=0, description="examples per shard file")
-    seed: int = Field(0, description="sampled: seed of the draws")
-    vocab_policy: Literal["truncate", "error"] = "truncate"
-    logits_memory_mb: int = Field(256, gt=0, description="memory for one chunk of teacher logits")
-    progress: bool = True
 
 
 def teacher_identity(spec: ModelSpec) -> dict:
@@ -128,7 +104,7 @@ class Capturer:
         """Teacher logits / T of ``rows`` (C, H), C <= chunk_rows: a view of a reused fp32 buffer."""
         import torch
 
-        from distill.chunked import _raw_logits_into
+        from distill.chunked import logits_into
 
         w, b = self.head.sliced()
         c = rows.shape[0]
@@ -138,7 +114,7 @@ class Capturer:
                 min(self.chunk_rows, max(c, 1)), w.shape[0], dtype=w.dtype, device=rows.device
             )
         out = buf[:c]
-        _raw_logits_into(out, rows, w, b)
+        logits_into(out, rows, w, b)
         z = self.head.postprocess(out).float()
         if self.temperature != 1.0:
             z.div_(self.temperature)  # the buffer, or a fresh tensor from postprocess / float
@@ -191,7 +167,7 @@ class Capturer:
         comparison with :meth:`capture`. Returns the number of input tokens."""
         import torch
 
-        from distill.evaluate import final_hidden
+        from distill.models import final_hidden
 
         tokens = 0
         with torch.no_grad():
@@ -213,7 +189,7 @@ class Capturer:
         import torch
 
         from distill.cache import example_uniforms, stored_positions
-        from distill.evaluate import final_hidden
+        from distill.models import final_hidden
 
         p = self.params
         parts: dict[str, list] = {}
@@ -407,11 +383,18 @@ def main(cfg: CacheConfig) -> dict:
     from distill import cache as fmt
     from distill.checkpoint import atomic_write_text
     from distill.data import build_datasets
-    from distill.models import load_model, load_tokenizer, max_positions, output_head, resolve_vocab
+    from distill.models import (
+        has_accelerator,
+        load_model,
+        load_tokenizer,
+        max_positions,
+        output_head,
+        resolve_vocab,
+    )
     from distill.tokenizer import tokenizer_fingerprint
 
     out_dir = Path(cfg.out_dir)
-    accelerator = Accelerator(cpu=not _has_accelerator())
+    accelerator = Accelerator(cpu=not has_accelerator())
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if not is_main:
         logger.setLevel(logging.WARNING)
@@ -425,14 +408,15 @@ def main(cfg: CacheConfig) -> dict:
     with accelerator.main_process_first():
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=max_positions(teacher))
     datasets = {"train": train_ds, "eval": eval_ds}
-    for split in cfg.splits:
+    splits = cfg.splits if cfg.splits is not None else [s for s in ("train", "eval") if datasets[s] is not None]
+    for split in splits:
         if datasets[split] is None:
             raise ValueError(
                 "splits includes eval, but the data has no eval split (data.eval_fraction=0 and no "
                 "data.eval_source)"
             )
 
-    hashes = {split: fmt.example_hashes(datasets[split]) for split in cfg.splits}
+    hashes = {split: fmt.example_hashes(datasets[split]) for split in splits}
     identity = {
         "format": fmt.FORMAT_NAME,
         "version": fmt.FORMAT_VERSION,
@@ -450,7 +434,7 @@ def main(cfg: CacheConfig) -> dict:
                 "shard_examples": cfg.shard_examples,
                 "num_shards": -(-len(datasets[split]) // cfg.shard_examples),
             }
-            for split in cfg.splits
+            for split in splits
         },
     }
 
@@ -484,7 +468,7 @@ def main(cfg: CacheConfig) -> dict:
     )
     written = tokens = 0
     seconds = 0.0
-    for split in cfg.splits:
+    for split in splits:
         res = capture_split(
             capturer,
             datasets[split],
@@ -564,62 +548,3 @@ def _summary(manifest: dict, out_dir: Path, *, written: int, seconds: float, tok
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
     }
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    return bool((xpu is not None and xpu.is_available()) or torch.backends.mps.is_available())
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def cmd_cache(args) -> int:
-    from distill.config import load_config
-
-    cfg = load_config(CacheConfig, args.config, args.overrides)
-    summary = main(cfg)
-    logger.info("done: %s", json.dumps(summary["splits"]))
-    return 0
-
-
-def add_parser(sub) -> None:
-    """``distill cache CONFIG [key=value ...]``: register with ``PARSERS["cache"] = add_parser`` in cli.py."""
-    import argparse
-
-    from distill.cli import _describe
-
-    p = sub.add_parser(
-        "cache",
-        help="run a teacher over the data once and store sparse per-token targets (top-k or sampled)",
-        description="Capture teacher targets into an offline cache; train from it with teacher: {cache: OUT}.\n"
-        "Re-running the same command resumes an interrupted capture.\n\n"
-        "Config keys (YAML file, then key=value overrides such as mode=sampled n=50):\n"
-        + _describe(CacheConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("config", help="YAML config file (see configs/tiny/cache.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. data.seq_len=256")
-    p.set_defaults(func=cmd_cache)
-
-
-if __name__ == "__main__":  # python -m distill.recipes.cache CONFIG [key=value ...] (same as `distill cache`)
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="distill cache")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[distill] %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        sys.exit(cmd_cache(parser.parse_args()))
-    except ValueError as exc:
-        print(f"distill: error: {exc}", file=sys.stderr)
-        sys.exit(2)

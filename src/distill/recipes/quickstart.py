@@ -46,6 +46,7 @@ from distill.data import build_datasets, collate
 from distill.evaluate import eval_sums, metrics_from_sums, target_bytes, token_byte_lengths
 from distill.models import load_model, load_tokenizer, output_head
 from distill.recipes import train
+from distill.teacher import LiveTeacher
 
 logger = logging.getLogger("distill")
 
@@ -222,16 +223,15 @@ def evaluate_all(models: dict[str, Path], teacher_dir: Path, tok_dir: Path, val_
     data_cfg = DataConfig(source=str(val_jsonl), seq_len=seq_len, eval_fraction=0.0, format="text")
     val_ds, _ = build_datasets(data_cfg, tokenizer)
     n_bytes = target_bytes(val_ds, token_byte_lengths(tokenizer))
-    teacher = load_model(ModelSpec(path=str(teacher_dir)), "teacher").eval()
-    t_head = output_head(teacher, len(tokenizer))
+    teacher = LiveTeacher(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), len(tokenizer))
     out = {}
     for name, path in models.items():
-        model = teacher if path == teacher_dir else load_model(ModelSpec(path=str(path)), name)
+        model = teacher.model if path == teacher_dir else load_model(ModelSpec(path=str(path)), name)
         batches = (collate([val_ds[j] for j in range(i, min(i + 32, len(val_ds)))], tokenizer.pad_token_id)
                    for i in range(0, len(val_ds), 32))
-        sums = eval_sums(model, output_head(model, len(tokenizer)), batches, teacher, t_head,
+        sums = eval_sums(model, output_head(model, len(tokenizer)), batches, teacher,
                          autocast=lambda: torch.autocast("cpu", enabled=False))
-        out[name] = metrics_from_sums(sums, with_teacher=True, target_bytes=n_bytes)
+        out[name] = metrics_from_sums(sums, teacher.eval_estimates, target_bytes=n_bytes)
     return out
 
 

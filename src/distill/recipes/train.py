@@ -26,7 +26,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -35,28 +38,28 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
-from distill.cache import TeacherCache, data_fingerprint
-from distill.chunked import chunked_kd_loss, naive_kd_loss
-from distill.config import LoopConfig, LossConfig, OptimConfig, TeacherCacheSpec, TrainConfig, dump_config
+from distill.chunked import LinearHead, chunked_kd_loss, naive_kd_loss
+from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
-from distill.evaluate import eval_sums, final_hidden, flat_positions, metrics_from_sums
-from distill.losses import IGNORE_INDEX, ZERO_TEACHER_MASS_OK
+from distill.errors import NonFiniteLossError
+from distill.evaluate import eval_sums, metrics_from_sums
+from distill.losses import IGNORE_INDEX
 from distill.models import (
-    check_tokenizers_agree,
     count_parameters,
+    final_hidden,
+    flat_positions,
+    has_accelerator,
     load_model,
     load_tokenizer,
     max_positions,
     output_head,
     resolve_vocab,
 )
-from distill.tokenizer import tokenizer_fingerprint
+from distill.teacher import Teacher, open_teacher
 
 logger = logging.getLogger("distill")
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
+__all__ = ["BATCH_SOURCES", "NonFiniteLossError", "Run", "main"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,41 +92,72 @@ def lr_lambda(step: int, optim: OptimConfig, max_steps: int) -> float:
     return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cosine
 
 
-def kd_step_loss(model, student_head_fn, teacher, teacher_head, batch, num_tokens, loss: LossConfig):
-    """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics.
+@dataclass
+class Run:
+    """What the loop, the batch sources and evaluation share (built once by :func:`main`)."""
 
-    The teacher signal is the live teacher's final hidden states + output layer, the cached sparse
-    targets carried in the batch, or nothing (plain CE).
-    """
-    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
-    teacher_signal = batch.get("teacher_target")  # cached sparse targets, aligned with labels[:, 1:]
-    if teacher is not None:
-        with torch.no_grad():
-            teacher_signal = (flat_positions(final_hidden(teacher, batch)), teacher_head)
+    cfg: TrainConfig
+    accelerator: Accelerator
+    tokenizer: Any
+    model: torch.nn.Module  # the student, prepared by accelerate
+    teacher: Teacher | None
+    train_ds: Any
+    eval_ds: Any
+    pad_id: int
 
+    def student_head(self) -> LinearHead:
+        return output_head(self.accelerator.unwrap_model(self.model), len(self.tokenizer))
+
+    def collate(self, dataset, indices, split: str) -> dict:
+        """Examples ``indices`` of ``dataset`` as a batch on the device; ``index`` and ``split`` say which
+        examples they are (a cached teacher finds its targets by them)."""
+        indices = list(indices)
+        batch = {k: v.to(self.accelerator.device) for k, v in collate([dataset[i] for i in indices],
+                                                                        self.pad_id).items()}
+        return {**batch, "index": indices, "split": split}
+
+
+def dataset_batches(run: Run, step: int) -> list[dict]:
+    """``train.batches: dataset``: micro-batch ``m`` of this process is :func:`example_indices` of the data."""
+    acc, loop = run.accelerator, run.cfg.train
+    return [run.collate(run.train_ds, example_indices(step, m, acc.process_index, acc.num_processes, loop,
+                                                      len(run.train_ds)), "train")
+            for m in range(loop.grad_accum)]
+
+
+# train.batches -> the function giving one optimizer step's micro-batches on this process. A source is a
+# pure function of (run, step), so a resumed run needs no iterator state, and gives every process the same
+# number of micro-batches. Batches are dicts with input_ids, labels (IGNORE_INDEX where unsupervised) and
+# attention_mask on the device; dataset examples also carry index and split.
+BATCH_SOURCES: dict[str, Callable[[Run, int], list[dict]]] = {"dataset": dataset_batches}
+
+
+def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, num_tokens: int, loss: LossConfig):
+    """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics."""
+    labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
+    signal = teacher.signal(batch) if teacher is not None else None
     hidden = flat_positions(final_hidden(model, batch))
     head = student_head_fn()
-    kw = dict(kind=loss.divergence, temperature=loss.temperature, alpha=loss.alpha, t2_scale=loss.t2_scale,
-              beta=loss.beta, skew=loss.skew)
-    labels = labels.reshape(-1)
+    spec = loss.spec()
     if loss.chunked:
-        return chunked_kd_loss(hidden, head, labels, teacher_signal, num_tokens, chunk_size=loss.chunk_size, **kw)
+        return chunked_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunk_size=loss.chunk_size)
     # The reference path (materialized logits, plain autograd); statistics come from a no-grad pass.
-    value = naive_kd_loss(hidden, head, labels, teacher_signal, num_tokens, **kw)
+    value = naive_kd_loss(hidden, head, labels, signal, num_tokens, spec)
     with torch.no_grad():
-        _, stats = chunked_kd_loss(hidden.detach(), head, labels, teacher_signal, num_tokens, **kw)
+        _, stats = chunked_kd_loss(hidden.detach(), head, labels, signal, num_tokens, spec)
     return value, stats
 
 
-def _diagnose_nonfinite(step: int, model, teacher, batch, last_ckpt: Path | None, lr: float) -> str:
+def _diagnose_nonfinite(step: int, model, teacher: Teacher | None, batch, last_ckpt: Path | None, lr: float) -> str:
     """Say which part went non-finite, so the user knows what to change."""
     causes = []
     bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad_params:
         causes.append(f"student weights are non-finite ({', '.join(bad_params[:3])}...): the last update diverged")
+    teacher_cause = teacher.diagnose(batch) if teacher is not None else None
+    if teacher_cause:
+        causes.append(teacher_cause)
     with torch.no_grad():
-        if teacher is not None and not torch.isfinite(final_hidden(teacher, batch)).all():
-            causes.append("the teacher's hidden states are non-finite (a broken teacher checkpoint or fp16 overflow)")
         if not torch.isfinite(final_hidden(model, batch)).all():
             causes.append("the student's hidden states are non-finite")
     if not causes:
@@ -136,17 +170,18 @@ def _diagnose_nonfinite(step: int, model, teacher, batch, last_ckpt: Path | None
     )
 
 
-def evaluate(accelerator, model, student_head_fn, teacher, teacher_head, eval_ds, cfg: TrainConfig,
-             collate_fn) -> dict:
-    """Held-out CE/perplexity and, with a teacher, KL(p||q) at T=1 and top-1 agreement (all processes)."""
-    bs = cfg.eval.batch_size
-    chosen = eval_batch_indices(math.ceil(len(eval_ds) / bs), cfg.eval.max_batches)
+def evaluate(run: Run) -> dict:
+    """Held-out CE/perplexity/ECE and, when the teacher covers the eval split, its distance to the student
+    (what that means per teacher kind: :mod:`distill.teacher`); all processes."""
+    accelerator, eval_ds, bs = run.accelerator, run.eval_ds, run.cfg.eval.batch_size
+    teacher = run.teacher if run.teacher is not None and run.teacher.covers("eval") else None
+    chosen = eval_batch_indices(math.ceil(len(eval_ds) / bs), run.cfg.eval.max_batches)
     mine = chosen[accelerator.process_index :: accelerator.num_processes]
-    batches = (collate_fn([eval_ds[i] for i in range(b * bs, min((b + 1) * bs, len(eval_ds)))]) for b in mine)
-    sums = eval_sums(accelerator.unwrap_model(model), student_head_fn(), batches, teacher, teacher_head,
+    batches = (run.collate(eval_ds, range(b * bs, min((b + 1) * bs, len(eval_ds))), "eval") for b in mine)
+    sums = eval_sums(accelerator.unwrap_model(run.model), run.student_head(), batches, teacher,
                      autocast=accelerator.autocast)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
-    return metrics_from_sums(sums, with_teacher=teacher is not None)
+    return metrics_from_sums(sums, teacher.eval_estimates if teacher is not None else None)
 
 
 def eval_batch_indices(total: int, max_batches: int | None) -> list[int]:
@@ -155,6 +190,37 @@ def eval_batch_indices(total: int, max_batches: int | None) -> list[int]:
     if not max_batches or max_batches >= total:
         return list(range(total))
     return [(j * total) // max_batches for j in range(max_batches)]
+
+
+class Window:
+    """Running sums since the last train log line (reduced over processes when a record is made)."""
+
+    KEYS = ("ce_sum", "div_sum", "kl_sum", "count")
+
+    def __init__(self, accelerator: Accelerator, start_step: int):
+        self.accelerator = accelerator
+        self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=accelerator.device)  # + tokens
+        self.loss, self.start, self.t0 = 0.0, start_step, time.perf_counter()
+
+    def add(self, stats: dict, batch: dict) -> None:
+        self.sums += torch.stack([stats.get(k, torch.zeros(())).double().to(self.sums.device) for k in self.KEYS]
+                                 + [batch["attention_mask"].sum().double()])
+
+    def record(self, step: int, lr: float, tokens_seen: int, grad_norm, with_teacher: bool) -> dict:
+        """The train record for the steps since the last one; then starts a new window."""
+        ce_sum, div_sum, kl_sum, count, tokens = self.accelerator.reduce(self.sums, "sum").tolist()
+        count = max(count, 1.0)
+        record = {"step": step, "split": "train", "loss": self.loss / max(step - self.start, 1),
+                  "ce": ce_sum / count, "lr": lr, "tokens_seen": tokens_seen,
+                  "tokens_per_s": tokens / max(time.perf_counter() - self.t0, 1e-9)}
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if with_teacher:
+            record["kl"] = kl_sum / count
+            record["div"] = div_sum / count
+        self.sums.zero_()
+        self.loss, self.start, self.t0 = 0.0, step, time.perf_counter()
+        return record
 
 
 class MetricsWriter:
@@ -225,7 +291,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     # group itself, PartialState, is kept).
     AcceleratorState._reset_state()
     accelerator = Accelerator(
-        cpu=not _has_accelerator(),  # on a CPU-only machine, lets launched processes form a gloo group
+        cpu=not has_accelerator(),  # on a CPU-only machine, lets launched processes form a gloo group
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard")),
@@ -248,34 +314,24 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
             "or choose another out_dir"
         )
 
-    # 1. Tokenizer and models. ------------------------------------------------------------------------
+    # 1. Tokenizer, student and teacher. -----------------------------------------------------------------
     tokenizer = load_tokenizer(cfg.student, "student")
     vocab = len(tokenizer)
     student = load_model(cfg.student, "student", tokenizer)
     resolve_vocab(student, vocab, "student", cfg.loss.vocab_policy)
-    teacher = cache = None
-    if isinstance(cfg.teacher, TeacherCacheSpec):
-        cache = open_teacher_cache(cfg, tokenizer)
-    elif cfg.teacher is not None:
-        teacher_tok = load_tokenizer(cfg.teacher, "teacher")
-        check_tokenizers_agree(tokenizer, teacher_tok, cfg.student.tokenizer or cfg.student.path,
-                               cfg.teacher.tokenizer or cfg.teacher.path)
-        teacher = load_model(cfg.teacher, "teacher", teacher_tok)
-        resolve_vocab(teacher, vocab, "teacher", cfg.loss.vocab_policy)
-        teacher.to(accelerator.device).eval().requires_grad_(False)
-    limits = [m for m in (max_positions(student), teacher and max_positions(teacher)) if m]
-    described = (f"; teacher: {count_parameters(teacher) / 1e6:.2f}M" if teacher is not None
-                 else f"; teacher: {cache.mode} targets from {cache.path}" if cache is not None
-                 else " (no teacher: plain CE)")
-    logger.info("student: %.2fM parameters%s", count_parameters(student) / 1e6, described)
+    teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path,
+                           loss=cfg.loss.spec(), seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy,
+                           device=accelerator.device)
+    logger.info("student: %.2fM parameters; teacher: %s; loss: %s", count_parameters(student) / 1e6,
+                teacher.describe() if teacher is not None else "none (plain CE)",
+                cfg.loss.spec().describe() if teacher is not None else "CE")
 
     # 2. Data. ----------------------------------------------------------------------------------------
+    limits = [m for m in (max_positions(student), teacher and teacher.max_positions) if m]
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=min(limits) if limits else None)
-    if cache is not None:  # refuse targets of other data before training on them
-        cache.check_compatible(data_fingerprint=data_fingerprint(train_ds), num_examples=len(train_ds))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate_fn = functools.partial(_collate_to, pad_token_id=pad_id, device=accelerator.device)
+    if teacher is not None:
+        teacher.check_data(train_ds, eval_ds)  # e.g. refuse cached targets of other data before training
     logger.info("data: %d train / %d eval examples of up to %d tokens", len(train_ds),
                 len(eval_ds) if eval_ds is not None else 0, cfg.data.seq_len)
 
@@ -290,8 +346,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
         optimizer, functools.partial(lr_lambda, optim=cfg.optim, max_steps=cfg.train.max_steps)
     )
     model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    student_head_fn = lambda: output_head(accelerator.unwrap_model(model), vocab)  # noqa: E731
-    teacher_head = output_head(teacher, vocab) if teacher is not None else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id)
+    next_batches = BATCH_SOURCES[cfg.train.batches]
 
     # 4. Resume. --------------------------------------------------------------------------------------
     start_step, tokens_seen = 0, 0
@@ -312,14 +369,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                     disable=not (is_main and cfg.log.progress), dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # keep redirected logs short
-    # Running sums since the last log line: ce, div, kl, supervised count, tokens (reduced over processes).
-    window = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
-    window_loss, window_from, window_t0 = 0.0, start_step, time.perf_counter()
+    window = Window(accelerator, start_step)
     last_eval: dict = {}
     for step in range(start_step, cfg.train.max_steps):
-        micro_batches = [load_batch(train_ds, example_indices(step, m, accelerator.process_index, world, cfg.train,
-                                                              len(train_ds)), collate_fn, cache, accelerator.device)
-                         for m in range(cfg.train.grad_accum)]
+        micro_batches = next_batches(run, step)
         # Supervised tokens in the whole step, all processes: the one normalizer for every micro-batch.
         local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
         step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
@@ -330,8 +383,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
         for m, batch in enumerate(micro_batches):
             sync = m == len(micro_batches) - 1
             with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss, stats = kd_step_loss(model, student_head_fn, teacher, teacher_head, batch, step_tokens,
-                                           cfg.loss)
+                loss, stats = kd_step_loss(model, run.student_head, teacher, batch, step_tokens, cfg.loss)
                 # DDP averages gradients over processes; the loss is already a global-token mean.
                 scaled = loss * world
             bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device),
@@ -341,9 +393,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
                                                              last_ckpt, scheduler.get_last_lr()[0]))
             accelerator.backward(scaled)
             step_loss += loss.detach()
-            window += torch.stack([stats.get(k, torch.zeros(())).double().to(window.device)
-                                   for k in ("ce_sum", "div_sum", "kl_sum", "count")]
-                                  + [batch["attention_mask"].sum().double()])
+            window.add(stats, batch)
         grad_norm = None
         if cfg.optim.max_grad_norm is not None and step_tokens > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
@@ -355,29 +405,17 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
         step_loss = accelerator.reduce(step_loss, "sum").item()  # each process holds its share of the mean
         tokens_seen += int(accelerator.reduce(torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(),
                                               "sum").item())
-        window_loss += step_loss
+        window.loss += step_loss
         done = step + 1
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            ce_sum, div_sum, kl_sum, count, tokens = accelerator.reduce(window, "sum").tolist()
-            count = max(count, 1.0)
-            record = {"step": done, "split": "train", "loss": window_loss / max(done - window_from, 1),
-                      "ce": ce_sum / count, "lr": lr, "tokens_seen": tokens_seen,
-                      "tokens_per_s": tokens / max(time.perf_counter() - window_t0, 1e-9)}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if teacher is not None or cache is not None:
-                record["kl"] = kl_sum / count
-                record["div"] = div_sum / count
+            record = window.record(done, lr, tokens_seen, grad_norm, with_teacher=teacher is not None)
             metrics.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            window.zero_()
-            window_loss, window_from, window_t0 = 0.0, done, time.perf_counter()
         progress.update(1)
 
         if eval_ds is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.max_steps):
-            last_eval = evaluate(accelerator, model, student_head_fn, teacher, teacher_head, eval_ds, cfg,
-                                 collate_fn)
+            last_eval = evaluate(run)
             metrics.write({"step": done, "split": "eval", **last_eval})
             logger.info("step %d eval: %s", done, _fmt(last_eval))
 
@@ -394,44 +432,6 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-
-
-def open_teacher_cache(cfg: TrainConfig, tokenizer) -> TeacherCache:
-    """Open ``teacher: {cache: DIR}`` and refuse one that does not fit this run."""
-    spec = cfg.teacher
-    cache = TeacherCache(spec.cache, topk_tail=spec.topk_tail)
-    cache.check_compatible(tokenizer_fingerprint(tokenizer), len(tokenizer), cfg.data.seq_len)
-    if abs(cache.temperature - cfg.loss.temperature) > 1e-9:
-        raise ValueError(
-            f"teacher.cache: the targets in {spec.cache} were captured at temperature {cache.temperature}, but "
-            f"loss.temperature={cfg.loss.temperature}; set loss.temperature={cache.temperature} or rebuild the cache"
-        )
-    if cache.mode == "sampled" and cfg.loss.divergence not in ZERO_TEACHER_MASS_OK:
-        raise ValueError(
-            f"loss.divergence={cfg.loss.divergence} is infinite on sampled targets (the teacher puts no mass "
-            f"outside the sampled ids); use one of {', '.join(ZERO_TEACHER_MASS_OK)}"
-        )
-    return cache
-
-
-def load_batch(dataset, indices: list[int], collate_fn, cache: TeacherCache | None, device) -> dict:
-    examples = [dataset[i] for i in indices]
-    batch = collate_fn(examples)
-    if cache is not None:
-        width = batch["input_ids"].shape[1]
-        batch["teacher_target"] = cache.batch_target(indices, examples, width=width).to(device)
-    return batch
-
-
-def _has_accelerator() -> bool:
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    return bool((xpu is not None and xpu.is_available()) or torch.backends.mps.is_available())
-
-
-def _collate_to(examples, pad_token_id: int, device) -> dict:
-    return {k: v.to(device) for k, v in collate(examples, pad_token_id).items()}
 
 
 def _fmt(d: dict) -> str:

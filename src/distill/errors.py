@@ -1,0 +1,13 @@
+"""The errors the CLI reports without a traceback: each message names the file, field or value at fault
+and says what to do."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config problem the user must fix; the message names the file and field."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss; the message diagnoses the cause and names the last good
+    checkpoint (nothing was written for the failing step)."""

@@ -49,8 +49,7 @@ sys.path.insert(0, str(REPO / "src"))
 from distill import cache as fmt  # noqa: E402
 from distill.chunked import chunked_kd_loss  # noqa: E402
 from distill.data import collate  # noqa: E402
-from distill.evaluate import final_hidden, flat_positions  # noqa: E402
-from distill.models import output_head  # noqa: E402
+from distill.models import final_hidden, flat_positions, output_head  # noqa: E402
 from distill.recipes.cache import Capturer, build_manifest, capture_split  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "cache.json"
@@ -78,9 +77,8 @@ def llama(vocab: int, hidden: int, layers: int, seed: int, max_pos: int = 1024):
 
 
 def tiny_teacher():
-    from distill.config import load_config
+    from distill.config import CacheConfig, load_config
     from distill.models import load_model, load_tokenizer
-    from distill.recipes.cache import CacheConfig
 
     cfg = load_config(CacheConfig, REPO / "configs" / "tiny" / "cache.yaml", [])
     tok = load_tokenizer(cfg.teacher, "teacher")
@@ -163,7 +161,7 @@ def train_step_throughput(
         labels = batch["labels"][:, 1:].reshape(-1)
         n = int((labels != -100).sum())
         loss, _ = chunked_kd_loss(
-            flat_positions(final_hidden(student, batch)), head_fn(), labels, target, n, alpha=0.0
+            flat_positions(final_hidden(student, batch)), head_fn(), labels, target, n
         )
         loss.backward()
         student.zero_grad(set_to_none=True)

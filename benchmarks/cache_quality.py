@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from distill.checkpoint import atomic_write_json  # noqa: E402
-from distill.config import ModelSpec, TeacherCacheSpec  # noqa: E402
+from distill.config import CacheConfig, ModelSpec, TeacherCacheSpec  # noqa: E402
 from distill.recipes import cache as cache_recipe  # noqa: E402
 from distill.recipes import train  # noqa: E402
 from distill.recipes.quickstart import PRESETS, evaluate_all, get_teacher, run_config, write_corpus  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
         cache_dir = work / f"cache_{mode}{suffix if mode == 'sampled' else ''}"
         if not args.reuse:
             shutil.rmtree(cache_dir, ignore_errors=True)
-        cfg = cache_recipe.CacheConfig(out_dir=str(cache_dir), teacher=ModelSpec(path=str(teacher_dir)), data=data,
+        cfg = CacheConfig(out_dir=str(cache_dir), teacher=ModelSpec(path=str(teacher_dir)), data=data,
                                        mode=mode, batch_size=16, **params)
         summary = cache_recipe.main(cfg)  # a complete cache with the same settings is kept as is
         caches[mode] = {"dir": cache_dir, **params, "bytes_per_token": summary["splits"]["train"]["bytes_per_token"],

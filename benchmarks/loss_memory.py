@@ -9,7 +9,7 @@ that case's alone. The measured step includes the output-layer matmuls of both m
 * chunked: :func:`distill.chunked.chunked_kd_loss` (automatic chunk size), ``.backward()``.
 * liger:   (CUDA, JSD only, when ``liger-kernel`` is installed) Liger-Kernel's ``LigerFusedLinearJSD``,
            the fused chunked JSD of a live teacher, for comparison. Its loss is the unscaled
-           ``beta KL(P||M) + (1-beta) KL(Q||M)``; ours divides by ``beta (1-beta)`` (METHODS.md), so the
+           ``beta KL(P||M) + (1-beta) KL(Q||M)``; ours divides by ``beta (1-beta)`` (docs/methods.md), so the
            recorded ``loss`` differs by that factor (4 at beta=0.5).
 
 ``--dtype bfloat16`` runs hidden states and weights in bf16 (the usual GPU setting); the losses still
@@ -238,7 +238,8 @@ def _make_inputs(vocab, tokens, hidden, device, teacher, k=64, dtype="float32"):
 def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chunk_size=None, log_kl=True):
     import torch
 
-    from distill.chunked import LinearHead, chunked_kd_loss
+    from distill.chunked import DenseSignal, LinearHead, chunked_kd_loss
+    from distill.losses import LossSpec
 
     inp["w"].grad = None
     inp["h"].grad = None
@@ -256,7 +257,7 @@ def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chun
             )
         else:
             if "tw" in inp:
-                teacher = (inp["th"], LinearHead(inp["tw"]))
+                teacher = DenseSignal(inp["th"], LinearHead(inp["tw"]))
             else:
                 teacher = inp.get("sparse")
             loss, _ = chunked_kd_loss(
@@ -265,10 +266,7 @@ def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chun
                 inp["labels"],
                 teacher,
                 n,
-                kind=kind,
-                temperature=temperature,
-                beta=BETA,
-                skew=SKEW,
+                LossSpec(kind, temperature=temperature, beta=BETA, skew=SKEW),
                 chunk_size=chunk_size,
                 loss_chunk_size=loss_chunk_size,
                 memory_budget_bytes=budget,

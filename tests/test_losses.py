@@ -24,6 +24,7 @@ from distill.losses import (
     divergence_from_logprobs,
     kd_loss_per_token,
     reduce_loss,
+    sparse_logprobs,
     supervised_mask,
     token_divergence,
 )
@@ -517,6 +518,44 @@ def test_alpha_mixes_ce_and_scaled_divergence(alpha, T):
     out = kd_loss_per_token(zs, labels, zt, LossSpec("forward_kl", temperature=T, alpha=alpha))
     assert_np_close(out["loss"], alpha * ce + (1 - alpha) * T**2 * d, rtol=1e-10, atol=1e-12)
     assert_np_close(out["ce"], ce, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_tail", [True, False], ids=["tail", "renormalized"])
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd", "reverse_kl"])
+def test_alpha_mixing_with_a_sparse_target(kind, with_tail):
+    """With a sparse target at T = 1 the CE comes from the same normalizer as the tail: it must still equal
+    the plain hard-label CE, value and gradient."""
+    zs, zt, labels = make_batch(37)
+    target = topk_target(zt, 3, with_tail)
+    spec = LossSpec(kind, alpha=0.4)
+    zs = zs.clone().requires_grad_()
+    out = kd_loss_per_token(zs, labels, target, spec)
+    assert_np_close(out["ce"], ref_ce(zs, labels), rtol=1e-10, atol=1e-12)
+    ref = 0.4 * F.cross_entropy(zs.reshape(-1, 7), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    ref = ref.reshape(labels.shape) + 0.6 * token_divergence(zs, target, kind)
+    mask = labels != IGNORE_INDEX
+    (g,) = torch.autograd.grad(out["loss"][mask].sum(), zs)
+    (g_ref,) = torch.autograd.grad(ref[mask].sum(), zs)
+    torch.testing.assert_close(out["loss"][mask], ref[mask], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_full_coverage_with_padded_duplicates_has_no_tail():
+    """Every id is kept, and padding entries (probability 0) repeat some of them: the student's tail is
+    empty (log 0), however the duplicates are ordered; the CE label, gathered beside the ids, is one too."""
+    zs, zt, labels = make_batch(39)
+    p = torch.softmax(zt, -1)
+    pad = torch.zeros(*p.shape[:-1], 3, dtype=torch.long)  # id 0 again, three times, as padding
+    target = SparseTarget(torch.cat([torch.arange(7).expand(*p.shape), pad], -1),
+                          torch.cat([p, torch.zeros(*p.shape[:-1], 3, dtype=p.dtype)], -1), torch.zeros(p.shape[:-1]))
+    for kw in ({}, {"labels": labels}):
+        lq = sparse_logprobs(zs, target, **kw)[0]
+        assert (lq[..., -1] == -math.inf).all()
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        out = kd_loss_per_token(zs, labels, target, LossSpec(kind, alpha=0.5))
+        ref = kd_loss_per_token(zs, labels, zt, LossSpec(kind, alpha=0.5))
+        mask = labels != IGNORE_INDEX
+        torch.testing.assert_close(out["loss"][mask], ref["loss"][mask], rtol=1e-10, atol=1e-12)
 
 
 def test_alpha_one_gives_ce_and_no_teacher_gives_ce():

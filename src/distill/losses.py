@@ -125,6 +125,9 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 def _kl_terms(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """Per-class ``a * (log a - log b)``, exactly 0 where a == 0, with NaN-free gradients."""
+    if logp_a.numel() and not bool(logp_a.detach().amin() == -math.inf):
+        # No zero-mass class (the usual dense case): no masking needed. A NaN makes amin NaN and stays NaN.
+        return logp_a.exp() * (logp_a - logp_b)
     pos = logp_a != -math.inf  # NaN stays NaN: a broken teacher must not look like zero mass
     la = torch.where(pos, logp_a, torch.zeros_like(logp_a))
     return torch.where(pos, la.exp() * (la - logp_b), torch.zeros_like(la))
@@ -220,14 +223,25 @@ def divergence_from_logprobs(
     return terms.sum(-1)
 
 
+def _members(shape, ids: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(..., V) bool: which ids are members. An id may also appear as padding (or as a gathered label): a
+    maximum, not an overwrite, so that a padded duplicate never unsets a member."""
+    member = torch.zeros(shape, dtype=torch.uint8, device=ids.device)
+    return member.scatter_reduce_(-1, ids, present.to(torch.uint8), "amax").bool()
+
+
 class _SparseTailLogprobs(torch.autograd.Function):
     """Student log-probabilities of the target ids and of the tail (every id not in the target).
 
     ``z`` (..., V) logits (already / T), ``ids`` (..., K), ``present`` (..., K) (False: padding, not a
-    member). Returns (..., K + 1): ``z[ids] - lse(z)`` and ``log sum_{j not in ids} exp(z_j) - lse(z)``
-    (``-inf`` when the ids cover the vocabulary). One exp pass serves both normalizers and the analytic
-    backward; rows whose tail underflows relative to the row maximum get an exact logsumexp of their
-    own, so tiny tails stay exact.
+    member; present ids are distinct). Returns (..., K + 1): ``z[ids] - lse(z)`` and
+    ``log sum_{j not in ids} exp(z_j) - lse(z)`` (``-inf`` when the ids cover the vocabulary).
+
+    One exp pass serves both normalizers and the analytic backward, and nothing else is V-sized: the tail
+    sum is the total minus the ids' share, both summed in float64 (so the difference is exact to ~1e-16 of
+    the total however small the tail). Rows where that could still lose digits (a tail below 1e-9 of the
+    total, or one whose terms underflow next to the row maximum) get an exact logsumexp over their
+    non-member ids instead.
     """
 
     @staticmethod
@@ -235,73 +249,88 @@ class _SparseTailLogprobs(torch.autograd.Function):
         m = z.amax(-1, keepdim=True)
         m = m.masked_fill(~torch.isfinite(m), 0.0)
         e = torch.exp(z - m)
-        s_all = e.sum(-1, keepdim=True)
-        member = torch.zeros(z.shape, dtype=torch.uint8, device=z.device)
-        member.scatter_reduce_(-1, ids, present.to(torch.uint8), "amax")
-        member = member.bool()
-        log_rest = e.masked_fill(member, 0.0).sum(-1, keepdim=True).log()  # relative to m; -inf if empty
-        # Where the tail is (nearly) lost to underflow but not empty, recompute it with its own maximum.
-        weak = (log_rest < math.log(torch.finfo(z.dtype).tiny) + 20.0).squeeze(-1)
+        s_all = e.sum(-1, keepdim=True, dtype=torch.float64)
+        e_ids = e.gather(-1, ids).masked_fill(~present, 0.0)
+        rest = s_all - e_ids.sum(-1, keepdim=True, dtype=torch.float64)  # relative to exp(m)
+        weak = (rest <= s_all * 1e-9) | (rest < torch.finfo(z.dtype).tiny * math.exp(20.0))
+        weak = weak.squeeze(-1)
+        log_rest = rest.clamp_min(0.0).log().to(z.dtype)
         rows = None
         if bool(weak.any()):
-            weak &= ~member.all(-1)
-            if bool(weak.any()):
-                rows = weak.nonzero(as_tuple=True)
-                rest = z[rows].masked_fill(member[rows], -math.inf)
-                log_rest[rows] = torch.logsumexp(rest, dim=-1, keepdim=True) - m[rows]
-        log_all = s_all.log()
+            rows = weak.nonzero(as_tuple=True)
+            member = _members(z[rows].shape, ids[rows], present[rows])
+            # -inf when the ids cover the vocabulary; exact however far below the maximum the tail lies.
+            log_rest[rows] = torch.logsumexp(z[rows].masked_fill(member, -math.inf), dim=-1, keepdim=True) - m[rows]
+        log_all = s_all.log().to(z.dtype)
         out = torch.cat([z.gather(-1, ids) - m - log_all, log_rest - log_all], dim=-1)
-        ctx.save_for_backward(z, e, s_all, log_rest, member, ids)
+        ctx.save_for_backward(z, e, s_all, log_rest, ids, present)
         ctx.rows = rows
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        z, e, s_all, log_rest, member, ids = ctx.saved_tensors
+        z, e, s_all, log_rest, ids, present = ctx.saved_tensors
         k = ids.shape[-1]
         g_ids, g_tail = g[..., :k], g[..., k:]
-        # d/dz of (z_id - lse): onehot(id) - softmax; of (log rest - lse): [j not in ids] e_j / rest - softmax.
-        grad = e * (-(g.sum(-1, keepdim=True) / s_all))
-        grad.scatter_add_(-1, ids, g_ids)
+        # d/dz_j of (z_id - lse) = [j = id] - softmax_j; of (log rest - lse) = [j not in ids] e_j / rest - softmax_j.
         finite = torch.isfinite(log_rest)
-        coef = torch.where(finite, g_tail * torch.exp(-log_rest.masked_fill(~finite, 0.0)), 0.0)
+        coef = torch.where(finite, g_tail * torch.exp(-log_rest.masked_fill(~finite, 0.0)), 0.0)  # g_tail / rest
         rows = ctx.rows
         if rows is not None:
-            coef[rows] = 0.0
-        grad.addcmul_(e.masked_fill(member, 0.0), coef)
+            coef[rows] = 0.0  # handled exactly below
+        # One V-sized pass: every j gets e_j * (coef - sum(g) / total); members then give back e_j * coef.
+        grad = e * (coef - (g.sum(-1, keepdim=True) / s_all).to(e.dtype))
+        back = g_ids - (e.gather(-1, ids) * coef).masked_fill(~present, 0.0)
+        grad.scatter_add_(-1, ids, back)
         if rows is not None:
-            soft_rest = torch.softmax(z[rows].masked_fill(member[rows], -math.inf), dim=-1)
+            member = _members(z[rows].shape, ids[rows], present[rows])
+            soft_rest = torch.softmax(z[rows].masked_fill(member, -math.inf), dim=-1).nan_to_num_(0.0)
             grad[rows] += g_tail[rows] * soft_rest
         return grad, None, None
 
 
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / T`` in at least fp32 (no copy at T = 1 when the logits are fp32 already)."""
+    z = upcast(logits)
+    return z if temperature == 1.0 else z / temperature
+
+
 def sparse_logprobs(
-    student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    student_logits: torch.Tensor, target: SparseTarget, temperature: float = 1.0, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student and teacher log-probabilities over the sparse target's classes.
 
     student_logits: (..., V). Returns ``(student_logp, teacher_logp, valid)``, each (..., C) with
     C = K + 1 (the last class is the tail) when ``target.tail`` is given, else C = K (renormalized).
+    With ``labels`` (..., and a tail) also the student's log-probability of each label (..., 0 where the
+    label is IGNORE_INDEX), from the same normalizer: the hard-label CE at this temperature for free.
     """
-    z = upcast(student_logits) / temperature
+    z = tempered(student_logits, temperature)
     ids = target.ids
     present = target.probs > 0  # (..., K); zero-probability entries are padding
-    z_ids = z.gather(-1, ids)
     teacher_logp = upcast(target.probs).log()
     if target.tail is None:
         # Renormalize both distributions over the kept ids.
+        z_ids = z.gather(-1, ids)
         student_logp = torch.log_softmax(z_ids.masked_fill(~present, -math.inf), dim=-1)
         student_logp = student_logp.masked_fill(~present, 0.0)
         teacher_logp = torch.log_softmax(teacher_logp, dim=-1)
         return student_logp, teacher_logp, present
 
-    del z_ids
-    student_logp = _SparseTailLogprobs.apply(z, ids, present)
+    k = ids.shape[-1]
+    if labels is not None:  # the label rides along as one more gathered id that is not a member
+        ids = torch.cat([ids, labels.clamp_min(0).unsqueeze(-1)], dim=-1)
+        present = torch.cat([present, torch.zeros_like(present[..., :1])], dim=-1)
+    out = _SparseTailLogprobs.apply(z, ids, present)
+    student_logp = torch.cat([out[..., :k], out[..., -1:]], dim=-1) if labels is not None else out
     teacher_tail = upcast(target.tail).clamp_min(0.0).log().unsqueeze(-1)
     teacher_logp = torch.cat([teacher_logp, teacher_tail], dim=-1)
-    valid = torch.cat([present, torch.ones_like(present[..., :1])], dim=-1)
-    return student_logp, teacher_logp, valid
+    valid = torch.cat([present[..., :k], torch.ones_like(present[..., :1])], dim=-1)
+    if labels is None:
+        return student_logp, teacher_logp, valid
+    label_logp = out[..., k].masked_fill(labels == IGNORE_INDEX, 0.0)
+    return student_logp, teacher_logp, valid, label_logp
 
 
 def token_divergence(
@@ -321,23 +350,32 @@ def token_divergence(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if isinstance(teacher, SparseTarget):
-        if teacher.ids.shape[:-1] != student_logits.shape[:-1] or teacher.probs.shape != teacher.ids.shape:
-            raise ValueError(
-                f"sparse target positions {tuple(teacher.ids.shape[:-1])} (probs {tuple(teacher.probs.shape)}) and "
-                f"student logits positions {tuple(student_logits.shape[:-1])} differ"
-            )
-        if teacher.tail is not None and teacher.tail.shape != teacher.ids.shape[:-1]:
-            raise ValueError(f"sparse target tail {tuple(teacher.tail.shape)} does not match ids {tuple(teacher.ids.shape)}")
+        _check_sparse(student_logits, teacher)
         lq, lp, valid = sparse_logprobs(student_logits, teacher, temperature)
         return divergence_from_logprobs(lq, lp, kind, beta=beta, skew=skew, valid=valid)
+    lq, lp = _dense_logprobs(student_logits, teacher, temperature)
+    return divergence_from_logprobs(lq, lp, kind, beta=beta, skew=skew)
+
+
+def _check_sparse(student_logits: torch.Tensor, teacher: SparseTarget) -> None:
+    if teacher.ids.shape[:-1] != student_logits.shape[:-1] or teacher.probs.shape != teacher.ids.shape:
+        raise ValueError(
+            f"sparse target positions {tuple(teacher.ids.shape[:-1])} (probs {tuple(teacher.probs.shape)}) and "
+            f"student logits positions {tuple(student_logits.shape[:-1])} differ"
+        )
+    if teacher.tail is not None and teacher.tail.shape != teacher.ids.shape[:-1]:
+        raise ValueError(f"sparse target tail {tuple(teacher.tail.shape)} does not match ids {tuple(teacher.ids.shape)}")
+
+
+def _dense_logprobs(student_logits: torch.Tensor, teacher: torch.Tensor, temperature: float):
     if teacher.shape != student_logits.shape:
         raise ValueError(
             f"teacher logits {tuple(teacher.shape)} and student logits {tuple(student_logits.shape)} differ; "
             "slice both to the tokenizer's vocabulary first"
         )
-    lq = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
-    lp = torch.log_softmax(upcast(teacher) / temperature, dim=-1)
-    return divergence_from_logprobs(lq, lp, kind, beta=beta, skew=skew)
+    lq = torch.log_softmax(tempered(student_logits, temperature), dim=-1)
+    lp = torch.log_softmax(tempered(teacher, temperature), dim=-1)
+    return lq, lp
 
 
 def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -366,11 +404,24 @@ def kd_loss_per_token(
     backpropagate should drop those rows first: a zero-mass teacher row can make their divergence
     infinite, and ``0 * inf`` in the backward of a mask is NaN).
     """
-    ce = cross_entropy_per_token(student_logits, labels)
-    if teacher is None:
-        return {"loss": ce, "ce": ce}
-    div = token_divergence(student_logits, teacher, spec.divergence, temperature=spec.temperature,
-                           beta=spec.beta, skew=spec.skew)
+    if isinstance(teacher, torch.Tensor) and spec.temperature == 1.0:
+        # Dense teacher at T = 1: the CE reads the student's log-softmax that the divergence needs anyway.
+        lq, lp = _dense_logprobs(student_logits, teacher, 1.0)
+        ce = -lq.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        ce = ce.masked_fill(labels == IGNORE_INDEX, 0.0)
+        div = divergence_from_logprobs(lq, lp, spec.divergence, beta=spec.beta, skew=spec.skew)
+    elif isinstance(teacher, SparseTarget) and teacher.tail is not None and spec.temperature == 1.0:
+        # Sparse with a tail at T = 1: the label is gathered beside the ids, under the same normalizer.
+        _check_sparse(student_logits, teacher)
+        lq, lp, valid, label_logp = sparse_logprobs(student_logits, teacher, 1.0, labels=labels)
+        ce = -label_logp
+        div = divergence_from_logprobs(lq, lp, spec.divergence, beta=spec.beta, skew=spec.skew, valid=valid)
+    else:
+        ce = cross_entropy_per_token(student_logits, labels)
+        if teacher is None:
+            return {"loss": ce, "ce": ce}
+        div = token_divergence(student_logits, teacher, spec.divergence, temperature=spec.temperature,
+                               beta=spec.beta, skew=spec.skew)
     if spec.alpha == 1.0:
         loss = ce  # not 0 * div: an infinite divergence must not turn the CE into NaN
     else:

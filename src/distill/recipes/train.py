@@ -139,12 +139,14 @@ def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, n
     hidden = flat_positions(final_hidden(model, batch))
     head = student_head_fn()
     spec = loss.spec()
+    # Training logs CE, the divergence and KL; the argmax statistics are evaluation's.
     if loss.chunked:
-        return chunked_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunk_size=loss.chunk_size)
+        return chunked_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunk_size=loss.chunk_size,
+                               top1_stats=False)
     # The reference path (materialized logits, plain autograd); statistics come from a no-grad pass.
     value = naive_kd_loss(hidden, head, labels, signal, num_tokens, spec)
     with torch.no_grad():
-        _, stats = chunked_kd_loss(hidden.detach(), head, labels, signal, num_tokens, spec)
+        _, stats = chunked_kd_loss(hidden.detach(), head, labels, signal, num_tokens, spec, top1_stats=False)
     return value, stats
 
 
@@ -281,26 +283,81 @@ def save_student(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, s
     return final
 
 
-# --------------------------------------------------------------------------------------------------
-# The recipe
-
-
-def main(cfg: TrainConfig, resume: bool = False) -> dict:
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     out_dir = Path(cfg.out_dir)
     # Each run sets its own precision: forget an earlier run's settings in this process (the process
     # group itself, PartialState, is kept).
     AcceleratorState._reset_state()
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=not has_accelerator(),  # on a CPU-only machine, lets launched processes form a gloo group
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # we step the scheduler exactly once per optimizer step
     )
+
+
+def make_optimizer(student, cfg: TrainConfig):
+    """AdamW (no weight decay on vectors: norms, biases) and the warmup + cosine schedule."""
+    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_lambda, optim=cfg.optim, max_steps=cfg.train.max_steps)
+    )
+    return optimizer, scheduler
+
+
+def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], step: int, window: Window,
+                   last_ckpt: Path | None) -> tuple[float, float | None, int]:
+    """One optimizer step over the micro-batches; returns (lr used, grad norm or None, tokens of all processes)."""
+    accelerator, model, cfg = run.accelerator, run.model, run.cfg
+    # Supervised tokens in the whole step, all processes: the one normalizer for every micro-batch.
+    local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+    step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
+    if step_tokens == 0:
+        logger.warning("step %d: the batch has no supervised token; the update is skipped "
+                       "(check the data's prompt masking)", step + 1)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for m, batch in enumerate(micro_batches):
+        sync = m == len(micro_batches) - 1
+        with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+            loss, stats = kd_step_loss(model, run.student_head, run.teacher, batch, step_tokens, cfg.loss)
+            # DDP averages gradients over processes; the loss is already a global-token mean.
+            scaled = loss * accelerator.num_processes
+        bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device), "sum")
+        if bad.item() > 0:
+            raise NonFiniteLossError(_diagnose_nonfinite(step, accelerator.unwrap_model(model), run.teacher, batch,
+                                                         last_ckpt, scheduler.get_last_lr()[0]))
+        accelerator.backward(scaled)
+        step_loss += loss.detach()
+        window.add(stats, batch)
+    grad_norm = None
+    if cfg.optim.max_grad_norm is not None and step_tokens > 0:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    if step_tokens > 0:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    window.loss += accelerator.reduce(step_loss, "sum").item()  # each process holds its share of the mean
+    tokens = accelerator.reduce(torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(), "sum")
+    return lr, grad_norm, int(tokens.item())
+
+
+# --------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def main(cfg: TrainConfig, resume: bool = False) -> dict:
+    out_dir = Path(cfg.out_dir)
+    accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
     if not is_main:
         logger.setLevel(logging.WARNING)  # one process reports progress
-    world = accelerator.num_processes
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _log_to_file(out_dir / "train.log")
@@ -336,16 +393,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
                 len(eval_ds) if eval_ds is not None else 0, cfg.data.seq_len)
 
     # 3. Optimizer and schedule. ---------------------------------------------------------------------
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_lambda, optim=cfg.optim, max_steps=cfg.train.max_steps)
-    )
-    model, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(student, *make_optimizer(student, cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id)
     next_batches = BATCH_SOURCES[cfg.train.batches]
@@ -373,39 +421,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     last_eval: dict = {}
     for step in range(start_step, cfg.train.max_steps):
         micro_batches = next_batches(run, step)
-        # Supervised tokens in the whole step, all processes: the one normalizer for every micro-batch.
-        local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
-        step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item())
-        if step_tokens == 0:
-            logger.warning("step %d: the batch has no supervised token; the update is skipped "
-                           "(check the data's prompt masking)", step + 1)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for m, batch in enumerate(micro_batches):
-            sync = m == len(micro_batches) - 1
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                loss, stats = kd_step_loss(model, run.student_head, teacher, batch, step_tokens, cfg.loss)
-                # DDP averages gradients over processes; the loss is already a global-token mean.
-                scaled = loss * world
-            bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device),
-                                     "sum")
-            if bad.item() > 0:
-                raise NonFiniteLossError(_diagnose_nonfinite(step, accelerator.unwrap_model(model), teacher, batch,
-                                                             last_ckpt, scheduler.get_last_lr()[0]))
-            accelerator.backward(scaled)
-            step_loss += loss.detach()
-            window.add(stats, batch)
-        grad_norm = None
-        if cfg.optim.max_grad_norm is not None and step_tokens > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        if step_tokens > 0:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = accelerator.reduce(step_loss, "sum").item()  # each process holds its share of the mean
-        tokens_seen += int(accelerator.reduce(torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(),
-                                              "sum").item())
-        window.loss += step_loss
+        lr, grad_norm, tokens = optimizer_step(run, optimizer, scheduler, micro_batches, step, window, last_ckpt)
+        tokens_seen += tokens
         done = step + 1
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:

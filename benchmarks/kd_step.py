@@ -1,0 +1,215 @@
+"""What a distillation step costs over the plain steps it is made of, through the train recipe's own seam.
+
+On the quickstart's teacher and student (the ``default`` preset: a 2.4M-parameter Llama teacher, a 0.6M
+student, V = 4096, 16 blocks of 256 tokens per step), one process measures, on the same batches, round
+robin so that drift hits every variant alike:
+
+* ``ce``: a plain cross-entropy step of the student (forward, chunked CE, backward, AdamW step);
+* ``teacher_forward``: a no-grad forward of the teacher (its logits included);
+* ``live``: a KD step from the live teacher (forward KL, alpha = 0): ``train.kd_step_loss`` with a
+  :class:`distill.teacher.LiveTeacher`, backward, AdamW step;
+* ``topk_tail``: a KD step from a top-k + tail cache (k = 64, ``distill cache``), through
+  :class:`distill.teacher.CachedTeacher` (reading, checking and decoding the targets included);
+* ``sampled``: the same from a sampled cache (N = 50).
+
+Ratios: ``live / (ce + teacher_forward)`` (the physical bound is 1.0) and ``cache / ce``. Each cached step is
+also split into the teacher's signal (``teacher.signal``: read + hash check + decode) and the rest.
+
+    python benchmarks/kd_step.py            # trains the quickstart teacher first if $DISTILL_CACHE lacks it
+    python benchmarks/kd_step.py --quick    # the fast preset (smaller models), fewer repetitions
+
+Writes ``benchmarks/results/kd_step.json`` (``--out``): per variant the median and quartiles of the step
+time over ``--reps`` rounds (after ``--warmup`` rounds), and the CPU share the process got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.config import CacheConfig, DataConfig, LossConfig, ModelSpec, TeacherCacheSpec  # noqa: E402
+from distill.data import build_datasets, collate  # noqa: E402
+from distill.models import load_model, load_tokenizer  # noqa: E402
+from distill.recipes import cache as cache_recipe  # noqa: E402
+from distill.recipes.quickstart import PRESETS, get_teacher, write_corpus  # noqa: E402
+from distill.recipes.train import kd_step_loss  # noqa: E402
+from distill.teacher import CachedTeacher, LiveTeacher  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "kd_step.json"
+VARIANTS = ("ce", "teacher_forward", "live", "topk_tail", "sampled")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fast preset, 6 rounds")
+    p.add_argument("--reps", type=int, default=None, help="measured rounds (default 20; 6 with --quick)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--n", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "kd_step")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    logging.getLogger("distill").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (6 if args.quick else 20)
+    preset_name = "fast" if args.quick else "default"
+    preset = PRESETS[preset_name]
+
+    # The quickstart's corpus, tokenizer and teacher (trained once, cached in $DISTILL_CACHE).
+    work = args.work
+    train_jsonl, val_jsonl, corpus_key = write_corpus(work / "data", preset.max_files)
+    tok_dir, teacher_dir, _ = get_teacher(preset, corpus_key, train_jsonl, val_jsonl)
+    tokenizer = load_tokenizer(ModelSpec(path=str(tok_dir)), "tokenizer")
+    rounds = args.warmup + reps
+    data = DataConfig(source=str(train_jsonl), seq_len=preset.seq_len, eval_fraction=0.0, format="text",
+                      max_examples=max(8, rounds * preset.batch_size // 4))
+    dataset, _ = build_datasets(data, tokenizer)
+    if len(dataset) < rounds * preset.batch_size:
+        raise SystemExit(f"only {len(dataset)} blocks for {rounds} rounds of {preset.batch_size}; raise max_examples")
+    batches = []
+    for r in range(rounds):
+        idx = list(range(r * preset.batch_size, (r + 1) * preset.batch_size))
+        batches.append({**collate([dataset[i] for i in idx], tokenizer.pad_token_id), "index": idx, "split": "train"})
+
+    # The caches of exactly these examples.
+    spec = LossConfig(divergence="forward_kl", temperature=1.0, alpha=0.0)
+    caches = {}
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        for name, mode, extra in (("topk_tail", "topk", {"k": args.k}), ("sampled", "sampled", {"n": args.n})):
+            cfg = CacheConfig(out_dir=str(Path(tmp) / name), teacher=ModelSpec(path=str(teacher_dir)), data=data,
+                              mode=mode, splits=["train"], batch_size=16, progress=False, **extra)
+            summary = cache_recipe.main(cfg)
+            teacher = CachedTeacher(TeacherCacheSpec(cache=cfg.out_dir), tokenizer, spec.spec(), preset.seq_len, "cpu")
+            teacher.check_data(dataset, None)
+            caches[name] = (teacher, summary["splits"]["train"]["bytes_per_token"])
+        result = measure(preset, tokenizer, teacher_dir, caches, batches, spec, args.warmup)
+    result.update(
+        preset=preset_name,
+        batch_size=preset.batch_size,
+        seq_len=preset.seq_len,
+        vocab_size=len(tokenizer),
+        reps=reps,
+        warmup=args.warmup,
+        k=args.k,
+        n=args.n,
+        cache_bytes_per_token={name: c[1] for name, c in caches.items()},
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, result)
+    print(table(result))
+    return result
+
+
+def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
+            warmup: int) -> dict:
+    vocab = len(tokenizer)
+    teacher = LiveTeacher(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), vocab)
+    students = {}
+    for name in ("ce", "live", "topk_tail", "sampled"):  # one student (same init) and optimizer per variant
+        model = load_model(ModelSpec(config=preset.student, tokenizer=str(teacher_dir), seed=0), "student", tokenizer)
+        students[name] = (model.train(), torch.optim.AdamW(model.parameters(), lr=1e-3))
+    teachers = {"ce": None, "live": teacher, "topk_tail": caches["topk_tail"][0], "sampled": caches["sampled"][0]}
+    ce_loss = replace_loss(loss)
+
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    signal_times: dict[str, list[float]] = {"topk_tail": [], "sampled": []}
+    cpu0, wall0 = process_cpu(), time.perf_counter()
+    for r, batch in enumerate(batches):
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        for variant in VARIANTS:
+            t0 = time.perf_counter()
+            if variant == "teacher_forward":
+                with torch.no_grad():
+                    teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            else:
+                model, opt = students[variant]
+                head = _head_fn(model, vocab)
+                loss_value, _ = kd_step_loss(model, head, teachers[variant], batch, n,
+                                             ce_loss if variant == "ce" else loss)
+                loss_value.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            if variant in signal_times:  # the cached teacher's part alone, on the same batch
+                t1 = time.perf_counter()
+                teachers[variant].signal(batch)
+                st = time.perf_counter() - t1
+            if r >= warmup:
+                times[variant].append(dt)
+                if variant in signal_times:
+                    signal_times[variant].append(st)
+    cpu_share = (process_cpu() - cpu0) / (time.perf_counter() - wall0) / torch.get_num_threads()
+
+    med = {v: statistics.median(t) for v, t in times.items()}
+    out = {
+        "seconds": {v: summarize(t) for v, t in times.items()},
+        "signal_seconds": {v: summarize(t) for v, t in signal_times.items()},
+        "live_vs_ce_plus_teacher_forward": med["live"] / (med["ce"] + med["teacher_forward"]),
+        "topk_tail_vs_ce": med["topk_tail"] / med["ce"],
+        "sampled_vs_ce": med["sampled"] / med["ce"],
+        "cpu_share": round(cpu_share, 3),
+        "tokens_per_step": int(sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)),
+    }
+    for v in ("topk_tail", "sampled"):
+        sig = statistics.median(signal_times[v])
+        out[f"{v}_breakdown"] = {"signal": sig, "rest_minus_ce": med[v] - sig - med["ce"]}
+    return out
+
+
+def replace_loss(loss: LossConfig) -> LossConfig:
+    """The same loss settings with alpha = 1: the plain cross-entropy step (the teacher is None there)."""
+    return loss.model_copy(update={"alpha": 1.0})
+
+
+def _head_fn(model, vocab: int):
+    from distill.models import output_head
+
+    return lambda: output_head(model, vocab)
+
+
+def summarize(ts: list[float]) -> dict:
+    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+    return {"median": statistics.median(ts), "q1": q[0], "q3": q[2], "n": len(ts)}
+
+
+def process_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def table(r: dict) -> str:
+    s = r["seconds"]
+    lines = [f"quickstart {r['preset']} preset, {r['tokens_per_step']} tokens/step, V={r['vocab_size']}, "
+             f"{r['threads']} threads, CPU share {r['cpu_share']:.2f}",
+             "| step | median s | vs |", "| --- | --- | --- |"]
+    lines.append(f"| ce | {s['ce']['median']:.3f} | 1.00 |")
+    lines.append(f"| teacher forward (no grad) | {s['teacher_forward']['median']:.3f} | – |")
+    lines.append(f"| live KD | {s['live']['median']:.3f} | {r['live_vs_ce_plus_teacher_forward']:.3f} x (ce + teacher) |")
+    for v in ("topk_tail", "sampled"):
+        b = r[f"{v}_breakdown"]
+        lines.append(f"| {v} cache KD | {s[v]['median']:.3f} | {r[f'{v}_vs_ce']:.3f} x ce "
+                     f"(signal {b['signal']:.3f} s, rest {b['rest_minus_ce']:+.3f} s) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -564,6 +564,17 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def _flat_inputs(student_hidden: torch.Tensor, labels: torch.Tensor, teacher: Signal, student_head: LinearHead):
+    """(N, H) hidden states, (N,) labels and the teacher signal flattened to N rows, shapes checked."""
+    if student_hidden.dim() != 2:
+        student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n = student_hidden.shape[0]
+    labels = labels.reshape(-1)
+    teacher = _flatten_signal(teacher, n)
+    _check_shapes(n, labels, teacher, student_head)
+    return student_hidden, labels, teacher
+
+
 def _check_shapes(n: int, labels: torch.Tensor, teacher: Signal, student_head: LinearHead) -> None:
     if labels.shape[0] != n:
         raise ValueError(f"labels have {labels.shape[0]} positions, hidden states {n}")
@@ -626,12 +637,8 @@ def chunked_kd_loss(
     ``teacher_entropy_sum`` (the target's own entropy over its classes) and ``teacher_p_top1_sum`` (the
     target's probability of the student's argmax).
     """
-    if student_hidden.dim() != 2:
-        student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    student_hidden, labels, teacher = _flat_inputs(student_hidden, labels, teacher, student_head)
     n = student_hidden.shape[0]
-    labels = labels.reshape(-1)
-    teacher = _flatten_signal(teacher, n)
-    _check_shapes(n, labels, teacher, student_head)
     for name, size in (("chunk_size", chunk_size), ("loss_chunk_size", loss_chunk_size)):
         if size is not None and int(size) < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
@@ -709,12 +716,7 @@ def naive_kd_loss(
     zero-mass teacher row (padding of a cached target), whose divergence is infinite for reverse KL, and
     masking it after the fact would make ``0 * inf = NaN`` gradients.
     """
-    if student_hidden.dim() != 2:
-        student_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    n = student_hidden.shape[0]
-    labels = labels.reshape(-1)
-    teacher = _flatten_signal(teacher, n)
-    _check_shapes(n, labels, teacher, student_head)
+    student_hidden, labels, teacher = _flat_inputs(student_hidden, labels, teacher, student_head)
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     logits = student_head.logits(student_hidden.index_select(0, rows))
     if isinstance(teacher, DenseSignal):

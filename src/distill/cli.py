@@ -118,7 +118,37 @@ def _cache_parser(sub) -> None:
     p.set_defaults(func=cmd_cache)
 
 
-PARSERS = {"train": _train_parser, "cache": _cache_parser, "quickstart": _quickstart_parser}
+def cmd_generate(args: argparse.Namespace) -> int:
+    from distill.config import GenerateConfig, load_config
+    from distill.recipes import generate
+
+    cfg = load_config(GenerateConfig, args.config, args.overrides)
+    counts = generate.main(cfg)
+    logger.info("done: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
+
+
+def _generate_parser(sub) -> None:
+    from distill.config import GenerateConfig
+
+    p = sub.add_parser(
+        "generate",
+        help="sample N responses per prompt from a teacher, score them, keep the best (sequence-level KD data)",
+        description="Generate training text from a teacher: prompts -> N samples each -> scored (the teacher's\n"
+        "mean log-prob, a verifier module:function(prompt, completion) -> float, or none) -> kept (best-of-N,\n"
+        "top m, all) -> JSONL shards + manifest in out_dir, which `distill train` reads as data.source.\n"
+        "Re-running the same command completes an interrupted run.\n\n"
+        "Config keys (YAML file, then key=value overrides such as n=8 sampling.temperature=0.7):\n"
+        + _describe(GenerateConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config file (see configs/tiny/generate.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. sampling.top_p=0.9")
+    p.set_defaults(func=cmd_generate)
+
+
+PARSERS = {"train": _train_parser, "cache": _cache_parser, "generate": _generate_parser,
+           "quickstart": _quickstart_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

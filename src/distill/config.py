@@ -290,3 +290,58 @@ class CacheConfig(Section):
     vocab_policy: Literal["truncate", "error"] = "truncate"
     logits_memory_mb: int = Field(256, gt=0, description="memory for one chunk of teacher logits")
     progress: bool = True
+
+
+class PromptsConfig(Section):
+    """Where ``distill generate``'s prompts come from and how they become token ids."""
+
+    source: str = Field(description="local file (.jsonl/.json/.parquet/.csv), local directory, or hub dataset id")
+    split: str = "train"
+    format: Literal["auto", "prompt", "messages"] = Field(
+        "auto", description="prompt: a text field; messages: chat messages rendered with the chat template"
+    )
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra arguments to apply_chat_template (e.g. enable_thinking)"
+    )
+    max_prompts: int | None = Field(None, gt=0, description="the first N prompts only")
+
+
+class SamplingConfig(Section):
+    """How the generating model picks tokens; every parameter is explicit (the checkpoint's
+    generation_config is never read)."""
+
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = no top-k")
+    max_new_tokens: int = Field(256, gt=0)
+    stop_ids: list[int] = Field(default_factory=list, description="token ids that end a sample besides eos")
+
+
+class GenerateConfig(Section):
+    """``distill generate``: prompts -> N samples each from a model -> scored -> kept -> written."""
+
+    out_dir: str = "runs/generate"
+    teacher: ModelSpec
+    prompts: PromptsConfig
+    sampling: SamplingConfig = SamplingConfig()
+    n: int = Field(1, gt=0, description="samples per prompt")
+    seed: int = Field(0, description="with the prompt and the sample index, seeds each sample")
+    scorer: Literal["logprob", "verifier", "none"] = Field(
+        "logprob", description="logprob: the model's mean log-prob of its sample; verifier: `verifier`"
+    )
+    verifier: str | None = Field(None, description="module:function(prompt, completion) -> float")
+    keep: Literal["best", "top", "all"] = Field("best", description="per prompt: best-of-N, the top `keep_top`, or all")
+    keep_top: int = Field(1, gt=0)
+    keep_unfinished: bool = Field(False, description="keep samples that hit max_new_tokens without a stop token")
+    batch_size: int = Field(16, gt=0, description="sequences decoded at once (per process)")
+    shard_prompts: int = Field(256, gt=0, description="prompts per output shard")
+    vocab_policy: Literal["truncate", "error"] = "truncate"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _verifier_given(self) -> GenerateConfig:
+        if self.scorer == "verifier" and not self.verifier:
+            raise ValueError("scorer=verifier needs `verifier: module:function` (e.g. distill.tasks.arithmetic:verify)")
+        return self

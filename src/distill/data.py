@@ -2,8 +2,9 @@
 
 Pipeline (``build_datasets``):
 
-1. ``load_raw``: a local file (.jsonl/.json/.parquet/.txt/.csv), a local directory of such files, or a
-   hub dataset id, always through ``datasets``.
+1. ``load_raw``: a local file (.jsonl/.json/.parquet/.txt/.csv), a local directory of such files (or the
+   output directory of ``distill generate``, read through its manifest), or a hub dataset id, always
+   through ``datasets``.
 2. ``detect_format``: ``text``, ``prompt_response`` or ``messages``, from the columns and ``DataConfig``.
 3. Hold out the eval rows (``eval_source``, or a seeded ``eval_fraction`` of the *raw* rows, so no
    document lands in both splits).
@@ -20,6 +21,8 @@ of examples into tensors.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -58,13 +61,57 @@ _TOKENIZED_FEATURES = datasets.Features(
 # --------------------------------------------------------------------------------------------- loading
 
 
+GENERATIONS_FORMAT = "distill-generations"  # the manifest's format name of a `distill generate` output
+
+
+def generation_files(path: Path) -> list[Path] | None:
+    """The JSONL shards of a ``distill generate`` output directory, checked against its manifest (present,
+    same size and sha256), or None when the directory is not one. An unfinished or damaged output is an
+    error: it is never read as complete."""
+    manifest, plan = path / "manifest.json", path / "plan.json"
+    if not manifest.is_file():
+        if plan.is_file() and _json_field(plan, "format") == GENERATIONS_FORMAT:
+            raise ValueError(
+                f"{path} holds unfinished `distill generate` output (no manifest.json yet); run the same "
+                "`distill generate` command again to complete it"
+            )
+        return None
+    info = json.loads(manifest.read_text())
+    if info.get("format") != GENERATIONS_FORMAT:
+        return None
+    files = []
+    for shard in info["shards"]:
+        if not shard["records"]:
+            continue  # every sample of these prompts was dropped (unfinished, failed): an empty file
+        f = path / shard["file"]
+        if not f.is_file() or f.stat().st_size != shard["bytes"] or hashlib.sha256(f.read_bytes()).hexdigest() != shard["sha256"]:
+            raise ValueError(
+                f"{f} is missing or differs from {manifest} (damaged?); delete it and manifest.json and run "
+                "the same `distill generate` command to rewrite it"
+            )
+        files.append(f)
+    if not files:
+        raise ValueError(f"{path}: the generations hold no kept sample (see manifest.json's counts)")
+    return files
+
+
+def _json_field(path: Path, key: str):
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (ValueError, AttributeError):
+        return None
+
+
 def load_raw(source: str, split: str = "train") -> datasets.Dataset:
     """Load the raw rows of ``source``: a local file, a local directory, or a hub dataset id.
 
     ``split`` only applies to hub datasets; a local file or directory is a single split.
     """
     path = Path(source).expanduser()
-    if path.is_dir():
+    generated = generation_files(path) if path.is_dir() else None
+    if generated is not None:
+        args, kwargs = ("json",), {"data_files": [str(p) for p in generated], "split": "train"}
+    elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_BUILDERS)
         if not files:
             raise ValueError(

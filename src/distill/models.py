@@ -12,6 +12,8 @@ done. ``vocab_policy: error`` refuses any model whose row count differs from the
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -164,3 +166,27 @@ def final_hidden(model, batch: dict) -> torch.Tensor:
 def flat_positions(hidden_BTH: torch.Tensor) -> torch.Tensor:
     """Hidden states of the positions that predict a next token, as (N, H) with N = B * (T - 1)."""
     return hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
+
+
+def model_identity(spec: ModelSpec) -> dict:
+    """What identifies a model for the artifacts made from it (caches, generations): its path (+ the
+    config.json hash and the weight files' sizes) or its config and seed."""
+    ident: dict = {"dtype": spec.dtype, "tokenizer": spec.tokenizer}
+    if spec.path is not None:
+        ident["path"] = spec.path
+        root = Path(spec.path).expanduser()
+        if root.is_dir():
+            cfg = root / "config.json"
+            if cfg.is_file():
+                ident["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+            weights = sorted(
+                (p.name, p.stat().st_size)
+                for p in root.iterdir()
+                if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+            )
+            ident["weights"] = hashlib.sha256(json.dumps(weights).encode()).hexdigest()
+    else:
+        ident["config"] = spec.config
+        ident["seed"] = spec.seed
+    ident["sha256"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return ident

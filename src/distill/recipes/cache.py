@@ -20,39 +20,15 @@ settings) is left alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from distill.config import CacheConfig, ModelSpec
+from distill.config import CacheConfig
 
 logger = logging.getLogger("distill")
-
-
-def teacher_identity(spec: ModelSpec) -> dict:
-    """What identifies a teacher: its path (+ config.json hash and weight file sizes) or its config."""
-    ident: dict = {"dtype": spec.dtype, "tokenizer": spec.tokenizer}
-    if spec.path is not None:
-        ident["path"] = spec.path
-        root = Path(spec.path).expanduser()
-        if root.is_dir():
-            cfg = root / "config.json"
-            if cfg.is_file():
-                ident["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
-            weights = sorted(
-                (p.name, p.stat().st_size)
-                for p in root.iterdir()
-                if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
-            )
-            ident["weights"] = hashlib.sha256(json.dumps(weights).encode()).hexdigest()
-    else:
-        ident["config"] = spec.config
-        ident["seed"] = spec.seed
-    ident["sha256"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-    return ident
 
 
 # --------------------------------------------------------------------------------------------- capture
@@ -388,6 +364,7 @@ def main(cfg: CacheConfig) -> dict:
         load_model,
         load_tokenizer,
         max_positions,
+        model_identity,
         output_head,
         resolve_vocab,
     )
@@ -420,7 +397,7 @@ def main(cfg: CacheConfig) -> dict:
     identity = {
         "format": fmt.FORMAT_NAME,
         "version": fmt.FORMAT_VERSION,
-        "teacher": teacher_identity(cfg.teacher),
+        "teacher": model_identity(cfg.teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "params": params.to_json(),
         "temperature": cfg.temperature,

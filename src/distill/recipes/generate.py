@@ -1,0 +1,344 @@
+"""Generate training text from a teacher (``distill generate``): sequence-level distillation and best-of-N.
+
+    distill generate configs/tiny/generate.yaml out_dir=runs/gen          # tiny CPU run, seconds
+    distill generate my.yaml n=8 scorer=verifier verifier=distill.tasks.arithmetic:verify keep=best
+    distill train my_train.yaml data.source=runs/gen                      # train on what was kept
+
+Prompts (a ``prompt`` text field, or chat ``messages`` rendered with the tokenizer's chat template) ->
+``n`` samples per prompt from the model (``distill.generate.sample``: explicit sampling parameters, KV
+cache, a seed per sample) -> scored (the model's mean log-prob of its sample, a verifier
+``module:function(prompt, completion) -> float``, or none) -> kept (best-of-N, the top m, or all) ->
+written as JSONL shards + ``manifest.json``.
+
+Records: ``prompt`` and ``response`` (or ``messages`` with the assistant's answer appended, for chat
+prompts), ``score``, ``sample`` (index among the prompt's n), ``prompt_index``, ``key``, token counts,
+``finished`` (the sample ended with a stop token), ``error`` (a scorer that raised on it), and the prompt
+row's other fields (e.g. a reference answer). The output directory trains directly: ``data.source: OUT``
+(prompt tokens masked; the student's tokenizer re-tokenizes the text, so teacher and student may have
+different tokenizers).
+
+Files: ``plan.json`` (the run's identity, written first), ``shard-SSSSSS.jsonl`` (prompts ``[S * shard_prompts,
+(S + 1) * shard_prompts)``, written to a temporary name and renamed, so a file with a shard's name is
+complete), ``manifest.json`` (written last: identity, counts, each shard's size and sha256). Killed at any
+moment and run again with the same settings, it writes only the missing shards; the batches are fixed per
+shard and every sample's randomness comes from (seed, prompt key, sample index), so a local model's output
+is byte-identical to an uninterrupted run. Other settings in a directory that holds a run are refused.
+Each prompt's key hashes its token ids, the sampling parameters and the model's identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import math
+import numbers
+import os
+import sys
+import time
+from pathlib import Path
+
+from distill.checkpoint import atomic_write_text
+from distill.config import GenerateConfig
+from distill.data import GENERATIONS_FORMAT, load_raw
+from distill.generate import SamplingParams, row_seed, sample
+from distill.models import (
+    has_accelerator,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    model_identity,
+    resolve_vocab,
+)
+from distill.tokenizer import tokenizer_fingerprint
+
+logger = logging.getLogger("distill")
+
+FORMAT_VERSION = 1
+MANIFEST, PLAN = "manifest.json", "plan.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:06d}.jsonl"
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+def load_prompts(cfg: GenerateConfig, tokenizer, limit: int | None) -> list[dict]:
+    """Prompt rows as ``{"ids", "text" or "messages", "extra"}``, checked against the model's positions."""
+    p = cfg.prompts
+    raw = load_raw(p.source, p.split)
+    if len(raw) == 0:
+        raise ValueError(f"prompts.source {p.source} holds no prompts (0 rows)")
+    if p.max_prompts is not None and p.max_prompts < len(raw):
+        raw = raw.select(range(p.max_prompts))
+    fmt = p.format
+    if fmt == "auto":
+        fmt = "messages" if p.messages_field in raw.column_names else "prompt"
+    field = p.messages_field if fmt == "messages" else p.prompt_field
+    if field not in raw.column_names:
+        raise ValueError(
+            f"prompts.source {p.source}: no column `{field}` (prompts.{'messages' if fmt == 'messages' else 'prompt'}"
+            f"_field); the columns are {raw.column_names}"
+        )
+    if fmt == "messages" and tokenizer.chat_template is None:
+        raise ValueError(f"prompts.source {p.source} holds chat messages, but the tokenizer has no chat template")
+    rows = []
+    for i, row in enumerate(raw):
+        value = row[field]
+        if fmt == "messages":
+            if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
+                raise ValueError(f"prompts.source {p.source}, row {i}: `{field}` must be a list of {{role, content}}")
+            text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True,
+                                                 **p.chat_template_kwargs)
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"prompts.source {p.source}, row {i}: `{field}` must be a non-empty string, got {value!r:.60}")
+            ids = list(tokenizer(value, add_special_tokens=False)["input_ids"])
+            if tokenizer.bos_token_id is not None:  # as the train recipe's prompt_response format does
+                ids = [tokenizer.bos_token_id, *ids]
+        if limit is not None and len(ids) + cfg.sampling.max_new_tokens > limit:
+            raise ValueError(
+                f"prompts.source {p.source}, row {i}: the prompt is {len(ids)} tokens; with "
+                f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} that exceeds the model's {limit} positions. "
+                "Shorten or drop the prompt, or lower sampling.max_new_tokens"
+            )
+        extra = {k: v for k, v in row.items() if k != field}
+        rows.append({"ids": ids, "value": value, "format": fmt, "extra": extra})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def load_verifier(ref: str):
+    """``module:function`` -> the function (the working directory is importable, like ``python -m``)."""
+    module_name, _, fn_name = ref.partition(":")
+    if not module_name or not fn_name:
+        raise ValueError(f"verifier={ref!r} must be `module:function` (e.g. distill.tasks.arithmetic:verify)")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure: name the module and the cause
+        raise ValueError(f"verifier={ref!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"verifier={ref!r}: {module_name} has no function {fn_name!r}")
+    return fn
+
+
+def score_samples(cfg: GenerateConfig, verifier, prompt_text: str, samples: list[dict]) -> int:
+    """Fill ``score`` (and ``error``) of each sample of one prompt; returns how many scorer calls raised."""
+    failures = 0
+    for s in samples:
+        mean_logprob = s.pop("_mean_logprob")
+        if cfg.scorer == "none":
+            s["score"] = None
+        elif cfg.scorer == "logprob":
+            s["score"] = mean_logprob
+        else:
+            try:
+                value = verifier(prompt_text, s["response"])
+            except Exception as exc:  # a scorer failing on one sample must not stop the run
+                s["score"], s["error"] = None, f"{type(exc).__name__}: {exc}"
+                failures += 1
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
+                raise ValueError(
+                    f"verifier={cfg.verifier!r} returned {value!r} ({type(value).__name__}), not a number, for "
+                    f"prompt {prompt_text!r:.80}; a verifier returns a float score (e.g. 1.0 right, 0.0 wrong)"
+                )
+            s["score"] = float(value)
+    return failures
+
+
+def select(cfg: GenerateConfig, samples: list[dict]) -> list[dict]:
+    """The samples of one prompt to keep: best-of-N, top m or all (ties: the lower sample index first)."""
+    pool = [s for s in samples if cfg.keep_unfinished or s["finished"]]
+    pool = [s for s in pool if "error" not in s] if cfg.keep != "all" else pool
+    if cfg.keep == "all":
+        return pool
+    ranked = sorted(pool, key=lambda s: (-(s["score"] if s["score"] is not None else -math.inf), s["sample"]))
+    return ranked[: 1 if cfg.keep == "best" else cfg.keep_top]
+
+
+# --------------------------------------------------------------------------------------------- shards
+
+
+def generate_shard(cfg: GenerateConfig, model, tokenizer, params: SamplingParams, rows: list[dict], first: int,
+                   identity_hash: str, verifier, pad_id: int, device, on_batch=None) -> tuple[str, dict]:
+    """One shard's JSONL text and its counts. Sequences (prompt, sample) are decoded in order, in batches of
+    ``batch_size``; each sample's seed is (seed, prompt key, sample index)."""
+    jobs = []  # (row offset, prompt key, sample index)
+    keys = []
+    for r, row in enumerate(rows):
+        key = hashlib.sha256(json.dumps([identity_hash, row["ids"]]).encode()).hexdigest()[:32]
+        keys.append(key)
+        jobs += [(r, key, j) for j in range(cfg.n)]
+    samples: list[list[dict]] = [[] for _ in rows]
+    for b0 in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[b0 : b0 + cfg.batch_size]
+        gen = sample(model, [rows[r]["ids"] for r, _, _ in batch], params, pad_id=pad_id, device=device,
+                     seeds=[row_seed(cfg.seed, key, j) for _, key, j in batch],
+                     model_logprobs=cfg.scorer == "logprob")
+        stop = set(params.stop_ids)
+        for (r, _key, j), ids, lp, fin in zip(batch, gen.completions(), _masked_rows(gen), gen.finished.tolist(),
+                                             strict=True):
+            text_ids = ids[:-1] if fin and ids and ids[-1] in stop else ids
+            samples[r].append({
+                "sample": j, "response": tokenizer.decode(text_ids, skip_special_tokens=False),
+                "response_tokens": len(ids), "finished": bool(fin), "_mean_logprob": lp,
+            })
+        if on_batch is not None:
+            on_batch(len({r for r, _, _ in batch}), int(gen.completion_mask.sum()))
+
+    lines, counts = [], {"prompts": len(rows), "samples": len(jobs), "kept": 0, "unfinished": 0,
+                         "scorer_failures": 0}
+    for r, row in enumerate(rows):
+        prompt_text = row["value"] if row["format"] == "prompt" else tokenizer.decode(row["ids"])
+        counts["scorer_failures"] += score_samples(cfg, verifier, prompt_text, samples[r])
+        counts["unfinished"] += sum(not s["finished"] for s in samples[r])
+        for s in select(cfg, samples[r]):
+            record = {**row["extra"], "prompt_index": first + r, "key": keys[r], "prompt_tokens": len(row["ids"]), **s}
+            if row["format"] == "messages":
+                record["messages"] = [*row["value"], {"role": "assistant", "content": s["response"]}]
+            else:
+                record["prompt"] = row["value"]
+            lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
+            counts["kept"] += 1
+    return "".join(line + "\n" for line in lines), counts
+
+
+def _masked_rows(gen) -> list[float]:
+    """Each row's mean model log-prob over the tokens it wrote."""
+    total = (gen.model_logprobs * gen.completion_mask).sum(1)
+    count = gen.completion_mask.sum(1).clamp_min(1)
+    return (total / count).tolist()
+
+
+# --------------------------------------------------------------------------------------------- the recipe
+
+
+def main(cfg: GenerateConfig) -> dict:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.out_dir)
+    accelerator = Accelerator(cpu=not has_accelerator())
+    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if not is_main:
+        logger.setLevel(logging.WARNING)
+
+    verifier = load_verifier(cfg.verifier) if cfg.scorer == "verifier" else None
+    tokenizer = load_tokenizer(cfg.teacher, "teacher")
+    model = load_model(cfg.teacher, "teacher", tokenizer)
+    resolve_vocab(model, len(tokenizer), "teacher", cfg.vocab_policy)
+    model.to(accelerator.device).eval().requires_grad_(False)
+    eos = tokenizer.eos_token_id
+    params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
+                            max_new_tokens=cfg.sampling.max_new_tokens,
+                            stop_ids=tuple(sorted({*cfg.sampling.stop_ids, *([eos] if eos is not None else [])})))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    rows = load_prompts(cfg, tokenizer, max_positions(model))
+
+    identity = {
+        "format": GENERATIONS_FORMAT,
+        "version": FORMAT_VERSION,
+        "teacher": model_identity(cfg.teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "sampling": params.to_json(),
+        "n": cfg.n, "seed": cfg.seed,
+        "scorer": cfg.scorer, "verifier": cfg.verifier,
+        "keep": cfg.keep, "keep_top": cfg.keep_top, "keep_unfinished": cfg.keep_unfinished,
+        "batch_size": cfg.batch_size, "shard_prompts": cfg.shard_prompts,
+        "prompts": {"source": cfg.prompts.source, "count": len(rows),
+                    "sha256": hashlib.sha256(json.dumps([r["ids"] for r in rows]).encode()).hexdigest()},
+    }
+    identity_hash = hashlib.sha256(json.dumps([identity["teacher"], identity["sampling"]], sort_keys=True).encode()
+                                   ).hexdigest()
+    logger.info("generate: %d prompts x %d samples from %s; sampling: %s; scorer: %s; keep: %s",
+                len(rows), cfg.n, cfg.teacher.path or "a random-init model", params.describe(),
+                cfg.verifier if cfg.scorer == "verifier" else cfg.scorer,
+                f"top {cfg.keep_top}" if cfg.keep == "top" else cfg.keep)
+
+    manifest_path, plan_path = out_dir / MANIFEST, out_dir / PLAN
+    if manifest_path.is_file():
+        _check_same(json.loads(manifest_path.read_text()), identity, out_dir)
+        logger.info("%s already holds these generations complete; nothing to do", out_dir)
+        return json.loads(manifest_path.read_text())["counts"]
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if plan_path.is_file():
+            _check_same(json.loads(plan_path.read_text()), identity, out_dir)
+            logger.info("continuing the generations in %s", out_dir)
+        else:
+            atomic_write_text(plan_path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    accelerator.wait_for_everyone()
+
+    num_shards = -(-len(rows) // cfg.shard_prompts)
+    todo = [s for s in range(rank, num_shards, world) if not (out_dir / _counts_name(s)).is_file()]
+    bar = tqdm(total=sum(min(cfg.shard_prompts, len(rows) - s * cfg.shard_prompts) for s in todo), unit="prompt",
+               desc="generate", disable=not (cfg.progress and is_main), dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    t0, tokens = time.perf_counter(), 0
+
+    def on_batch(prompts_done: int, new_tokens: int) -> None:
+        nonlocal tokens
+        tokens += new_tokens
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+
+    for s in todo:
+        first = s * cfg.shard_prompts
+        shard_rows = rows[first : first + cfg.shard_prompts]
+        text, counts = generate_shard(cfg, model, tokenizer, params, shard_rows, first, identity_hash, verifier,
+                                      pad_id, accelerator.device, on_batch)
+        atomic_write_text(out_dir / shard_name(s), text)
+        # The counts are written after the shard: their presence marks the shard complete.
+        atomic_write_text(out_dir / _counts_name(s), json.dumps(counts, sort_keys=True) + "\n")
+        bar.update(len(shard_rows))
+    bar.close()
+    accelerator.wait_for_everyone()
+    manifest = None
+    if is_main:
+        manifest = _manifest(out_dir, identity, num_shards)
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last
+    accelerator.wait_for_everyone()
+    manifest = manifest or json.loads(manifest_path.read_text())
+    seconds = time.perf_counter() - t0
+    logger.info("generations written to %s: %s (%.1f s, %.0f new tokens/s on this process)", out_dir,
+                ", ".join(f"{k}={v}" for k, v in manifest["counts"].items()), seconds, tokens / max(seconds, 1e-9))
+    return manifest["counts"]
+
+
+def _counts_name(shard: int) -> str:
+    return f".{shard_name(shard)}.counts.json"
+
+
+def _manifest(out_dir: Path, identity: dict, num_shards: int) -> dict:
+    shards, totals = [], {}
+    for s in range(num_shards):
+        path, counts_path = out_dir / shard_name(s), out_dir / _counts_name(s)
+        if not path.is_file() or not counts_path.is_file():
+            raise RuntimeError(f"{path} is missing after generation; run the same command again")
+        counts = json.loads(counts_path.read_text())
+        data = path.read_bytes()
+        shards.append({"file": path.name, "records": counts["kept"], "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest(), **{k: v for k, v in counts.items() if k != "kept"}})
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+    return {**identity, "shards": shards, "counts": totals}
+
+
+def _check_same(found: dict, identity: dict, out_dir: Path) -> None:
+    if found.get("format") != GENERATIONS_FORMAT:
+        raise ValueError(f"{out_dir} holds something that is not `distill generate` output; choose another out_dir")
+    diff = sorted(k for k in identity if found.get(k) != identity[k])
+    if diff:
+        raise ValueError(
+            f"{out_dir} holds generations made with other settings (differing: {', '.join(diff)}); use another "
+            "out_dir, or delete it to start over"
+        )

@@ -29,7 +29,7 @@ Encoding (all integers little-endian; bit fields packed LSB-first, see :func:`pa
   ``2^tail_bits - 1`` uniform levels (step 0.157 at 8 bits: relative error at most 8% on the tail and on
   1 - tail; 6e-4 at 16 bits). On reading, the ratios are normalized so that the kept entries sum to
   ``1 - tail`` (``topk_tail=True``) or to 1 (renormalized top-k).
-  ``prob_bits`` defaults to the most bits (at most 8, at least 4) that keep an entry within 3 bytes, the
+  ``prob_bits`` (and ``tail_bits``, 8 or 16) can be set; ``prob_bits`` defaults to the most bits (at most 8, at least 4) that keep an entry within 3 bytes, the
   tail and the index included: ``(24k - k * id_bits - tail_bits - 2) // (k - 1)``: 8 bits at V = 263,
   6 at 128k, 5 at 262k (k >= 8). Measured error (``tests/test_cache.py``): mean KL between the exact and
   the decoded renormalized top-k below 2e-3 nats at 5 bits, 5e-4 at 6 bits.
@@ -298,11 +298,14 @@ class CacheParams:
         return (min(self.n, self.vocab_size) - 1).bit_length()
 
     @classmethod
-    def make(cls, mode: str, vocab_size: int, *, k: int = 64, n: int = 50, prob_bits: int | None = None):
+    def make(cls, mode: str, vocab_size: int, *, k: int = 64, n: int = 50, prob_bits: int | None = None,
+             tail_bits: int | None = None):
         if mode == "topk":
             if not 1 <= k <= vocab_size:
                 raise ValueError(f"top-k: k={k} must be between 1 and the vocabulary size {vocab_size}")
-            tail_bits = auto_tail_bits(k)
+            tail_bits = auto_tail_bits(k) if tail_bits is None else int(tail_bits)
+            if tail_bits not in (8, 16):
+                raise ValueError(f"tail_bits must be 8 or 16, got {tail_bits}")
             bits = (
                 auto_prob_bits(k, id_bits_for(vocab_size), tail_bits) if prob_bits is None else int(prob_bits)
             )

@@ -11,7 +11,7 @@ import textwrap
 from pydantic import BaseModel
 
 from distill import __version__
-from distill.errors import NonFiniteLossError
+from distill.errors import NonFiniteLossError, TeacherServerError
 
 logger = logging.getLogger("distill")
 
@@ -147,7 +147,39 @@ def _generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-PARSERS = {"train": _train_parser, "cache": _cache_parser, "generate": _generate_parser,
+def cmd_serve(args: argparse.Namespace) -> int:
+    from distill.serve import serve
+
+    serve(args.model_dir, host=args.host, port=args.port, name=args.name, api_key_env=args.api_key_env,
+          max_logprobs=args.max_logprobs, logprobs_mode=args.logprobs_mode, dtype=args.dtype)
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a Hugging Face model over an OpenAI-compatible HTTP API (a teacher for other machines)",
+        description="Serve MODEL_DIR over HTTP: /v1/models, /v1/completions (with vLLM's prompt_logprobs and\n"
+        "return_tokens_as_token_ids), /v1/chat/completions, /tokenize, /health. Concurrent requests are batched\n"
+        "on the model. Errors come back in OpenAI's error shape. Train from it with teacher: {server: URL}.\n"
+        "Needs the serve extra: pip install 'distill[serve]'.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model_dir", help="a Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default=None, help="the model name clients send (default: the directory's name)")
+    p.add_argument("--api-key-env", default=None, metavar="VAR",
+                   help="require `Authorization: Bearer $VAR` (the key is read from this environment variable)")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="the most top log-probs a request may ask for (default 20, as vLLM)")
+    p.add_argument("--logprobs-mode", choices=["raw", "processed"], default="raw",
+                   help="raw: log-probs at T=1 whatever the request (vLLM's default); processed: at its temperature")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(func=cmd_serve)
+
+
+PARSERS = {"train": _train_parser, "cache": _cache_parser, "generate": _generate_parser, "serve": _serve_parser,
            "quickstart": _quickstart_parser}
 
 
@@ -179,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except NonFiniteLossError as exc:  # the run stopped; its last good checkpoint is named in the message
+    except (NonFiniteLossError, TeacherServerError) as exc:  # the run stopped; the message says what to do
         print(f"distill: error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as exc:  # bad input: the message names it and says what to do

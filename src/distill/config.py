@@ -244,14 +244,51 @@ class TeacherCacheSpec(Section):
     topk_tail: bool = Field(True, description="top-k caches: keep the tail mass as a class (false: renormalize)")
 
 
+class ServerTeacherSpec(Section):
+    """A teacher behind an HTTP server (``distill serve``, vLLM, SGLang): scored on token ids through its
+    prompt log-probabilities (top-k + the realized token + the tail mass)."""
+
+    server: str = Field(description="base URL, e.g. http://127.0.0.1:8000")
+    model: str | None = Field(None, description="the model name the server serves (default: the server's only one)")
+    tokenizer: str | None = Field(
+        None, description="a local copy of the server's tokenizer (directory, hub id, 'byte'): distill cache needs "
+        "it; distill generate sends token ids with it and text without"
+    )
+    api: Literal["auto", "vllm", "sglang"] = Field(
+        "auto", description="vllm: /v1/completions with prompt_logprobs (also distill serve); sglang: /generate"
+    )
+    top_k: int = Field(20, gt=0, description="log-probs per position (servers cap it: vLLM's --max-logprobs)")
+    realized_token: bool = Field(
+        True, description="keep the sequence's own token as a class when it is outside the top-k (false: top-k + tail)"
+    )
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    max_in_flight: int = Field(8, gt=0, description="concurrent requests")
+    timeout: float = Field(60.0, gt=0, description="seconds per request")
+    retries: int = Field(5, ge=0, description="retries (exponential backoff) on timeouts, refused connections, 5xx")
+    check_tokenizer: bool = Field(True, description="compare the server's /tokenize with the student's tokenizer")
+    determinism_tolerance: float = Field(
+        1e-3, ge=0, description="refuse a server whose two scorings of one sequence differ by more (nats)"
+    )
+
+
 def _teacher_kind(value: Any) -> str:
-    is_cache = isinstance(value, TeacherCacheSpec) or (isinstance(value, dict) and "cache" in value)
-    return "cache" if is_cache else "model"
+    for kind, spec in (("cache", TeacherCacheSpec), ("server", ServerTeacherSpec)):
+        if isinstance(value, spec) or (isinstance(value, dict) and kind in value):
+            return kind
+    return "model"
 
 
-# A live model or a cache; the discriminator keeps errors to the branch that was meant.
+# A live model, a cache or a server; the discriminator keeps errors to the branch that was meant.
 TeacherSpec = Annotated[
-    Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")], Discriminator(_teacher_kind)
+    Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")]
+    | Annotated[ServerTeacherSpec, Tag("server")],
+    Discriminator(_teacher_kind),
+]
+
+
+# What generates or captures (distill generate, distill cache): a model in this process or a server.
+ModelOrServer = Annotated[
+    Annotated[ModelSpec, Tag("model")] | Annotated[ServerTeacherSpec, Tag("server")], Discriminator(_teacher_kind)
 ]
 
 
@@ -272,7 +309,7 @@ class CacheConfig(Section):
     """``distill cache``: which teacher, which data, which targets, where."""
 
     out_dir: str = "runs/cache"
-    teacher: ModelSpec
+    teacher: ModelOrServer
     data: DataConfig
     mode: Literal["topk", "sampled"] = "topk"
     k: int = Field(64, gt=0, description="top-k: ids kept per token")
@@ -281,6 +318,7 @@ class CacheConfig(Section):
     prob_bits: int | None = Field(
         None, ge=2, le=16, description="top-k probability code bits (default: auto, <= 3 B/entry)"
     )
+    tail_bits: Literal[8, 16] | None = Field(None, description="top-k tail-mass code bits (default: 16 from k=32, else 8)")
     splits: list[Literal["train", "eval"]] | None = Field(
         None, description="build_datasets splits to capture (default: train, and eval when the data has one)"
     )
@@ -323,7 +361,7 @@ class GenerateConfig(Section):
     """``distill generate``: prompts -> N samples each from a model -> scored -> kept -> written."""
 
     out_dir: str = "runs/generate"
-    teacher: ModelSpec
+    teacher: ModelOrServer
     prompts: PromptsConfig
     sampling: SamplingConfig = SamplingConfig()
     n: int = Field(1, gt=0, description="samples per prompt")

@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss; the message diagnoses the cause and names the last good
     checkpoint (nothing was written for the failing step)."""
+
+
+class TeacherServerError(RuntimeError):
+    """A teacher server cannot be used (down, answering garbage, not deterministic); the message names the
+    URL and what to do."""

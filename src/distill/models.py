@@ -39,9 +39,11 @@ def _check_local(ref: str, field: str, want: str) -> None:
         raise ValueError(f"{field}: {ref} does not exist (expected {want})")
 
 
-def load_tokenizer(spec: ModelSpec, field: str):
-    ref = spec.tokenizer or spec.path
-    assert ref is not None
+def load_tokenizer(spec, field: str):
+    """The tokenizer of a model spec (``tokenizer`` or ``path``), or of a server spec's local ``tokenizer``."""
+    ref = spec.tokenizer or getattr(spec, "path", None)
+    if ref is None:
+        raise ValueError(f"{field}.tokenizer: give a local copy of the server's tokenizer (a directory, hub id or 'byte')")
     if ref == "byte":
         return byte_tokenizer()
     _check_local(ref, f"{field}.tokenizer" if spec.tokenizer else f"{field}.path", "a tokenizer directory")
@@ -168,9 +170,13 @@ def flat_positions(hidden_BTH: torch.Tensor) -> torch.Tensor:
     return hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
 
 
-def model_identity(spec: ModelSpec) -> dict:
+def model_identity(spec) -> dict:
     """What identifies a model for the artifacts made from it (caches, generations): its path (+ the
     config.json hash and the weight files' sizes) or its config and seed."""
+    if hasattr(spec, "server"):  # a server: its address and model name (the weights are out of reach)
+        ident = {"server": spec.server.rstrip("/"), "model": spec.model, "tokenizer": spec.tokenizer}
+        ident["sha256"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return ident
     ident: dict = {"dtype": spec.dtype, "tokenizer": spec.tokenizer}
     if spec.path is not None:
         ident["path"] = spec.path

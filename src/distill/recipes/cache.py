@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill.config import CacheConfig
+from distill.config import CacheConfig, ServerTeacherSpec
 
 logger = logging.getLogger("distill")
 
@@ -217,6 +217,52 @@ class Capturer:
         return {"arrays": arrays, "positions": positions}
 
 
+class ServerCapturer:
+    """Top-k targets from a teacher behind a server (:class:`distill.teacher.ServerTeacher`): the same arrays
+    as :class:`Capturer` in top-k mode, from the server's prompt log-probabilities at the capture temperature
+    (the k most probable ids at each stored position; the realized token the server adds beyond them is
+    left out, and the tail is ``1 - sum(top-k)``)."""
+
+    def __init__(self, server, params, *, batch_size: int):
+        self.server, self.params, self.batch_size = server, params, batch_size
+
+    def capture(self, examples: list[dict], first_index: int, split: str, on_batch=None) -> dict:
+        import numpy as np
+        import torch
+
+        from distill.cache import encode_tail, stored_positions
+
+        p = self.params
+        top = (1 << p.prob_bits) - 1 if p.k > 1 else 0
+        ids_rows, code_rows, tails, positions = [], [], [], []
+        for b0 in range(0, len(examples), self.batch_size):
+            batch = examples[b0 : b0 + self.batch_size]
+            seqs = [list(map(int, ex["input_ids"])) for ex in batch]
+            scored = self.server.scorer.score(seqs, p.k, self.server.temperature)
+            for ex, entries in zip(batch, scored, strict=True):
+                where = stored_positions(ex["labels"])
+                positions.append(len(where))
+                for t in where:  # position t predicts token t + 1: the server's entry t + 1
+                    tid, lp = entries[t + 1]
+                    order = sorted(range(len(tid)), key=lambda i: -lp[i])[: p.k]
+                    if len(order) < p.k:
+                        raise ValueError(f"the server returned {len(order)} log-probs where {p.k} were asked for")
+                    lps = torch.tensor([lp[i] for i in order], dtype=torch.float64)
+                    ids_rows.append([tid[i] for i in order])
+                    code_rows.append(torch.round((1.0 - torch.exp((lps[1:] - lps[0]) * 0.25)) * top).int().tolist())
+                    tails.append(float((1.0 - lps.exp().sum()).clamp_min(0.0)))
+            if on_batch is not None:
+                on_batch(sum(len(s) for s in seqs))
+        return {
+            "arrays": {
+                "ids": np.asarray(ids_rows, dtype=np.int64).reshape(-1, p.k),
+                "codes": np.asarray(code_rows, dtype=np.int32).reshape(-1, max(p.k - 1, 0)),
+                "tail_codes": encode_tail(np.asarray(tails, dtype=np.float64), p.tail_bits),
+            },
+            "positions": positions,
+        }
+
+
 def _lengths(dataset) -> list[int]:
     try:
         import pyarrow.compute as pc
@@ -378,12 +424,26 @@ def main(cfg: CacheConfig) -> dict:
 
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
     vocab = len(tokenizer)
-    params = fmt.CacheParams.make(cfg.mode, vocab, k=cfg.k, n=cfg.n, prob_bits=cfg.prob_bits)
-    teacher = load_model(cfg.teacher, "teacher", tokenizer)
-    resolve_vocab(teacher, vocab, "teacher", cfg.vocab_policy)
-    teacher.to(accelerator.device).eval().requires_grad_(False)
+    params = fmt.CacheParams.make(cfg.mode, vocab, k=cfg.k, n=cfg.n, prob_bits=cfg.prob_bits,
+                                  tail_bits=cfg.tail_bits)
+    on_server = isinstance(cfg.teacher, ServerTeacherSpec)
+    if on_server:
+        if cfg.mode != "topk":
+            raise ValueError("mode=sampled needs the teacher's whole distribution, which a server does not return; "
+                             "capture mode=topk from the server, or sampled targets from the model itself")
+        from distill.losses import LossSpec
+        from distill.teacher import ServerTeacher
+
+        server = ServerTeacher(cfg.teacher.model_copy(update={"top_k": cfg.k}), tokenizer,
+                               LossSpec(temperature=cfg.temperature))
+        limit = server.max_positions
+    else:
+        teacher = load_model(cfg.teacher, "teacher", tokenizer)
+        resolve_vocab(teacher, vocab, "teacher", cfg.vocab_policy)
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+        limit = max_positions(teacher)
     with accelerator.main_process_first():
-        train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=max_positions(teacher))
+        train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=limit)
     datasets = {"train": train_ds, "eval": eval_ds}
     splits = cfg.splits if cfg.splits is not None else [s for s in ("train", "eval") if datasets[s] is not None]
     for split in splits:
@@ -432,7 +492,7 @@ def main(cfg: CacheConfig) -> dict:
     accelerator.wait_for_everyone()
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    capturer = Capturer(
+    capturer = ServerCapturer(server, params, batch_size=cfg.batch_size) if on_server else Capturer(
         teacher,
         output_head(teacher, vocab),
         params,

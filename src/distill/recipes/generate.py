@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from distill.checkpoint import atomic_write_text
-from distill.config import GenerateConfig
+from distill.config import GenerateConfig, ServerTeacherSpec
 from distill.data import GENERATIONS_FORMAT, load_raw
 from distill.generate import SamplingParams, row_seed, sample
 from distill.models import (
@@ -83,7 +83,7 @@ def load_prompts(cfg: GenerateConfig, tokenizer, limit: int | None) -> list[dict
             f"prompts.source {p.source}: no column `{field}` (prompts.{'messages' if fmt == 'messages' else 'prompt'}"
             f"_field); the columns are {raw.column_names}"
         )
-    if fmt == "messages" and tokenizer.chat_template is None:
+    if fmt == "messages" and tokenizer is not None and tokenizer.chat_template is None:
         raise ValueError(f"prompts.source {p.source} holds chat messages, but the tokenizer has no chat template")
     rows = []
     for i, row in enumerate(raw):
@@ -91,12 +91,17 @@ def load_prompts(cfg: GenerateConfig, tokenizer, limit: int | None) -> list[dict
         if fmt == "messages":
             if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
                 raise ValueError(f"prompts.source {p.source}, row {i}: `{field}` must be a list of {{role, content}}")
+        elif not isinstance(value, str) or not value:
+            raise ValueError(f"prompts.source {p.source}, row {i}: `{field}` must be a non-empty string, got {value!r:.60}")
+        extra = {k: v for k, v in row.items() if k != field}
+        if tokenizer is None:  # a server without a local tokenizer: the server tokenizes (text, chat messages)
+            rows.append({"ids": None, "value": value, "format": fmt, "extra": extra})
+            continue
+        if fmt == "messages":
             text = tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True,
                                                  **p.chat_template_kwargs)
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"prompts.source {p.source}, row {i}: `{field}` must be a non-empty string, got {value!r:.60}")
             ids = list(tokenizer(value, add_special_tokens=False)["input_ids"])
             if tokenizer.bos_token_id is not None:  # as the train recipe's prompt_response format does
                 ids = [tokenizer.bos_token_id, *ids]
@@ -106,7 +111,6 @@ def load_prompts(cfg: GenerateConfig, tokenizer, limit: int | None) -> list[dict
                 f"sampling.max_new_tokens={cfg.sampling.max_new_tokens} that exceeds the model's {limit} positions. "
                 "Shorten or drop the prompt, or lower sampling.max_new_tokens"
             )
-        extra = {k: v for k, v in row.items() if k != field}
         rows.append({"ids": ids, "value": value, "format": fmt, "extra": extra})
     return rows
 
@@ -169,41 +173,107 @@ def select(cfg: GenerateConfig, samples: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------- shards
 
 
-def generate_shard(cfg: GenerateConfig, model, tokenizer, params: SamplingParams, rows: list[dict], first: int,
-                   identity_hash: str, verifier, pad_id: int, device, on_batch=None) -> tuple[str, dict]:
-    """One shard's JSONL text and its counts. Sequences (prompt, sample) are decoded in order, in batches of
-    ``batch_size``; each sample's seed is (seed, prompt key, sample index)."""
-    jobs = []  # (row offset, prompt key, sample index)
-    keys = []
-    for r, row in enumerate(rows):
-        key = hashlib.sha256(json.dumps([identity_hash, row["ids"]]).encode()).hexdigest()[:32]
-        keys.append(key)
-        jobs += [(r, key, j) for j in range(cfg.n)]
-    samples: list[list[dict]] = [[] for _ in rows]
-    for b0 in range(0, len(jobs), cfg.batch_size):
-        batch = jobs[b0 : b0 + cfg.batch_size]
-        gen = sample(model, [rows[r]["ids"] for r, _, _ in batch], params, pad_id=pad_id, device=device,
-                     seeds=[row_seed(cfg.seed, key, j) for _, key, j in batch],
-                     model_logprobs=cfg.scorer == "logprob")
-        stop = set(params.stop_ids)
-        for (r, _key, j), ids, lp, fin in zip(batch, gen.completions(), _masked_rows(gen), gen.finished.tolist(),
-                                             strict=True):
-            text_ids = ids[:-1] if fin and ids and ids[-1] in stop else ids
-            samples[r].append({
-                "sample": j, "response": tokenizer.decode(text_ids, skip_special_tokens=False),
-                "response_tokens": len(ids), "finished": bool(fin), "_mean_logprob": lp,
-            })
-        if on_batch is not None:
-            on_batch(len({r for r, _, _ in batch}), int(gen.completion_mask.sum()))
+class LocalSampler:
+    """Samples from a model in this process: (prompt, sample) sequences in batches of ``batch_size``."""
 
-    lines, counts = [], {"prompts": len(rows), "samples": len(jobs), "kept": 0, "unfinished": 0,
+    def __init__(self, model, tokenizer, params: SamplingParams, pad_id: int, device):
+        self.model, self.tokenizer, self.params, self.pad_id, self.device = model, tokenizer, params, pad_id, device
+
+    def samples(self, cfg: GenerateConfig, rows: list[dict], keys: list[str], on_batch=None) -> list[list[dict]]:
+        jobs = [(r, key, j) for r, key in enumerate(keys) for j in range(cfg.n)]
+        out: list[list[dict]] = [[] for _ in rows]
+        stop = set(self.params.stop_ids)
+        for b0 in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[b0 : b0 + cfg.batch_size]
+            gen = sample(self.model, [rows[r]["ids"] for r, _, _ in batch], self.params, pad_id=self.pad_id,
+                         device=self.device, seeds=[row_seed(cfg.seed, key, j) for _, key, j in batch],
+                         model_logprobs=cfg.scorer == "logprob")
+            for (r, _key, j), ids, lp, fin in zip(batch, gen.completions(), _masked_rows(gen),
+                                                 gen.finished.tolist(), strict=True):
+                text_ids = ids[:-1] if fin and ids and ids[-1] in stop else ids
+                out[r].append({"sample": j, "response": self.tokenizer.decode(text_ids, skip_special_tokens=False),
+                               "response_tokens": len(ids), "finished": bool(fin), "_mean_logprob": lp})
+            if on_batch is not None:
+                on_batch(int(gen.completion_mask.sum()))
+        return out
+
+
+class ServerSampler:
+    """Samples from a model behind a server: one request per prompt (``n`` samples, a seed from the prompt's
+    key), ``max_in_flight`` at a time. Token ids when a local tokenizer is given, else text (chat prompts
+    through /v1/chat/completions): API-only teachers work too."""
+
+    def __init__(self, spec, params: SamplingParams):
+        from distill.remote import Client
+
+        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        if spec.api_key_env and not key:
+            raise ValueError(f"teacher.api_key_env={spec.api_key_env}: that environment variable is not set")
+        self.spec, self.params = spec, params
+        self.client = Client(spec.server, api_key=key, timeout=spec.timeout, retries=spec.retries)
+
+    def _one(self, cfg: GenerateConfig, row: dict, key: str) -> list[dict]:
+        p = self.params
+        body = {"n": cfg.n, "seed": row_seed(cfg.seed, key) & 0x7FFFFFFF, "temperature": p.temperature,
+                "top_p": p.top_p, "max_tokens": p.max_new_tokens, **({"model": self.spec.model} if self.spec.model else {})}
+        if p.top_k:
+            body["top_k"] = p.top_k
+        if row["ids"] is None and row["format"] == "messages":
+            body.update(messages=row["value"], logprobs=cfg.scorer == "logprob")
+            resp = self.client.request("POST", "/v1/chat/completions", body)
+        else:
+            body.update(prompt=row["ids"] if row["ids"] is not None else row["value"],
+                        stop_token_ids=list(p.stop_ids) if row["ids"] is not None else [])
+            if cfg.scorer == "logprob":
+                body["logprobs"] = 1
+            resp = self.client.request("POST", "/v1/completions", body)
+        out = []
+        for j, choice in enumerate(sorted(resp.get("choices", []), key=lambda c: c.get("index", 0))):
+            if "message" in choice:
+                text = choice["message"].get("content") or ""
+                lps = [t["logprob"] for t in ((choice.get("logprobs") or {}).get("content") or [])]
+            else:
+                text = choice.get("text", "")
+                lps = (choice.get("logprobs") or {}).get("token_logprobs") or []
+            out.append({"sample": j, "response": text, "response_tokens": len(lps) or None,
+                        "finished": choice.get("finish_reason") == "stop",
+                        "_mean_logprob": sum(lps) / len(lps) if lps else None})
+        if len(out) != cfg.n:
+            from distill.errors import TeacherServerError
+
+            raise TeacherServerError(f"teacher server {self.spec.server} returned {len(out)} samples, not n={cfg.n}")
+        return out
+
+    def samples(self, cfg: GenerateConfig, rows: list[dict], keys: list[str], on_batch=None) -> list[list[dict]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.spec.max_in_flight) as pool:
+            futures = [pool.submit(self._one, cfg, row, key) for row, key in zip(rows, keys, strict=True)]
+            out = []
+            for f in futures:
+                out.append(f.result())
+                if on_batch is not None:
+                    on_batch(sum(s["response_tokens"] or 0 for s in out[-1]))
+        return out
+
+
+def generate_shard(cfg: GenerateConfig, sampler, rows: list[dict], first: int, identity_hash: str, verifier,
+                   on_batch=None) -> tuple[str, dict]:
+    """One shard's JSONL text and its counts; each sample's seed is (seed, prompt key, sample index)."""
+    keys = [hashlib.sha256(json.dumps([identity_hash, row["ids"] if row["ids"] is not None else row["value"]]
+                                      ).encode()).hexdigest()[:32] for row in rows]
+    samples = sampler.samples(cfg, rows, keys, on_batch)
+    lines, counts = [], {"prompts": len(rows), "samples": len(rows) * cfg.n, "kept": 0, "unfinished": 0,
                          "scorer_failures": 0}
     for r, row in enumerate(rows):
-        prompt_text = row["value"] if row["format"] == "prompt" else tokenizer.decode(row["ids"])
+        # A verifier sees the prompt text; for chat prompts, the last user message.
+        prompt_text = row["value"] if row["format"] == "prompt" else next(
+            (m["content"] for m in reversed(row["value"]) if m["role"] == "user"), "")
         counts["scorer_failures"] += score_samples(cfg, verifier, prompt_text, samples[r])
         counts["unfinished"] += sum(not s["finished"] for s in samples[r])
         for s in select(cfg, samples[r]):
-            record = {**row["extra"], "prompt_index": first + r, "key": keys[r], "prompt_tokens": len(row["ids"]), **s}
+            record = {**row["extra"], "prompt_index": first + r, "key": keys[r],
+                      "prompt_tokens": len(row["ids"]) if row["ids"] is not None else None, **s}
             if row["format"] == "messages":
                 record["messages"] = [*row["value"], {"role": "assistant", "content": s["response"]}]
             else:
@@ -234,34 +304,42 @@ def main(cfg: GenerateConfig) -> dict:
         logger.setLevel(logging.WARNING)
 
     verifier = load_verifier(cfg.verifier) if cfg.scorer == "verifier" else None
-    tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    model = load_model(cfg.teacher, "teacher", tokenizer)
-    resolve_vocab(model, len(tokenizer), "teacher", cfg.vocab_policy)
-    model.to(accelerator.device).eval().requires_grad_(False)
-    eos = tokenizer.eos_token_id
+    on_server = isinstance(cfg.teacher, ServerTeacherSpec)
+    tokenizer = load_tokenizer(cfg.teacher, "teacher") if not on_server or cfg.teacher.tokenizer else None
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
                             max_new_tokens=cfg.sampling.max_new_tokens,
                             stop_ids=tuple(sorted({*cfg.sampling.stop_ids, *([eos] if eos is not None else [])})))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    rows = load_prompts(cfg, tokenizer, max_positions(model))
+    if on_server:
+        sampler = ServerSampler(cfg.teacher, params)
+        rows = load_prompts(cfg, tokenizer, None)
+    else:
+        model = load_model(cfg.teacher, "teacher", tokenizer)
+        resolve_vocab(model, len(tokenizer), "teacher", cfg.vocab_policy)
+        model.to(accelerator.device).eval().requires_grad_(False)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        sampler = LocalSampler(model, tokenizer, params, pad_id, accelerator.device)
+        rows = load_prompts(cfg, tokenizer, max_positions(model))
 
     identity = {
         "format": GENERATIONS_FORMAT,
         "version": FORMAT_VERSION,
         "teacher": model_identity(cfg.teacher),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "sampling": params.to_json(),
         "n": cfg.n, "seed": cfg.seed,
         "scorer": cfg.scorer, "verifier": cfg.verifier,
         "keep": cfg.keep, "keep_top": cfg.keep_top, "keep_unfinished": cfg.keep_unfinished,
         "batch_size": cfg.batch_size, "shard_prompts": cfg.shard_prompts,
         "prompts": {"source": cfg.prompts.source, "count": len(rows),
-                    "sha256": hashlib.sha256(json.dumps([r["ids"] for r in rows]).encode()).hexdigest()},
+                    "sha256": hashlib.sha256(json.dumps([r["ids"] if r["ids"] is not None else r["value"]
+                                                         for r in rows]).encode()).hexdigest()},
     }
     identity_hash = hashlib.sha256(json.dumps([identity["teacher"], identity["sampling"]], sort_keys=True).encode()
                                    ).hexdigest()
+    source = cfg.teacher.server if on_server else (cfg.teacher.path or "a random-init model")
     logger.info("generate: %d prompts x %d samples from %s; sampling: %s; scorer: %s; keep: %s",
-                len(rows), cfg.n, cfg.teacher.path or "a random-init model", params.describe(),
+                len(rows), cfg.n, source, params.describe(),
                 cfg.verifier if cfg.scorer == "verifier" else cfg.scorer,
                 f"top {cfg.keep_top}" if cfg.keep == "top" else cfg.keep)
 
@@ -286,7 +364,7 @@ def main(cfg: GenerateConfig) -> dict:
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0, tokens = time.perf_counter(), 0
 
-    def on_batch(prompts_done: int, new_tokens: int) -> None:
+    def on_batch(new_tokens: int) -> None:
         nonlocal tokens
         tokens += new_tokens
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
@@ -294,8 +372,7 @@ def main(cfg: GenerateConfig) -> dict:
     for s in todo:
         first = s * cfg.shard_prompts
         shard_rows = rows[first : first + cfg.shard_prompts]
-        text, counts = generate_shard(cfg, model, tokenizer, params, shard_rows, first, identity_hash, verifier,
-                                      pad_id, accelerator.device, on_batch)
+        text, counts = generate_shard(cfg, sampler, shard_rows, first, identity_hash, verifier, on_batch)
         atomic_write_text(out_dir / shard_name(s), text)
         # The counts are written after the shard: their presence marks the shard complete.
         atomic_write_text(out_dir / _counts_name(s), json.dumps(counts, sort_keys=True) + "\n")

@@ -1,0 +1,209 @@
+"""Talking to a teacher behind an HTTP server: requests, retries, and the three response shapes.
+
+A server teacher is scored on **token ids, never text**: each sequence is sent as a list of ids with zero
+new tokens and asks for the prompt log-probabilities (the log-probability of every token given the ones
+before it, plus the top-k alternatives at each position). Three shapes are understood:
+
+* vLLM ``/v1/completions`` with ``prompt_logprobs: K`` (and ``distill serve``, which answers in vLLM's
+  shape): ``choices[0].prompt_logprobs`` is a list over positions, ``null`` first, then
+  ``{token_id: {"logprob", "rank", "decoded_token"}}`` holding the top K and always the realized token
+  (JSON object keys are strings of the ids).
+* SGLang ``/generate`` with ``input_ids``, ``return_logprob``, ``logprob_start_len: 0`` and
+  ``top_logprobs_num: K``: ``meta_info.input_token_logprobs`` is a list of ``[logprob, token_id, text]``
+  (the first logprob ``null``) and ``meta_info.input_top_logprobs`` a list (``null`` first) of lists of
+  ``[logprob, token_id, text]``.
+* Endpoints that return no prompt log-probabilities (the OpenAI API, llama.cpp) are recognized and refused
+  for token-level distillation: they can still generate text (``distill generate``).
+
+Requests run on a bounded pool of threads (``max_in_flight``), are retried with exponential backoff on
+timeouts, refused connections and 5xx answers, and fail with :class:`~distill.errors.TeacherServerError`
+naming the URL. A 4xx answer is the request's fault: it is raised at once as a ``ValueError`` with the
+server's own message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from distill.errors import TeacherServerError
+
+RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass
+class Client:
+    """JSON over HTTP to one server, with retries. ``api_key`` goes in ``Authorization: Bearer``."""
+
+    url: str
+    api_key: str | None = None
+    timeout: float = 60.0
+    retries: int = 5
+    backoff: float = 0.5
+
+    def __post_init__(self):
+        self.url = self.url.rstrip("/")
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as exc:
+                text = exc.read().decode(errors="replace")
+                if exc.code in RETRYABLE_STATUS:
+                    last = f"HTTP {exc.code}: {server_message(text)}"
+                    continue
+                raise ValueError(f"teacher server {self.url}{path} refused the request (HTTP {exc.code}): "
+                                 f"{server_message(text)}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+                continue
+            try:
+                return json.loads(raw)
+            except ValueError:
+                raise TeacherServerError(
+                    f"teacher server {self.url}{path} answered something that is not JSON ({raw[:120]!r}); is "
+                    "this URL an OpenAI-compatible server (vLLM, SGLang, distill serve)?"
+                ) from None
+        raise TeacherServerError(
+            f"teacher server {self.url} did not answer {path} after {self.retries + 1} tries ({last}). "
+            "Check that it is running and reachable; a training run stops here with its last checkpoint intact "
+            "(start the server again and rerun with --resume)"
+        )
+
+
+def server_message(text: str) -> str:
+    """The message of an OpenAI-style error body, or the text itself."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()[:300]
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if "detail" in body:
+            return str(body["detail"])
+    return text.strip()[:300]
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+# Per position of a scored sequence: the token ids and their log-probabilities (top-k and the realized
+# token, no duplicates), or None for the first position (nothing precedes it).
+PositionLogprobs = tuple[list[int], list[float]] | None
+
+
+def parse_vllm(choice: dict, seq: list[int]) -> list[PositionLogprobs]:
+    """vLLM / ``distill serve``: ``choice["prompt_logprobs"]``."""
+    entries = choice.get("prompt_logprobs")
+    if entries is None:
+        raise NoPromptLogprobs("the response has no prompt_logprobs")
+    if len(entries) != len(seq):
+        raise TeacherServerError(f"the server scored {len(entries)} positions for a sequence of {len(seq)} tokens")
+    out: list[PositionLogprobs] = []
+    for pos, entry in enumerate(entries):
+        if entry is None:
+            out.append(None)
+            continue
+        ids, lps = [], []
+        for key, value in entry.items():
+            ids.append(int(key))
+            lps.append(float(value["logprob"] if isinstance(value, dict) else value))
+        if seq[pos] not in ids:
+            raise TeacherServerError(f"the server's log-probs at position {pos} do not include the sequence's token")
+        out.append((ids, lps))
+    return out
+
+
+def parse_sglang(body: dict, seq: list[int]) -> list[PositionLogprobs]:
+    """SGLang ``/generate``: ``meta_info.input_token_logprobs`` + ``input_top_logprobs``."""
+    meta = body.get("meta_info", {})
+    realized, tops = meta.get("input_token_logprobs"), meta.get("input_top_logprobs")
+    if realized is None or tops is None:
+        raise NoPromptLogprobs("the response has no meta_info.input_token_logprobs / input_top_logprobs")
+    if len(realized) != len(seq):
+        raise TeacherServerError(f"the server scored {len(realized)} positions for a sequence of {len(seq)} tokens")
+    out: list[PositionLogprobs] = []
+    for pos, (real, top) in enumerate(zip(realized, tops, strict=True)):
+        if pos == 0 or real is None or real[0] is None:
+            out.append(None)
+            continue
+        pairs = {int(t[1]): float(t[0]) for t in (top or [])}
+        pairs.setdefault(int(real[1]), float(real[0]))
+        out.append((list(pairs), list(pairs.values())))
+    return out
+
+
+class NoPromptLogprobs(TeacherServerError):
+    """The endpoint does not return prompt log-probabilities."""
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Scorer:
+    """Scores token sequences on a server: ``api`` is ``vllm`` (vLLM, distill serve: /v1/completions) or
+    ``sglang`` (/generate)."""
+
+    client: Client
+    model: str | None
+    api: str = "vllm"
+    max_in_flight: int = 8
+
+    def score_one(self, seq: list[int], k: int, temperature: float) -> list[PositionLogprobs]:
+        if self.api == "sglang":
+            body = {"input_ids": seq, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": k,
+                    "sampling_params": {"max_new_tokens": 0, "temperature": temperature}}
+            return parse_sglang(self.client.request("POST", "/generate", body), seq)
+        body = {"prompt": seq, "max_tokens": 0, "echo": False, "prompt_logprobs": k, "temperature": temperature}
+        if self.model:
+            body["model"] = self.model
+        try:
+            resp = self.client.request("POST", "/v1/completions", body)
+        except ValueError as exc:
+            cap = re.search(r"max(?:imum)? allowed:? *(\d+)", str(exc))
+            if cap and "logprob" in str(exc):
+                raise ValueError(f"teacher.top_k={k} is above the server's cap of {cap.group(1)} log-probs per "
+                                 f"position ({self.client.url}); lower teacher.top_k or raise the server's "
+                                 "--max-logprobs") from None
+            raise
+        choices = resp.get("choices") or []
+        if not choices:
+            raise TeacherServerError(f"teacher server {self.client.url}: a completion with no choices")
+        return parse_vllm(choices[0], seq)
+
+    def score(self, seqs: list[list[int]], k: int, temperature: float) -> list[list[PositionLogprobs]]:
+        if len(seqs) == 1:
+            return [self.score_one(seqs[0], k, temperature)]
+        with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(seqs))) as pool:
+            return list(pool.map(lambda s: self.score_one(s, k, temperature), seqs))
+
+
+def max_abs_difference(a: list[PositionLogprobs], b: list[PositionLogprobs]) -> float:
+    """The largest disagreement between two scorings of one sequence (ids present in both)."""
+    worst = 0.0
+    for x, y in zip(a, b, strict=True):
+        if x is None or y is None:
+            continue
+        ya = dict(zip(*y, strict=True))
+        for tid, lp in zip(*x, strict=True):
+            if tid in ya:
+                worst = max(worst, abs(lp - ya[tid]) if math.isfinite(lp) and math.isfinite(ya[tid]) else math.inf)
+    return worst

@@ -1,0 +1,538 @@
+"""An OpenAI-compatible HTTP server for any Hugging Face causal LM (``distill serve MODEL_DIR``).
+
+It exists so that a teacher can live in another process or on other machines and still be distilled from:
+its answers have vLLM's shape, so the same client (``teacher: {server: URL}``) talks to ``distill serve``,
+vLLM and SGLang alike.
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /tokenize``, ``POST /v1/completions`` (prompt as
+text or token ids, one or several; ``max_tokens`` (0 scores only), ``temperature``, ``top_p``, ``top_k``,
+``n``, ``seed``, ``logprobs``, ``echo``, and vLLM's extensions ``prompt_logprobs`` and
+``return_tokens_as_token_ids``), ``POST /v1/chat/completions`` (``messages``, ``logprobs``, ``top_logprobs``).
+
+* **Log-probabilities.** ``prompt_logprobs: K`` gives, for every prompt position after the first, the K
+  most probable tokens, and always the prompt's own token, as ``{token_id: {logprob, rank, decoded_token}}``
+  (the first position is ``null``), like vLLM. With ``--logprobs-mode raw`` (the default, vLLM's default too)
+  they are the model's at T = 1 whatever the request's temperature; with ``processed`` they are at the
+  request's ``temperature``. ``K`` and ``logprobs`` are capped by ``--max-logprobs`` (20 by default, as vLLM).
+* **Batching.** Requests from many clients are queued and run together on the model: every scoring request
+  waiting joins one forward pass, every generation request with the same sampling settings joins one
+  decoding batch (``distill.generate.sample``, per-sequence seeds: a request with ``seed`` gets the same
+  samples whoever else is in its batch).
+* **Errors** come back in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with a 4xx:
+  malformed JSON, unknown fields' types, an unknown model name, too many log-probs, a prompt longer than the
+  model allows, a missing or wrong API key. The server keeps serving.
+
+Binds to 127.0.0.1 unless ``--host`` says otherwise; ``--api-key-env VAR`` requires ``Authorization: Bearer
+$VAR``. Built on FastAPI + uvicorn (the ``serve`` extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from distill.generate import SamplingParams, row_seed, sample
+from distill.models import final_hidden, max_positions, output_head
+
+logger = logging.getLogger("distill")
+
+
+class ServeError(Exception):
+    """A request the server refuses: HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class _Job:
+    kind: Literal["score", "generate"]
+    sequences: list[list[int]]
+    k: int = 0  # top log-probs per position (score)
+    temperature: float = 1.0  # score: the temperature of the returned log-probs
+    params: SamplingParams | None = None  # generate
+    seeds: list[int] | None = None
+    future: Future = field(default_factory=Future)
+
+
+class Engine:
+    """A model, its tokenizer and the worker thread that runs queued requests in batches."""
+
+    def __init__(self, model, tokenizer, name: str, *, max_logprobs: int = 20, logprobs_mode: str = "raw",
+                 max_batch_tokens: int = 16384, max_batch_sequences: int = 64):
+        self.model, self.tokenizer, self.name = model.eval().requires_grad_(False), tokenizer, name
+        self.vocab = len(tokenizer)
+        self.head = output_head(model, self.vocab)
+        self.max_len = max_positions(model) or 2**31
+        self.max_logprobs, self.logprobs_mode = max_logprobs, logprobs_mode
+        self.max_batch_tokens, self.max_batch_sequences = max_batch_tokens, max_batch_sequences
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.device = next(model.parameters()).device
+        self.stats = {"batches": 0, "jobs": 0, "sequences": 0}
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="distill-serve-engine", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: _Job) -> Future:
+        self._queue.put(job)
+        return job.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    # ---- the worker
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            # Everything already waiting joins this round (up to the batch limits).
+            while len(jobs) < self.max_batch_sequences:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(nxt)
+            self.stats["batches"] += 1
+            self.stats["jobs"] += len(jobs)
+            scoring = [j for j in jobs if j.kind == "score"]
+            groups: dict[SamplingParams, list[_Job]] = {}
+            for j in jobs:
+                if j.kind == "generate":
+                    groups.setdefault(j.params, []).append(j)
+            for batch in self._split(scoring):
+                self._guard(batch, self._score_jobs)
+            for params, group in groups.items():
+                for batch in self._split(group):
+                    self._guard(batch, lambda b, p=params: self._generate_jobs(b, p))
+
+    def _split(self, jobs: list[_Job]) -> list[list[_Job]]:
+        out, cur, tokens = [], [], 0
+        for j in jobs:
+            size = sum(len(s) for s in j.sequences)
+            if cur and (tokens + size > self.max_batch_tokens or len(cur) >= self.max_batch_sequences):
+                out.append(cur)
+                cur, tokens = [], 0
+            cur.append(j)
+            tokens += size
+        if cur:
+            out.append(cur)
+        return out
+
+    @staticmethod
+    def _guard(batch: list[_Job], fn) -> None:
+        try:
+            results = fn(batch)
+            for job, res in zip(batch, results, strict=True):
+                job.future.set_result(res)
+        except Exception as exc:  # a failing batch answers its requests with the error; the worker goes on
+            logger.exception("batch failed")
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+
+    @torch.no_grad()
+    def _score_jobs(self, jobs: list[_Job]) -> list[list[list[dict | None]]]:
+        seqs = [s for j in jobs for s in j.sequences]
+        self.stats["sequences"] += len(seqs)
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):  # right-padded: positions start at 0 for every row
+            ids[i, : len(s)] = torch.as_tensor(s)
+            mask[i, : len(s)] = 1
+        hidden = final_hidden(self.model, {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)})
+        out, row = [], 0
+        for j in jobs:
+            per_job = []
+            for s in j.sequences:
+                per_job.append(self._position_logprobs(hidden[row, : len(s) - 1], s, j.k, j.temperature))
+                row += 1
+            out.append(per_job)
+        return out
+
+    def _position_logprobs(self, hidden_TH: torch.Tensor, seq: list[int], k: int, temperature: float,
+                           chunk: int = 256) -> list[dict | None]:
+        """vLLM's prompt_logprobs for one sequence: None, then per position the top-k and the realized token."""
+        result: list[dict | None] = [None]
+        targets = torch.as_tensor(seq[1:], device=hidden_TH.device)
+        temp = temperature if self.logprobs_mode == "processed" else 1.0
+        for c0 in range(0, hidden_TH.shape[0], chunk):
+            z = self.head.logits(hidden_TH[c0 : c0 + chunk]).float()
+            lp = torch.log_softmax(z / temp if temp != 1.0 else z, dim=-1)  # (C, V)
+            tgt = targets[c0 : c0 + chunk]
+            real = lp.gather(-1, tgt.unsqueeze(-1))
+            ranks = (lp > real).sum(-1) + 1
+            top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+            for r in range(lp.shape[0]):
+                entry = {}
+                if k:
+                    for rank, (tid, val) in enumerate(zip(top_i[r].tolist(), top_v[r].tolist(), strict=True), 1):
+                        entry[tid] = {"logprob": val, "rank": rank, "decoded_token": self._decode_one(tid)}
+                t = int(tgt[r])
+                entry.setdefault(t, {"logprob": float(real[r]), "rank": int(ranks[r]), "decoded_token": self._decode_one(t)})
+                result.append(entry)
+        return result
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    @torch.no_grad()
+    def _generate_jobs(self, jobs: list[_Job], params: SamplingParams) -> list[Any]:
+        prompts = [s for j in jobs for s in j.sequences]
+        self.stats["sequences"] += len(prompts)
+        seeds = None if params.greedy else [s for j in jobs for s in j.seeds]
+        gen = sample(self.model, prompts, params, pad_id=self.pad_id, seeds=seeds, device=self.device)
+        comps, fins = gen.completions(), gen.finished.tolist()
+        lps = [row[mask].tolist() for row, mask in zip(gen.model_logprobs, gen.completion_mask, strict=True)]
+        out, i = [], 0
+        for j in jobs:
+            n = len(j.sequences)
+            out.append([{"tokens": comps[i + r], "finished": fins[i + r], "logprobs": lps[i + r]} for r in range(n)])
+            i += n
+        return out
+
+
+# ------------------------------------------------------------------------------------------- the app
+
+
+def _check_model(engine: Engine, name: str | None) -> None:
+    if name is not None and name != engine.name:
+        raise ServeError(404, f"The model `{name}` does not exist; this server serves `{engine.name}`.", "model",
+                         "model_not_found")
+
+
+def _check_logprobs(engine: Engine, value: int | None, param: str) -> int:
+    if value is None:
+        return 0
+    if value < 0:
+        raise ServeError(400, f"{param} must be >= 0, got {value}", param)
+    if value > engine.max_logprobs:
+        raise ServeError(400, f"Requested {param} of {value}, which is greater than max allowed: "
+                              f"{engine.max_logprobs} (start the server with a larger --max-logprobs)", param)
+    return value
+
+
+def _prompts(engine: Engine, prompt) -> list[list[int]]:
+    """A completions prompt (text, ids, or a list of either) as lists of token ids."""
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise ServeError(400, "prompt must be a string, a list of token ids, or a non-empty list of either", "prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = engine.tokenizer(item, add_special_tokens=True)["input_ids"]
+        elif isinstance(item, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in item):
+            ids = list(item)
+            bad = [x for x in ids if not 0 <= x < engine.vocab]
+            if bad:
+                raise ServeError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab})", "prompt")
+        else:
+            raise ServeError(400, "each prompt must be a string or a list of token ids", "prompt")
+        if not ids:
+            raise ServeError(400, "a prompt needs at least one token", "prompt")
+        out.append(list(ids))
+    return out
+
+
+def _check_length(engine: Engine, ids: list[int], max_tokens: int) -> None:
+    if len(ids) + max_tokens > engine.max_len:
+        raise ServeError(400, f"This model's maximum context length is {engine.max_len} tokens. However, you "
+                              f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
+                              "for the completion). Please reduce the prompt or max_tokens.", "prompt")
+
+
+def _token_str(engine: Engine, tid: int, as_ids: bool) -> str:
+    return f"token_id:{tid}" if as_ids else engine.tokenizer.decode([tid])
+
+
+# Request bodies (module level: FastAPI reads their annotations).
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+
+class CompletionRequest(Strict):
+    model: str | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+    prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+class ChatRequest(Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+
+def build_app(engine: Engine, api_key: str | None = None):
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="distill serve", version="1")
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(_: Request, exc: ServeError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+        message = "malformed JSON in the request body" if err.get("type") == "json_invalid" else (
+            f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse(ServeError(400, message, where).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception):
+        logger.exception("request failed")
+        return JSONResponse(ServeError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key is not None and request.url.path != "/health":
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                err = ServeError(401, "Incorrect or missing API key (send `Authorization: Bearer <key>`).",
+                                 code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    async def run(job: _Job):
+        return await asyncio.wrap_future(engine.submit(job))
+
+    @app.get("/health")
+    async def health():
+        # How many model batches served how many requests: concurrent requests share batches.
+        return {"status": "ok", **engine.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "distill",
+                                            "max_model_len": engine.max_len, "max_logprobs": engine.max_logprobs,
+                                            "logprobs_mode": engine.logprobs_mode}]}
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        _check_model(engine, req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ServeError(400, "give exactly one of prompt or messages", "prompt")
+        if req.messages is not None:
+            text = engine.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
+                                                        add_generation_prompt=True)
+            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": list(ids)}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        _check_model(engine, req.model)
+        k_prompt = _check_logprobs(engine, req.prompt_logprobs, "prompt_logprobs")
+        k_gen = _check_logprobs(engine, req.logprobs, "logprobs")
+        prompts = _prompts(engine, req.prompt)
+        for ids in prompts:
+            _check_length(engine, ids, req.max_tokens)
+        want_prompt_lp = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
+        scored = None
+        if want_prompt_lp:
+            scored = await run(_Job("score", prompts, k=max(k_prompt, k_gen), temperature=req.temperature or 1.0))
+        gens: list[list[dict]] = [[{"tokens": [], "finished": False, "logprobs": []}] * req.n for _ in prompts]
+        if req.max_tokens > 0:
+            eos = [] if req.ignore_eos or engine.tokenizer.eos_token_id is None else [engine.tokenizer.eos_token_id]
+            params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+                                    max_new_tokens=req.max_tokens, stop_ids=tuple(sorted({*eos, *req.stop_token_ids})))
+            base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
+            rows = [p for p in prompts for _ in range(req.n)]
+            seeds = [row_seed(base, j) for _ in prompts for j in range(req.n)]
+            flat = await run(_Job("generate", rows, params=params, seeds=seeds))
+            gens = [flat[i * req.n : (i + 1) * req.n] for i in range(len(prompts))]
+        gen_scored = None
+        if k_gen and req.max_tokens > 0:  # top alternatives at the written positions: one teacher-forced pass
+            full = [p + g["tokens"] for p, row in zip(prompts, gens, strict=True) for g in row]
+            gen_scored = await run(_Job("score", full, k=k_gen, temperature=req.temperature or 1.0))
+        choices, completion_tokens = [], 0
+        for i, ids in enumerate(prompts):
+            for j, g in enumerate(gens[i]):
+                toks = g["tokens"]
+                completion_tokens += len(toks)
+                text_ids = toks[:-1] if g["finished"] else toks
+                text = engine.tokenizer.decode(text_ids, skip_special_tokens=False)
+                choice: dict[str, Any] = {"index": i * req.n + j, "text": text, "logprobs": None,
+                                          "finish_reason": "stop" if g["finished"] else "length"}
+                if req.echo:
+                    choice["text"] = engine.tokenizer.decode(ids, skip_special_tokens=False) + text
+                if req.logprobs is not None:
+                    choice["logprobs"] = _completion_logprobs(
+                        engine, ids if req.echo else [], scored[i] if req.echo else None, toks,
+                        gen_scored[i * req.n + j][len(ids):] if gen_scored else [{}] * len(toks), g["logprobs"],
+                        k_gen, req.return_tokens_as_token_ids)
+                if req.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = _trim(scored[i], ids, k_prompt)
+                choice["prompt_token_ids"] = ids
+                choices.append(choice)
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": engine.name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        _check_model(engine, req.model)
+        if engine.tokenizer.chat_template is None:
+            raise ServeError(400, f"the tokenizer of `{engine.name}` has no chat template; use /v1/completions",
+                             "messages")
+        k = _check_logprobs(engine, req.top_logprobs, "top_logprobs") if req.logprobs else 0
+        text = engine.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
+                                                    add_generation_prompt=True)
+        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, min(1024, engine.max_len - len(ids)))
+        _check_length(engine, ids, max_tokens)
+        eos = engine.tokenizer.eos_token_id
+        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
+                                stop_ids=(eos,) if eos is not None else ())
+        base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
+        gens = await run(_Job("generate", [ids] * req.n, params=params, seeds=[row_seed(base, j) for j in range(req.n)]))
+        scored = None
+        if req.logprobs:
+            scored = await run(_Job("score", [ids + g["tokens"] for g in gens], k=k, temperature=1.0))
+        choices, completion_tokens = [], 0
+        for j, g in enumerate(gens):
+            toks = g["tokens"]
+            completion_tokens += len(toks)
+            text_ids = toks[:-1] if g["finished"] else toks
+            choice: dict[str, Any] = {"index": j, "finish_reason": "stop" if g["finished"] else "length",
+                                      "message": {"role": "assistant",
+                                                  "content": engine.tokenizer.decode(text_ids, skip_special_tokens=True)},
+                                      "logprobs": None}
+            if req.logprobs:
+                content = []
+                for pos, tid in enumerate(toks):
+                    entry = scored[j][len(ids) + pos] or {}
+                    tops = sorted(((t, v) for t, v in entry.items() if v["rank"] <= k), key=lambda x: x[1]["rank"])
+                    tok = engine.tokenizer.decode([tid])
+                    content.append({"token": tok, "logprob": g["logprobs"][pos], "bytes": list(tok.encode()),
+                                    "top_logprobs": [{"token": v["decoded_token"], "logprob": v["logprob"],
+                                                      "bytes": list(v["decoded_token"].encode())} for _, v in tops]})
+                choice["logprobs"] = {"content": content}
+            choices.append(choice)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": engine.name, "choices": choices,
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                          "total_tokens": len(ids) + completion_tokens}}
+
+    return app
+
+
+def _trim(entries: list[dict | None], seq: list[int], k: int) -> list[dict | None]:
+    """Keep the top ``k`` entries of each position and the sequence's own token there."""
+    return [None if entry is None else {tid: v for tid, v in entry.items() if v["rank"] <= k or tid == seq[pos]}
+            for pos, entry in enumerate(entries)]
+
+
+def _completion_logprobs(engine: Engine, prompt_ids: list[int], prompt_scored, toks: list[int],
+                         gen_entries: list[dict], gen_lps: list[float], k: int, as_ids: bool) -> dict:
+    """OpenAI's legacy ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
+    for pos, tid in enumerate(prompt_ids):
+        entry = prompt_scored[pos] if prompt_scored else None
+        s = _token_str(engine, tid, as_ids)
+        tokens.append(s)
+        token_lps.append(None if entry is None else entry[tid]["logprob"])
+        tops.append(None if entry is None else {_token_str(engine, t, as_ids): v["logprob"]
+                                                 for t, v in entry.items() if v["rank"] <= k})
+        offsets.append(offset)
+        offset += len(engine.tokenizer.decode([tid]))
+    for pos, tid in enumerate(toks):
+        s = _token_str(engine, tid, as_ids)
+        tokens.append(s)
+        token_lps.append(gen_lps[pos])
+        entry = gen_entries[pos] if pos < len(gen_entries) and gen_entries[pos] else {}
+        tops.append({_token_str(engine, t, as_ids): v["logprob"] for t, v in entry.items() if v["rank"] <= k})
+        offsets.append(offset)
+        offset += len(engine.tokenizer.decode([tid]))
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+          api_key_env: str | None = None, max_logprobs: int = 20, logprobs_mode: str = "raw",
+          dtype: str = "float32", max_batch_tokens: int = 16384, log_level: str = "warning") -> None:
+    """Load the model and serve it until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise ValueError("distill serve needs FastAPI and uvicorn: pip install 'distill[serve]'") from None
+    from distill.config import ModelSpec
+    from distill.models import has_accelerator, load_model, load_tokenizer
+
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {api_key_env}: the environment variable {api_key_env} is not set")
+    spec = ModelSpec(path=model_dir, dtype=dtype)
+    tokenizer = load_tokenizer(spec, "model")
+    model = load_model(spec, "model", tokenizer)
+    if has_accelerator() and torch.cuda.is_available():
+        model.to("cuda")
+    engine = Engine(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)), max_logprobs=max_logprobs,
+                    logprobs_mode=logprobs_mode, max_batch_tokens=max_batch_tokens)
+    logger.info("serving %s as `%s` on http://%s:%d (max_logprobs=%d, logprobs_mode=%s%s)", model_dir, engine.name,
+                host, port, max_logprobs, logprobs_mode, ", API key required" if api_key else "")
+    uvicorn.run(build_app(engine, api_key), host=host, port=port, log_level=log_level)

@@ -1,0 +1,406 @@
+"""`distill serve` as a subprocess on a local port, and the server teacher (train, cache, generate) against it.
+
+Simulated servers (a stdlib HTTP server in a thread) stand in only where the real one cannot misbehave on
+purpose: nondeterministic scores, and an endpoint without prompt log-probabilities."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli
+
+from distill.cache import TeacherCache
+from distill.config import CacheConfig, GenerateConfig, TrainConfig, load_config
+from distill.models import final_hidden, load_model, output_head
+from distill.recipes import cache as cache_recipe
+from distill.recipes import generate as generate_recipe
+from distill.recipes import train
+from distill.remote import Client, NoPromptLogprobs, parse_sglang, parse_vllm
+from distill.tokenizer import byte_tokenizer
+
+TINY_SERVE = REPO / "configs" / "tiny" / "serve_teacher.yaml"
+V = 263
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: dict | str | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
+                                 method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def start_server(model_dir: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(model_dir), "--port", str(port), *extra],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while True:
+        try:
+            if http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                return proc
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"distill serve exited: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("distill serve did not come up")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """The teacher of configs/tiny/train.yaml (sharper: SMALL_DATA runs) saved as an HF checkpoint."""
+    from distill.config import ModelSpec
+
+    spec = ModelSpec(**yaml.safe_load(TINY_TRAIN.read_text())["teacher"])
+    spec = spec.model_copy(update={"config": {**spec.config, "initializer_range": 0.2}})
+    tok = byte_tokenizer()
+    out = tmp_path_factory.mktemp("teacher") / "tiny-teacher"
+    load_model(spec, "teacher", tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir):
+    port = free_port()
+    proc = start_server(teacher_dir, port, "--max-logprobs", "300")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def with_teacher(*overrides: str) -> list[str]:
+    return ["teacher=null", *overrides]
+
+
+# ------------------------------------------------------------------------------------------- the server
+
+
+def test_prompt_logprobs_are_the_models(server, teacher_dir):
+    status, models = http(f"{server}/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "tiny-teacher" and models["data"][0]["max_model_len"] == 256
+    status, tok = http(f"{server}/tokenize", {"prompt": "Hello, world", "add_special_tokens": False})
+    assert tok["tokens"] == byte_tokenizer()("Hello, world", add_special_tokens=False)["input_ids"]
+
+    seq = [256, *b"def f(x): return x", 257]
+    status, resp = http(f"{server}/v1/completions", {"model": "tiny-teacher", "prompt": seq, "max_tokens": 0,
+                                                     "prompt_logprobs": 5})
+    assert status == 200
+    entries = resp["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(seq) and entries[0] is None
+    model = load_model(__import__("distill.config", fromlist=["ModelSpec"]).ModelSpec(path=str(teacher_dir)), "t")
+    with torch.no_grad():
+        batch = {"input_ids": torch.tensor([seq]), "attention_mask": torch.ones(1, len(seq), dtype=torch.long)}
+        lp = torch.log_softmax(output_head(model, V).logits(final_hidden(model, batch)[0]).float(), -1)
+    for pos in range(1, len(seq)):
+        entry = {int(k): v for k, v in entries[pos].items()}
+        top_v, top_i = lp[pos - 1].topk(5)
+        assert set(top_i.tolist()) <= set(entry) and seq[pos] in entry
+        for tid, v in entry.items():
+            assert v["logprob"] == pytest.approx(float(lp[pos - 1, tid]), abs=1e-5)
+            assert v["rank"] == int((lp[pos - 1] > lp[pos - 1, tid]).sum()) + 1
+
+
+def test_generation_is_seeded_and_concurrent_requests_share_batches(server):
+    body = {"prompt": "Write the given", "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 2,
+            "logprobs": 2, "return_tokens_as_token_ids": True}
+    a, b = http(f"{server}/v1/completions", body)[1], http(f"{server}/v1/completions", body)[1]
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
+    assert a["choices"][0]["text"] != a["choices"][1]["text"] or a["choices"][0]["logprobs"] != a["choices"][1]["logprobs"]
+    lp = a["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == 8 and all(t.startswith("token_id:") for t in lp["tokens"])
+    assert all(x is not None and x <= 0 for x in lp["token_logprobs"])
+    before = http(f"{server}/health")[1]
+    seq = [256, *b"Return the number of bytes"]
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: http(f"{server}/v1/completions",
+                                               {"prompt": seq, "max_tokens": 0, "prompt_logprobs": 3}), range(32)))
+    assert all(status == 200 for status, _ in results)
+    after = http(f"{server}/health")[1]
+    jobs, batches = after["jobs"] - before["jobs"], after["batches"] - before["batches"]
+    assert jobs == 32 and batches < jobs, (jobs, batches)  # several requests per model batch
+
+
+def test_chat_completions_with_logprobs(server):
+    status, resp = http(f"{server}/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 5, "logprobs": True, "top_logprobs": 2,
+        "seed": 1})
+    assert status == 200
+    choice = resp["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    content = choice["logprobs"]["content"]
+    assert 1 <= len(content) <= 5 and all(len(c["top_logprobs"]) <= 2 and c["logprob"] <= 0 for c in content)
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    cases = [
+        ('{"prompt": "x", ', 400, "malformed JSON"),
+        ({"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
+        ({"prompt": [256, 72], "max_tokens": 0, "prompt_logprobs": 301}, 400, "greater than max allowed: 300"),
+        ({"prompt": "x" * 300, "max_tokens": 1}, 400, "maximum context length is 256"),
+        ({"prompt": [256, 99999], "max_tokens": 0}, 400, "outside the vocabulary"),
+        ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"prompt": "x", "n": 0}, 400, "n"),
+    ]
+    for body, status, message in cases:
+        got, resp = http(f"{server}/v1/completions", body)
+        assert got == status, (body, resp)
+        assert set(resp["error"]) == {"message", "type", "param", "code"} and message in resp["error"]["message"]
+    assert http(f"{server}/health")[0] == 200
+    assert http(f"{server}/v1/completions", {"prompt": "fine", "max_tokens": 2})[0] == 200
+
+
+def test_api_key(teacher_dir):
+    port = free_port()
+    proc = start_server(teacher_dir, port, "--api-key-env", "MY_KEY", env={"MY_KEY": "s3cret"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        status, resp = http(f"{url}/v1/models")
+        assert status == 401 and resp["error"]["code"] == "invalid_api_key"
+        assert http(f"{url}/v1/models", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert http(f"{url}/health")[0] == 200  # liveness needs no key
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ------------------------------------------------------------------------------------------- response shapes
+
+
+def test_parsing_the_three_response_shapes():
+    seq = [5, 9, 7]
+    vllm = {"prompt_logprobs": [None, {"9": {"logprob": -0.1, "rank": 1, "decoded_token": "a"},
+                                       "3": {"logprob": -2.5, "rank": 2, "decoded_token": "b"}},
+                                {"4": {"logprob": -0.3, "rank": 1, "decoded_token": "c"},
+                                 "7": {"logprob": -4.0, "rank": 9, "decoded_token": "d"}}]}
+    assert parse_vllm(vllm, seq) == [None, ([9, 3], [-0.1, -2.5]), ([4, 7], [-0.3, -4.0])]
+    sglang = {"meta_info": {"input_token_logprobs": [[None, 5, "x"], [-0.1, 9, "a"], [-4.0, 7, "d"]],
+                            "input_top_logprobs": [None, [[-0.1, 9, "a"], [-2.5, 3, "b"]], [[-0.3, 4, "c"]]]}}
+    assert parse_sglang(sglang, seq) == [None, ([9, 3], [-0.1, -2.5]), ([4, 7], [-0.3, -4.0])]
+    openai = {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+    with pytest.raises(NoPromptLogprobs):
+        parse_vllm(openai, seq)
+    with pytest.raises(NoPromptLogprobs):
+        parse_sglang({"text": "x", "meta_info": {}}, seq)
+
+
+# ------------------------------------------------------------------------------------------- the server teacher
+
+
+def losses_of(out: Path, key: str = "loss") -> list[float]:
+    return [json.loads(x)[key] for x in (out / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["split"] == "train"]
+
+
+def test_tiny_serve_teacher_config_trains_like_the_teacher_in_process(tmp_path, server, teacher_dir):
+    common = [*SMALL_DATA, "train.max_steps=4", "log.every=1", "eval.every=4", "checkpoint.every=0",
+              "log.progress=false"]
+    remote = load_config(TrainConfig, TINY_SERVE, [f"out_dir={tmp_path / 'remote'}", f"teacher.server={server}",
+                                                   f"teacher.top_k={V}", *common])
+    local = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'local'}", "teacher.config=null",
+                                                  "teacher.tokenizer=null", f"teacher.path={teacher_dir}", *common])
+    remote_summary, local_summary = train.main(remote), train.main(local)
+    for key in ("loss", "kl", "ce"):
+        a, b = losses_of(tmp_path / "remote", key), losses_of(tmp_path / "local", key)
+        assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (key, a, b)
+    assert remote_summary["kl_to_teacher"] == pytest.approx(local_summary["kl_to_teacher"], rel=1e-4)
+
+
+def test_top_20_from_the_server_trains_like_a_top_20_cache(tmp_path, server, teacher_dir):
+    cache = load_config(CacheConfig, TINY_CACHE, [f"out_dir={tmp_path / 'cache'}", "teacher.config=null",
+                                                  "teacher.tokenizer=null", f"teacher.path={teacher_dir}", "k=20",
+                                                  "prob_bits=16", "tail_bits=16", "progress=false", *SMALL_DATA])
+    cache_recipe.main(cache)
+    common = [*SMALL_DATA, "train.max_steps=4", "log.every=1", "eval.every=0", "checkpoint.every=0",
+              "log.progress=false", "loss.alpha=0"]
+    remote = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'remote'}", *with_teacher(
+        f"teacher.server={server}", "teacher.top_k=20", "teacher.realized_token=false"), *common])
+    cached = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'cached'}", *with_teacher(
+        f"teacher.cache={tmp_path / 'cache'}"), *common])
+    train.main(remote)
+    train.main(cached)
+    a, b = losses_of(tmp_path / "remote"), losses_of(tmp_path / "cached")
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+
+
+def test_cache_from_the_server_equals_the_cache_from_the_model(tmp_path, server, teacher_dir):
+    common = ["k=16", "progress=false", *SMALL_DATA]
+    from_model = load_config(CacheConfig, TINY_CACHE, [f"out_dir={tmp_path / 'model'}", "teacher.config=null",
+                                                       "teacher.tokenizer=null", f"teacher.path={teacher_dir}", *common])
+    from_server = load_config(CacheConfig, TINY_CACHE, [f"out_dir={tmp_path / 'server'}", "teacher=null",
+                                                        f"teacher.server={server}", "teacher.tokenizer=byte", *common])
+    cache_recipe.main(from_model)
+    cache_recipe.main(from_server)
+    a, b = TeacherCache(tmp_path / "model"), TeacherCache(tmp_path / "server")
+    same_rows = rows = 0
+    for i in range(len(a)):
+        ra, _ = a.raw(i)
+        rb, _ = b.raw(i)
+        same = (ra["ids"] == rb["ids"]).all(1) & (ra["codes"] == rb["codes"]).all(1) & (ra["tail_codes"] == rb["tail_codes"])
+        same_rows, rows = same_rows + int(same.sum()), rows + len(same)
+    # The same targets up to the order of near-ties and a rounding at a code boundary.
+    assert same_rows >= 0.999 * rows, (same_rows, rows)
+    with pytest.raises(ValueError, match="mode=sampled needs the teacher's whole distribution"):
+        cache_recipe.main(from_server.model_copy(update={"mode": "sampled", "out_dir": str(tmp_path / "s")}))
+
+
+def test_generate_with_the_server_teacher_trains(tmp_path, server):
+    cfg = load_config(GenerateConfig, REPO / "configs" / "tiny" / "generate.yaml", [
+        f"out_dir={tmp_path / 'gen'}", "teacher=null", f"teacher.server={server}", "progress=false"])
+    counts = generate_recipe.main(cfg)
+    assert counts["kept"] == 8
+    student = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'student'}", "teacher=null",
+                                                    f"data.source={tmp_path / 'gen'}", "data.packing=false",
+                                                    "data.truncate=true", "data.eval_fraction=0", "train.max_steps=2",
+                                                    "eval.every=0", "checkpoint.every=0", "log.progress=false",
+                                                    "train.batch_size=4", "train.grad_accum=1"])
+    assert train.main(student)["steps"] == 2
+
+
+def test_unusable_servers_are_refused_with_the_reason(tmp_path, server):
+    base = [f"out_dir={tmp_path / 'x'}", *SMALL_DATA, "train.max_steps=1", "log.progress=false"]
+    with pytest.raises(ValueError, match=r"teacher.top_k=400 is above the server's cap of 300"):
+        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(f"teacher.server={server}",
+                                                                              "teacher.top_k=400")]))
+    with pytest.raises(ValueError, match="returns log-probs at T=1 whatever the request's temperature"):
+        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, "loss.temperature=2.0", *with_teacher(
+            f"teacher.server={server}")]))
+    with pytest.raises(ValueError, match="teacher.model=other is not served"):
+        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(f"teacher.server={server}",
+                                                                              "teacher.model=other")]))
+    # Another tokenizer for the student: the server's /tokenize disagrees on the probes.
+    other = byte_tokenizer()
+    other.add_tokens(["def", " return"])
+    other.save_pretrained(tmp_path / "other-tok")
+    with pytest.raises(ValueError, match="tokenizes differently from the student's tokenizer"):
+        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, f"student.tokenizer={tmp_path / 'other-tok'}",
+                                                         *with_teacher(f"teacher.server={server}")]))
+    with pytest.raises(Exception, match=r"127.0.0.1:9 did not answer .* after 2 tries"):
+        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(
+            "teacher.server=http://127.0.0.1:9", "teacher.retries=1", "teacher.timeout=2")]))
+
+
+class _Fake(BaseHTTPRequestHandler):
+    """A server that tokenizes like the byte tokenizer and scores in vLLM's shape, badly on purpose."""
+
+    mode = "noisy"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/tokenize":
+            return self._send(200, {"tokens": byte_tokenizer()(body["prompt"], add_special_tokens=False)["input_ids"]})
+        seq = body["prompt"]
+        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+        if self.mode == "noisy":  # every request draws other scores: replicas or a stale prefix cache
+            noise = torch.rand(len(seq)).tolist()
+            choice["prompt_logprobs"] = [None] + [{str(t): {"logprob": -1.0 - noise[i], "rank": 1}}
+                                                  for i, t in enumerate(seq[1:])]
+        self._send(200, {"choices": [choice]})
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("noisy", "scored the same sequence twice and the log-probs differ"),
+    ("plain", "returns no prompt log-probabilities .* `distill generate`"),
+])
+def test_simulated_bad_servers_are_refused(tmp_path, mode, message):
+    handler = type("Handler", (_Fake,), {"mode": mode})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        cfg = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'x'}", *SMALL_DATA, "train.max_steps=1",
+                                                    *with_teacher(f"teacher.server={url}")])
+        with pytest.raises(ValueError, match=message):
+            train.main(cfg)
+    finally:
+        httpd.shutdown()
+
+
+def test_client_retries_then_names_the_url():
+    client = Client("http://127.0.0.1:9", retries=2, backoff=0.01, timeout=1)
+    t0 = time.perf_counter()
+    with pytest.raises(Exception, match=r"127.0.0.1:9 did not answer /v1/models after 3 tries"):
+        client.request("GET", "/v1/models")
+    assert time.perf_counter() - t0 < 10
+    assert not math.isnan(t0)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_then_resume(tmp_path, teacher_dir):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(teacher_dir, port, "--max-logprobs", "300")
+    out = tmp_path / "run"
+    args = [str(TINY_SERVE), f"out_dir={out}", f"teacher.server={url}", "teacher.retries=2", "teacher.timeout=5",
+            *SMALL_DATA, "train.max_steps=12", "checkpoint.every=2", "eval.every=0", "log.every=1", "log.progress=false"]
+    trainer = subprocess.Popen([sys.executable, "-m", "distill", "train", *args], cwd=REPO,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step_00000004").exists():
+            assert trainer.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        proc.kill()  # the teacher goes away mid-run
+        proc.wait()
+        _, err = trainer.communicate(timeout=120)
+        assert trainer.returncode == 1, err[-2000:]
+        assert f"teacher server {url} did not answer" in err and "--resume" in err and "Traceback" not in err
+        kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert kept and all((out / "checkpoints" / k / "trainer_state.json").is_file() for k in kept)
+        assert not (out / "student").exists()
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    proc = start_server(teacher_dir, port, "--max-logprobs", "300")
+    try:
+        res = run_cli("train", *args, "--resume", env={"OMP_NUM_THREADS": "1"})
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "resumed from" in res.stderr
+        assert [r for r in losses_of(out)] and len(losses_of(out)) == 12
+        assert (out / "student" / "model.safetensors").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -49,6 +49,7 @@ class Client:
 
     def __post_init__(self):
         self.url = self.url.rstrip("/")
+        self.received_bytes = 0  # response bodies read, for measurements
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
@@ -63,6 +64,7 @@ class Client:
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     raw = resp.read()
+                self.received_bytes += len(raw)
             except urllib.error.HTTPError as exc:
                 text = exc.read().decode(errors="replace")
                 if exc.code in RETRYABLE_STATUS:

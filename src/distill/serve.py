@@ -88,6 +88,7 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = next(model.parameters()).device
         self.stats = {"batches": 0, "jobs": 0, "sequences": 0}
+        self._decoded: list[str] | None = None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="distill-serve-engine", daemon=True)
         self._worker.start()
@@ -199,7 +200,10 @@ class Engine:
         return result
 
     def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        # Decoded once per id: responses name tens of thousands of tokens, and decode is slow per call.
+        if self._decoded is None:
+            self._decoded = [self.tokenizer.decode([i]) for i in range(self.vocab)]
+        return self._decoded[token_id]
 
     @torch.no_grad()
     def _generate_jobs(self, jobs: list[_Job], params: SamplingParams) -> list[Any]:

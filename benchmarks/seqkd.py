@@ -1,0 +1,174 @@
+"""Sequence-level distillation on the arithmetic task: which training signal makes the best small student?
+
+On the task of :mod:`distill.tasks.arithmetic` (exact answers, every digit must be right), a teacher is
+trained on the ground truth, then the same student (architecture, steps, batch, learning rate) is trained
+for the same number of steps by each method, for every seed (the seed sets the student's init and data
+order; the teacher and its samples are shared):
+
+* ``ce_ground_truth``: cross-entropy on the ground-truth answers;
+* ``token_kd_ground_truth``: the same data with the teacher's token-level distribution on top
+  (``alpha * CE + (1 - alpha) * KL(p || q)``, alpha = 0.5, T = 1);
+* ``seq_kd``: cross-entropy on the teacher's own answers, one sample per training prompt at T = 1
+  (``distill generate``, n = 1, unfinished samples dropped);
+* ``seq_kd_best_of_n``: the best of N teacher samples per prompt by the task's verifier (``distill
+  generate`` with ``scorer: verifier``);
+* ``seq_kd_plus_token_kd``: ``seq_kd``'s data with the teacher's token-level distribution on top (Kim &
+  Rush's best combination).
+
+Each student is scored by exact-match accuracy (greedy decoding) on the held-out problems, as is the
+teacher. Writes ``benchmarks/results/seqkd.json`` and prints a table.
+
+    python benchmarks/seqkd.py                      # default preset, seeds 0 and 1
+    python benchmarks/seqkd.py --preset tiny --seeds 0 --n 2    # seconds: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.config import GenerateConfig, ModelSpec, PromptsConfig, SamplingConfig  # noqa: E402
+from distill.models import load_model, load_tokenizer  # noqa: E402
+from distill.recipes import generate, train  # noqa: E402
+from distill.tasks import arithmetic  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "seqkd.json"
+METHODS = ("ce_ground_truth", "token_kd_ground_truth", "seq_kd", "seq_kd_best_of_n", "seq_kd_plus_token_kd")
+
+
+def accuracy(model_dir: Path, problems) -> float:
+    spec = ModelSpec(path=str(model_dir))
+    return arithmetic.exact_match(load_model(spec, "model"), load_tokenizer(spec, "model"), problems, batch_size=256)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(arithmetic.PRESETS), default="default")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--n", type=int, default=4, help="samples per prompt for best-of-N")
+    p.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling temperature")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "seqkd")
+    p.add_argument("--reuse", action="store_true", help="keep the teacher, generations and students already done")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
+    logging.getLogger("distill").setLevel(logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    preset = arithmetic.PRESETS[args.preset]
+    work = args.work / args.preset
+    data_dir = work / "data"
+    train_jsonl, test_jsonl = preset.write_data(data_dir)
+    tests = arithmetic.read_problems(test_jsonl)
+    timings: dict[str, float] = {}
+
+    # The teacher, on the ground truth.
+    teacher_cfg = arithmetic.ground_truth_config(preset, data_dir, work / "teacher", role="teacher", seed=0)
+    teacher_dir = work / "teacher" / "student"
+    if not (args.reuse and (teacher_dir / "distill_summary.json").is_file()):
+        _fresh(work / "teacher")
+        t0 = time.perf_counter()
+        train.main(teacher_cfg)
+        timings["teacher"] = time.perf_counter() - t0
+    teacher_acc = accuracy(teacher_dir, tests)
+    logging.getLogger("distill").info("teacher exact match: %.1f%%", 100 * teacher_acc)
+
+    # Its answers to the training prompts: one sample each, and the best of N by the verifier.
+    answer_tokens = max(len(pr.response) for pr in tests) + 1
+    gens, gen_stats = {}, {}
+    for name, n, scorer, keep in (("samples", 1, "none", "all"), ("best_of_n", args.n, "verifier", "best")):
+        out = work / f"gen_{name}" if name == "samples" else work / f"gen_{name}{args.n}"
+        cfg = GenerateConfig(
+            out_dir=str(out), teacher=ModelSpec(path=str(teacher_dir)),
+            prompts=PromptsConfig(source=str(train_jsonl)),
+            sampling=SamplingConfig(temperature=args.temperature, max_new_tokens=answer_tokens),
+            n=n, scorer=scorer, verifier="distill.tasks.arithmetic:verify" if scorer == "verifier" else None,
+            keep=keep, batch_size=256, shard_prompts=4096, progress=False,
+        )
+        if not args.reuse:
+            _fresh(out)
+        t0 = time.perf_counter()
+        counts = generate.main(cfg)
+        timings[f"generate_{name}"] = time.perf_counter() - t0
+        records = [json.loads(line) for f in sorted(out.glob("shard-*.jsonl")) for line in f.read_text().splitlines()]
+        right = sum(arithmetic.verify(r["prompt"], r["response"]) for r in records)
+        gens[name] = out
+        gen_stats[name] = {**counts, "kept_correct": right / max(len(records), 1), "n": n}
+
+    # The students.
+    results: dict[str, dict] = {m: {} for m in args.methods}
+    for seed in args.seeds:
+        for method in args.methods:
+            run_dir = work / f"{method}_seed{seed}"
+            cfg = arithmetic.ground_truth_config(preset, data_dir, run_dir, role="student", seed=seed)
+            update: dict = {}
+            if method in ("token_kd_ground_truth", "seq_kd_plus_token_kd"):
+                update["teacher"] = ModelSpec(path=str(teacher_dir))
+            if method.startswith("seq_kd"):
+                source = gens["best_of_n"] if method == "seq_kd_best_of_n" else gens["samples"]
+                # A teacher's wrong answer can decode to more student tokens than any right one (a special
+                # token's text is several bytes): cut at the task's length, as the answer would be wrong anyway.
+                update["data"] = cfg.data.model_copy(update={"source": str(source), "truncate": True})
+            cfg = cfg.model_copy(update=update)
+            student_dir = run_dir / "student"
+            if not (args.reuse and (student_dir / "distill_summary.json").is_file()):
+                _fresh(run_dir)
+                t0 = time.perf_counter()
+                train.main(cfg)
+                timings[f"{method}_seed{seed}"] = time.perf_counter() - t0
+            results[method][seed] = accuracy(student_dir, tests)
+            logging.getLogger("distill").info("%s seed %d: exact match %.1f%%", method, seed,
+                                              100 * results[method][seed])
+
+    summary = {
+        m: {"exact_match": {str(s): v for s, v in r.items()},
+            "mean": statistics.mean(r.values()),
+            "spread": (max(r.values()) - min(r.values())) if len(r) > 1 else 0.0}
+        for m, r in results.items()
+    }
+    record = {"preset": args.preset, "task": {"digits": preset.digits, "operators": list(preset.operators),
+                                              "n_train": preset.n_train, "n_test": preset.n_test},
+              "teacher": preset.teacher, "student": preset.student, "student_steps": preset.student_steps,
+              "batch_size": preset.batch_size, "seeds": args.seeds, "best_of_n": args.n,
+              "sampling_temperature": args.temperature, "teacher_exact_match": teacher_acc,
+              "generations": gen_stats, "methods": summary, "seconds": {k: round(v, 1) for k, v in timings.items()},
+              "total_seconds": round(time.perf_counter() - t_start, 1), "torch_threads": torch.get_num_threads()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, record)
+    print(table(record))
+    return record
+
+
+def _fresh(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def table(r: dict) -> str:
+    seeds = r["seeds"]
+    lines = [f"teacher: {100 * r['teacher_exact_match']:.1f}% exact match",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|---" * (len(seeds) + 2) + "|"]
+    for m, v in r["methods"].items():
+        cells = " | ".join(f"{100 * v['exact_match'][str(s)]:.1f}%" for s in seeds)
+        lines.append(f"| {m} | {cells} | {100 * v['mean']:.1f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Scoring through `distill serve` on loopback against the same teacher's forward in this process.
+
+The quickstart teacher's shape (hidden 192, 4 layers, V = 4,096; random init unless ``--teacher DIR``),
+batches of 16 sequences of 256 tokens, top_k = 20:
+
+* ``in_process``: what a live teacher costs for the same information: the forward (final hidden states),
+  the output layer, the log-softmax and the top-20 + realized token per position;
+* ``server``: :class:`distill.teacher.ServerTeacher`'s signal for the same batch (requests to a
+  ``distill serve`` subprocess on 127.0.0.1: JSON encoding, HTTP, parsing included), with 1, 4 and 16
+  requests in flight (``max_in_flight``; the server batches concurrent requests on the model).
+
+Reports scored tokens/s, the ratio to in-process, and the response bytes per scored token.
+
+    python benchmarks/serve.py [--quick] [--teacher DIR]
+
+Writes ``benchmarks/results/serve.json`` (``--out``). The server runs with one intra-op thread and the
+client's process with one, so the two processes do not fight for the 2 cores (the in-process forward gets
+both, which favours it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.config import ModelSpec, ServerTeacherSpec  # noqa: E402
+from distill.losses import LossSpec  # noqa: E402
+from distill.models import final_hidden, load_model, load_tokenizer, output_head  # noqa: E402
+from distill.teacher import ServerTeacher  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_teacher(work: Path) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(4093)} | {"<bos>": 4093, "<eos>": 4094, "<pad>": 4095}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    cfg = AutoConfig.for_model("llama", vocab_size=4096, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                               tie_word_embeddings=True, bos_token_id=4093, eos_token_id=4094, pad_token_id=4095)
+    torch.manual_seed(0)
+    out = work / "teacher"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    hf.save_pretrained(out)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--teacher", type=Path, default=None, help="an HF model directory (default: random init)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 5)
+    work = Path(tempfile.mkdtemp(prefix="distill-serve-bench-"))
+    teacher_dir = args.teacher or make_teacher(work)
+    tokenizer = load_tokenizer(ModelSpec(path=str(teacher_dir)), "teacher")
+    model = load_model(ModelSpec(path=str(teacher_dir)), "teacher").eval()
+    head = output_head(model, len(tokenizer))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tokenizer) - 3, (args.batch, args.seq_len), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    tokens = args.batch * (args.seq_len - 1)
+
+    @torch.no_grad()
+    def in_process():
+        h = final_hidden(model, batch)[:, :-1].reshape(-1, head.weight.shape[1])
+        for c0 in range(0, h.shape[0], 512):
+            lp = torch.log_softmax(head.logits(h[c0 : c0 + 512]).float(), -1)
+            lp.topk(args.top_k, -1)
+            lp.gather(-1, ids[:, 1:].reshape(-1, 1)[c0 : c0 + 512])
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(teacher_dir), "--port", str(port),
+                               "--max-logprobs", str(max(args.top_k, 20))], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        results = {"in_process": []}
+        in_process()
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            in_process()
+            results["in_process"].append(time.perf_counter() - t0)
+        torch.set_num_threads(1)
+        for flight in (1, 4, 16):
+            spec = ServerTeacherSpec(server=url, top_k=args.top_k, max_in_flight=flight, check_tokenizer=False)
+            teacher = ServerTeacher(spec, tokenizer, LossSpec())
+            teacher.signal(batch)
+            key = f"server_in_flight_{flight}"
+            results[key] = []
+            start_bytes = teacher.client.received_bytes
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                teacher.signal(batch)
+                results[key].append(time.perf_counter() - t0)
+            bytes_per_token = (teacher.client.received_bytes - start_bytes) / (reps * tokens)
+        record = {
+            "batch": args.batch, "seq_len": args.seq_len, "top_k": args.top_k, "vocab": len(tokenizer),
+            "tokens_per_s": {k: tokens / statistics.median(v) for k, v in results.items()},
+            "response_bytes_per_token": bytes_per_token,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+        }
+        tps = record["tokens_per_s"]
+        record["ratio_to_in_process"] = {k: v / tps["in_process"] for k, v in tps.items() if k != "in_process"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, record)
+    for k, v in record["tokens_per_s"].items():
+        print(f"{k:22s} {v:9.0f} tok/s  {record['ratio_to_in_process'].get(k, 1.0):.3f}x")
+    print(f"response: {record['response_bytes_per_token']:.0f} bytes per scored token (JSON, top-{args.top_k})")
+    return record
+
+
+if __name__ == "__main__":
+    main()

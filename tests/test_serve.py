@@ -404,3 +404,21 @@ def test_server_killed_mid_run_then_resume(tmp_path, teacher_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("method", "extra"), [
+    ("gkd", ["onpolicy.student_fraction=1"]),
+    ("gkd", ["onpolicy.student_fraction=1", "loss.divergence=sampled_reverse_kl"]),
+    ("skd", ["onpolicy.skd_top_k=5"]),
+])
+def test_on_policy_sources_with_the_server_teacher(tmp_path, server, method, extra):
+    cfg = load_config(TrainConfig, REPO / "configs" / "tiny" / f"{method}.yaml", [
+        f"out_dir={tmp_path / 'run'}", "log.progress=false", "teacher=null", f"teacher.server={server}",
+        "train.max_steps=3", "eval.every=3", "checkpoint.every=0", *extra])
+    summary = train.main(cfg)
+    recs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"]
+    assert len(recs) == 3 and all(r["on_policy"] == 1.0 and r["teacher_seconds"] > 0 for r in recs)
+    assert all(math.isfinite(r["loss"]) for r in recs) and "kl_to_teacher" in summary
+    if method == "skd":
+        assert all(0 < r["skd_replacement_rate"] <= 1 for r in recs)  # a random student is corrected often

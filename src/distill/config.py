@@ -172,9 +172,9 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 class LossConfig(Section):
     """``alpha * CE + (1 - alpha) * s * D(p_T, q_T)`` with ``s = T^2`` when ``t2_scale`` (docs/methods.md §1)."""
 
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys"] = (
-        "forward_kl"
-    )
+    divergence: Literal[
+        "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys", "sampled_reverse_kl"
+    ] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     t2_scale: bool = True
     alpha: float = Field(0.5, ge=0.0, le=1.0)
@@ -203,14 +203,38 @@ class OptimConfig(Section):
 
 
 class LoopConfig(Section):
-    batches: Literal["dataset"] = Field(
-        "dataset", description="where a step's micro-batches come from: dataset = the data section's examples"
+    batches: Literal["dataset", "gkd", "skd", "distillm"] = Field(
+        "dataset", description="where a step's micro-batches come from: dataset = the data section's examples; "
+        "gkd / skd / distillm = completions the student writes for the examples' prompts (see `onpolicy`)"
     )
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
     grad_accum: int = Field(1, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
+
+
+class OnPolicyConfig(Section):
+    """The on-policy batch sources (``train.batches``): the student writes the completions of the examples'
+    prompts with its current weights, and the teacher scores every token of them."""
+
+    student_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="gkd: the probability (lambda) that a step's completions are the student's"
+    )
+    temperature: float = Field(1.0, ge=0.0, description="the student's sampling temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, gt=0, description="the longest completion the student writes")
+    skd_top_k: int = Field(25, ge=1, description="skd: a student token outside the teacher's top-K is replaced")
+    skd_top_k_final: int | None = Field(
+        None, ge=1, description="skd: K moves linearly from skd_top_k to this over training (default: constant)"
+    )
+    skd_teacher_temperature: float | None = Field(
+        None, ge=0.0, description="skd: the temperature of the teacher's replacement samples (default: the loss's; 0 = argmax)"
+    )
+    replay_capacity: int = Field(1000, gt=0, description="distillm: student sequences kept for reuse (per process)")
+    adaptive_init: float = Field(0.0, ge=0.0, le=1.0, description="distillm: the initial threshold phi")
+    adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="distillm: phi grows by this when the eval loss rises")
+    adaptive_loss_eps: float = Field(0.1, ge=0.0, description="distillm: a rise of at least this in eval loss")
 
 
 class EvalConfig(Section):
@@ -300,9 +324,19 @@ class TrainConfig(Section):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: LoopConfig = LoopConfig()
+    onpolicy: OnPolicyConfig = OnPolicyConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _onpolicy_needs_prompts(self) -> TrainConfig:
+        if self.train.batches != "dataset" and self.data.packing:
+            raise ValueError(
+                f"train.batches={self.train.batches} writes completions for the examples' prompts, which packed "
+                "blocks do not have: set data.packing=false (with prompt_response or messages data)"
+            )
+        return self
 
 
 class CacheConfig(Section):

@@ -28,6 +28,10 @@ IGNORE_INDEX = -100
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+# The objectives a loss can train with: every divergence between the two distributions, and the sampled-token
+# estimate of reverse KL, which reads only the teacher's probability of the token in the labels.
+Objective = Literal[Divergence, "sampled_reverse_kl"]
+OBJECTIVES: tuple[str, ...] = (*DIVERGENCES, "sampled_reverse_kl")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class LossSpec:
     config's ``loss`` section builds one with ``LossConfig.spec()``). The default is pure forward KL.
     """
 
-    divergence: Divergence = "forward_kl"
+    divergence: Objective = "forward_kl"
     temperature: float = 1.0
     alpha: float = 0.0
     t2_scale: bool = True
@@ -48,8 +52,8 @@ class LossSpec:
     skew: float = 0.1
 
     def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        if self.divergence not in OBJECTIVES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(OBJECTIVES)}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -404,6 +408,8 @@ def kd_loss_per_token(
     backpropagate should drop those rows first: a zero-mass teacher row can make their divergence
     infinite, and ``0 * inf`` in the backward of a mask is NaN).
     """
+    if spec.divergence == "sampled_reverse_kl":
+        return _sampled_reverse_kl(student_logits, labels, teacher, spec)
     if isinstance(teacher, torch.Tensor) and spec.temperature == 1.0:
         # Dense teacher at T = 1: the CE reads the student's log-softmax that the divergence needs anyway.
         lq, lp = _dense_logprobs(student_logits, teacher, 1.0)
@@ -429,6 +435,46 @@ def kd_loss_per_token(
         if spec.alpha > 0:
             loss = loss + spec.alpha * ce
     return {"loss": loss, "ce": ce, "div": div}
+
+
+def teacher_label_logprob(teacher: TeacherSignal, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The teacher's log-probability of each label (at temperature T), from dense logits or a sparse target
+    that holds the label (a server teacher always returns the sequence's own token)."""
+    lab = labels.clamp_min(0).unsqueeze(-1)
+    if isinstance(teacher, SparseTarget):
+        hit = teacher.ids == lab
+        found = (hit & (teacher.probs > 0)).any(-1)
+        if not bool(found[labels != IGNORE_INDEX].all()):
+            raise ValueError(
+                "loss.divergence=sampled_reverse_kl needs the teacher's probability of every sampled token; this "
+                "sparse target lacks some (a top-k cache): use a live teacher or a server teacher"
+            )
+        p = torch.where(hit, upcast(teacher.probs), torch.zeros_like(upcast(teacher.probs))).sum(-1)
+        return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+    return torch.log_softmax(tempered(teacher, temperature), dim=-1).gather(-1, lab).squeeze(-1)
+
+
+def _sampled_reverse_kl(student_logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherSignal | None,
+                        spec: LossSpec) -> dict[str, torch.Tensor]:
+    """The sampled-token estimate of reverse KL on tokens the student sampled itself (``labels``).
+
+    Per token x: ``f = log q_T(x) - log p_T(x)``, an unbiased one-sample estimate of KL(q || p) at that
+    position when x ~ q. The loss is the surrogate ``stopgrad(f) * log q_T(x)``, whose gradient is the
+    score-function estimate ``f * grad log q(x)`` of the gradient of the sequence's reverse KL with each
+    token's own term only (no credit to later tokens: a discount of 0). ``div`` is f itself. Only the
+    teacher's probability of x is needed.
+    """
+    if teacher is None:
+        raise ValueError("loss.divergence=sampled_reverse_kl needs a teacher")
+    lq_all = torch.log_softmax(tempered(student_logits, spec.temperature), dim=-1)
+    lq = lq_all.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    lp = teacher_label_logprob(teacher, labels, spec.temperature)
+    f = lq - lp
+    ce = -lq if spec.temperature == 1.0 else cross_entropy_per_token(student_logits, labels)
+    ce = ce.masked_fill(labels == IGNORE_INDEX, 0.0)
+    surrogate = f.detach() * lq
+    loss = ce if spec.alpha == 1.0 else (1.0 - spec.alpha) * spec.scale * surrogate + spec.alpha * ce
+    return {"loss": loss, "ce": ce, "div": f.detach()}
 
 
 def supervised_mask(labels: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ teacher depends on the signal (:attr:`eval_estimates`):
 
 Adding a kind of teacher: a spec in ``config.py`` (a member of ``TeacherSpec``), a class here with the
 same attributes and methods as these two, and its branch in :func:`open_teacher`. The train and eval
-code only calls ``signal``, ``diagnose``, ``covers``, ``check_data`` and ``describe``.
+code only calls ``signal``, ``diagnose``, ``covers``, ``check_data``, ``describe`` and (speculative KD)
+``corrector``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ class LiveTeacher:
     def signal(self, batch: dict) -> DenseSignal:
         return DenseSignal(flat_positions(final_hidden(self.model, batch)), self.head)
 
+    def corrector(self, temperature: float):
+        """Speculative KD's teacher side (:func:`distill.generate.corrected_sample`)."""
+        from distill.generate import LiveCorrector
+
+        return LiveCorrector(self.model, temperature)
+
     @torch.no_grad()
     def diagnose(self, batch: dict) -> str | None:
         """A cause for a non-finite loss that lies with the teacher, or None."""
@@ -116,6 +123,9 @@ class CachedTeacher:
                 f"teacher.cache: the targets in {spec.cache} were captured at temperature {train.temperature}, but "
                 f"loss.temperature={loss.temperature}; set loss.temperature={train.temperature} or rebuild the cache"
             )
+        if loss.divergence == "sampled_reverse_kl":
+            raise ValueError("loss.divergence=sampled_reverse_kl needs the teacher's probability of the tokens the "
+                             "student samples, which a cache does not hold; use a live teacher or a server teacher")
         if train.mode == "sampled" and not loss.tolerates_zero_teacher_mass:
             setting = f"loss.divergence={loss.divergence}"
             if loss.divergence == "jsd":
@@ -167,6 +177,9 @@ class CachedTeacher:
 
     def diagnose(self, batch: dict) -> str | None:
         return None  # stored targets are checked when they are read
+
+    def corrector(self, temperature: float):
+        raise ValueError("a cached teacher cannot check new tokens (speculative KD); use a live or server teacher")
 
 
 class ServerTeacher:
@@ -305,6 +318,11 @@ class ServerTeacher:
 
     def diagnose(self, batch: dict) -> str | None:
         return None
+
+    def corrector(self, temperature: float):
+        from distill.remote import ServerCorrector
+
+        return ServerCorrector(self.client, self.model, temperature, self.spec.max_in_flight)
 
 
 Teacher = LiveTeacher | CachedTeacher | ServerTeacher

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,8 @@ from distill.models import (
     output_head,
     resolve_vocab,
 )
+from distill.onpolicy import OnPolicy, onpolicy_batches
+from distill.onpolicy import check_teacher as check_onpolicy_teacher
 from distill.teacher import Teacher, open_teacher
 
 logger = logging.getLogger("distill")
@@ -104,6 +106,8 @@ class Run:
     train_ds: Any
     eval_ds: Any
     pad_id: int
+    onpolicy: OnPolicy | None = None  # the state of an on-policy batch source (gkd, skd, distillm)
+    stats: dict[str, float] = field(default_factory=dict)  # timings since the last log line (teacher_seconds)
 
     def student_head(self) -> LinearHead:
         return output_head(self.accelerator.unwrap_model(self.model), len(self.tokenizer))
@@ -117,25 +121,36 @@ class Run:
         return {**batch, "index": indices, "split": split}
 
 
+    def indices(self, step: int, micro: int) -> list[int]:
+        """The dataset rows of micro-batch ``micro`` of ``step`` on this process (:func:`example_indices`)."""
+        acc = self.accelerator
+        return example_indices(step, micro, acc.process_index, acc.num_processes, self.cfg.train, len(self.train_ds))
+
+
 def dataset_batches(run: Run, step: int) -> list[dict]:
     """``train.batches: dataset``: micro-batch ``m`` of this process is :func:`example_indices` of the data."""
-    acc, loop = run.accelerator, run.cfg.train
-    return [run.collate(run.train_ds, example_indices(step, m, acc.process_index, acc.num_processes, loop,
-                                                      len(run.train_ds)), "train")
-            for m in range(loop.grad_accum)]
+    return [run.collate(run.train_ds, run.indices(step, m), "train") for m in range(run.cfg.train.grad_accum)]
 
 
 # train.batches -> the function giving one optimizer step's micro-batches on this process. A source is a
-# pure function of (run, step), so a resumed run needs no iterator state, and gives every process the same
-# number of micro-batches. Batches are dicts with input_ids, labels (IGNORE_INDEX where unsupervised) and
-# attention_mask on the device; dataset examples also carry index and split.
-BATCH_SOURCES: dict[str, Callable[[Run, int], list[dict]]] = {"dataset": dataset_batches}
+# pure function of (run, step) (and of state that checkpoints carry: `Run.onpolicy`), so a resumed run needs
+# no iterator state, and gives every process the same number of micro-batches. Batches are dicts with
+# input_ids, labels (IGNORE_INDEX where unsupervised) and attention_mask on the device; dataset examples also
+# carry index and split. The on-policy sources live in distill/onpolicy.py.
+BATCH_SOURCES: dict[str, Callable[[Run, int], list[dict]]] = {
+    "dataset": dataset_batches, "gkd": onpolicy_batches, "skd": onpolicy_batches, "distillm": onpolicy_batches,
+}
 
 
-def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, num_tokens: int, loss: LossConfig):
-    """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics."""
+def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, num_tokens: int, loss: LossConfig,
+                 stats: dict | None = None):
+    """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics. ``stats``, when
+    given, accumulates the seconds spent on the teacher's signal (``teacher_seconds``)."""
     labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
+    t0 = time.perf_counter()
     signal = teacher.signal(batch) if teacher is not None else None
+    if stats is not None:
+        stats["teacher_seconds"] = stats.get("teacher_seconds", 0.0) + time.perf_counter() - t0
     hidden = flat_positions(final_hidden(model, batch))
     head = student_head_fn()
     spec = loss.spec()
@@ -208,18 +223,43 @@ class Window:
         self.sums += torch.stack([stats.get(k, torch.zeros(())).double().to(self.sums.device) for k in self.KEYS]
                                  + [batch["attention_mask"].sum().double()])
 
-    def record(self, step: int, lr: float, tokens_seen: int, grad_norm, with_teacher: bool) -> dict:
-        """The train record for the steps since the last one; then starts a new window."""
-        ce_sum, div_sum, kl_sum, count, tokens = self.accelerator.reduce(self.sums, "sum").tolist()
+    # Per-process counters (time and on-policy statistics), summed over processes at each record.
+    EXTRA = ("teacher_seconds", "gen_seconds", "gen_tokens", "gen_sequences", "on_policy_steps", "replay_steps",
+             "skd_replaced", "skd_proposed")
+
+    def record(self, step: int, lr: float, tokens_seen: int, grad_norm, with_teacher: bool,
+               extra: dict[str, float] | None = None, onpolicy: OnPolicy | None = None) -> dict:
+        """The train record for the steps since the last one; then starts a new window. ``extra``: this
+        process's counters (:attr:`EXTRA`) since the last record."""
+        extra = extra or {}
+        local = torch.tensor([extra.get(k, 0.0) for k in self.EXTRA], dtype=torch.float64, device=self.sums.device)
+        totals = self.accelerator.reduce(torch.cat([self.sums, local]), "sum").tolist()
+        ce_sum, div_sum, kl_sum, count, tokens = totals[:5]
+        more = dict(zip(self.EXTRA, totals[5:], strict=True))
         count = max(count, 1.0)
-        record = {"step": step, "split": "train", "loss": self.loss / max(step - self.start, 1),
+        steps, world = max(step - self.start, 1), self.accelerator.num_processes
+        elapsed = time.perf_counter() - self.t0
+        record = {"step": step, "split": "train", "loss": self.loss / steps,
                   "ce": ce_sum / count, "lr": lr, "tokens_seen": tokens_seen,
-                  "tokens_per_s": tokens / max(time.perf_counter() - self.t0, 1e-9)}
+                  "tokens_per_s": tokens / max(elapsed, 1e-9), "step_seconds": elapsed / steps}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if with_teacher:
             record["kl"] = kl_sum / count
             record["div"] = div_sum / count
+            record["teacher_seconds"] = more["teacher_seconds"] / world / steps
+        if onpolicy is not None:
+            record["gen_seconds"] = more["gen_seconds"] / world / steps
+            record["train_seconds"] = record["step_seconds"] - record["gen_seconds"] - record["teacher_seconds"]
+            record["on_policy"] = more["on_policy_steps"] / world / steps
+            if more["gen_sequences"]:
+                record["gen_length"] = more["gen_tokens"] / more["gen_sequences"]
+            if onpolicy.source == "skd":
+                record["skd_replacement_rate"] = more["skd_replaced"] / max(more["skd_proposed"], 1.0)
+                record["skd_k"] = onpolicy.skd_k(step - 1, onpolicy.max_steps)
+            if onpolicy.source == "distillm":
+                record["replay"] = more["replay_steps"] / world / steps
+                record["distillm_threshold"] = onpolicy.threshold
         self.sums.zero_()
         self.loss, self.start, self.t0 = 0.0, step, time.perf_counter()
         return record
@@ -247,7 +287,12 @@ class MetricsWriter:
         self.accelerator.log(scalars, step=record["step"])
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state: dict) -> Path:
+def _onpolicy_file(accelerator: Accelerator) -> str:
+    return f"onpolicy_rank{accelerator.process_index}.json"
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state: dict,
+                    onpolicy: OnPolicy | None = None) -> Path:
     root = Path(cfg.out_dir) / "checkpoints"
     final = ckpt.step_dir(root, step)
     tmp = ckpt.tmp_dir_for(final)
@@ -255,6 +300,8 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state
         ckpt.prune_checkpoints(root, keep_last=cfg.checkpoint.keep_last + 1)  # clears stale *.tmp too
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if onpolicy is not None:  # each process's replay buffer and threshold
+        ckpt.atomic_write_text(tmp / _onpolicy_file(accelerator), onpolicy.to_json())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         dump_config(cfg, tmp / "config.yaml")
@@ -325,7 +372,7 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
     for m, batch in enumerate(micro_batches):
         sync = m == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-            loss, stats = kd_step_loss(model, run.student_head, run.teacher, batch, step_tokens, cfg.loss)
+            loss, stats = kd_step_loss(model, run.student_head, run.teacher, batch, step_tokens, cfg.loss, run.stats)
             # DDP averages gradients over processes; the loss is already a global-token mean.
             scaled = loss * accelerator.num_processes
         bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device), "sum")
@@ -379,6 +426,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path,
                            loss=cfg.loss.spec(), seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy,
                            device=accelerator.device)
+    if cfg.train.batches != "dataset":
+        check_onpolicy_teacher(cfg.train.batches, teacher)  # before the data: a cache cannot score new text
     logger.info("student: %.2fM parameters; teacher: %s; loss: %s", count_parameters(student) / 1e6,
                 teacher.describe() if teacher is not None else "none (plain CE)",
                 cfg.loss.spec().describe() if teacher is not None else "CE")
@@ -396,6 +445,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     model, optimizer, scheduler = accelerator.prepare(student, *make_optimizer(student, cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id)
+    if cfg.train.batches != "dataset":
+        run.onpolicy = OnPolicy(run)
     next_batches = BATCH_SOURCES[cfg.train.batches]
 
     # 4. Resume. --------------------------------------------------------------------------------------
@@ -403,6 +454,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         state = ckpt.read_state(resume_from)
+        if run.onpolicy is not None:  # the replay buffer and threshold of this process
+            run.onpolicy.load_state_dict(json.loads((resume_from / _onpolicy_file(accelerator)).read_text()))
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         logger.info("resumed from %s (step %d)", resume_from, start_step)
     if is_main:
@@ -426,18 +479,23 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
         done = step + 1
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            record = window.record(done, lr, tokens_seen, grad_norm, with_teacher=teacher is not None)
+            extra = {**run.stats, **(run.onpolicy.take_stats() if run.onpolicy is not None else {})}
+            run.stats = {}
+            record = window.record(done, lr, tokens_seen, grad_norm, with_teacher=teacher is not None, extra=extra,
+                                   onpolicy=run.onpolicy)
             metrics.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         progress.update(1)
 
         if eval_ds is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.max_steps):
             last_eval = evaluate(run)
+            if run.onpolicy is not None:
+                run.onpolicy.observe_eval(last_eval["val_loss"])
             metrics.write({"step": done, "split": "eval", **last_eval})
             logger.info("step %d eval: %s", done, _fmt(last_eval))
 
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.max_steps:
-            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen})
+            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, run.onpolicy)
     progress.close()
 
     summary = {"steps": cfg.train.max_steps, "tokens": tokens_seen, **last_eval}

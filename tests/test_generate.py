@@ -26,6 +26,7 @@ from distill.generate import (
     processed_logprobs,
     row_seed,
     sample,
+    speculative_sample,
     uniforms,
 )
 from distill.recipes import generate as recipe
@@ -356,3 +357,62 @@ def test_sigkill_then_rerun_gives_identical_files(tmp_path):
 
     got, want = files(out), files(ref)
     assert got.keys() == want.keys() and got == want
+
+
+# ------------------------------------------------------------------------------------------- speculative decoding
+
+
+def spec_pair(vocab: int = 40):
+    target = tiny_model(seed=1, vocab=vocab, init=0.2)
+    draft = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, initializer_range=0.2, pad_token_id=0, eos_token_id=1))
+    return target, draft.eval()
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 4, 7])
+def test_greedy_speculative_decoding_is_the_targets_greedy_decoding(gamma):
+    target, draft = spec_pair(vocab=263)
+    prompts = PROMPTS + [[2, 3], [2, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=25, stop_ids=(1,))
+    ref = sample(target, prompts, params, pad_id=0).completions()
+    for batch in (prompts, prompts[:1], prompts[2:5]):
+        gen, stats = speculative_sample(target, draft, batch, params, gamma, pad_id=0)
+        assert gen.completions() == ref[prompts.index(batch[0]) : prompts.index(batch[0]) + len(batch)]
+        assert stats.tokens == sum(len(c) for c in gen.completions())
+        assert stats.tokens <= stats.accepted + stats.row_rounds  # a round writes its accepted drafts + 1 (or stops)
+
+
+def test_a_draft_equal_to_the_target_accepts_everything():
+    target, _ = spec_pair(vocab=263)
+    for params in (SamplingParams(temperature=0.0, max_new_tokens=12), SamplingParams(temperature=1.0, max_new_tokens=12)):
+        gen, stats = speculative_sample(target, target, PROMPTS, params, 3, pad_id=0,
+                                        seeds=[row_seed(5, i) for i in range(len(PROMPTS))])
+        assert stats.acceptance_rate == 1.0 and stats.tokens_per_call == pytest.approx(4.0)
+
+
+def test_sampled_speculative_decoding_is_distributed_as_the_target():
+    """Chi-square test of the first two tokens over 6,000 draws (V = 6: 36 cells) against the target's exact
+    joint distribution, with a draft that disagrees with it often."""
+    v = 6
+    target, draft = spec_pair(vocab=v)
+    prompt = [2, 3]
+    params = SamplingParams(temperature=1.0, max_new_tokens=2)
+    with torch.no_grad():
+        first = torch.softmax(target(torch.tensor([prompt])).logits[0, -1], -1)
+        second = torch.softmax(target(torch.tensor([[*prompt, x] for x in range(v)])).logits[:, -1], -1)
+    joint = (first.unsqueeze(1) * second).reshape(-1).double()
+    n = 6000
+    gen, stats = speculative_sample(target, draft, [prompt] * n, params, 3, pad_id=0,
+                                    seeds=[row_seed(11, i) for i in range(n)])
+    pairs = torch.tensor([c[0] * v + c[1] for c in gen.completions()])
+    counts = torch.bincount(pairs, minlength=v * v).double()
+    expected = joint * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    dof = v * v - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5, chi2  # ~6 sigma; seeded
+    assert 0.1 < stats.acceptance_rate < 0.95  # the residual draws were exercised
+    # The target sampling on its own agrees with the same exact distribution (the test has power).
+    alone = sample(target, [prompt] * n, params, pad_id=0, seeds=[row_seed(12, i) for i in range(n)])
+    counts2 = torch.bincount(torch.tensor([c[0] * v + c[1] for c in alone.completions()]), minlength=v * v).double()
+    assert float(((counts2 - expected) ** 2 / expected).sum()) < dof + 6 * (2 * dof) ** 0.5

@@ -396,6 +396,7 @@ class _Stats:
         zero = torch.zeros((), dtype=dtype, device=device)
         self.plan = plan
         self.loss, self.ce, self.div, self.kl = zero.clone(), zero.clone(), zero.clone(), zero.clone()
+        self.div_sq, self.kl_sq = zero.clone(), zero.clone()  # sums of squares: the spread over positions
         self.teacher_entropy, self.teacher_p_top1 = zero.clone(), zero.clone()
         self.agree = torch.zeros((), dtype=torch.long, device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
@@ -408,6 +409,7 @@ class _Stats:
         """The logging-only forward KL when the trained divergence is another one."""
         kl = token_divergence(z, t_sig, "forward_kl", temperature=self.plan.spec.temperature)
         self.kl += kl.sum()
+        self.kl_sq += kl.square().sum()
 
     @torch.no_grad()
     def add(self, z: torch.Tensor, lab: torch.Tensor, t_sig, ce: torch.Tensor, div: torch.Tensor | None) -> None:
@@ -415,8 +417,10 @@ class _Stats:
         self.ce += ce.sum()
         if t_sig is not None:
             self.div += div.sum()
+            self.div_sq += div.square().sum()
             if self.plan.spec.is_forward_kl:
                 self.kl += div.sum()
+                self.kl_sq += div.square().sum()
         if not self.plan.top1_stats and self.calib is None:
             return
         if self.calib is None:
@@ -457,8 +461,10 @@ class _Stats:
             out["calibration"] = self.calib
         if plan.teacher is not None:
             out["div_sum"] = self.div
+            out["div_sq_sum"] = self.div_sq
             if plan.want_kl:
                 out["kl_sum"] = self.kl
+                out["kl_sq_sum"] = self.kl_sq
             if top1:
                 out["agree_sum"] = self.agree
         if plan.sparse and top1:
@@ -631,7 +637,8 @@ def chunked_kd_loss(
 
     Returns ``(loss, stats)``; ``loss`` equals ``reduce_loss(kd_loss_per_token(logits, labels, teacher,
     spec)["loss"], labels != IGNORE_INDEX, num_tokens)``. ``stats`` (detached, summed over supervised
-    positions): ``ce_sum``, ``div_sum`` and ``kl_sum`` (teacher only), ``count`` (supervised positions); with
+    positions): ``ce_sum``, ``div_sum`` and ``kl_sum`` (teacher only; ``div_sq_sum`` and ``kl_sq_sum`` their
+    squares, for the spread over positions), ``count`` (supervised positions); with
     ``top1_stats``: ``agree_sum`` (student argmax == teacher argmax, teacher only; for a sparse target its
     most probable id), ``correct_sum`` (student argmax == label), and for a sparse target
     ``teacher_entropy_sum`` (the target's own entropy over its classes) and ``teacher_p_top1_sum`` (the

@@ -179,8 +179,34 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from distill.config import EvalRunConfig, load_config
+    from distill.recipes import eval as eval_recipe
+
+    eval_recipe.main(load_config(EvalRunConfig, args.config, args.overrides))
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    from distill.config import EvalRunConfig
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate models (loss, calibration, KL/TVD/agreement to a teacher, speed as a speculative draft)",
+        description="Evaluate one or more models on a data section's split: loss, perplexity, bits per byte, ECE,\n"
+        "top-1 accuracy; with a teacher, forward KL and `divergences` with their spread over positions and top-1\n"
+        "agreement; with `speculative`, each model as the teacher's draft (acceptance, tokens per target call,\n"
+        "wall-clock speed-up, and the prediction from alpha-hat). JSON to `out`, a markdown table to stdout.\n\n"
+        "Config keys (YAML file, then key=value overrides such as max_batches=4):\n" + _describe(EvalRunConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config file (see configs/tiny/eval.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. models.student.path=runs/x/student")
+    p.set_defaults(func=cmd_eval)
+
+
 PARSERS = {"train": _train_parser, "cache": _cache_parser, "generate": _generate_parser, "serve": _serve_parser,
-           "quickstart": _quickstart_parser}
+           "eval": _eval_parser, "quickstart": _quickstart_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

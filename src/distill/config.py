@@ -417,3 +417,50 @@ class GenerateConfig(Section):
         if self.scorer == "verifier" and not self.verifier:
             raise ValueError("scorer=verifier needs `verifier: module:function` (e.g. distill.tasks.arithmetic:verify)")
         return self
+
+
+class SpeculativeConfig(Section):
+    """``distill eval``: each model as the speculative-decoding draft of the (live) teacher."""
+
+    gammas: list[int] = Field(default_factory=lambda: [1, 2, 4, 8], description="draft tokens per round")
+    prompts: int = Field(16, gt=0, description="prompts from the evaluated split")
+    prompt_tokens: int = Field(32, gt=0, description="text data: the first N tokens of an example are its prompt")
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], description="speed-up measured at these batches")
+    reps: int = Field(3, gt=0, description="timed repetitions (medians)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _positive(self) -> SpeculativeConfig:
+        bad = [g for g in self.gammas if g < 1]
+        if bad or not self.gammas:
+            raise ValueError(f"gammas must be >= 1 (the draft proposes at least one token), got {self.gammas}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes must be >= 1, got {self.batch_sizes}")
+        return self
+
+
+class EvalRunConfig(Section):
+    """``distill eval``: models (and a teacher) on a dataset; optionally each model as a speculative draft."""
+
+    out: str = Field("runs/eval/eval.json", description="the JSON written (a markdown table goes to stdout)")
+    models: dict[str, ModelSpec] = Field(description="name -> model (path or config)")
+    teacher: TeacherSpec | None = None
+    data: DataConfig
+    split: Literal["eval", "train"] = Field("eval", description="which split of the data section to evaluate")
+    batch_size: int = Field(8, gt=0)
+    max_batches: int | None = Field(None, gt=0, description="this many batches, evenly spread (default: all)")
+    divergences: list[Literal["reverse_kl", "tvd", "jsd", "jeffreys"]] = Field(
+        default_factory=lambda: ["reverse_kl", "tvd"], description="besides forward KL, with a teacher"
+    )
+    vocab_policy: Literal["truncate", "error"] = "truncate"
+    speculative: SpeculativeConfig | None = None
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _some_model(self) -> EvalRunConfig:
+        if not self.models:
+            raise ValueError("models: give at least one model to evaluate (name: {path: DIR})")
+        return self

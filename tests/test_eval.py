@@ -1,0 +1,102 @@
+"""`distill eval` (metrics, distance to the teacher, speculative drafts) and `distill report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_TRAIN, run_cli
+
+from distill.config import ConfigError, EvalRunConfig, TrainConfig, load_config
+from distill.evaluate import acceptance_estimate, predicted_tokens_per_call
+from distill.generate import SamplingParams, row_seed, sample
+from distill.recipes import eval as eval_recipe
+from distill.recipes import train
+from distill.tokenizer import byte_tokenizer
+
+TINY_EVAL = REPO / "configs" / "tiny" / "eval.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    cfg = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={out}", "log.progress=false", "train.max_steps=4",
+                                                "eval.every=0", "checkpoint.every=0"])
+    train.main(cfg)
+    return out
+
+
+def test_eval_reproduces_the_training_runs_final_eval(tmp_path, trained):
+    final = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["split"] == "eval"
+    cfg = load_config(EvalRunConfig, TINY_EVAL, [f"out={tmp_path / 'eval.json'}", "models.student.config=null",
+                                                 "models.student.tokenizer=null", f"models.student.path={trained / 'student'}",
+                                                 "speculative=null", "progress=false"])
+    got = eval_recipe.main(cfg)["models"]["student"]
+    for key in ("val_loss", "kl_to_teacher", "top1_agreement", "val_ece", "val_top1_accuracy"):
+        assert got[key] == pytest.approx(final[key], rel=1e-5, abs=1e-7), key
+    assert got["val_tokens"] == final["val_tokens"]
+    # The other divergences, with their spread over positions.
+    for key in ("reverse_kl_to_teacher", "tvd_to_teacher", "kl_to_teacher_std", "tvd_to_teacher_std"):
+        assert got[key] > 0
+    assert 0 < got["tvd_to_teacher"] < 1
+    assert json.loads((tmp_path / "eval.json").read_text())["models"]["student"]["val_loss"] == got["val_loss"]
+
+
+def test_cli_eval_writes_json_and_the_speculative_table(tmp_path):
+    out = tmp_path / "eval.json"
+    res = run_cli("eval", str(TINY_EVAL), f"out={out}", "models.twin.seed=1", "models.twin.tokenizer=byte",
+                  "models.twin.config.model_type=llama", "models.twin.config.hidden_size=32",
+                  "models.twin.config.intermediate_size=64", "models.twin.config.num_hidden_layers=2",
+                  "models.twin.config.num_attention_heads=4", "models.twin.config.num_key_value_heads=2",
+                  "models.twin.config.max_position_embeddings=256")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| student |" in res.stdout and "| twin |" in res.stdout and "speed-up, batch 1" in res.stdout
+    data = json.loads(out.read_text())
+    assert data["models"]["student"]["val_loss"] == data["models"]["twin"]["val_loss"]  # the same model twice
+    spec = data["speculative"]["drafts"]["student"]
+    assert set(spec["gammas"]) == {"1", "2", "4"} and 0 <= spec["alpha_hat"] <= 1
+    for g, r in spec["gammas"].items():
+        assert r["tokens_per_target_call"] >= 1 and r["predicted_tokens_per_target_call"] == pytest.approx(
+            predicted_tokens_per_call(spec["alpha_hat"], int(g)))
+        assert set(r["speedup"]) == {"1", "4"} and all(v["ratio"] > 0 for v in r["speedup"].values())
+
+
+def test_the_offline_estimate_matches_a_perfect_draft():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.2, pad_token_id=0, eos_token_id=1)).eval()
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    gen = sample(model, [[2, 3, 4], [2, 5]], params, pad_id=0, seeds=[row_seed(0, i) for i in range(2)])
+    assert acceptance_estimate(model, model, gen.to_batch(0), params) == pytest.approx(1.0, abs=1e-5)
+    assert predicted_tokens_per_call(1.0, 4) == 5.0
+    assert predicted_tokens_per_call(0.5, 2) == pytest.approx(1.75)
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="gammas must be >= 1"):
+        load_config(EvalRunConfig, TINY_EVAL, ["speculative.gammas=[0, 2]"])
+    other = byte_tokenizer()
+    other.add_tokens(["<|x|>"])
+    other.save_pretrained(tmp_path / "tok")
+    cfg = load_config(EvalRunConfig, TINY_EVAL, [f"out={tmp_path / 'e.json'}", f"teacher.tokenizer={tmp_path / 'tok'}",
+                                                 "speculative=null"])
+    with pytest.raises(ValueError, match=r"tokenizer \(models.student\) and the teacher tokenizer .* differ"):
+        eval_recipe.main(cfg)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        eval_recipe.main(load_config(EvalRunConfig, TINY_EVAL, [f"out={tmp_path / 'e.json'}", f"data.source={empty}"]))

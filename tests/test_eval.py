@@ -100,3 +100,26 @@ def test_bad_input_is_named(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty"):
         eval_recipe.main(load_config(EvalRunConfig, TINY_EVAL, [f"out={tmp_path / 'e.json'}", f"data.source={empty}"]))
+
+
+def test_report_of_two_runs_and_an_eval(tmp_path, trained):
+    from distill.recipes import report
+
+    other = tmp_path / "other"
+    train.main(load_config(TrainConfig, TINY_TRAIN, [f"out_dir={other}", "log.progress=false", "train.max_steps=4",
+                                                     "eval.every=2", "checkpoint.every=0", "loss.divergence=tvd"]))
+    ev = tmp_path / "eval.json"
+    eval_recipe.main(load_config(EvalRunConfig, TINY_EVAL, [f"out={ev}", "speculative.gammas=[1,2]",
+                                                            "speculative.batch_sizes=[1]"]))
+    (tmp_path / "empty-dir").mkdir()
+    res = run_cli("report", str(trained), str(other), str(tmp_path / "empty-dir"), "--eval", str(ev),
+                  "--out", str(tmp_path / "report"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "empty-dir has no metrics.jsonl" in res.stderr
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| run | steps |" in text and "| run | 4 |" in text and "| other | 4 |" in text
+    assert "curves.png" in text and "speculative.png" in text and "| student |" in text
+    for png in ("curves.png", "speculative.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="nothing to report"):
+        report.main([str(tmp_path / "empty-dir")], out=str(tmp_path / "r2"))

@@ -205,8 +205,31 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from distill.recipes import report
+
+    path = report.main(args.runs, evals=args.eval, out=args.out)
+    print(path)
+    return 0
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one page from training runs and evaluations: curves of several runs, the final table, speculative results",
+        description="Write report.md (+ PNG figures) from run directories (their metrics.jsonl: eval curves of every\n"
+        "run on shared axes, the train loss, the final evals as a table) and `distill eval` JSON files (their tables;\n"
+        "acceptance rate and tokens per target call against gamma for speculative drafts).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("runs", nargs="*", help="run directories (out_dir of distill train)")
+    p.add_argument("--eval", action="append", default=[], metavar="FILE", help="a distill eval JSON (repeatable)")
+    p.add_argument("--out", default="runs/report", help="output directory (default: runs/report)")
+    p.set_defaults(func=cmd_report)
+
+
 PARSERS = {"train": _train_parser, "cache": _cache_parser, "generate": _generate_parser, "serve": _serve_parser,
-           "eval": _eval_parser, "quickstart": _quickstart_parser}
+           "eval": _eval_parser, "report": _report_parser, "quickstart": _quickstart_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,12 +13,25 @@ order; the teacher and its samples are shared):
 * ``seq_kd_best_of_n``: the best of N teacher samples per prompt by the task's verifier (``distill
   generate`` with ``scorer: verifier``);
 * ``seq_kd_plus_token_kd``: ``seq_kd``'s data with the teacher's token-level distribution on top (Kim &
-  Rush's best combination).
+  Rush's best combination);
+
+and the on-policy batch sources (``train.batches``), on the ground-truth prompts, with the student sampling
+at T = 1 and the teacher scoring every token (alpha = 0: the divergence alone):
+
+* ``supervised_jsd``: generalized JSD (beta = 0.5) on the ground-truth answers (GKD with lambda = 0, the
+  control for the next two);
+* ``gkd_mixed``: GKD, lambda = 0.5 (each step is the student's samples or the ground truth, by a coin);
+* ``gkd_on_policy``: GKD, lambda = 1 (only the student's samples);
+* ``on_policy_sampled_rkl``: lambda = 1 with the sampled-token reverse KL, log q(x) - log p(x) on the
+  student's own tokens (MiniLLM-style policy gradient without its extra terms);
+* ``skd``: the student proposes, the teacher replaces any token outside its top-3 (forward KL);
+* ``distillm``: DistiLLM's adaptive schedule with its replay buffer and skew reverse KL (skew 0.1),
+  evaluated every 100 steps (the schedule reads the eval loss).
 
 Each student is scored by exact-match accuracy (greedy decoding) on the held-out problems, as is the
 teacher. Writes ``benchmarks/results/seqkd.json`` and prints a table.
 
-    python benchmarks/seqkd.py                      # default preset, seeds 0 and 1
+    python benchmarks/seqkd.py                      # default preset, seeds 0, 1, 2, every method
     python benchmarks/seqkd.py --preset tiny --seeds 0 --n 2    # seconds: a smoke run
 """
 
@@ -44,7 +57,17 @@ from distill.recipes import generate, train  # noqa: E402
 from distill.tasks import arithmetic  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "seqkd.json"
-METHODS = ("ce_ground_truth", "token_kd_ground_truth", "seq_kd", "seq_kd_best_of_n", "seq_kd_plus_token_kd")
+SEQUENCE_METHODS = ("ce_ground_truth", "token_kd_ground_truth", "seq_kd", "seq_kd_best_of_n", "seq_kd_plus_token_kd")
+# method -> (train.batches, loss settings, onpolicy settings)
+ON_POLICY_METHODS = {
+    "supervised_jsd": ("dataset", {"divergence": "jsd", "beta": 0.5, "alpha": 0.0}, {}),
+    "gkd_mixed": ("gkd", {"divergence": "jsd", "beta": 0.5, "alpha": 0.0}, {"student_fraction": 0.5}),
+    "gkd_on_policy": ("gkd", {"divergence": "jsd", "beta": 0.5, "alpha": 0.0}, {"student_fraction": 1.0}),
+    "on_policy_sampled_rkl": ("gkd", {"divergence": "sampled_reverse_kl", "alpha": 0.0}, {"student_fraction": 1.0}),
+    "skd": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 3}),
+    "distillm": ("distillm", {"divergence": "skew_reverse_kl", "skew": 0.1, "alpha": 0.0}, {}),
+}
+METHODS = SEQUENCE_METHODS + tuple(ON_POLICY_METHODS)
 
 
 def accuracy(model_dir: Path, problems) -> float:
@@ -55,7 +78,7 @@ def accuracy(model_dir: Path, problems) -> float:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(arithmetic.PRESETS), default="default")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n", type=int, default=4, help="samples per prompt for best-of-N")
     p.add_argument("--temperature", type=float, default=1.0, help="the teacher's sampling temperature")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -111,6 +134,7 @@ def main(argv=None) -> dict:
 
     # The students.
     results: dict[str, dict] = {m: {} for m in args.methods}
+    costs: dict[str, dict] = {m: {} for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
             run_dir = work / f"{method}_seed{seed}"
@@ -118,6 +142,15 @@ def main(argv=None) -> dict:
             update: dict = {}
             if method in ("token_kd_ground_truth", "seq_kd_plus_token_kd"):
                 update["teacher"] = ModelSpec(path=str(teacher_dir))
+            if method in ON_POLICY_METHODS:
+                batches, loss, onpolicy = ON_POLICY_METHODS[method]
+                update["teacher"] = ModelSpec(path=str(teacher_dir))
+                update["loss"] = cfg.loss.model_copy(update=loss)
+                update["train"] = cfg.train.model_copy(update={"batches": batches})
+                update["onpolicy"] = cfg.onpolicy.model_copy(
+                    update={"temperature": 1.0, "max_new_tokens": answer_tokens, **onpolicy})
+                if batches == "distillm":
+                    update["eval"] = cfg.eval.model_copy(update={"every": 100, "max_batches": 2})
             if method.startswith("seq_kd"):
                 source = gens["best_of_n"] if method == "seq_kd_best_of_n" else gens["samples"]
                 # A teacher's wrong answer can decode to more student tokens than any right one (a special
@@ -131,13 +164,15 @@ def main(argv=None) -> dict:
                 train.main(cfg)
                 timings[f"{method}_seed{seed}"] = time.perf_counter() - t0
             results[method][seed] = accuracy(student_dir, tests)
+            costs[method][seed] = step_costs(run_dir / "metrics.jsonl")
             logging.getLogger("distill").info("%s seed %d: exact match %.1f%%", method, seed,
                                               100 * results[method][seed])
 
     summary = {
         m: {"exact_match": {str(s): v for s, v in r.items()},
             "mean": statistics.mean(r.values()),
-            "spread": (max(r.values()) - min(r.values())) if len(r) > 1 else 0.0}
+            "spread": (max(r.values()) - min(r.values())) if len(r) > 1 else 0.0,
+            "step_seconds": mean_costs(costs[m])}
         for m, r in results.items()
     }
     record = {"preset": args.preset, "task": {"digits": preset.digits, "operators": list(preset.operators),
@@ -153,6 +188,22 @@ def main(argv=None) -> dict:
     return record
 
 
+COST_KEYS = ("step_seconds", "gen_seconds", "teacher_seconds", "train_seconds")
+
+
+def step_costs(metrics: Path) -> dict[str, float]:
+    """Mean seconds per optimizer step over the run's train log records, and its parts where logged
+    (generation by the student, the teacher's signal, the rest: forward, loss, backward, optimizer)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("split") == "train" and "step_seconds" in r][1:]  # the first: warm-up
+    return {k: statistics.mean(r.get(k, 0.0) for r in records) for k in COST_KEYS} if records else {}
+
+
+def mean_costs(per_seed: dict[int, dict]) -> dict[str, float]:
+    runs = [c for c in per_seed.values() if c]
+    return {k: round(statistics.mean(c[k] for c in runs), 4) for k in COST_KEYS} if runs else {}
+
+
 def _fresh(path: Path) -> None:
     import shutil
 
@@ -162,11 +213,14 @@ def _fresh(path: Path) -> None:
 def table(r: dict) -> str:
     seeds = r["seeds"]
     lines = [f"teacher: {100 * r['teacher_exact_match']:.1f}% exact match",
-             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
-             "|---" * (len(seeds) + 2) + "|"]
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | ms/step (generation + teacher + rest) |",
+             "|---" * (len(seeds) + 3) + "|"]
     for m, v in r["methods"].items():
         cells = " | ".join(f"{100 * v['exact_match'][str(s)]:.1f}%" for s in seeds)
-        lines.append(f"| {m} | {cells} | {100 * v['mean']:.1f}% |")
+        c = v.get("step_seconds") or {}
+        cost = (f"{1e3 * c['step_seconds']:.0f} ({1e3 * c['gen_seconds']:.0f} + {1e3 * c['teacher_seconds']:.0f} + "
+                f"{1e3 * c['train_seconds']:.0f})") if c else ""
+        lines.append(f"| {m} | {cells} | {100 * v['mean']:.1f}% | {cost} |")
     return "\n".join(lines)
 
 

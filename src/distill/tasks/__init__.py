@@ -1,0 +1,1 @@
+"""Benchmark tasks with exact answers, generated in code: data files, a verifier, presets, accuracy."""

@@ -228,8 +228,40 @@ def _report_parser(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from distill.config import PruneConfig, load_config
+    from distill.recipes import prune
+
+    cfg = load_config(PruneConfig, args.config, args.overrides)
+    report = prune.main(cfg)
+    chosen = report["plans"]["chosen"]
+    logger.info("done: %s parameters -> %s, calibration loss %.4f -> %.4f", f"{report['plans']['original']['params']:,}",
+                f"{chosen['params']:,}", report["plans"]["original"]["loss"], chosen["loss"])
+    return 0
+
+
+def _prune_parser(sub) -> None:
+    from distill.config import PruneConfig
+
+    p = sub.add_parser(
+        "prune",
+        help="structured pruning (Minitron): remove layers, heads, MLP neurons, embedding channels by importance",
+        description="Prune a Hugging Face model (llama, qwen2, qwen3, gemma2) to smaller sizes: importance of heads,\n"
+        "MLP neurons, embedding channels and layers from activations on calibration data (the data section),\n"
+        "then the weights sliced into an ordinary HF checkpoint in out_dir, with prune_report.json/.md (the\n"
+        "calibration loss of the chosen, width-only and depth-only plans). Then distill it from the original:\n"
+        "  distill train CONFIG student.path=OUT_DIR student.config=null teacher.path=MODEL\n\n"
+        "Config keys (YAML file, then key=value overrides such as target.hidden_size=2048):\n" + _describe(PruneConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config file (see configs/tiny/prune.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. target.params=0.5")
+    p.set_defaults(func=cmd_prune)
+
+
 PARSERS = {"train": _train_parser, "cache": _cache_parser, "generate": _generate_parser, "serve": _serve_parser,
-           "eval": _eval_parser, "report": _report_parser, "quickstart": _quickstart_parser}
+           "eval": _eval_parser, "report": _report_parser, "quickstart": _quickstart_parser,
+           "prune": _prune_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

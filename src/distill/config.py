@@ -464,3 +464,63 @@ class EvalRunConfig(Section):
         if not self.models:
             raise ValueError("models: give at least one model to evaluate (name: {path: DIR})")
         return self
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+
+
+class PruneTargetConfig(Section):
+    """The pruned model's sizes: explicit (an unset size stays the model's), or a parameter budget that
+    shrinks the ``axes`` by one common ratio (docs/methods.md §10)."""
+
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = Field(
+        None, description="a multiple of num_key_value_heads, at most the model's query heads per KV group each"
+    )
+    num_key_value_heads: int | None = Field(
+        None, description="KV groups kept whole (default: the model's; alone, the query heads per group are kept)"
+    )
+    params: float | None = Field(
+        None, gt=0, description="a parameter budget instead of sizes: a count (e.g. 1.2e9) or a fraction (0, 1)"
+    )
+    axes: list[Literal["num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"]] = Field(
+        default_factory=lambda: ["hidden_size", "intermediate_size"],
+        description="what a budget shrinks (default: width of the embeddings and MLP, Minitron's best)",
+    )
+    multiple_of: int = Field(1, gt=0, description="a budget rounds hidden_size and intermediate_size to this")
+
+    @model_validator(mode="after")
+    def _sizes_or_budget(self) -> PruneTargetConfig:
+        sizes = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                             "num_key_value_heads") if getattr(self, k) is not None]
+        if sizes and self.params is not None:
+            raise ValueError(f"give explicit sizes ({', '.join(sizes)}) or a parameter budget (params), not both")
+        if not sizes and self.params is None:
+            raise ValueError("give the pruned sizes (num_hidden_layers, hidden_size, intermediate_size, "
+                             "num_attention_heads, num_key_value_heads) or a parameter budget (params)")
+        return self
+
+
+class ImportanceConfig(Section):
+    """How units are ranked: activations on ``samples`` calibration examples of the data section."""
+
+    samples: int = Field(512, gt=0, description="calibration examples, evenly spread over the train split "
+                         "(the Minitron papers use 512-1024)")
+    batch_size: int = Field(8, gt=0)
+    layer_metric: Literal["loss", "cosine"] = Field(
+        "loss", description="depth ranking: loss = calibration loss increase when the layer is skipped (one "
+        "pass per layer); cosine = 1 - cos(block input, block output)"
+    )
+
+
+class PruneConfig(Section):
+    """``distill prune``: a model, calibration data, target sizes -> a smaller HF checkpoint in out_dir."""
+
+    out_dir: str = "runs/prune"
+    model: ModelSpec
+    data: DataConfig
+    target: PruneTargetConfig
+    importance: ImportanceConfig = ImportanceConfig()
+    report: bool = Field(True, description="also score width-only and depth-only plans of the same size")

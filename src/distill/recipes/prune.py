@@ -1,0 +1,172 @@
+"""Prune a Hugging Face model to smaller sizes (Minitron), ready to be distilled from the original.
+
+    distill prune configs/tiny/prune.yaml out_dir=runs/tiny-pruned          # seconds on CPU
+    distill train configs/tiny/train.yaml student.path=runs/tiny-pruned student.config=null   # then distill
+
+1. The model and its tokenizer; families llama, qwen2, qwen3, gemma2 (anything else is refused first).
+2. Calibration: ``importance.samples`` examples of the data section's train split, evenly spread.
+3. Importance of heads, MLP neurons, embedding channels and layers from activations (``distill.prune.score``;
+   docs/methods.md §10), and the calibration loss of the model (one plain forward pass, timed: the cost of
+   pruning is reported against it).
+4. The plan for the target (explicit sizes, or a parameter budget over ``target.axes``) and the sliced model.
+5. The report: the calibration loss before any training of the chosen plan and, at about the same parameter
+   count, of width-only and depth-only plans (depth ranked by each layer metric).
+6. ``out_dir``: an ordinary HF checkpoint (config, weights, tokenizer) with ``prune_report.json`` (written
+   last) and ``prune_report.md``; written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from distill import checkpoint as ckpt
+from distill import prune
+from distill.config import PruneConfig, dump_config
+from distill.data import build_datasets, collate
+from distill.models import count_parameters, load_model, load_tokenizer, max_positions, resolve_vocab
+
+logger = logging.getLogger("distill")
+
+REPORT = "prune_report.json"
+
+
+def model_type(cfg: PruneConfig) -> str | None:
+    """The family, read before any weight is loaded."""
+    if cfg.model.config is not None:
+        return cfg.model.config.get("model_type")
+    path = os.path.expanduser(cfg.model.path)
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model.path: cannot read a model config from {cfg.model.path!r}: {exc}") from None
+
+
+def check_out_dir(cfg: PruneConfig) -> Path:
+    out = Path(cfg.out_dir).expanduser()
+    if cfg.model.path is not None and out.resolve() == Path(cfg.model.path).expanduser().resolve():
+        raise ValueError(f"out_dir={cfg.out_dir} is the model being pruned; choose another out_dir")
+    if out.exists() and not (out / REPORT).is_file():
+        raise ValueError(f"out_dir={cfg.out_dir} exists and is not the output of distill prune (no {REPORT}); "
+                         "choose another out_dir or remove it")
+    return out
+
+
+def calibration_batches(cfg: PruneConfig, tokenizer, model) -> list[dict]:
+    train_ds, _ = build_datasets(cfg.data, tokenizer, max_positions=max_positions(model))
+    n = len(train_ds)
+    if n == 0:
+        raise ValueError(f"data.source={cfg.data.source}: no calibration example; give data with text")
+    k = min(cfg.importance.samples, n)
+    if k < cfg.importance.samples:
+        logger.warning("calibration: importance.samples=%d but the data has %d examples; using all of them",
+                       cfg.importance.samples, n)
+    rows = [(j * n) // k for j in range(k)]  # evenly spread over the split
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bs = cfg.importance.batch_size
+    return [collate([train_ds[i] for i in rows[b:b + bs]], pad) for b in range(0, k, bs)]
+
+
+def main(cfg: PruneConfig) -> dict:
+    family = prune.check_family(model_type(cfg))
+    out = check_out_dir(cfg)
+
+    # 1. Model and tokenizer. ---------------------------------------------------------------------------
+    tokenizer = load_tokenizer(cfg.model, "model")
+    vocab = len(tokenizer)
+    model = load_model(cfg.model, "model", tokenizer)
+    resolve_vocab(model, vocab, "model", "truncate")
+    model.eval()
+    orig = prune.model_sizes(model.config)
+    logger.info("model: %s, %.2fM parameters, %s", family, count_parameters(model) / 1e6,
+                ", ".join(f"{k}={v}" for k, v in orig.items()))
+
+    # 2. Target sizes (checked before the data and the passes: a bad target fails fast). -----------------
+    target = cfg.target
+    if target.params is not None:
+        sizes = prune.sizes_for_budget(model, target.params, target.axes, target.multiple_of, family)
+    else:
+        sizes = prune.explicit_sizes(model.config, target.model_dump())
+        prune.check_sizes(model.config, sizes, family)
+    logger.info("target: %s (%s parameters)", ", ".join(f"{k}={v}" for k, v in sizes.items()),
+                f"{prune.param_count(model, sizes):,}")
+
+    # 3. Calibration data, importance. ------------------------------------------------------------------
+    batches = calibration_batches(cfg, tokenizer, model)
+    n_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    n_examples = sum(len(b["input_ids"]) for b in batches)
+    logger.info("calibration: %d examples, %d tokens", n_examples, n_tokens)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        base_loss = prune.calibration_loss(model, batches, vocab)
+    forward_seconds = time.perf_counter() - t0
+    # The layer-drop losses cost one pass per layer: computed when they rank the kept layers or the report
+    # compares the two layer metrics.
+    depth_changes = sizes["num_hidden_layers"] < orig["num_hidden_layers"]
+    imp = prune.score(model, batches, vocab,
+                      layer_loss=cfg.report or (depth_changes and cfg.importance.layer_metric == "loss"))
+    logger.info("importance: %s", ", ".join(f"{k} {v:.2f} s" for k, v in imp.seconds.items()))
+    if imp.layer_loss is not None:
+        logger.info("layer loss increase when skipped: %s", ", ".join(f"{x:.4f}" for x in imp.layer_loss.tolist()))
+    logger.info("layer cosine distance: %s", ", ".join(f"{x:.4f}" for x in imp.layer_cosine.tolist()))
+
+    # 4. The plan and the pruned model. -----------------------------------------------------------------
+    metric = cfg.importance.layer_metric if imp.layer_loss is not None else "cosine"  # (all layers kept)
+    t0 = time.perf_counter()
+    plan = prune.make_plan(model.config, imp, sizes, metric)
+    pruned = prune.slice_model(model, plan)
+    slicing_seconds = time.perf_counter() - t0
+    assert prune.model_sizes(pruned.config) == sizes, (prune.model_sizes(pruned.config), sizes)
+
+    # 5. Report. ----------------------------------------------------------------------------------------
+    plans: dict = {"original": {"sizes": orig, "params": count_parameters(model), "loss": base_loss, "note": ""}}
+    t0 = time.perf_counter()
+    chosen_loss = prune.calibration_loss(pruned, batches, vocab)
+    plans["chosen"] = {"sizes": sizes, "params": count_parameters(pruned), "loss": chosen_loss,
+                       "note": f"target; layers ranked by {metric}"}
+    logger.info("calibration loss: original %.4f, pruned %.4f", base_loss, chosen_loss)
+    if cfg.report:
+        others = prune.comparison_plans(model, imp, sizes, family, target.multiple_of)
+        plans.update(prune.evaluate_plans(
+            model, others, batches, vocab,
+            on_plan=lambda name, row: logger.info("calibration loss, %s: %.4f (%s parameters)", name, row["loss"],
+                                                  f"{row['params']:,}")))
+    report_seconds = time.perf_counter() - t0
+    seconds = {"forward": forward_seconds, **{f"importance_{k}": v for k, v in imp.seconds.items()},
+               "slicing": slicing_seconds, "report": report_seconds}
+    seconds["importance_and_slicing"] = sum(v for k, v in seconds.items() if k.startswith("importance_")) + \
+        slicing_seconds
+    report = {
+        "model": cfg.model.path or f"{family} from config (seed {cfg.model.seed})",
+        "family": family,
+        "calibration": {"examples": n_examples, "tokens": n_tokens, "source": cfg.data.source},
+        "plans": plans,
+        "plan": plan.to_json(),
+        "gqa": "whole KV groups ranked and kept; the same number of query heads kept in every kept group",
+        "aggregation": "per unit: activation magnitude per position, mean over the sequence, L2 over sequences",
+        "layer_importance": {"metric": metric, "loss_increase": None if imp.layer_loss is None
+                             else imp.layer_loss.tolist(), "cosine_distance": imp.layer_cosine.tolist(),
+                             "spearman": None if imp.layer_loss is None
+                             else prune.spearman(imp.layer_loss, imp.layer_cosine)},
+        "importance": imp.to_json(),
+        "seconds": seconds,
+    }
+
+    # 6. Write (complete or absent). ---------------------------------------------------------------------
+    tmp = ckpt.tmp_dir_for(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    pruned.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    dump_config(cfg, tmp / "distill_prune_config.yaml")
+    ckpt.atomic_write_text(tmp / "prune_report.md", prune.report_markdown(report))
+    ckpt.atomic_write_json(tmp / REPORT, report)  # written last: marks the output complete
+    ckpt.commit_dir(tmp, out)
+    logger.info("pruned model written to %s\n%s", out, prune.report_markdown(report))
+    return report

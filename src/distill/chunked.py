@@ -42,7 +42,8 @@ gradient come on top (the naive path has those as well).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ from distill.losses import (
     SparseTarget,
     kd_loss_per_token,
     reduce_loss,
+    tempered,
     token_divergence,
     upcast,
 )
@@ -63,6 +65,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "DenseSignal",
     "LinearHead",
+    "MixtureSignal",
     "Signal",
     "chunked_kd_loss",
     "logits_into",
@@ -147,9 +150,45 @@ class DenseSignal:
         return self.hidden[index] if isinstance(index, slice) else self.hidden.index_select(0, index)
 
 
+@dataclass
+class MixtureSignal:
+    """Several teachers' signals for the same positions (docs/methods.md §9), never materialized together: a
+    chunk of rows of each member's logits at a time.
+
+    signals: each member's :class:`DenseSignal` or :class:`SparseTarget`; weights: their shares (>= 0, summing
+    to 1; a member of weight 0 is only logged); temperatures: each member's T; mix: ``probability`` (the
+    divergence to the mixture ``p = sum_k w_k softmax(z_k / T_k)`` at the loss temperature; dense members
+    only) or ``loss`` (``sum_k w_k [alpha CE + (1 - alpha) s_k D(p_k || q)]`` with each member at its own
+    temperature T_k, ``s_k = T_k^2``).
+    """
+
+    signals: list
+    weights: list[float]
+    temperatures: list[float]
+    mix: str = "probability"
+
+    def __post_init__(self):
+        if not len(self.signals) == len(self.weights) == len(self.temperatures) or not self.signals:
+            raise ValueError("a mixture needs as many weights and temperatures as signals, and at least one")
+        if self.mix not in ("probability", "loss"):
+            raise ValueError(f"unknown mix {self.mix!r}; choose probability or loss")
+        if min(self.weights) < 0 or abs(sum(self.weights) - 1.0) > 1e-6:
+            raise ValueError(f"mixture weights must be >= 0 and sum to 1, got {self.weights}")
+        if self.mix == "probability" and any(not isinstance(s, DenseSignal) for s in self.active_signals()):
+            raise ValueError("a probability-space mixture needs every teacher's full distribution (live teachers); "
+                             "top-k or sampled targets can be mixed in loss space (mix: loss)")
+
+    def active(self) -> list[int]:
+        """The members with a positive weight (the others are only logged)."""
+        return [k for k, w in enumerate(self.weights) if w > 0]
+
+    def active_signals(self) -> list:
+        return [self.signals[k] for k in self.active()]
+
+
 # What a teacher gives the loss for a batch's positions: dense (hidden states + output layer), sparse
-# (ids + probabilities, with or without a tail), or nothing (plain cross-entropy).
-Signal = DenseSignal | SparseTarget | None
+# (ids + probabilities, with or without a tail), several teachers, or nothing (plain cross-entropy).
+Signal = DenseSignal | SparseTarget | MixtureSignal | None
 
 
 def logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -244,6 +283,9 @@ def plan_chunks(
 def _flatten_signal(teacher: Signal, n: int) -> Signal:
     if teacher is None:
         return None
+    if isinstance(teacher, MixtureSignal):
+        return MixtureSignal([_flatten_signal(t, n) for t in teacher.signals], teacher.weights,
+                             teacher.temperatures, teacher.mix)
     if isinstance(teacher, SparseTarget):
         k = teacher.ids.shape[-1]
         return SparseTarget(
@@ -282,6 +324,10 @@ class _Plan:
     @property
     def sparse(self) -> bool:
         return isinstance(self.teacher, SparseTarget)
+
+    @property
+    def mixture(self) -> bool:
+        return isinstance(self.teacher, MixtureSignal)
 
 
 _MM_OUT_DTYPE: dict[str, bool] = {}
@@ -336,6 +382,30 @@ class _Logits:
             t_w, t_b = plan.teacher.head.sliced()
             self.t_w, self.t_b = _cast(t_w, cdt), _cast(t_b, cdt)
             self.teacher = torch.empty(rows0, v, dtype=self.t_w.dtype, device=device)
+        # A mixture: one buffer per dense member (chunk-sized, inside the memory budget), None for sparse ones.
+        self.members: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None] = []
+        if plan.mixture:
+            for sig in plan.teacher.signals:
+                if not isinstance(sig, DenseSignal):
+                    self.members.append(None)
+                    continue
+                m_w, m_b = sig.head.sliced()
+                m_w, m_b = _cast(m_w, cdt), _cast(m_b, cdt)
+                self.members.append((m_w, m_b, torch.empty(rows0, v, dtype=m_w.dtype, device=device)))
+
+    @torch.no_grad()
+    def fill_members(self, plan: _Plan, sel, c: int) -> list:
+        """Each member's signal for the chunk's rows ``sel``: raw logits (c, V) of a dense member (in its
+        buffer), the rows of a sparse one."""
+        out = []
+        for sig, buf in zip(plan.teacher.signals, self.members, strict=True):
+            if buf is None:
+                out.append(sig[sel])
+                continue
+            m_w, m_b, raw = buf
+            logits_into(raw[:c], sig.rows(sel).detach().to(m_w.dtype), m_w, m_b)
+            out.append(raw[:c])
+        return out
 
     @torch.no_grad()
     def fill(self, plan: _Plan, sel, h_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -403,6 +473,8 @@ class _Stats:
         bins = plan.calibration_bins
         # Per confidence bin: positions, summed confidence, correct predictions (float64 sums).
         self.calib = torch.zeros(3, bins, dtype=torch.float64, device=device) if bins else None
+        # A mixture: each member's forward KL to the student at the member's temperature.
+        self.member_kl = torch.zeros(len(plan.teacher.signals), dtype=dtype, device=device) if plan.mixture else None
 
     @torch.no_grad()
     def add_forward_kl(self, z: torch.Tensor, t_sig) -> None:
@@ -470,6 +542,8 @@ class _Stats:
         if plan.sparse and top1:
             out["teacher_entropy_sum"] = self.teacher_entropy
             out["teacher_p_top1_sum"] = self.teacher_p_top1
+        if self.member_kl is not None:
+            out["teacher_kl_sums"] = self.member_kl
         return out
 
 
@@ -497,6 +571,68 @@ def _loss_chunk(plan: _Plan, stats: _Stats, raw: torch.Tensor, lab: torch.Tensor
     stats.loss += loss.detach()
 
 
+def _member_signal(sig, raw_or_target, rows: slice):
+    """A member's teacher signal for some rows of a chunk: postprocessed logits (dense) or target rows."""
+    if isinstance(sig, DenseSignal):
+        return sig.head.postprocess(raw_or_target[rows])
+    return raw_or_target[rows]
+
+
+def _mixture_loss_chunk(plan: _Plan, stats: _Stats, raw: torch.Tensor, lab: torch.Tensor, member_sigs: list,
+                        need_grad: bool) -> None:
+    """One loss chunk of a mixture: each member's forward KL (logged), then the loss (docs/methods.md §9):
+    probability space, the divergence to the mixture of the members' distributions; loss space, the weighted
+    sum of each member's per-position loss at its own temperature."""
+    mix: MixtureSignal = plan.teacher
+    spec = plan.spec
+    active = mix.active()
+    with torch.no_grad():
+        z0 = plan.head.postprocess(raw)
+        kls = []
+        for k, t_sig in enumerate(member_sigs):
+            kl = token_divergence(z0, t_sig, "forward_kl", temperature=mix.temperatures[k])
+            stats.member_kl[k] += kl.sum()
+            kls.append(kl)
+        del z0
+        if mix.mix == "probability":
+            # log sum_k w_k softmax(z_k / T_k), as logits at the loss temperature (log_softmax(T * lm / T) = lm).
+            parts = [math.log(mix.weights[k]) + torch.log_softmax(tempered(member_sigs[k], mix.temperatures[k]), -1)
+                     for k in active]
+            mixed = (parts[0] if len(parts) == 1 else torch.logsumexp(torch.stack(parts), 0)) * spec.temperature
+            del parts, kls
+    if mix.mix == "probability":
+        _loss_chunk(plan, stats, raw, lab, mixed, need_grad)
+        return
+    heaviest = max(active, key=lambda k: mix.weights[k])
+    if plan.want_kl and not spec.is_forward_kl:
+        kl = sum(mix.weights[k] * kls[k] for k in active)
+        stats.kl += kl.sum()
+        stats.kl_sq += kl.square().sum()
+    del kls
+    leaf = raw.detach()
+    with torch.enable_grad() if need_grad else contextlib.nullcontext():
+        if need_grad:
+            leaf.requires_grad_(True)
+        z = plan.head.postprocess(leaf)
+        total, div, ce = None, None, None
+        for k in active:
+            w = mix.weights[k]
+            out = kd_loss_per_token(z, lab, member_sigs[k], replace(spec, temperature=mix.temperatures[k]))
+            term = out["loss"] if w == 1.0 else w * out["loss"]
+            total = term if total is None else total + term
+            d = out["div"].detach() * w
+            div = d if div is None else div + d
+            ce = out["ce"].detach()
+            del out
+        loss = total.sum()
+    stats.add(z.detach(), lab, member_sigs[heaviest], ce, div)
+    del z, total
+    if need_grad:
+        (d_raw,) = torch.autograd.grad(loss, leaf, grad_outputs=plan.inv_num_tokens.to(loss.dtype))
+        raw.copy_(d_raw)
+    stats.loss += loss.detach()
+
+
 def _run_chunks(plan: _Plan, s_hidden: torch.Tensor, s_weight: torch.Tensor, s_bias: torch.Tensor | None):
     """The loop over chunks, with autocast off (the loop chooses its own dtypes, ``plan.compute_dtype``).
 
@@ -517,8 +653,15 @@ def _run_chunks(plan: _Plan, s_hidden: torch.Tensor, s_weight: torch.Tensor, s_b
             s_raw, t_raw = buffers.fill(plan, sel, h_c)
             lab_c = plan.labels[sel]
             sparse_c = plan.teacher[sel] if plan.sparse else None
+            members = buffers.fill_members(plan, sel, stop - start) if plan.mixture else None
             for i in range(0, stop - start, loss_chunk):
                 j = min(i + loss_chunk, stop - start)
+                if members is not None:
+                    with torch.no_grad():
+                        sigs = [_member_signal(sig, m, slice(i, j))
+                                for sig, m in zip(plan.teacher.signals, members, strict=True)]
+                    _mixture_loss_chunk(plan, stats, s_raw[i:j], lab_c[i:j], sigs, need_grad)
+                    continue
                 if t_raw is not None:
                     with torch.no_grad():
                         t_sig = plan.teacher.head.postprocess(t_raw[i:j])
@@ -584,6 +727,9 @@ def _flat_inputs(student_hidden: torch.Tensor, labels: torch.Tensor, teacher: Si
 def _check_shapes(n: int, labels: torch.Tensor, teacher: Signal, student_head: LinearHead) -> None:
     if labels.shape[0] != n:
         raise ValueError(f"labels have {labels.shape[0]} positions, hidden states {n}")
+    if isinstance(teacher, MixtureSignal):
+        for member in teacher.signals:
+            _check_shapes(n, labels, member, student_head)
     if isinstance(teacher, DenseSignal):
         if teacher.hidden.shape[0] != n:
             raise ValueError(f"teacher hidden states have {teacher.hidden.shape[0]} positions, student {n}")
@@ -649,6 +795,11 @@ def chunked_kd_loss(
     for name, size in (("chunk_size", chunk_size), ("loss_chunk_size", loss_chunk_size)):
         if size is not None and int(size) < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
+    sizes = dict(chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes, loss_chunk_size=loss_chunk_size,
+                 grad_weight_fp32=grad_weight_fp32)
+    if isinstance(teacher, MixtureSignal) and len(teacher.active()) == 1:
+        return _single_member(student_hidden, student_head, labels, teacher, num_tokens, spec, sizes,
+                              log_kl=log_kl, top1_stats=top1_stats, calibration_bins=calibration_bins)
 
     mask = labels != IGNORE_INDEX
     m = int(mask.sum())
@@ -661,16 +812,20 @@ def chunked_kd_loss(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    dense = isinstance(teacher, DenseSignal)
+    members = teacher.signals if isinstance(teacher, MixtureSignal) else [teacher]
+    dense = [t for t in members if isinstance(t, DenseSignal)]
     teacher_type = "none" if teacher is None else ("dense" if dense else "sparse")
-    post = student_head.has_postprocess or (dense and teacher.head.has_postprocess)
-    buffers = weight.element_size() / 4.0 + (teacher.head.weight.element_size() / 4.0 if dense else 0.0)
+    post = student_head.has_postprocess or any(t.head.has_postprocess for t in dense)
+    buffers = weight.element_size() / 4.0 + sum(t.head.weight.element_size() / 4.0 for t in dense)
+    temporaries = temporaries_per_token(teacher_type, spec.divergence, grad=any(needs), postprocess=post)
+    if isinstance(teacher, MixtureSignal):  # every member's loss terms live in one graph (+ the mixture)
+        temporaries = temporaries * len(teacher.active()) + len(members) + 2
     if memory_budget_bytes is None:
         memory_budget_bytes = default_memory_budget(student_hidden.device)
     chunk_size, loss_chunk_size = plan_chunks(
         student_head.num_classes,
         m,
-        temporaries=temporaries_per_token(teacher_type, spec.divergence, grad=any(needs), postprocess=post),
+        temporaries=temporaries,
         buffers=buffers,
         memory_budget_bytes=memory_budget_bytes,
         chunk_size=chunk_size,
@@ -709,6 +864,28 @@ def chunked_kd_loss(
     return loss, stats
 
 
+def _single_member(student_hidden, student_head, labels, teacher: MixtureSignal, num_tokens, spec: LossSpec,
+                   sizes: dict, **kw) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A mixture with one member of positive weight is that member alone (exactly: the same code path); the
+    others' forward KL is logged from a no-gradient pass each."""
+    (k,) = teacher.active()
+    spec_k = replace(spec, temperature=teacher.temperatures[k])
+    loss, stats = chunked_kd_loss(student_hidden, student_head, labels, teacher.signals[k], num_tokens, spec_k,
+                                  **sizes, **kw)
+    member_kl = []
+    for j, sig in enumerate(teacher.signals):
+        if j == k and "kl_sum" in stats:
+            member_kl.append(stats["kl_sum"])
+            continue
+        with torch.no_grad():
+            _, logged = chunked_kd_loss(student_hidden.detach(), student_head, labels, sig, num_tokens,
+                                        LossSpec(temperature=teacher.temperatures[j], alpha=1.0),
+                                        top1_stats=False, **sizes)
+        member_kl.append(logged["kl_sum"])
+    stats["teacher_kl_sums"] = torch.stack([t.to(stats["ce_sum"].dtype) for t in member_kl])
+    return loss, stats
+
+
 def naive_kd_loss(
     student_hidden: torch.Tensor,
     student_head: LinearHead,
@@ -726,6 +903,9 @@ def naive_kd_loss(
     student_hidden, labels, teacher = _flat_inputs(student_hidden, labels, teacher, student_head)
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     logits = student_head.logits(student_hidden.index_select(0, rows))
+    if isinstance(teacher, MixtureSignal):
+        return reduce_loss(_naive_mixture(logits, labels[rows], rows, teacher, spec),
+                           torch.ones(rows.shape, dtype=torch.bool, device=rows.device), num_tokens)
     if isinstance(teacher, DenseSignal):
         with torch.no_grad():
             teacher = teacher.head.logits(teacher.rows(rows).detach())
@@ -734,3 +914,24 @@ def naive_kd_loss(
     labels = labels[rows]
     out = kd_loss_per_token(logits, labels, teacher, spec)
     return reduce_loss(out["loss"], labels != IGNORE_INDEX, num_tokens)
+
+
+def _naive_mixture(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, teacher: MixtureSignal,
+                   spec: LossSpec) -> torch.Tensor:
+    """The per-position loss of a mixture from materialized logits (the reference of the chunked path)."""
+    sigs = []
+    with torch.no_grad():
+        for sig in teacher.signals:
+            sigs.append(sig.head.logits(sig.rows(rows).detach()) if isinstance(sig, DenseSignal) else sig[rows])
+    active = teacher.active()
+    if len(active) == 1:
+        (k,) = active
+        return kd_loss_per_token(logits, labels, sigs[k], replace(spec, temperature=teacher.temperatures[k]))["loss"]
+    if teacher.mix == "probability":
+        with torch.no_grad():
+            probs = sum(teacher.weights[k] * torch.softmax(tempered(sigs[k], teacher.temperatures[k]), -1)
+                        for k in active)
+        return kd_loss_per_token(logits, labels, probs.log() * spec.temperature, spec)["loss"]
+    return sum(teacher.weights[k] * kd_loss_per_token(logits, labels, sigs[k],
+                                                      replace(spec, temperature=teacher.temperatures[k]))["loss"]
+               for k in active)

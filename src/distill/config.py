@@ -169,6 +169,24 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+class HiddenLossConfig(Section):
+    """A loss term on the models' hidden states (docs/methods.md §11), beside the logit loss; live teachers only.
+
+    ``weight * mean over mapped layers of d(P_l h_s[l], h_t[map(l)])`` plus ``final_weight * (1 - cos)`` of the
+    final output states, per supervised position; ``P_l`` a learned linear map where the widths differ.
+    Hidden state 0 is the embeddings' output, state i the output of layer i (the last one after the final
+    norm)."""
+
+    weight: float = Field(1.0, ge=0, description="weight of the intermediate-layer term")
+    distance: Literal["cosine", "mse"] = Field("cosine", description="cosine: 1 - cos; mse: mean squared error")
+    layers: dict[int, int] | Literal["uniform"] = Field(
+        "uniform", description="student hidden state -> teacher hidden state; uniform: student layer i of L_s "
+        "-> teacher layer round(i * L_t / L_s) for the intermediate layers 1 .. L_s - 1")
+    projection: Literal["auto", "linear", "none"] = Field(
+        "auto", description="auto: a learned linear map where the widths differ; linear: always; none: never")
+    final_weight: float = Field(0.0, ge=0, description="weight of 1 - cos of the final output states (DistilBERT)")
+
+
 class LossConfig(Section):
     """``alpha * CE + (1 - alpha) * s * D(p_T, q_T)`` with ``s = T^2`` when ``t2_scale`` (docs/methods.md §1)."""
 
@@ -183,6 +201,7 @@ class LossConfig(Section):
     chunked: bool = Field(True, description="memory-efficient loss that never materializes (tokens, V) logits")
     chunk_size: int | None = Field(None, gt=0, description="tokens per chunk; default: chosen from a memory budget")
     vocab_policy: Literal["truncate", "error"] = "truncate"
+    hidden: HiddenLossConfig | None = Field(None, description="hidden-state (representation) distillation term")
 
     def spec(self):
         """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take)."""
@@ -295,17 +314,89 @@ class ServerTeacherSpec(Section):
     )
 
 
+class MemberFields(Section):
+    """What a teacher of a mixture adds to its own spec (``teacher.teachers``)."""
+
+    name: str | None = Field(None, description="the name its KL is logged under (default: teacher<i>)")
+    weight: float = Field(1.0, description="its share of the mixture (weights are normalized to sum to 1)")
+    temperature: float | None = Field(None, gt=0, description="its own temperature (default: loss.temperature)")
+
+
+class ModelMember(ModelSpec, MemberFields):
+    """A live model in a mixture."""
+
+
+class CacheMember(TeacherCacheSpec, MemberFields):
+    """A cache of teacher targets in a mixture."""
+
+
+class ServerMember(ServerTeacherSpec, MemberFields):
+    """A teacher server in a mixture."""
+
+
+class MixtureTeacherSpec(Section):
+    """Several teachers at once (docs/methods.md §9): the student matches the weighted mixture of their
+    distributions (``mix: probability``) or the weighted sum of its divergences to each (``mix: loss``)."""
+
+    teachers: list[Annotated[
+        Annotated[ModelMember, Tag("model")] | Annotated[CacheMember, Tag("cache")]
+        | Annotated[ServerMember, Tag("server")], Discriminator(lambda v: _teacher_kind(v))]] = Field(
+        description="the teachers, each a live model, a cache or a server, with weight, temperature and name")
+    mix: Literal["probability", "loss"] = Field(
+        "probability", description="probability: D(sum_k w_k p_k || q); loss: sum_k w_k D(p_k || q)")
+
+    @model_validator(mode="after")
+    def _weights(self) -> MixtureTeacherSpec:
+        if not self.teachers:
+            raise ValueError("teacher.teachers: give at least one teacher")
+        for i, member in enumerate(self.teachers):
+            if not member.weight >= 0 or member.weight == float("inf"):
+                raise ValueError(f"teacher.teachers[{i}].weight={member.weight:g}: weights must be finite and >= 0")
+        if sum(m.weight for m in self.teachers) <= 0:
+            raise ValueError("teacher.teachers: the weights sum to 0; give at least one teacher a positive weight")
+        names = self.names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher.teachers: names must differ, got {names}")
+        return self
+
+    def names(self) -> list[str]:
+        return [m.name or f"teacher{i}" for i, m in enumerate(self.teachers)]
+
+
+class SelfTeacherSpec(Section):
+    """Self-distillation (docs/methods.md §10): the teacher is the student itself, as the exponential moving
+    average of its weights (``self: ema``) or as a frozen copy of its weights taken every ``every`` steps
+    (``self: snapshot``, born-again networks within one run). Kept in the run's checkpoints."""
+
+    self_: Literal["ema", "snapshot"] = Field(alias="self", description="ema: moving average; snapshot: frozen copy")
+    decay: float = Field(0.999, ge=0.0, lt=1.0, description="ema: teacher <- decay * teacher + (1 - decay) * student")
+    every: int | None = Field(None, gt=0, description="snapshot: copy the student's weights every N steps")
+    start: int = Field(0, ge=0, description="plain CE until this step (the teacher is still followed)")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+    @model_validator(mode="after")
+    def _every(self) -> SelfTeacherSpec:
+        if self.self_ == "snapshot" and self.every is None:
+            raise ValueError("teacher.self=snapshot needs teacher.every (steps between the frozen copies)")
+        return self
+
+
 def _teacher_kind(value: Any) -> str:
-    for kind, spec in (("cache", TeacherCacheSpec), ("server", ServerTeacherSpec)):
+    for kind, spec in (("cache", TeacherCacheSpec), ("server", ServerTeacherSpec), ("teachers", MixtureTeacherSpec),
+                       ("self", SelfTeacherSpec)):
         if isinstance(value, spec) or (isinstance(value, dict) and kind in value):
             return kind
     return "model"
 
 
-# A live model, a cache or a server; the discriminator keeps errors to the branch that was meant.
+# A live model, a cache, a server, several teachers or the student itself; the discriminator keeps errors to
+# the branch that was meant.
 TeacherSpec = Annotated[
     Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")]
-    | Annotated[ServerTeacherSpec, Tag("server")],
+    | Annotated[ServerTeacherSpec, Tag("server")] | Annotated[MixtureTeacherSpec, Tag("teachers")]
+    | Annotated[SelfTeacherSpec, Tag("self")],
     Discriminator(_teacher_kind),
 ]
 
@@ -442,13 +533,26 @@ class SpeculativeConfig(Section):
         return self
 
 
+class LmEvalConfig(Section):
+    """Downstream tasks through lm-evaluation-harness (``pip install 'distill[lm-eval]'``), run on every model."""
+
+    tasks: list[str] = Field(min_length=1, description="task names (lm-eval's, or defined in include_path)")
+    include_path: str | None = Field(None, description="a directory of task YAML files (tasks with local data)")
+    include_defaults: bool | None = Field(
+        None, description="also index lm-eval's built-in tasks (default: only when include_path is not given)")
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | None = Field(None, gt=0, description="at most this many documents per task")
+    batch_size: int = Field(8, gt=0)
+
+
 class EvalRunConfig(Section):
-    """``distill eval``: models (and a teacher) on a dataset; optionally each model as a speculative draft."""
+    """``distill eval``: models (and a teacher) on a dataset; optionally each model as a speculative draft and on
+    lm-eval tasks."""
 
     out: str = Field("runs/eval/eval.json", description="the JSON written (a markdown table goes to stdout)")
     models: dict[str, ModelSpec] = Field(description="name -> model (path or config)")
     teacher: TeacherSpec | None = None
-    data: DataConfig
+    data: DataConfig | None = None
     split: Literal["eval", "train"] = Field("eval", description="which split of the data section to evaluate")
     batch_size: int = Field(8, gt=0)
     max_batches: int | None = Field(None, gt=0, description="this many batches, evenly spread (default: all)")
@@ -457,12 +561,17 @@ class EvalRunConfig(Section):
     )
     vocab_policy: Literal["truncate", "error"] = "truncate"
     speculative: SpeculativeConfig | None = None
+    lm_eval: LmEvalConfig | None = None
     progress: bool = True
 
     @model_validator(mode="after")
     def _some_model(self) -> EvalRunConfig:
         if not self.models:
             raise ValueError("models: give at least one model to evaluate (name: {path: DIR})")
+        if self.data is None and self.lm_eval is None:
+            raise ValueError("data: give a data section to evaluate on (or lm_eval: {tasks: [...]} alone)")
+        if self.data is None and (self.teacher is not None or self.speculative is not None):
+            raise ValueError("data: a teacher and speculative need a data section (their metrics are on its split)")
         return self
 
 

@@ -27,22 +27,42 @@ teacher depends on the signal (:attr:`eval_estimates`):
   so differences between students are differences in KL), and ``teacher_prob_of_top1`` = ``p_hat(argmax q)``,
   an unbiased estimate of p(argmax q), the chance that a teacher sample equals the student's top-1.
 
+Two more kinds are built from these (docs/methods.md §9, §10):
+
+* :class:`MixtureTeacher` (``teacher: {teachers: [...], mix: probability | loss}``): several teachers of any
+  kind, each with a weight and its own temperature; its signal is a :class:`distill.chunked.MixtureSignal`,
+  which the chunked loss forms a chunk of rows of each member at a time.
+* :class:`SelfTeacher` (``teacher: {self: ema | snapshot}``): the student itself, as the moving average of
+  its weights or a frozen copy taken every N steps; it follows the student after each optimizer step
+  (``follow``) and its weights are kept in the run's checkpoints (``state_dict`` / ``load_state_dict``).
+
 Adding a kind of teacher: a spec in ``config.py`` (a member of ``TeacherSpec``), a class here with the
-same attributes and methods as these two, and its branch in :func:`open_teacher`. The train and eval
-code only calls ``signal``, ``diagnose``, ``covers``, ``check_data``, ``describe`` and (speculative KD)
-``corrector``.
+same attributes and methods as these, and its branch in :func:`open_teacher`. The train and eval
+code only calls ``signal``, ``diagnose``, ``covers``, ``check_data``, ``describe``, ``follow``,
+``state_dict``, ``load_state_dict``, ``signal_and_states`` (hidden-state loss, ``has_states``) and
+(speculative KD) ``corrector``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+from dataclasses import replace
 
 import torch
 
 from distill.cache import TeacherCache, data_fingerprint
-from distill.chunked import DenseSignal
-from distill.config import ModelSpec, ServerTeacherSpec, TeacherCacheSpec
-from distill.losses import LossSpec, SparseTarget
+from distill.chunked import DenseSignal, MixtureSignal
+from distill.config import (
+    HiddenLossConfig,
+    MixtureTeacherSpec,
+    ModelSpec,
+    SelfTeacherSpec,
+    ServerTeacherSpec,
+    TeacherCacheSpec,
+)
+from distill.losses import HiddenStateLoss, LossSpec, SparseTarget, uniform_layer_map
 from distill.models import (
     check_tokenizers_agree,
     count_parameters,
@@ -84,9 +104,26 @@ class LiveTeacher:
     def covers(self, split: str) -> bool:
         return True
 
+    has_states = True
+
     @torch.no_grad()
     def signal(self, batch: dict) -> DenseSignal:
         return DenseSignal(flat_positions(final_hidden(self.model, batch)), self.head)
+
+    @torch.no_grad()
+    def signal_and_states(self, batch: dict) -> tuple[DenseSignal, tuple[torch.Tensor, ...]]:
+        """The signal and every hidden state (B, T, H) of one forward pass (the hidden-state loss)."""
+        states = layer_states(self.model, batch)
+        return DenseSignal(flat_positions(states[-1]), self.head), states
+
+    def follow(self, student, step: int) -> None:
+        """Nothing to do after an optimizer step: this teacher does not depend on the student."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # nothing to keep in checkpoints
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
 
     def corrector(self, temperature: float):
         """Speculative KD's teacher side (:func:`distill.generate.corrected_sample`)."""
@@ -180,6 +217,17 @@ class CachedTeacher:
 
     def corrector(self, temperature: float):
         raise ValueError("a cached teacher cannot check new tokens (speculative KD); use a live or server teacher")
+
+    has_states = False  # no hidden states: the hidden-state loss needs a live teacher
+
+    def follow(self, student, step: int) -> None:
+        """Nothing to do after an optimizer step: this teacher does not depend on the student."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # nothing to keep in checkpoints
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
 
 
 class ServerTeacher:
@@ -324,12 +372,154 @@ class ServerTeacher:
 
         return ServerCorrector(self.client, self.model, temperature, self.spec.max_in_flight)
 
+    has_states = False  # no hidden states: the hidden-state loss needs a live teacher
 
-Teacher = LiveTeacher | CachedTeacher | ServerTeacher
+    def follow(self, student, step: int) -> None:
+        """Nothing to do after an optimizer step: this teacher does not depend on the student."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # nothing to keep in checkpoints
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def layer_states(model, batch: dict) -> tuple[torch.Tensor, ...]:
+    """Every hidden state (B, T, H) of ``model`` on ``batch``: 0 = the embeddings' output, i = layer i's (the
+    last after the final norm); ``logits_to_keep=1`` skips the full logits."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    return tuple(out.hidden_states)
+
+
+class SelfTeacher(LiveTeacher):
+    """The student as its own teacher (docs/methods.md §10): a copy of its weights that ``follow`` keeps as
+    the exponential moving average ``decay * teacher + (1 - decay) * student`` (``self: ema``), or replaces
+    by the student's weights every ``every`` steps (``self: snapshot``: born-again networks within one run;
+    plain CE until the first copy). Before step ``start`` the loss is plain CE. The copy is kept in
+    checkpoints, so a resumed run continues with the same teacher."""
+
+    kind = "self"
+
+    def __init__(self, spec: SelfTeacherSpec, student, vocab_size: int, device=None):
+        super().__init__(copy.deepcopy(student).to(device) if device is not None else copy.deepcopy(student),
+                         vocab_size)
+        self.spec, self.step = spec, 0
+        self.has_copy = spec.self_ == "ema"  # a snapshot teacher exists from its first copy on
+
+    def describe(self) -> str:
+        if self.spec.self_ == "ema":
+            how = f"moving average of the student's weights (decay {self.spec.decay:g})"
+        else:
+            how = f"the student's weights frozen every {self.spec.every} steps"
+        return f"self-distillation: {how}" + (f", from step {self.spec.start}" if self.spec.start else "")
+
+    @property
+    def active(self) -> bool:
+        return self.has_copy and self.step >= self.spec.start
+
+    def signal(self, batch: dict) -> DenseSignal | None:
+        return super().signal(batch) if self.active else None
+
+    def signal_and_states(self, batch: dict):
+        return super().signal_and_states(batch) if self.active else (None, None)
+
+    def covers(self, split: str) -> bool:
+        return self.active
+
+    @torch.no_grad()
+    def follow(self, student, step: int) -> None:
+        """After optimizer step ``step`` (1-based): move the teacher toward the student's new weights."""
+        self.step = step
+        mine, theirs = list(self.model.parameters()), list(student.parameters())
+        if self.spec.self_ == "ema":
+            torch._foreach_lerp_(mine, [p.detach() for p in theirs], 1.0 - self.spec.decay)
+        elif step % self.spec.every == 0:
+            torch._foreach_copy_(mine, [p.detach() for p in theirs])
+            self.has_copy = True
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        state["step"] = torch.tensor(self.step)
+        state["has_copy"] = torch.tensor(self.has_copy)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        self.step, self.has_copy = int(state["step"]), bool(state["has_copy"])
+
+
+class MixtureTeacher:
+    """Several teachers at once (docs/methods.md §9): each member a live, cached or server teacher checked on
+    its own against the run (tokenizer, vocabulary, temperature); the signal holds every member's, and the
+    chunked loss forms a chunk of rows of each at a time. Weights are normalized to sum to 1; a member of
+    weight 0 only has its KL logged."""
+
+    kind = "mixture"
+
+    def __init__(self, spec: MixtureTeacherSpec, members: list, temperatures: list[float], loss: LossSpec):
+        self.spec, self.members, self.temperatures = spec, members, temperatures
+        self.names = spec.names()
+        total = sum(m.weight for m in spec.teachers)
+        self.weights = [m.weight / total for m in spec.teachers]
+        if spec.mix == "probability":
+            for i, (member, w) in enumerate(zip(members, self.weights, strict=True)):
+                if w > 0 and member.kind not in ("live", "self"):
+                    raise ValueError(
+                        f"teacher.mix=probability mixes the teachers' full distributions, but teacher.teachers[{i}] "
+                        f"({self.names[i]}) is a {member.kind} teacher with top-k or sampled targets; use "
+                        "teacher.mix=loss (the weighted sum of the divergences to each teacher)")
+        self.scores_any_text = all(m.scores_any_text for m in members)
+        self.has_states = False
+        limits = [m.max_positions for m in members if m.max_positions]
+        self.max_positions = min(limits) if limits else None
+        kinds = {m.eval_estimates for m in members}
+        self.eval_estimates = kinds.pop() if len(kinds) == 1 else ("sampled" if "sampled" in kinds else "topk_tail")
+        self.eval_temperature = loss.temperature  # the mixture as trained (members at their own temperatures)
+
+    def describe(self) -> str:
+        parts = [f"{n} (weight {w:.3g}, T={t:g}): {m.describe()}"
+                 for n, w, t, m in zip(self.names, self.weights, self.temperatures, self.members, strict=True)]
+        return f"{len(self.members)} teachers mixed in {self.spec.mix} space: " + "; ".join(parts)
+
+    def check_data(self, train_ds, eval_ds) -> None:
+        for m in self.members:
+            m.check_data(train_ds, eval_ds)
+
+    def covers(self, split: str) -> bool:
+        return all(m.covers(split) for m in self.members)
+
+    def signal(self, batch: dict) -> MixtureSignal:
+        return MixtureSignal([m.signal(batch) for m in self.members], self.weights, self.temperatures,
+                             self.spec.mix)
+
+    def diagnose(self, batch: dict) -> str | None:
+        for name, m in zip(self.names, self.members, strict=True):
+            cause = m.diagnose(batch)
+            if cause:
+                return f"teacher {name}: {cause}"
+        return None
+
+    def corrector(self, temperature: float):
+        raise ValueError("speculative KD (train.batches=skd) corrects with one teacher; several teachers "
+                         "(teacher.teachers) cannot")
+
+    def follow(self, student, step: int) -> None:
+        for m in self.members:
+            m.follow(student, step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+Teacher = LiveTeacher | CachedTeacher | ServerTeacher | MixtureTeacher | SelfTeacher
 
 
 def open_teacher(
-    spec: ModelSpec | TeacherCacheSpec | ServerTeacherSpec | None,
+    spec: ModelSpec | TeacherCacheSpec | ServerTeacherSpec | MixtureTeacherSpec | SelfTeacherSpec | None,
     *,
     tokenizer,
     student_ref: str,
@@ -337,17 +527,69 @@ def open_teacher(
     seq_len: int,
     vocab_policy: str,
     device,
+    student=None,
+    field: str = "teacher",
 ) -> Teacher | None:
     """The teacher a config describes, checked against this run (tokenizer, vocabulary, sequence length,
-    temperature, divergence), on ``device``; None for ``teacher: null``."""
+    temperature, divergence), on ``device``; None for ``teacher: null``. ``student``: the model being trained
+    (the teacher of self-distillation is a copy of it)."""
     if spec is None:
         return None
+    if isinstance(spec, MixtureTeacherSpec):
+        members, temps = [], []
+        for i, (name, member) in enumerate(zip(spec.names(), spec.teachers, strict=True)):
+            t = member.temperature if member.temperature is not None else loss.temperature
+            where = f"teacher.teachers[{i}]"
+            try:
+                members.append(open_teacher(member, tokenizer=tokenizer, student_ref=student_ref,
+                                            loss=replace(loss, temperature=t), seq_len=seq_len,
+                                            vocab_policy=vocab_policy, device=device, field=where))
+            except ValueError as exc:
+                raise ValueError(f"{where} ({name}): {exc}") from None
+            temps.append(t)
+        return MixtureTeacher(spec, members, temps, loss)
+    if isinstance(spec, SelfTeacherSpec):
+        if student is None:
+            raise ValueError(f"{field}.self: self-distillation needs the student being trained (distill train)")
+        return SelfTeacher(spec, student, len(tokenizer), device)
     if isinstance(spec, TeacherCacheSpec):
         return CachedTeacher(spec, tokenizer, loss, seq_len, device)
     if isinstance(spec, ServerTeacherSpec):
         return ServerTeacher(spec, tokenizer, loss)
-    teacher_tok = load_tokenizer(spec, "teacher")
+    teacher_tok = load_tokenizer(spec, field)
     check_tokenizers_agree(tokenizer, teacher_tok, student_ref, spec.tokenizer or spec.path)
-    model = load_model(spec, "teacher", teacher_tok)
-    resolve_vocab(model, len(tokenizer), "teacher", vocab_policy)
+    model = load_model(spec, field, teacher_tok)
+    resolve_vocab(model, len(tokenizer), field, vocab_policy)
     return LiveTeacher(model.to(device), len(tokenizer))
+
+
+def hidden_state_loss(hidden: HiddenLossConfig, student, teacher, seed: int = 0) -> HiddenStateLoss:
+    """The hidden-state loss term (docs/methods.md §11) between ``student`` and a teacher with hidden states,
+    its layer map checked against both models and its projections (where the widths differ) initialized
+    from ``seed``."""
+    if teacher is None or not teacher.has_states:
+        what = "no teacher" if teacher is None else f"a {teacher.kind} teacher, which has no hidden states"
+        raise ValueError(f"loss.hidden needs the hidden states of a live teacher (teacher: {{path: ...}} or "
+                         f"{{config: ...}} or self-distillation), but the run has {what}; set loss.hidden=null or "
+                         "use a live teacher")
+    s_layers, t_layers = student.config.num_hidden_layers, teacher.model.config.num_hidden_layers
+    s_width, t_width = student.config.hidden_size, teacher.model.config.hidden_size
+    pairs = uniform_layer_map(s_layers, t_layers) if hidden.layers == "uniform" else dict(hidden.layers)
+    for s_i, t_i in pairs.items():
+        for who, i, n in (("student", s_i, s_layers), ("teacher", t_i, t_layers)):
+            if not 0 <= i <= n:
+                raise ValueError(
+                    f"loss.hidden.layers: {s_i}: {t_i} names {who} hidden state {i}, but the {who} has hidden states "
+                    f"0..{n} (0 = the embeddings' output, {n} = the last layer's, after the final norm)")
+    if hidden.projection == "none" and s_width != t_width:
+        raise ValueError(f"loss.hidden.projection=none, but the student's hidden states have width {s_width} and the "
+                         f"teacher's {t_width}; use projection: auto (a learned linear map) or a teacher of the "
+                         "student's width")
+    project = hidden.projection == "linear" or s_width != t_width
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = HiddenStateLoss(sorted(pairs.items()), s_width, t_width, distance=hidden.distance,
+                                 weight=hidden.weight, final_weight=hidden.final_weight, project=project)
+    if not math.isfinite(hidden.weight + hidden.final_weight) or hidden.weight + hidden.final_weight == 0:
+        logger.warning("loss.hidden: weight and final_weight are both 0; the term is computed but adds nothing")
+    return module

@@ -43,7 +43,7 @@ from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dum
 from distill.data import build_datasets, collate
 from distill.errors import NonFiniteLossError
 from distill.evaluate import eval_sums, metrics_from_sums
-from distill.losses import IGNORE_INDEX
+from distill.losses import IGNORE_INDEX, reduce_loss
 from distill.models import (
     count_parameters,
     final_hidden,
@@ -57,7 +57,7 @@ from distill.models import (
 )
 from distill.onpolicy import OnPolicy, onpolicy_batches
 from distill.onpolicy import check_teacher as check_onpolicy_teacher
-from distill.teacher import Teacher, open_teacher
+from distill.teacher import Teacher, hidden_state_loss, layer_states, open_teacher
 
 logger = logging.getLogger("distill")
 
@@ -107,6 +107,7 @@ class Run:
     eval_ds: Any
     pad_id: int
     onpolicy: OnPolicy | None = None  # the state of an on-policy batch source (gkd, skd, distillm)
+    hidden: torch.nn.Module | None = None  # the hidden-state loss term (loss.hidden), its projections prepared
     stats: dict[str, float] = field(default_factory=dict)  # timings since the last log line (teacher_seconds)
 
     def student_head(self) -> LinearHead:
@@ -143,26 +144,38 @@ BATCH_SOURCES: dict[str, Callable[[Run, int], list[dict]]] = {
 
 
 def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, num_tokens: int, loss: LossConfig,
-                 stats: dict | None = None):
+                 stats: dict | None = None, hidden_loss: torch.nn.Module | None = None):
     """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics. ``stats``, when
-    given, accumulates the seconds spent on the teacher's signal (``teacher_seconds``)."""
+    given, accumulates the seconds spent on the teacher's signal (``teacher_seconds``). ``hidden_loss``: the
+    hidden-state term (``loss.hidden``), added to the logit loss."""
     labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
     t0 = time.perf_counter()
-    signal = teacher.signal(batch) if teacher is not None else None
+    t_states = None
+    if hidden_loss is not None:
+        signal, t_states = teacher.signal_and_states(batch)
+    else:
+        signal = teacher.signal(batch) if teacher is not None else None
     if stats is not None:
         stats["teacher_seconds"] = stats.get("teacher_seconds", 0.0) + time.perf_counter() - t0
-    hidden = flat_positions(final_hidden(model, batch))
+    s_states = layer_states(model, batch) if t_states is not None else None
+    hidden = flat_positions(s_states[-1] if s_states is not None else final_hidden(model, batch))
     head = student_head_fn()
     spec = loss.spec()
     # Training logs CE, the divergence and KL; the argmax statistics are evaluation's.
     if loss.chunked:
-        return chunked_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunk_size=loss.chunk_size,
-                               top1_stats=False)
-    # The reference path (materialized logits, plain autograd); statistics come from a no-grad pass.
-    value = naive_kd_loss(hidden, head, labels, signal, num_tokens, spec)
-    with torch.no_grad():
-        _, stats = chunked_kd_loss(hidden.detach(), head, labels, signal, num_tokens, spec, top1_stats=False)
-    return value, stats
+        value, out = chunked_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunk_size=loss.chunk_size,
+                                     top1_stats=False)
+    else:
+        # The reference path (materialized logits, plain autograd); statistics come from a no-grad pass.
+        value = naive_kd_loss(hidden, head, labels, signal, num_tokens, spec)
+        with torch.no_grad():
+            _, out = chunked_kd_loss(hidden.detach(), head, labels, signal, num_tokens, spec, top1_stats=False)
+    if t_states is not None:
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        per_position = hidden_loss(s_states, t_states, rows)
+        value = value + reduce_loss(per_position, torch.ones_like(rows, dtype=torch.bool), num_tokens)
+        out["hidden_sum"] = per_position.detach().sum()
+    return value, out
 
 
 def _diagnose_nonfinite(step: int, model, teacher: Teacher | None, batch, last_ckpt: Path | None, lr: float) -> str:
@@ -210,18 +223,24 @@ def eval_batch_indices(total: int, max_batches: int | None) -> list[int]:
 
 
 class Window:
-    """Running sums since the last train log line (reduced over processes when a record is made)."""
+    """Running sums since the last train log line (reduced over processes when a record is made).
+    ``teacher_names``: several teachers' names, whose KLs are logged as ``kl_<name>``; ``hidden``: the
+    hidden-state term is logged as ``hidden``."""
 
-    KEYS = ("ce_sum", "div_sum", "kl_sum", "count")
+    KEYS = ("ce_sum", "div_sum", "kl_sum", "count", "hidden_sum")
 
-    def __init__(self, accelerator: Accelerator, start_step: int):
-        self.accelerator = accelerator
-        self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=accelerator.device)  # + tokens
+    def __init__(self, accelerator: Accelerator, start_step: int, teacher_names: list[str] | None = None,
+                 hidden: bool = False):
+        self.accelerator, self.names, self.hidden = accelerator, list(teacher_names or []), hidden
+        # KEYS, tokens, then each teacher's KL sum
+        self.sums = torch.zeros(len(self.KEYS) + 1 + len(self.names), dtype=torch.float64, device=accelerator.device)
         self.loss, self.start, self.t0 = 0.0, start_step, time.perf_counter()
 
     def add(self, stats: dict, batch: dict) -> None:
-        self.sums += torch.stack([stats.get(k, torch.zeros(())).double().to(self.sums.device) for k in self.KEYS]
-                                 + [batch["attention_mask"].sum().double()])
+        dev = self.sums.device
+        members = stats.get("teacher_kl_sums", torch.zeros(len(self.names))).double().to(dev)
+        self.sums += torch.cat([torch.stack([stats.get(k, torch.zeros(())).double().to(dev) for k in self.KEYS]
+                                            + [batch["attention_mask"].sum().double().to(dev)]), members])
 
     # Per-process counters (time and on-policy statistics), summed over processes at each record.
     EXTRA = ("teacher_seconds", "gen_seconds", "gen_tokens", "gen_sequences", "on_policy_steps", "replay_steps",
@@ -234,8 +253,9 @@ class Window:
         extra = extra or {}
         local = torch.tensor([extra.get(k, 0.0) for k in self.EXTRA], dtype=torch.float64, device=self.sums.device)
         totals = self.accelerator.reduce(torch.cat([self.sums, local]), "sum").tolist()
-        ce_sum, div_sum, kl_sum, count, tokens = totals[:5]
-        more = dict(zip(self.EXTRA, totals[5:], strict=True))
+        ce_sum, div_sum, kl_sum, count, hidden_sum, tokens = totals[:6]
+        member_kl = totals[6 : 6 + len(self.names)]
+        more = dict(zip(self.EXTRA, totals[6 + len(self.names) :], strict=True))
         count = max(count, 1.0)
         steps, world = max(step - self.start, 1), self.accelerator.num_processes
         elapsed = time.perf_counter() - self.t0
@@ -248,6 +268,10 @@ class Window:
             record["kl"] = kl_sum / count
             record["div"] = div_sum / count
             record["teacher_seconds"] = more["teacher_seconds"] / world / steps
+            for name, kl in zip(self.names, member_kl, strict=True):
+                record[f"kl_{name}"] = kl / count
+        if self.hidden:
+            record["hidden"] = hidden_sum / count
         if onpolicy is not None:
             record["gen_seconds"] = more["gen_seconds"] / world / steps
             record["train_seconds"] = record["step_seconds"] - record["gen_seconds"] - record["teacher_seconds"]
@@ -291,8 +315,11 @@ def _onpolicy_file(accelerator: Accelerator) -> str:
     return f"onpolicy_rank{accelerator.process_index}.json"
 
 
+TEACHER_STATE = "teacher_state.safetensors"  # a teacher that follows the student (self-distillation)
+
+
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state: dict,
-                    onpolicy: OnPolicy | None = None) -> Path:
+                    onpolicy: OnPolicy | None = None, teacher: Teacher | None = None) -> Path:
     root = Path(cfg.out_dir) / "checkpoints"
     final = ckpt.step_dir(root, step)
     tmp = ckpt.tmp_dir_for(final)
@@ -302,6 +329,11 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state
     accelerator.save_state(str(tmp))
     if onpolicy is not None:  # each process's replay buffer and threshold
         ckpt.atomic_write_text(tmp / _onpolicy_file(accelerator), onpolicy.to_json())
+    teacher_state = teacher.state_dict() if teacher is not None else {}
+    if teacher_state and accelerator.is_main_process:  # the same on every process
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().cpu() for k, v in teacher_state.items()}, str(tmp / TEACHER_STATE))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         dump_config(cfg, tmp / "config.yaml")
@@ -344,10 +376,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
-def make_optimizer(student, cfg: TrainConfig):
-    """AdamW (no weight decay on vectors: norms, biases) and the warmup + cosine schedule."""
-    decay = [p for n, p in student.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.ndim < 2]
+def make_optimizer(student, cfg: TrainConfig, extra: torch.nn.Module | None = None):
+    """AdamW (no weight decay on vectors: norms, biases) and the warmup + cosine schedule; ``extra``: more
+    trained parameters (the hidden-state loss's projections)."""
+    params = list(student.named_parameters()) + (list(extra.named_parameters()) if extra is not None else [])
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -372,7 +406,8 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
     for m, batch in enumerate(micro_batches):
         sync = m == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-            loss, stats = kd_step_loss(model, run.student_head, run.teacher, batch, step_tokens, cfg.loss, run.stats)
+            loss, stats = kd_step_loss(model, run.student_head, run.teacher, batch, step_tokens, cfg.loss, run.stats,
+                                       run.hidden)
             # DDP averages gradients over processes; the loss is already a global-token mean.
             scaled = loss * accelerator.num_processes
         bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device), "sum")
@@ -384,7 +419,8 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
         window.add(stats, batch)
     grad_norm = None
     if cfg.optim.max_grad_norm is not None and step_tokens > 0:
-        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm))
+        params = list(model.parameters()) + (list(run.hidden.parameters()) if run.hidden is not None else [])
+        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
     lr = scheduler.get_last_lr()[0]
     if step_tokens > 0:
         optimizer.step()
@@ -425,7 +461,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     resolve_vocab(student, vocab, "student", cfg.loss.vocab_policy)
     teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path,
                            loss=cfg.loss.spec(), seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy,
-                           device=accelerator.device)
+                           device=accelerator.device, student=student)
+    hidden = hidden_state_loss(cfg.loss.hidden, student, teacher, cfg.train.seed) if cfg.loss.hidden else None
     if cfg.train.batches != "dataset":
         check_onpolicy_teacher(cfg.train.batches, teacher)  # before the data: a cache cannot score new text
     logger.info("student: %.2fM parameters; teacher: %s; loss: %s", count_parameters(student) / 1e6,
@@ -442,9 +479,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
                 len(eval_ds) if eval_ds is not None else 0, cfg.data.seq_len)
 
     # 3. Optimizer and schedule. ---------------------------------------------------------------------
-    model, optimizer, scheduler = accelerator.prepare(student, *make_optimizer(student, cfg))
+    if hidden is not None and any(True for _ in hidden.parameters()):
+        # The projections train with the student and are saved in checkpoints (accelerate's second model),
+        # never in the student's own checkpoint.
+        model, hidden, optimizer, scheduler = accelerator.prepare(student, hidden.to(accelerator.device),
+                                                                  *make_optimizer(student, cfg, hidden))
+    else:
+        model, optimizer, scheduler = accelerator.prepare(student, *make_optimizer(student, cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id)
+    run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id, hidden=hidden)
     if cfg.train.batches != "dataset":
         run.onpolicy = OnPolicy(run)
     next_batches = BATCH_SOURCES[cfg.train.batches]
@@ -456,6 +499,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
         state = ckpt.read_state(resume_from)
         if run.onpolicy is not None:  # the replay buffer and threshold of this process
             run.onpolicy.load_state_dict(json.loads((resume_from / _onpolicy_file(accelerator)).read_text()))
+        if (resume_from / TEACHER_STATE).is_file() and teacher is not None:  # a teacher that follows the student
+            from safetensors.torch import load_file
+
+            teacher.load_state_dict(load_file(str(resume_from / TEACHER_STATE), device=str(accelerator.device)))
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         logger.info("resumed from %s (step %d)", resume_from, start_step)
     if is_main:
@@ -470,13 +517,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                     disable=not (is_main and cfg.log.progress), dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # keep redirected logs short
-    window = Window(accelerator, start_step)
+    window = Window(accelerator, start_step, getattr(teacher, "names", None), hidden is not None)
     last_eval: dict = {}
     for step in range(start_step, cfg.train.max_steps):
         micro_batches = next_batches(run, step)
         lr, grad_norm, tokens = optimizer_step(run, optimizer, scheduler, micro_batches, step, window, last_ckpt)
         tokens_seen += tokens
         done = step + 1
+        if teacher is not None:
+            teacher.follow(accelerator.unwrap_model(model), done)  # self-distillation: the teacher follows
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
             extra = {**run.stats, **(run.onpolicy.take_stats() if run.onpolicy is not None else {})}
@@ -495,7 +544,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
             logger.info("step %d eval: %s", done, _fmt(last_eval))
 
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.max_steps:
-            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, run.onpolicy)
+            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, run.onpolicy,
+                                        teacher)
     progress.close()
 
     summary = {"steps": cfg.train.max_steps, "tokens": tokens_seen, **last_eval}

@@ -123,3 +123,61 @@ def test_report_of_two_runs_and_an_eval(tmp_path, trained):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="nothing to report"):
         report.main([str(tmp_path / "empty-dir")], out=str(tmp_path / "r2"))
+
+
+LM_EVAL_TASK = """\
+task: tiny_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_task_with_local_data_matches_our_own_loglikelihoods(tmp_path):
+    """A multiple-choice task defined locally (JSON data, no hub) through lm-evaluation-harness on a model of
+    ours: its accuracy equals the one computed here by summing the model's log-probs of each choice."""
+    rows = [{"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a * b + 3)], "answer": i % 3}
+            for i, (a, b) in enumerate([(1, 2), (3, 4), (12, 5), (7, 7), (20, 13), (9, 1), (4, 40), (6, 3)])]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_sums.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    out = tmp_path / "eval.json"
+    model_cfg = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "intermediate_size": 64, "max_position_embeddings": 64}
+    cfg = EvalRunConfig.model_validate({
+        "out": str(out), "models": {"a": {"config": model_cfg, "tokenizer": "byte", "seed": 3}},
+        "lm_eval": {"tasks": ["tiny_sums"], "include_path": str(tmp_path / "tasks"), "batch_size": 4}})
+    results = eval_recipe.main(cfg)
+    assert json.loads(out.read_text())["lm_eval"] == results["lm_eval"]
+    acc = results["lm_eval"]["a"]["tiny_sums"]["acc,none"]
+
+    from distill.models import load_model
+
+    tok = byte_tokenizer()
+    model = load_model(cfg.models["a"], "models.a", tok).eval()
+    right = 0
+    for r in rows:
+        context = tok(r["question"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in r["choices"]:
+            cont = tok(choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([context + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+            scores.append(sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(cont)))
+        right += int(max(range(3), key=scores.__getitem__) == r["answer"])
+    assert acc == pytest.approx(right / len(rows))
+
+    bad = cfg.model_copy(update={"lm_eval": cfg.lm_eval.model_copy(update={"tasks": ["tiny_sumz"]})})
+    with pytest.raises(ValueError, match="no task named 'tiny_sumz'"):
+        eval_recipe.main(bad)

@@ -32,6 +32,7 @@ from distill.evaluate import (
     token_byte_lengths,
 )
 from distill.generate import SamplingParams
+from distill.harness import run_tasks
 from distill.losses import IGNORE_INDEX, LossSpec
 from distill.models import (
     check_tokenizers_agree,
@@ -57,21 +58,9 @@ def prompt_of(example: dict, prompt_tokens: int, bos_id: int | None) -> list[int
     return ids[: min(prompt_tokens, len(ids))]
 
 
-def main(cfg: EvalRunConfig) -> dict:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(cpu=not has_accelerator())
-    names = list(cfg.models)
-    tokenizer = load_tokenizer(cfg.models[names[0]], f"models.{names[0]}")
-    for name in names[1:]:
-        check_tokenizers_agree(tokenizer, load_tokenizer(cfg.models[name], f"models.{name}"),
-                               f"models.{names[0]}", f"models.{name}")
-    teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=f"models.{names[0]}", loss=LossSpec(),
-                           seq_len=cfg.data.seq_len, vocab_policy=cfg.vocab_policy, device=accelerator.device)
-    models = {}
-    for name in names:
-        model = load_model(cfg.models[name], f"models.{name}", tokenizer).to(accelerator.device).eval()
-        models[name] = model
+def _data_metrics(cfg: EvalRunConfig, accelerator, tokenizer, models: dict, teacher, results: dict):
+    """Loss, calibration and distance to the teacher of every model on the data section's split (into
+    ``results``); returns the split's dataset."""
     limits = [m for m in [max_positions(m) for m in models.values()] + [teacher and teacher.max_positions] if m]
     with accelerator.main_process_first():
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=min(limits) if limits else None)
@@ -85,6 +74,7 @@ def main(cfg: EvalRunConfig) -> dict:
     if teacher is not None and not teacher.covers(split):
         logger.warning("the teacher has no targets for the %s split: evaluating without it", split)
         teacher = None
+        results["teacher"] = None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bs = cfg.batch_size
     chosen = eval_batch_indices(math.ceil(len(dataset) / bs), cfg.max_batches)
@@ -94,8 +84,7 @@ def main(cfg: EvalRunConfig) -> dict:
     divergences = tuple(cfg.divergences) if teacher is not None and teacher.eval_estimates != "sampled" else ()
     estimates = teacher.eval_estimates if teacher is not None else None
 
-    results: dict = {"split": split, "examples": len(rows_used), "teacher": teacher.describe() if teacher else None,
-                     "models": {}}
+    results.update(split=split, examples=len(rows_used))
     for name, model in models.items():
         def batches():
             for b in mine:
@@ -109,6 +98,27 @@ def main(cfg: EvalRunConfig) -> dict:
         logger.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in results["models"][name].items()
                                                if isinstance(v, float)))
 
+    return dataset
+
+
+def main(cfg: EvalRunConfig) -> dict:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not has_accelerator())
+    names = list(cfg.models)
+    tokenizer = load_tokenizer(cfg.models[names[0]], f"models.{names[0]}")
+    for name in names[1:]:
+        check_tokenizers_agree(tokenizer, load_tokenizer(cfg.models[name], f"models.{name}"),
+                               f"models.{names[0]}", f"models.{name}")
+    teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=f"models.{names[0]}", loss=LossSpec(),
+                           seq_len=cfg.data.seq_len if cfg.data else None, vocab_policy=cfg.vocab_policy, device=accelerator.device)
+    models = {}
+    for name in names:
+        model = load_model(cfg.models[name], f"models.{name}", tokenizer).to(accelerator.device).eval()
+        models[name] = model
+    results: dict = {"teacher": teacher.describe() if teacher else None, "models": {n: {} for n in names}}
+    if cfg.data is not None:
+        dataset = _data_metrics(cfg, accelerator, tokenizer, models, teacher, results)
     if cfg.speculative is not None:
         if not isinstance(teacher, LiveTeacher):
             raise ValueError("speculative: each model drafts for the teacher, which must be a live model "
@@ -117,6 +127,7 @@ def main(cfg: EvalRunConfig) -> dict:
         prompts = [prompt_of(dataset[i], sp.prompt_tokens, tokenizer.bos_token_id)
                    for i in range(min(sp.prompts, len(dataset)))]
         eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         params = SamplingParams(temperature=sp.temperature, top_p=sp.top_p, max_new_tokens=sp.max_new_tokens,
                                 stop_ids=(eos,) if eos is not None else ())
         if accelerator.is_main_process:  # wall-clock measurements: one process, nothing else running
@@ -125,6 +136,9 @@ def main(cfg: EvalRunConfig) -> dict:
                 results["speculative"]["drafts"][name] = measure_speculative(
                     teacher.model, model, prompts, params, sp.gammas, [b for b in sp.batch_sizes if b <= len(prompts)],
                     pad_id=pad, seed=sp.seed, reps=sp.reps)
+    if cfg.lm_eval is not None and accelerator.is_main_process:  # lm-eval runs one process on a given model
+        results["lm_eval"] = {name: run_tasks(model, tokenizer, cfg.lm_eval, accelerator.device)
+                              for name, model in models.items()}
     if accelerator.is_main_process:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(cfg.out), results)
@@ -143,8 +157,8 @@ _COLUMNS = [("val_loss", "loss", ".4f"), ("val_ppl", "ppl", ".2f"), ("bits_per_b
 def table(results: dict) -> str:
     rows = results["models"]
     cols = [c for c in _COLUMNS if any(c[0] in r for r in rows.values())]
-    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, r in rows.items():
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"] if cols else []
+    for name, r in rows.items() if cols else ():
         cells = []
         for key, _, fmt in cols:
             value = r.get(key)
@@ -164,6 +178,18 @@ def table(results: dict) -> str:
                 ups = " | ".join(f"{r['speedup'][b]['ratio']:.2f}x" for b in sizes)
                 lines.append(f"| {name} | {g} | {r['acceptance_rate']:.3f} | {d['alpha_hat']:.3f} | "
                              f"{r['tokens_per_target_call']:.2f} ({r['predicted_tokens_per_target_call']:.2f}) | {ups} |")
-    return "\n".join(lines)
+    harness = results.get("lm_eval")
+    if harness:
+        metrics = sorted({(t, m) for per_model in harness.values() for t, ms in per_model.items() for m in ms
+                          if "stderr" not in m})
+        lines += ["", "| model | " + " | ".join(f"{t} {m.split(',')[0]}" for t, m in metrics) + " |",
+                  "|---" * (len(metrics) + 1) + "|"]
+        for name, per_model in harness.items():
+            cells = []
+            for t, m in metrics:
+                value, err = per_model.get(t, {}).get(m), per_model.get(t, {}).get(m.replace(",", "_stderr,", 1))
+                cells.append("–" if value is None else f"{value:.3f}" + (f" ± {err:.3f}" if err is not None else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).strip()
 
 

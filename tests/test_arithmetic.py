@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-from distill.recipes import train
 from distill.tasks import arithmetic as ar
 from distill.tokenizer import byte_tokenizer
 
@@ -217,25 +216,27 @@ def test_ground_truth_config_refuses_missing_data_and_unknown_roles(tmp_path):
         ar.ground_truth_config(preset, tmp_path / "data", tmp_path / "run", role="teaher")
 
 
-def test_tiny_preset_trains_through_the_train_recipe(tmp_path):
+def test_command_line_prepares_configs_that_train_and_scores_the_model(tmp_path, capsys):
+    from distill.cli import main as distill_main
+    from distill.config import TrainConfig, load_config
+
+    out = tmp_path / "arith"
+    assert ar.main(["prepare", str(out), "--preset", "tiny"]) == 0
+    assert ar.read_problems(out / "data" / "test.jsonl") == ar.make_splits(0, 2, ("+",), 200, 50)[1]
+    for role in ("teacher", "student"):
+        cfg = load_config(TrainConfig, out / f"{role}.yaml")
+        assert cfg == ar.ground_truth_config(ar.PRESETS["tiny"], out / "data", out / f"{role}-run", role=role
+                                             ).model_copy(update={"log": cfg.log})
     preset = ar.PRESETS["tiny"]
-    train_path, test_path = preset.write_data(tmp_path / "data")
-    cfg = ar.ground_truth_config(preset, tmp_path / "data", tmp_path / "run", role="student")
     assert cfg.teacher is None and cfg.data.format == "prompt_response" and not cfg.data.packing
-    assert cfg.student.config["hidden_size"] == preset.student["hidden_size"]
-    assert ar.ground_truth_config(preset, tmp_path / "data", tmp_path / "t").student.config == preset.teacher
+    assert cfg.student.config == preset.student
     t0 = time.perf_counter()
-    summary = train.main(cfg)
+    assert distill_main(["-q", "train", str(out / "student.yaml"), "log.progress=false"]) == 0
     print(f"tiny preset: {preset.student_steps} steps in {time.perf_counter() - t0:.1f} s")
-    assert summary["steps"] == preset.student_steps and summary["val_loss"] > 0
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "student-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [preset.student_steps]
-
-    from transformers import AutoModelForCausalLM
-
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
-    assert student.config.hidden_size == preset.student["hidden_size"]
-    tok = byte_tokenizer()
-    test_set = ar.read_problems(test_path)
-    score = ar.exact_match(student, tok, test_set, batch_size=16)
-    assert 0.0 <= score <= 1.0 and (score * len(test_set)).is_integer()
+    capsys.readouterr()
+    assert ar.main(["score", str(out / "student-run" / "student"), str(out / "data" / "test.jsonl")]) == 0
+    assert re.fullmatch(r"exact match: \d+\.\d% of .*test\.jsonl\n", capsys.readouterr().out)
+    assert ar.main(["score", str(out / "nothing"), str(out / "data" / "test.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -19,17 +19,19 @@ and the on-policy batch sources (``train.batches``), on the ground-truth prompts
 at T = 1 and the teacher scoring every token (alpha = 0: the divergence alone):
 
 * ``supervised_jsd``: generalized JSD (beta = 0.5) on the ground-truth answers (GKD with lambda = 0, the
-  control for the next two);
-* ``gkd_mixed``: GKD, lambda = 0.5 (each step is the student's samples or the ground truth, by a coin);
-* ``gkd_on_policy``: GKD, lambda = 1 (only the student's samples);
+  control for the GKD runs);
+* ``gkd_lambda{0.5,1.0}_beta{0.1,0.5,0.9}``: GKD, each step the student's samples with probability lambda
+  (else the ground truth), generalized JSD(beta);
 * ``on_policy_sampled_rkl``: lambda = 1 with the sampled-token reverse KL, log q(x) - log p(x) on the
   student's own tokens (MiniLLM-style policy gradient without its extra terms);
-* ``skd``: the student proposes, the teacher replaces any token outside its top-3 (forward KL);
+* ``skd_k1``, ``skd_k5``: the student proposes, the teacher replaces any token outside its top-K with a
+  sample of its own (forward KL);
 * ``distillm``: DistiLLM's adaptive schedule with its replay buffer and skew reverse KL (skew 0.1),
   evaluated every 100 steps (the schedule reads the eval loss).
 
 Each student is scored by exact-match accuracy (greedy decoding) on the held-out problems, as is the
-teacher. Writes ``benchmarks/results/seqkd.json`` and prints a table.
+teacher, and by the teacher's per-token reverse KL on the student's own samples (T = 1) of the held-out
+prompts: KL(q || p) over the vocabulary at each position the student wrote, averaged. Writes ``benchmarks/results/seqkd.json`` and prints a table.
 
     python benchmarks/seqkd.py                      # default preset, seeds 0, 1, 2, every method
     python benchmarks/seqkd.py --preset tiny --seeds 0 --n 2    # seconds: a smoke run
@@ -59,12 +61,14 @@ from distill.tasks import arithmetic  # noqa: E402
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "seqkd.json"
 SEQUENCE_METHODS = ("ce_ground_truth", "token_kd_ground_truth", "seq_kd", "seq_kd_best_of_n", "seq_kd_plus_token_kd")
 # method -> (train.batches, loss settings, onpolicy settings)
+JSD = {"divergence": "jsd", "alpha": 0.0}
 ON_POLICY_METHODS = {
-    "supervised_jsd": ("dataset", {"divergence": "jsd", "beta": 0.5, "alpha": 0.0}, {}),
-    "gkd_mixed": ("gkd", {"divergence": "jsd", "beta": 0.5, "alpha": 0.0}, {"student_fraction": 0.5}),
-    "gkd_on_policy": ("gkd", {"divergence": "jsd", "beta": 0.5, "alpha": 0.0}, {"student_fraction": 1.0}),
+    "supervised_jsd": ("dataset", {**JSD, "beta": 0.5}, {}),
+    **{f"gkd_lambda{lam}_beta{beta}": ("gkd", {**JSD, "beta": beta}, {"student_fraction": lam})
+       for lam in (0.5, 1.0) for beta in (0.1, 0.5, 0.9)},
     "on_policy_sampled_rkl": ("gkd", {"divergence": "sampled_reverse_kl", "alpha": 0.0}, {"student_fraction": 1.0}),
-    "skd": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 3}),
+    "skd_k1": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 1}),
+    "skd_k5": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 5}),
     "distillm": ("distillm", {"divergence": "skew_reverse_kl", "skew": 0.1, "alpha": 0.0}, {}),
 }
 METHODS = SEQUENCE_METHODS + tuple(ON_POLICY_METHODS)
@@ -73,6 +77,33 @@ METHODS = SEQUENCE_METHODS + tuple(ON_POLICY_METHODS)
 def accuracy(model_dir: Path, problems) -> float:
     spec = ModelSpec(path=str(model_dir))
     return arithmetic.exact_match(load_model(spec, "model"), load_tokenizer(spec, "model"), problems, batch_size=256)
+
+
+@torch.no_grad()
+def reverse_kl_on_own_samples(student_dir: Path, teacher_dir: Path, problems, seed: int = 0) -> float:
+    """Mean over the student's written tokens of KL(q || p) (student q, teacher p, full vocabulary), on one
+    sample (T = 1) of the student per held-out prompt."""
+    from distill.generate import SamplingParams, row_seed, sample
+    from distill.losses import IGNORE_INDEX
+
+    spec = ModelSpec(path=str(student_dir))
+    student, tok = load_model(spec, "student").eval(), load_tokenizer(spec, "student")
+    teacher = load_model(ModelSpec(path=str(teacher_dir)), "teacher").eval()
+    prompts = [[tok.bos_token_id] + tok(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+    params = SamplingParams(temperature=1.0, max_new_tokens=max(len(p.response) for p in problems) + 1,
+                            stop_ids=(tok.eos_token_id,))
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), 256):
+        chunk = prompts[start : start + 256]
+        gen = sample(student, chunk, params, pad_id=tok.pad_token_id,
+                     seeds=[row_seed(seed, "rkl", start + i) for i in range(len(chunk))], model_logprobs=False)
+        batch = gen.to_batch(tok.pad_token_id)
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        lq, lp = (torch.log_softmax(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                    .logits[:, :-1][mask].double(), -1) for m in (student, teacher))
+        total += float((lq.exp() * (lq - lp)).sum())
+        count += int(mask.sum())
+    return total / count
 
 
 def main(argv=None) -> dict:
@@ -135,6 +166,7 @@ def main(argv=None) -> dict:
     # The students.
     results: dict[str, dict] = {m: {} for m in args.methods}
     costs: dict[str, dict] = {m: {} for m in args.methods}
+    rkl: dict[str, dict] = {m: {} for m in args.methods}
     for seed in args.seeds:
         for method in args.methods:
             run_dir = work / f"{method}_seed{seed}"
@@ -164,6 +196,7 @@ def main(argv=None) -> dict:
                 train.main(cfg)
                 timings[f"{method}_seed{seed}"] = time.perf_counter() - t0
             results[method][seed] = accuracy(student_dir, tests)
+            rkl[method][seed] = reverse_kl_on_own_samples(student_dir, teacher_dir, tests, seed)
             costs[method][seed] = step_costs(run_dir / "metrics.jsonl")
             logging.getLogger("distill").info("%s seed %d: exact match %.1f%%", method, seed,
                                               100 * results[method][seed])
@@ -172,6 +205,8 @@ def main(argv=None) -> dict:
         m: {"exact_match": {str(s): v for s, v in r.items()},
             "mean": statistics.mean(r.values()),
             "spread": (max(r.values()) - min(r.values())) if len(r) > 1 else 0.0,
+            "reverse_kl_on_own_samples": {str(s): v for s, v in rkl[m].items()},
+            "reverse_kl_mean": statistics.mean(rkl[m].values()),
             "step_seconds": mean_costs(costs[m])}
         for m, r in results.items()
     }
@@ -213,14 +248,14 @@ def _fresh(path: Path) -> None:
 def table(r: dict) -> str:
     seeds = r["seeds"]
     lines = [f"teacher: {100 * r['teacher_exact_match']:.1f}% exact match",
-             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | ms/step (generation + teacher + rest) |",
-             "|---" * (len(seeds) + 3) + "|"]
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | KL(q‖p) on own samples | ms/step (generation + teacher + rest) |",
+             "|---" * (len(seeds) + 4) + "|"]
     for m, v in r["methods"].items():
         cells = " | ".join(f"{100 * v['exact_match'][str(s)]:.1f}%" for s in seeds)
         c = v.get("step_seconds") or {}
         cost = (f"{1e3 * c['step_seconds']:.0f} ({1e3 * c['gen_seconds']:.0f} + {1e3 * c['teacher_seconds']:.0f} + "
                 f"{1e3 * c['train_seconds']:.0f})") if c else ""
-        lines.append(f"| {m} | {cells} | {100 * v['mean']:.1f}% | {cost} |")
+        lines.append(f"| {m} | {cells} | {100 * v['mean']:.1f}% | {v['reverse_kl_mean']:.3f} | {cost} |")
     return "\n".join(lines)
 
 

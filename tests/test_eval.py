@@ -181,3 +181,27 @@ def test_lm_eval_task_with_local_data_matches_our_own_loglikelihoods(tmp_path):
     bad = cfg.model_copy(update={"lm_eval": cfg.lm_eval.model_copy(update={"tasks": ["tiny_sumz"]})})
     with pytest.raises(ValueError, match="no task named 'tiny_sumz'"):
         eval_recipe.main(bad)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_numbers(tmp_path):
+    """`accelerate launch --num_processes 2 -m distill eval`: the batches are split over the processes and the
+    sums reduced, so every metric equals the one-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    common = [str(TINY_EVAL), "speculative=null", "max_batches=null"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    res = run_cli("eval", *common, f"out={one}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill", "eval",
+           *common, f"out={two}"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["examples"] == b["examples"] > 8  # more than one batch, so each process has its share
+    for key, value in a["models"]["student"].items():
+        assert b["models"]["student"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -170,7 +170,7 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 
 
 class HiddenLossConfig(Section):
-    """A loss term on the models' hidden states (docs/methods.md §11), beside the logit loss; live teachers only.
+    """A loss term on the models' hidden states (docs/methods.md §12), beside the logit loss; live teachers only.
 
     ``weight * mean over mapped layers of d(P_l h_s[l], h_t[map(l)])`` plus ``final_weight * (1 - cos)`` of the
     final output states, per supervised position; ``P_l`` a learned linear map where the widths differ.
@@ -364,7 +364,7 @@ class MixtureTeacherSpec(Section):
 
 
 class SelfTeacherSpec(Section):
-    """Self-distillation (docs/methods.md §10): the teacher is the student itself, as the exponential moving
+    """Self-distillation (docs/methods.md §11): the teacher is the student itself, as the exponential moving
     average of its weights (``self: ema``) or as a frozen copy of its weights taken every ``every`` steps
     (``self: snapshot``, born-again networks within one run). Kept in the run's checkpoints."""
 
@@ -383,20 +383,36 @@ class SelfTeacherSpec(Section):
         return self
 
 
+class PeersTeacherSpec(Section):
+    """Co-distillation (docs/methods.md §13): the student and its ``peers`` train in the same run on the same
+    batches, each distilling from the others' predictions (their mixture in probability space) with
+    ``1 - loss.alpha`` as the weight of the divergence, after ``burn_in`` steps of plain CE. Every peer is saved
+    as a Hugging Face checkpoint in ``OUT/peers/peer<i>``; its weights and optimizer state are in checkpoints."""
+
+    peers: list[ModelSpec] = Field(description="the other models, trained with the student (path or config)")
+    burn_in: int = Field(0, ge=0, description="steps of plain CE for every model before they distill")
+
+    @model_validator(mode="after")
+    def _some(self) -> PeersTeacherSpec:
+        if not self.peers:
+            raise ValueError("teacher.peers: give at least one model to co-distill with")
+        return self
+
+
 def _teacher_kind(value: Any) -> str:
     for kind, spec in (("cache", TeacherCacheSpec), ("server", ServerTeacherSpec), ("teachers", MixtureTeacherSpec),
-                       ("self", SelfTeacherSpec)):
+                       ("self", SelfTeacherSpec), ("peers", PeersTeacherSpec)):
         if isinstance(value, spec) or (isinstance(value, dict) and kind in value):
             return kind
     return "model"
 
 
-# A live model, a cache, a server, several teachers or the student itself; the discriminator keeps errors to
+# A live model, a cache, a server, several teachers, the student itself or its peers; the discriminator keeps errors to
 # the branch that was meant.
 TeacherSpec = Annotated[
     Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")]
     | Annotated[ServerTeacherSpec, Tag("server")] | Annotated[MixtureTeacherSpec, Tag("teachers")]
-    | Annotated[SelfTeacherSpec, Tag("self")],
+    | Annotated[SelfTeacherSpec, Tag("self")] | Annotated[PeersTeacherSpec, Tag("peers")],
     Discriminator(_teacher_kind),
 ]
 

@@ -517,7 +517,7 @@ def hidden_distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor
 
 
 class HiddenStateLoss(torch.nn.Module):
-    """The hidden-state loss term per position (docs/methods.md §11):
+    """The hidden-state loss term per position (docs/methods.md §12):
 
         weight * mean_{(i, j) in pairs} d(P_i h_s[i], h_t[j]) + final_weight * (1 - cos(P_f h_s[-1], h_t[-1]))
 

@@ -27,7 +27,7 @@ teacher depends on the signal (:attr:`eval_estimates`):
   so differences between students are differences in KL), and ``teacher_prob_of_top1`` = ``p_hat(argmax q)``,
   an unbiased estimate of p(argmax q), the chance that a teacher sample equals the student's top-1.
 
-Two more kinds are built from these (docs/methods.md §9, §10):
+Two more kinds are built from these (docs/methods.md §9, §11):
 
 * :class:`MixtureTeacher` (``teacher: {teachers: [...], mix: probability | loss}``): several teachers of any
   kind, each with a weight and its own temperature; its signal is a :class:`distill.chunked.MixtureSignal`,
@@ -53,11 +53,12 @@ from dataclasses import replace
 import torch
 
 from distill.cache import TeacherCache, data_fingerprint
-from distill.chunked import DenseSignal, MixtureSignal
+from distill.chunked import DenseSignal, LinearHead, MixtureSignal, chunked_kd_loss
 from distill.config import (
     HiddenLossConfig,
     MixtureTeacherSpec,
     ModelSpec,
+    PeersTeacherSpec,
     SelfTeacherSpec,
     ServerTeacherSpec,
     TeacherCacheSpec,
@@ -118,6 +119,12 @@ class LiveTeacher:
 
     def follow(self, student, step: int) -> None:
         """Nothing to do after an optimizer step: this teacher does not depend on the student."""
+
+    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
+        """Nothing to do before an optimizer step (co-distillation trains its peers here)."""
+
+    def save_models(self, out_dir, tokenizer) -> None:
+        """No model of its own to save (co-distillation saves its peers)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # nothing to keep in checkpoints
@@ -222,6 +229,12 @@ class CachedTeacher:
 
     def follow(self, student, step: int) -> None:
         """Nothing to do after an optimizer step: this teacher does not depend on the student."""
+
+    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
+        """Nothing to do before an optimizer step (co-distillation trains its peers here)."""
+
+    def save_models(self, out_dir, tokenizer) -> None:
+        """No model of its own to save (co-distillation saves its peers)."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # nothing to keep in checkpoints
@@ -377,6 +390,12 @@ class ServerTeacher:
     def follow(self, student, step: int) -> None:
         """Nothing to do after an optimizer step: this teacher does not depend on the student."""
 
+    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
+        """Nothing to do before an optimizer step (co-distillation trains its peers here)."""
+
+    def save_models(self, out_dir, tokenizer) -> None:
+        """No model of its own to save (co-distillation saves its peers)."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}  # nothing to keep in checkpoints
 
@@ -393,7 +412,7 @@ def layer_states(model, batch: dict) -> tuple[torch.Tensor, ...]:
 
 
 class SelfTeacher(LiveTeacher):
-    """The student as its own teacher (docs/methods.md §10): a copy of its weights that ``follow`` keeps as
+    """The student as its own teacher (docs/methods.md §11): a copy of its weights that ``follow`` keeps as
     the exponential moving average ``decay * teacher + (1 - decay) * student`` (``self: ema``), or replaces
     by the student's weights every ``every`` steps (``self: snapshot``: born-again networks within one run;
     plain CE until the first copy). Before step ``start`` the loss is plain CE. The copy is kept in
@@ -508,6 +527,14 @@ class MixtureTeacher:
         for m in self.members:
             m.follow(student, step)
 
+    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
+        for m in self.members:
+            m.begin_step(batches, num_tokens, step)
+
+    def save_models(self, out_dir, tokenizer) -> None:
+        for m in self.members:
+            m.save_models(out_dir, tokenizer)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 
@@ -515,7 +542,158 @@ class MixtureTeacher:
         pass
 
 
-Teacher = LiveTeacher | CachedTeacher | ServerTeacher | MixtureTeacher | SelfTeacher
+def _frozen_head(head: LinearHead) -> LinearHead:
+    """A copy of an output layer that later updates of the model do not change."""
+    return replace(head, weight=head.weight.detach().clone(),
+                   bias=None if head.bias is None else head.bias.detach().clone())
+
+
+class PeersTeacher:
+    """Co-distillation (docs/methods.md §13): the student's teachers are its peers, which train in the same
+    run. Before each optimizer step (``begin_step``) every model's predictions on the step's micro-batches are
+    taken (no gradient; the output layers copied), then each peer takes its own optimizer step toward the
+    mixture of the others' (the student included) with the run's loss, and the student's signal for those
+    batches is the mixture of the peers' predictions from before their update: all models distill from the
+    same, pre-step predictions. Plain CE for every model during ``burn_in`` steps. Batches other than the
+    step's (evaluation) get the peers' current predictions. Runs in one process (the peers' gradients are
+    not reduced across processes)."""
+
+    kind = "peers"
+    eval_estimates = "exact"
+    eval_temperature = 1.0
+    scores_any_text = True
+    has_states = False
+
+    def __init__(self, spec: PeersTeacherSpec, student, models: list, vocab_size: int, loss: LossSpec,
+                 optimizer_for, max_grad_norm: float | None, chunk_size: int | None):
+        self.spec, self.student, self.models, self.vocab_size, self.loss = spec, student, models, vocab_size, loss
+        self.names = [f"peer{i}" for i in range(len(models))]
+        self.optimizers = [optimizer_for(m) for m in models]
+        self.max_grad_norm, self.chunk_size = max_grad_norm, chunk_size
+        self.step = 0
+        self.pending: dict[int, object] = {}  # id(batch) -> the student's signal for this step's batches
+        for m in models:
+            m.train()
+        limits = [max_positions(m) for m in models if max_positions(m)]
+        self.max_positions = min(limits) if limits else None
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{count_parameters(m) / 1e6:.2f}M" for m in self.models)
+        return (f"co-distillation with {len(self.models)} peer(s) ({sizes} parameters)"
+                + (f", plain CE for {self.spec.burn_in} steps" if self.spec.burn_in else ""))
+
+    def check_data(self, train_ds, eval_ds) -> None:
+        """Nothing to check: the peers score whatever they are given."""
+
+    def covers(self, split: str) -> bool:
+        return True
+
+    def _signal_of(self, hidden: list, heads: list, skip: int | None) -> DenseSignal | MixtureSignal:
+        """The mixture (equal weights, probability space, the loss temperature) of every model but ``skip``."""
+        sigs = [DenseSignal(h, hd) for i, (h, hd) in enumerate(zip(hidden, heads, strict=True)) if i != skip]
+        if len(sigs) == 1:
+            return sigs[0]
+        return MixtureSignal(sigs, [1.0 / len(sigs)] * len(sigs), [self.loss.temperature] * len(sigs),
+                             "probability")
+
+    @torch.no_grad()
+    def signal(self, batch: dict):
+        if id(batch) in self.pending:
+            return self.pending[id(batch)]
+        if self.step < self.spec.burn_in:
+            return None
+        was = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+        hidden = [flat_positions(final_hidden(m, batch)) for m in self.models]
+        for m, w in zip(self.models, was, strict=True):
+            m.train(w)
+        return self._signal_of(hidden, [output_head(m, self.vocab_size) for m in self.models], None)
+
+    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
+        """Train every peer one step on ``batches`` toward the others' pre-step predictions; keep the
+        peers' pre-step predictions for the student's loss on the same batches."""
+        self.pending = {}
+        distill = step >= self.spec.burn_in
+        everyone = [self.student, *self.models]  # index 0 is the student
+        if distill:
+            with torch.no_grad():
+                heads = [_frozen_head(output_head(m, self.vocab_size)) for m in everyone]
+                per_batch = [[flat_positions(final_hidden(m, b)) for m in everyone] for b in batches]
+            for b, hidden in zip(batches, per_batch, strict=True):
+                self.pending[id(b)] = self._signal_of(hidden[1:], heads[1:], None)
+        for k, (model, (optimizer, scheduler)) in enumerate(zip(self.models, self.optimizers, strict=True)):
+            for i, b in enumerate(batches):
+                teacher = self._signal_of(per_batch[i], heads, k + 1) if distill else None
+                labels = b["labels"][:, 1:].reshape(-1)
+                hidden = flat_positions(final_hidden(model, b))
+                loss, _ = chunked_kd_loss(hidden, output_head(model, self.vocab_size), labels, teacher, num_tokens,
+                                          self.loss, chunk_size=self.chunk_size, top1_stats=False)
+                loss.backward()
+            if self.max_grad_norm is not None and num_tokens > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            if num_tokens > 0:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def follow(self, student, step: int) -> None:
+        self.step, self.pending = step, {}
+
+    def diagnose(self, batch: dict) -> str | None:
+        for name, m in zip(self.names, self.models, strict=True):
+            with torch.no_grad():
+                if not torch.isfinite(final_hidden(m, batch)).all():
+                    return f"the hidden states of {name} are non-finite"
+        return None
+
+    def corrector(self, temperature: float):
+        raise ValueError("speculative KD (train.batches=skd) corrects with one teacher; co-distillation's peers "
+                         "cannot")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"step": torch.tensor(self.step)}
+        for k, (model, (optimizer, scheduler)) in enumerate(zip(self.models, self.optimizers, strict=True)):
+            state.update({f"peer{k}.model.{n}": t.detach().clone() for n, t in model.state_dict().items()})
+            for pid, entry in optimizer.state_dict()["state"].items():
+                state.update({f"peer{k}.opt.{pid}.{key}": t.detach().clone() for key, t in entry.items()})
+            state[f"peer{k}.last_epoch"] = torch.tensor(scheduler.last_epoch)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step = int(state["step"])
+        for k, (model, (optimizer, scheduler)) in enumerate(zip(self.models, self.optimizers, strict=True)):
+            prefix = f"peer{k}.model."
+            model.load_state_dict({n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)})
+            opt: dict[int, dict] = {}
+            prefix = f"peer{k}.opt."
+            for n, t in state.items():
+                if n.startswith(prefix):
+                    pid, key = n[len(prefix):].split(".", 1)
+                    opt.setdefault(int(pid), {})[key] = t
+            optimizer.load_state_dict({"state": opt, "param_groups": optimizer.state_dict()["param_groups"]})
+            scheduler.last_epoch = int(state[f"peer{k}.last_epoch"])
+            for group, base, lam in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+                group["lr"] = base * lam(scheduler.last_epoch)
+            scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+    def save_models(self, out_dir, tokenizer) -> None:
+        """Each peer as an ordinary Hugging Face checkpoint with the tokenizer: ``OUT/peers/peer<i>``."""
+        import shutil
+        from pathlib import Path
+
+        from distill.checkpoint import commit_dir, tmp_dir_for
+
+        for name, model in zip(self.names, self.models, strict=True):
+            final = Path(out_dir) / "peers" / name
+            tmp = tmp_dir_for(final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            commit_dir(tmp, final)
+
+
+Teacher = LiveTeacher | CachedTeacher | ServerTeacher | MixtureTeacher | SelfTeacher | PeersTeacher
 
 
 def open_teacher(
@@ -529,12 +707,31 @@ def open_teacher(
     device,
     student=None,
     field: str = "teacher",
+    optimizer_for=None,
+    max_grad_norm: float | None = None,
+    chunk_size: int | None = None,
 ) -> Teacher | None:
     """The teacher a config describes, checked against this run (tokenizer, vocabulary, sequence length,
     temperature, divergence), on ``device``; None for ``teacher: null``. ``student``: the model being trained
-    (the teacher of self-distillation is a copy of it)."""
+    (the teacher of self-distillation is a copy of it; co-distillation's peers train beside it, each with
+    ``optimizer_for(model) -> (optimizer, scheduler)``, ``max_grad_norm`` and the loss's ``chunk_size``)."""
     if spec is None:
         return None
+    if isinstance(spec, PeersTeacherSpec):
+        if student is None or optimizer_for is None:
+            raise ValueError(f"{field}.peers: co-distillation trains its peers with the student (distill train)")
+        models = []
+        for i, peer in enumerate(spec.peers):
+            where = f"{field}.peers[{i}]"
+            peer_tok = load_tokenizer(peer, where)
+            try:
+                check_tokenizers_agree(tokenizer, peer_tok, student_ref, peer.tokenizer or peer.path)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+            model = load_model(peer, where, peer_tok)
+            resolve_vocab(model, len(tokenizer), where, vocab_policy)
+            models.append(model.to(device))
+        return PeersTeacher(spec, student, models, len(tokenizer), loss, optimizer_for, max_grad_norm, chunk_size)
     if isinstance(spec, MixtureTeacherSpec):
         members, temps = [], []
         for i, (name, member) in enumerate(zip(spec.names(), spec.teachers, strict=True)):
@@ -564,7 +761,7 @@ def open_teacher(
 
 
 def hidden_state_loss(hidden: HiddenLossConfig, student, teacher, seed: int = 0) -> HiddenStateLoss:
-    """The hidden-state loss term (docs/methods.md §11) between ``student`` and a teacher with hidden states,
+    """The hidden-state loss term (docs/methods.md §12) between ``student`` and a teacher with hidden states,
     its layer map checked against both models and its projections (where the widths differ) initialized
     from ``seed``."""
     if teacher is None or not teacher.has_states:

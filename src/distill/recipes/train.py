@@ -238,7 +238,9 @@ class Window:
 
     def add(self, stats: dict, batch: dict) -> None:
         dev = self.sums.device
-        members = stats.get("teacher_kl_sums", torch.zeros(len(self.names))).double().to(dev)
+        # One named teacher whose signal is not a mixture (a single peer): its KL is the KL.
+        alone = stats.get("kl_sum", torch.zeros(())).reshape(1) if len(self.names) == 1 else torch.zeros(len(self.names))
+        members = stats.get("teacher_kl_sums", alone).double().to(dev)
         self.sums += torch.cat([torch.stack([stats.get(k, torch.zeros(())).double().to(dev) for k in self.KEYS]
                                             + [batch["attention_mask"].sum().double().to(dev)]), members])
 
@@ -402,6 +404,9 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
     if step_tokens == 0:
         logger.warning("step %d: the batch has no supervised token; the update is skipped "
                        "(check the data's prompt masking)", step + 1)
+    if run.teacher is not None:  # co-distillation: the peers take their step on the same batches
+        with accelerator.autocast():
+            run.teacher.begin_step(micro_batches, step_tokens, step)
     step_loss = torch.zeros((), device=accelerator.device)
     for m, batch in enumerate(micro_batches):
         sync = m == len(micro_batches) - 1
@@ -461,7 +466,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     resolve_vocab(student, vocab, "student", cfg.loss.vocab_policy)
     teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path,
                            loss=cfg.loss.spec(), seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy,
-                           device=accelerator.device, student=student)
+                           device=accelerator.device, student=student,
+                           optimizer_for=functools.partial(make_optimizer, cfg=cfg),
+                           max_grad_norm=cfg.optim.max_grad_norm, chunk_size=cfg.loss.chunk_size)
     hidden = hidden_state_loss(cfg.loss.hidden, student, teacher, cfg.train.seed) if cfg.loss.hidden else None
     if cfg.train.batches != "dataset":
         check_onpolicy_teacher(cfg.train.batches, teacher)  # before the data: a cache cannot score new text
@@ -550,6 +557,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
 
     summary = {"steps": cfg.train.max_steps, "tokens": tokens_seen, **last_eval}
     student_dir = save_student(accelerator, model, tokenizer, cfg, summary)
+    if teacher is not None and is_main:
+        teacher.save_models(out_dir, tokenizer)  # co-distillation: every peer as a Hugging Face checkpoint
     if is_main:
         logger.info("student written to %s", student_dir)
     accelerator.end_training()

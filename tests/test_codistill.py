@@ -1,0 +1,129 @@
+"""Co-distillation (teacher: {peers: [...]}): during burn-in it is independent CE training of every model
+(exactly); afterwards each model distills from the others; every model is saved as a Hugging Face
+checkpoint; an interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from distill.config import TrainConfig, load_config
+from distill.recipes import train
+
+CODISTILL = REPO / "configs" / "tiny" / "codistill.yaml"
+
+
+def _cfg(out: Path, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, CODISTILL, [f"out_dir={out}", "log.progress=false", *overrides])
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_burn_in_is_independent_training_of_every_model(tmp_path):
+    """With the burn-in covering the run, the student and the peer are exactly two plain CE runs."""
+    steps = ["train.max_steps=3", "eval.every=0", "checkpoint.every=0", "teacher.burn_in=3"]
+    cfg = _cfg(tmp_path / "co", *steps)
+    train.main(cfg)
+    plain = _cfg(tmp_path / "plain", *steps[:3], "teacher=null")
+    train.main(plain)
+    peer = plain.model_copy(update={"out_dir": str(tmp_path / "peer"), "student": cfg.teacher.peers[0]})
+    train.main(peer)
+    assert _same(_weights(tmp_path / "co" / "student"), _weights(tmp_path / "plain" / "student"))
+    assert _same(_weights(tmp_path / "co" / "peers" / "peer0"), _weights(tmp_path / "peer" / "student"))
+
+
+def test_codistillation_trains_both_models_toward_each_other(tmp_path):
+    cfg = _cfg(tmp_path / "co", "train.max_steps=8", "log.every=1", "eval.every=8", "checkpoint.every=0",
+               "teacher.burn_in=2", "loss.alpha=0.0", "optim.lr=1e-2")
+    summary = train.main(cfg)
+    rec = [r for r in _records(tmp_path / "co") if r["split"] == "train"]
+    assert [r["kl"] for r in rec[:2]] == [0.0, 0.0] and all(r["kl"] > 0 for r in rec[2:])
+    assert rec[2]["kl_peer0"] == rec[2]["kl"]
+    assert summary["kl_to_teacher"] < rec[2]["kl"]  # the student has moved toward its peer
+    peer = AutoModelForCausalLM.from_pretrained(tmp_path / "co" / "peers" / "peer0")
+    assert (tmp_path / "co" / "peers" / "peer0" / "tokenizer_config.json").is_file()
+    ids = torch.tensor([[1, 70, 80, 90]])
+    assert peer(ids).logits.shape[-1] >= 263
+
+
+def test_interrupted_codistillation_resumes_exactly(tmp_path, monkeypatch):
+    steps = ["train.max_steps=6", "checkpoint.every=3", "eval.every=3", "log.every=1", "teacher.burn_in=2"]
+    train.main(_cfg(tmp_path / "ref", *steps))
+    real = train.save_checkpoint
+
+    def crash(accelerator, cfg, at, *args, **kwargs):
+        path = real(accelerator, cfg, at, *args, **kwargs)
+        if at == 3:
+            raise KeyboardInterrupt("crash")
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_cfg(tmp_path / "cut", *steps))
+    monkeypatch.undo()
+    train.main(_cfg(tmp_path / "cut", *steps), resume=True)
+    for model in ("student", "peers/peer0"):
+        assert _same(_weights(tmp_path / "ref" / model), _weights(tmp_path / "cut" / model)), model
+    clock = {"tokens_per_s", "step_seconds", "teacher_seconds"}
+    runs = [[{k: v for k, v in r.items() if k not in clock} for r in _records(tmp_path / d)] for d in ("ref", "cut")]
+    assert runs[0] == runs[1]
+
+
+def test_a_peer_with_another_tokenizer_is_refused(tmp_path):
+    from distill.tokenizer import byte_tokenizer
+
+    other = byte_tokenizer()
+    other.add_tokens(["<|extra|>"])
+    other.save_pretrained(tmp_path / "other-tok")
+    with pytest.raises(ValueError, match=r"teacher.peers\[0\]: the student tokenizer .* differ"):
+        train.main(_cfg(tmp_path / "run", f"teacher.peers=[{{tokenizer: {tmp_path / 'other-tok'}, config: "
+                                          "{model_type: llama, hidden_size: 32, intermediate_size: 64, "
+                                          "num_hidden_layers: 1, num_attention_heads: 4}}]"))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_codistillation(tmp_path):
+    steps = ["train.max_steps=16", "checkpoint.every=4", "eval.every=8", "log.every=1"]
+    ref = tmp_path / "ref"
+    train.main(_cfg(ref, *steps))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "distill", "train", str(CODISTILL), f"out_dir={out}", *steps, "log.progress=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while not (out / "checkpoints" / "step_00000008").exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "student").exists(), "the run was not killed mid-way"
+    res = run_cli("train", str(CODISTILL), f"out_dir={out}", *steps, "--resume")
+    assert res.returncode == 0, res.stderr
+    for model in ("student", "peers/peer0"):
+        a, b = _weights(ref / model), _weights(out / model)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, model
+    losses = {r["step"]: r["loss"] for r in _records(ref) if r["split"] == "train"}
+    assert {r["step"]: r["loss"] for r in _records(out) if r["split"] == "train"} == pytest.approx(losses, rel=1e-6)

@@ -451,7 +451,7 @@ def _slice(tensor: torch.Tensor, kinds: tuple, plan: Plan, layer: int | None, hd
     for dim, kind in enumerate(kinds):
         idx = _rows(kind, plan, layer, hd, tensor.shape[dim])
         if idx is not None:
-            out = out.index_select(dim, idx)
+            out = out.index_select(dim, idx.to(tensor.device))
     return out
 
 
@@ -496,7 +496,7 @@ def slice_model(model: PreTrainedModel, plan: Plan) -> PreTrainedModel:
     config = pruned_config(model.config, plan)
     dtype = next(model.parameters()).dtype
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; leave the caller's RNG alone
-        new = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        new = AutoModelForCausalLM.from_config(config, dtype=dtype).to(next(model.parameters()).device)
     state = sliced_state_dict(model, plan)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -537,7 +537,8 @@ def comparison_plans(model: PreTrainedModel, imp: Importance, sizes: dict[str, i
         return out
     try:
         width = sizes_for_budget(model, budget, ("hidden_size", "intermediate_size"), multiple_of, family)
-        out["width_only"] = (make_plan(config, imp, width), "hidden_size and intermediate_size, same parameters")
+        out["width_only"] = (make_plan(config, imp, width, "loss" if imp.layer_loss is not None else "cosine"),
+                             "hidden_size and intermediate_size, at most the same parameters")
     except ValueError as exc:
         out["width_only"] = (None, str(exc))
     # Depth: the layer count whose size is nearest the budget (at least one layer).

@@ -70,7 +70,9 @@ def calibration_batches(cfg: PruneConfig, tokenizer, model) -> list[dict]:
     rows = [(j * n) // k for j in range(k)]  # evenly spread over the split
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bs = cfg.importance.batch_size
-    return [collate([train_ds[i] for i in rows[b:b + bs]], pad) for b in range(0, k, bs)]
+    device = next(model.parameters()).device
+    return [{key: v.to(device) for key, v in collate([train_ds[i] for i in rows[b:b + bs]], pad).items()}
+            for b in range(0, k, bs)]
 
 
 def main(cfg: PruneConfig) -> dict:
@@ -82,7 +84,7 @@ def main(cfg: PruneConfig) -> dict:
     vocab = len(tokenizer)
     model = load_model(cfg.model, "model", tokenizer)
     resolve_vocab(model, vocab, "model", "truncate")
-    model.eval()
+    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()  # forward passes only: one device
     orig = prune.model_sizes(model.config)
     logger.info("model: %s, %.2fM parameters, %s", family, count_parameters(model) / 1e6,
                 ", ".join(f"{k}={v}" for k, v in orig.items()))

@@ -353,3 +353,17 @@ def test_empty_calibration_data_and_foreign_out_dir_are_refused(tmp_path, capsys
     assert cli_main(["prune", str(TINY_PRUNE), f"out_dir={other}"]) == 2
     assert "is not the output of distill prune" in capsys.readouterr().err
     assert (other / "keep.txt").is_file()
+
+
+def test_an_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(prune_recipe.ckpt, "atomic_write_json", fail)  # the report, written last
+    cfg = load_config(PruneConfig, TINY_PRUNE, [f"out_dir={tmp_path / 'out'}", "importance.samples=8", "report=false"])
+    with pytest.raises(OSError):
+        prune_recipe.main(cfg)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    prune_recipe.main(cfg)  # the debris is replaced by the next run
+    assert (tmp_path / "out" / "prune_report.json").is_file() and not (tmp_path / "out.tmp").exists()

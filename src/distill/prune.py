@@ -172,7 +172,8 @@ def sizes_for_budget(model: PreTrainedModel, budget: float, axes: Sequence[str],
                      family: str) -> dict[str, int]:
     """The largest sizes within ``budget`` parameters (a count, or a fraction of the model's when < 1) that
     shrink every axis in ``axes`` by one common ratio (rounded down: layers and heads to whole units, hidden
-    and intermediate sizes to ``multiple_of``)."""
+    and intermediate sizes to ``multiple_of``); what the rounding leaves of the budget then goes to
+    intermediate_size when it is one of the axes."""
     config = model.config
     orig = model_sizes(config)
     total = param_count(model, orig)
@@ -218,6 +219,15 @@ def sizes_for_budget(model: PreTrainedModel, budget: float, axes: Sequence[str],
         else:
             hi = mid
     sizes = at(lo)
+    if "intermediate_size" in axes:  # what rounding left of the budget goes to the finest axis
+        lo_i, hi_i = sizes["intermediate_size"] // multiple_of, orig["intermediate_size"] // multiple_of
+        while lo_i < hi_i:
+            mid = (lo_i + hi_i + 1) // 2
+            if param_count(model, {**sizes, "intermediate_size": mid * multiple_of}) <= want:
+                lo_i = mid
+            else:
+                hi_i = mid - 1
+        sizes["intermediate_size"] = max(sizes["intermediate_size"], lo_i * multiple_of)
     check_sizes(config, sizes, family)
     return sizes
 

@@ -294,7 +294,7 @@ def score(model: PreTrainedModel, batches: Sequence[dict], vocab_size: int, laye
     current: dict[str, torch.Tensor] = {}
 
     def add_sq(acc: torch.Tensor, per_seq_BU: torch.Tensor) -> None:
-        acc += per_seq_BU.double().pow(2).sum(0)  # L2 over the batch: sum of squares now, sqrt at the end
+        acc += per_seq_BU.double().pow(2).sum(0).cpu()  # L2 over the batch: sum of squares now, sqrt at the end
 
     def on_heads(i: int):
         def hook(module, args):

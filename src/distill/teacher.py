@@ -720,6 +720,10 @@ def open_teacher(
     if isinstance(spec, PeersTeacherSpec):
         if student is None or optimizer_for is None:
             raise ValueError(f"{field}.peers: co-distillation trains its peers with the student (distill train)")
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ValueError(f"{field}.peers: co-distillation runs in one process (the peers' gradients are not "
+                             "averaged across processes); launch it without accelerate's --num_processes")
         models = []
         for i, peer in enumerate(spec.peers):
             where = f"{field}.peers[{i}]"

@@ -81,6 +81,24 @@ class ModelSpec(Section):
         return self
 
 
+class LoraConfig(Section):
+    """LoRA adapters on the student (``pip install 'distill[lora]'``, the ``peft`` library): only the adapters
+    train; the run also writes the student with the adapters merged into an ordinary HF checkpoint."""
+
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scale: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names (suffixes, e.g. [q_proj, v_proj]) that get adapters; all-linear: "
+        "every linear layer but the output layer")
+
+
+class StudentSpec(ModelSpec):
+    """The trained model: a :class:`ModelSpec`, optionally with LoRA adapters (``lora``)."""
+
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight")
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
     keys = dotted.split(".")
     node = tree
@@ -383,9 +401,16 @@ class SelfTeacherSpec(Section):
         return self
 
 
+class StudentBaseTeacherSpec(Section):
+    """The teacher is the LoRA student's own base model, its adapters switched off for the teacher's forward
+    pass: no second copy of the weights (needs ``student.lora``)."""
+
+    student_base: Literal[True] = Field(description="true: the student's base model without its adapters")
+
+
 def _teacher_kind(value: Any) -> str:
     for kind, spec in (("cache", TeacherCacheSpec), ("server", ServerTeacherSpec), ("teachers", MixtureTeacherSpec),
-                       ("self", SelfTeacherSpec)):
+                       ("self", SelfTeacherSpec), ("student_base", StudentBaseTeacherSpec)):
         if isinstance(value, spec) or (isinstance(value, dict) and kind in value):
             return kind
     return "model"
@@ -396,7 +421,7 @@ def _teacher_kind(value: Any) -> str:
 TeacherSpec = Annotated[
     Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")]
     | Annotated[ServerTeacherSpec, Tag("server")] | Annotated[MixtureTeacherSpec, Tag("teachers")]
-    | Annotated[SelfTeacherSpec, Tag("self")],
+    | Annotated[SelfTeacherSpec, Tag("self")] | Annotated[StudentBaseTeacherSpec, Tag("student_base")],
     Discriminator(_teacher_kind),
 ]
 
@@ -409,7 +434,7 @@ ModelOrServer = Annotated[
 
 class TrainConfig(Section):
     out_dir: str = "runs/train"
-    student: ModelSpec
+    student: StudentSpec
     teacher: TeacherSpec | None = None
     data: DataConfig
     loss: LossConfig = LossConfig()
@@ -419,6 +444,13 @@ class TrainConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _student_base_needs_lora(self) -> TrainConfig:
+        if isinstance(self.teacher, StudentBaseTeacherSpec) and self.student.lora is None:
+            raise ValueError("teacher.student_base=true is the student's base model with its LoRA adapters off, but "
+                             "the student has no adapters: set student.lora (e.g. student.lora.r=8) or use another teacher")
+        return self
 
     @model_validator(mode="after")
     def _onpolicy_needs_prompts(self) -> TrainConfig:

@@ -78,7 +78,8 @@ def test_fsdp_refuses_what_it_does_not_shard(tmp_path, monkeypatch, base, overri
 
 @pytest.mark.slow
 def test_two_process_fsdp_matches_single_process(tmp_path):
-    common = ["train.max_steps=4", "eval.every=2", "checkpoint.every=2", "log.every=1"]
+    # 3 eval batches on 2 processes: the second pads with an empty batch (forward passes are collective)
+    common = ["train.max_steps=4", "eval.every=2", "eval.max_batches=3", "checkpoint.every=2", "log.every=1"]
     single = cfg_with(tmp_path / "single", *common, "train.batch_size=2", "train.grad_accum=2")
     single_summary = train.main(single)
     out = tmp_path / "fsdp"

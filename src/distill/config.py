@@ -61,6 +61,18 @@ class DataConfig(Section):
     num_proc: int | None = Field(None, gt=0)
 
 
+class LoraConfig(Section):
+    """LoRA adapters on the student (``pip install 'distill[lora]'``, the ``peft`` library): only the adapters
+    train; the run also writes the student with the adapters merged into an ordinary HF checkpoint."""
+
+    r: int = Field(8, gt=0, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scale: the update is (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names (suffixes, e.g. [q_proj, v_proj]) that get adapters; all-linear: "
+        "every linear layer but the output layer")
+
+
 class ModelSpec(Section):
     """A model: ``path`` (local HF directory or hub id) or ``config`` (random init from a config dict)."""
 
@@ -71,6 +83,7 @@ class ModelSpec(Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     seed: int = 0
+    lora: LoraConfig | None = Field(None, description="student only: train LoRA adapters instead of every weight")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
@@ -399,9 +412,17 @@ class PeersTeacherSpec(Section):
         return self
 
 
+class StudentBaseTeacherSpec(Section):
+    """The teacher is the LoRA student's own base model, its adapters switched off for the teacher's forward
+    pass: no second copy of the weights (needs ``student.lora``)."""
+
+    student_base: Literal[True] = Field(description="true: the student's base model without its adapters")
+
+
 def _teacher_kind(value: Any) -> str:
     for kind, spec in (("cache", TeacherCacheSpec), ("server", ServerTeacherSpec), ("teachers", MixtureTeacherSpec),
-                       ("self", SelfTeacherSpec), ("peers", PeersTeacherSpec)):
+                       ("self", SelfTeacherSpec), ("peers", PeersTeacherSpec),
+                       ("student_base", StudentBaseTeacherSpec)):
         if isinstance(value, spec) or (isinstance(value, dict) and kind in value):
             return kind
     return "model"
@@ -412,7 +433,8 @@ def _teacher_kind(value: Any) -> str:
 TeacherSpec = Annotated[
     Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")]
     | Annotated[ServerTeacherSpec, Tag("server")] | Annotated[MixtureTeacherSpec, Tag("teachers")]
-    | Annotated[SelfTeacherSpec, Tag("self")] | Annotated[PeersTeacherSpec, Tag("peers")],
+    | Annotated[SelfTeacherSpec, Tag("self")] | Annotated[PeersTeacherSpec, Tag("peers")]
+    | Annotated[StudentBaseTeacherSpec, Tag("student_base")],
     Discriminator(_teacher_kind),
 ]
 
@@ -435,6 +457,15 @@ class TrainConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _student_base_needs_lora(self) -> TrainConfig:
+        if isinstance(self.teacher, StudentBaseTeacherSpec) and self.student.lora is None:
+            raise ValueError("teacher.student_base=true is the student's base model with its LoRA adapters off, but "
+                             "the student has no adapters: set student.lora (e.g. student.lora.r=8) or use another teacher")
+        if isinstance(self.teacher, ModelSpec) and self.teacher.lora is not None:
+            raise ValueError("teacher.lora: LoRA adapters are trained on the student only; remove teacher.lora")
+        return self
 
     @model_validator(mode="after")
     def _onpolicy_needs_prompts(self) -> TrainConfig:

@@ -124,17 +124,32 @@ def output_head(model: PreTrainedModel, vocab_size: int) -> LinearHead:
     """The model's output layer as a :class:`~distill.chunked.LinearHead` (with soft-capping/scale)."""
     from distill.chunked import LinearHead
 
-    lm_head = model.get_output_embeddings()
+    weight, bias = layer_weight(model.get_output_embeddings())
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     return LinearHead(
-        weight=lm_head.weight,
-        bias=getattr(lm_head, "bias", None),
+        weight=weight,
+        bias=bias,
         logit_scale=float(scale) if scale is not None else 1.0,
         softcap=float(softcap) if softcap else None,
         vocab_size=vocab_size,
     )
+
+
+def layer_weight(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (weight, bias) a linear layer applies. A layer with LoRA adapters (``peft``, :mod:`distill.lora`)
+    applies base + (alpha / r) * B @ A of its active adapters, formed here with autograd (so the loss's weight
+    gradient reaches A and B); with the adapters disabled or merged, the base weight."""
+    base = getattr(layer, "base_layer", None)
+    if base is None or not hasattr(layer, "get_delta_weight"):
+        return layer.weight, getattr(layer, "bias", None)
+    weight = base.weight
+    if not layer.disable_adapters and not layer.merged:
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                weight = weight + layer.get_delta_weight(name).to(weight.dtype)
+    return weight, getattr(base, "bias", None)
 
 
 def max_positions(model: PreTrainedModel) -> int | None:

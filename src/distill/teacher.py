@@ -27,7 +27,7 @@ teacher depends on the signal (:attr:`eval_estimates`):
   so differences between students are differences in KL), and ``teacher_prob_of_top1`` = ``p_hat(argmax q)``,
   an unbiased estimate of p(argmax q), the chance that a teacher sample equals the student's top-1.
 
-Two more kinds are built from these (docs/methods.md §9, §11):
+More kinds are built from these (docs/methods.md §9, §11, §13):
 
 * :class:`MixtureTeacher` (``teacher: {teachers: [...], mix: probability | loss}``): several teachers of any
   kind, each with a weight and its own temperature; its signal is a :class:`distill.chunked.MixtureSignal`,
@@ -35,6 +35,8 @@ Two more kinds are built from these (docs/methods.md §9, §11):
 * :class:`SelfTeacher` (``teacher: {self: ema | snapshot}``): the student itself, as the moving average of
   its weights or a frozen copy taken every N steps; it follows the student after each optimizer step
   (``follow``) and its weights are kept in the run's checkpoints (``state_dict`` / ``load_state_dict``).
+* :class:`StudentBaseTeacher` (``teacher: {student_base: true}``): a LoRA student's own base model, its
+  adapters switched off for the teacher's pass; it shares the student's weights (no extra memory).
 
 Adding a kind of teacher: a spec in ``config.py`` (a member of ``TeacherSpec``), a class here with the
 same attributes and methods as these, and its branch in :func:`open_teacher`. The train and eval
@@ -45,6 +47,7 @@ code only calls ``signal``, ``diagnose``, ``covers``, ``check_data``, ``describe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -52,6 +55,7 @@ from dataclasses import replace
 
 import torch
 
+from distill import sharding
 from distill.cache import TeacherCache, data_fingerprint
 from distill.chunked import DenseSignal, LinearHead, MixtureSignal, chunked_kd_loss
 from distill.config import (
@@ -61,6 +65,7 @@ from distill.config import (
     PeersTeacherSpec,
     SelfTeacherSpec,
     ServerTeacherSpec,
+    StudentBaseTeacherSpec,
     TeacherCacheSpec,
 )
 from distill.losses import HiddenStateLoss, LossSpec, SparseTarget, uniform_layer_map
@@ -107,15 +112,21 @@ class LiveTeacher:
 
     has_states = True
 
+    def step_head(self):
+        """The output layer for one step's loss: a sharded (FSDP) one gathered whole for the step."""
+        if self.head.weight is sharding.full_weight(self.head.weight):
+            return self.head
+        return replace(self.head, weight=sharding.full_weight(self.head.weight), bias=sharding.full_weight(self.head.bias))
+
     @torch.no_grad()
     def signal(self, batch: dict) -> DenseSignal:
-        return DenseSignal(flat_positions(final_hidden(self.model, batch)), self.head)
+        return DenseSignal(flat_positions(final_hidden(self.model, batch)), self.step_head())
 
     @torch.no_grad()
     def signal_and_states(self, batch: dict) -> tuple[DenseSignal, tuple[torch.Tensor, ...]]:
         """The signal and every hidden state (B, T, H) of one forward pass (the hidden-state loss)."""
         states = layer_states(self.model, batch)
-        return DenseSignal(flat_positions(states[-1]), self.head), states
+        return DenseSignal(flat_positions(states[-1]), self.step_head()), states
 
     def follow(self, student, step: int) -> None:
         """Nothing to do after an optimizer step: this teacher does not depend on the student."""
@@ -468,6 +479,55 @@ class SelfTeacher(LiveTeacher):
         self.step, self.has_copy = int(state["step"]), bool(state["has_copy"])
 
 
+class StudentBaseTeacher(LiveTeacher):
+    """The LoRA student's own base model (``teacher: {student_base: true}``): the student's forward pass with its
+    adapters switched off (``peft``'s ``disable_adapter``) and dropout off. It shares every weight with the
+    student, so it costs no memory beyond its activations; since the base weights are frozen it stays the
+    model the student started from."""
+
+    kind = "student_base"
+
+    def __init__(self, student, vocab_size: int):
+        self.model, self.vocab_size = student, vocab_size  # not frozen or put in eval mode: the student trains
+
+    @property
+    def head(self):
+        with self._base():
+            return output_head(self.model, self.vocab_size)
+
+    def describe(self) -> str:
+        return f"the student's base model without its adapters, {count_parameters(self.model) / 1e6:.2f}M parameters"
+
+    @contextlib.contextmanager
+    def _base(self):
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                yield
+        finally:
+            self.model.train(training)
+
+    def signal(self, batch: dict) -> DenseSignal:
+        with self._base():
+            return DenseSignal(flat_positions(final_hidden(self.model, batch)), output_head(self.model, self.vocab_size))
+
+    def signal_and_states(self, batch: dict):
+        with self._base():
+            states = layer_states(self.model, batch)
+            return DenseSignal(flat_positions(states[-1]), output_head(self.model, self.vocab_size)), states
+
+    def diagnose(self, batch: dict) -> str | None:
+        with self._base():
+            if not torch.isfinite(final_hidden(self.model, batch)).all():
+                return "the student's base model (the teacher) has non-finite hidden states"
+        return None
+
+    def corrector(self, temperature: float):
+        raise ValueError("speculative KD (train.batches=skd) with teacher.student_base is not supported; use a live "
+                         "teacher (teacher: {path: ...})")
+
+
 class MixtureTeacher:
     """Several teachers at once (docs/methods.md §9): each member a live, cached or server teacher checked on
     its own against the run (tokenizer, vocabulary, temperature); the signal holds every member's, and the
@@ -693,11 +753,13 @@ class PeersTeacher:
             commit_dir(tmp, final)
 
 
-Teacher = LiveTeacher | CachedTeacher | ServerTeacher | MixtureTeacher | SelfTeacher | PeersTeacher
+Teacher = (LiveTeacher | CachedTeacher | ServerTeacher | MixtureTeacher | SelfTeacher | PeersTeacher
+           | StudentBaseTeacher)
 
 
 def open_teacher(
-    spec: ModelSpec | TeacherCacheSpec | ServerTeacherSpec | MixtureTeacherSpec | SelfTeacherSpec | None,
+    spec: ModelSpec | TeacherCacheSpec | ServerTeacherSpec | MixtureTeacherSpec | SelfTeacherSpec
+    | StudentBaseTeacherSpec | None,
     *,
     tokenizer,
     student_ref: str,
@@ -753,6 +815,11 @@ def open_teacher(
         if student is None:
             raise ValueError(f"{field}.self: self-distillation needs the student being trained (distill train)")
         return SelfTeacher(spec, student, len(tokenizer), device)
+    if isinstance(spec, StudentBaseTeacherSpec):
+        if student is None or not hasattr(student, "disable_adapter"):
+            raise ValueError(f"{field}.student_base: the teacher is the base model of a LoRA student being trained "
+                             "(distill train with student.lora)")
+        return StudentBaseTeacher(student, len(tokenizer))
     if isinstance(spec, TeacherCacheSpec):
         return CachedTeacher(spec, tokenizer, loss, seq_len, device)
     if isinstance(spec, ServerTeacherSpec):
@@ -761,7 +828,10 @@ def open_teacher(
     check_tokenizers_agree(tokenizer, teacher_tok, student_ref, spec.tokenizer or spec.path)
     model = load_model(spec, field, teacher_tok)
     resolve_vocab(model, len(tokenizer), field, vocab_policy)
-    return LiveTeacher(model.to(device), len(tokenizer))
+    model = model.to(device)
+    if sharding.is_sharded():  # an FSDP run: the teacher is sharded too, never whole on one process
+        model = sharding.shard_for_inference(model.requires_grad_(False))
+    return LiveTeacher(model, len(tokenizer))
 
 
 def hidden_state_loss(hidden: HiddenLossConfig, student, teacher, seed: int = 0) -> HiddenStateLoss:

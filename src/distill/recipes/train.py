@@ -14,13 +14,15 @@ state, and 1 process with ``grad_accum=2`` sees the same batches as 2 processes 
 
 Writes into ``out_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``train.log``,
 ``checkpoints/step_XXXXXXXX/`` (accelerate state + ``trainer_state.json``), ``student/`` (an ordinary
-Hugging Face checkpoint with its tokenizer), and ``tensorboard/`` when ``log.tensorboard`` is set.
+Hugging Face checkpoint with its tokenizer; a LoRA student's adapters merged in, and the adapters alone in
+``student_adapter/``), and ``tensorboard/`` when ``log.tensorboard`` is set.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -38,6 +40,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
+from distill import lora, sharding
 from distill.chunked import LinearHead, chunked_kd_loss, naive_kd_loss
 from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
@@ -111,7 +114,9 @@ class Run:
     stats: dict[str, float] = field(default_factory=dict)  # timings since the last log line (teacher_seconds)
 
     def student_head(self) -> LinearHead:
-        return output_head(self.accelerator.unwrap_model(self.model), len(self.tokenizer))
+        model = self.accelerator.unwrap_model(self.model)
+        sharding.gathered_output_layer(model)  # FSDP: the loss reads the output layer's whole weight
+        return output_head(model, len(self.tokenizer))
 
     def collate(self, dataset, indices, split: str) -> dict:
         """Examples ``indices`` of ``dataset`` as a batch on the device; ``index`` and ``split`` say which
@@ -208,6 +213,11 @@ def evaluate(run: Run) -> dict:
     chosen = eval_batch_indices(math.ceil(len(eval_ds) / bs), run.cfg.eval.max_batches)
     mine = chosen[accelerator.process_index :: accelerator.num_processes]
     batches = (run.collate(eval_ds, range(b * bs, min((b + 1) * bs, len(eval_ds))), "eval") for b in mine)
+    if sharding.is_sharded():  # forward passes are collective: every process runs as many (empty ones score nothing)
+        empty = {**run.collate(eval_ds, range(min(bs, len(eval_ds))), "eval")}
+        empty["labels"] = torch.full_like(empty["labels"], IGNORE_INDEX)
+        pad = math.ceil(len(chosen) / accelerator.num_processes) - len(mine)
+        batches = itertools.chain(batches, [empty] * pad)
     sums = eval_sums(accelerator.unwrap_model(run.model), run.student_head(), batches, teacher,
                      autocast=accelerator.autocast)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
@@ -350,12 +360,21 @@ def save_student(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, s
     final = Path(cfg.out_dir) / "student"
     tmp = ckpt.tmp_dir_for(final)
     accelerator.wait_for_everyone()
+    # FSDP: the whole weights, gathered onto the main process (every process takes part)
+    state_dict = accelerator.get_state_dict(model) if sharding.is_sharded() else None
     if accelerator.is_main_process:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if lora.is_lora(unwrapped):  # the adapters alone, then merged into an ordinary checkpoint
+            adapter = Path(cfg.out_dir) / "student_adapter"
+            adapter_tmp = ckpt.tmp_dir_for(adapter)
+            shutil.rmtree(adapter_tmp, ignore_errors=True)
+            lora.save_adapter(unwrapped, adapter_tmp)
+            ckpt.commit_dir(adapter_tmp, adapter)
+            unwrapped = lora.merged(unwrapped)
+        unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         dump_config(cfg, tmp / "distill_config.yaml")
         ckpt.atomic_write_json(tmp / "distill_summary.json", summary)
@@ -369,19 +388,22 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # Each run sets its own precision: forget an earlier run's settings in this process (the process
     # group itself, PartialState, is kept).
     AcceleratorState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not has_accelerator(),  # on a CPU-only machine, lets launched processes form a gloo group
         mixed_precision="bf16" if cfg.train.precision == "bf16" else "no",
         log_with="tensorboard" if cfg.log.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard")),
         step_scheduler_with_optimizer=False,  # we step the scheduler exactly once per optimizer step
     )
+    sharding.enable_cpu_fsdp(accelerator)  # an FSDP launch on CPU (accelerate only shards on GPUs)
+    return accelerator
 
 
 def make_optimizer(student, cfg: TrainConfig, extra: torch.nn.Module | None = None):
     """AdamW (no weight decay on vectors: norms, biases) and the warmup + cosine schedule; ``extra``: more
     trained parameters (the hidden-state loss's projections)."""
     params = list(student.named_parameters()) + (list(extra.named_parameters()) if extra is not None else [])
+    params = [(n, p) for n, p in params if p.requires_grad]  # a LoRA student: its adapters only
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -442,6 +464,7 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
 
 def main(cfg: TrainConfig, resume: bool = False) -> dict:
     out_dir = Path(cfg.out_dir)
+    sharding.check_supported(cfg)  # FSDP / DeepSpeed launches distill cannot run, before anything starts
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
     if not is_main:
@@ -464,6 +487,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     vocab = len(tokenizer)
     student = load_model(cfg.student, "student", tokenizer)
     resolve_vocab(student, vocab, "student", cfg.loss.vocab_policy)
+    if cfg.student.lora is not None:  # only the adapters train (distill/lora.py)
+        student = lora.add_adapters(student, cfg.student.lora, seed=cfg.student.seed)
+        logger.info("student: %s", lora.describe(student))
     teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path,
                            loss=cfg.loss.spec(), seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy,
                            device=accelerator.device, student=student,
@@ -493,6 +519,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
                                                                   *make_optimizer(student, cfg, hidden))
     else:
         model, optimizer, scheduler = accelerator.prepare(student, *make_optimizer(student, cfg))
+    if cfg.student.lora is not None:
+        lora.adapter_only_checkpoints(accelerator)  # checkpoints hold the adapters, not the frozen base
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id, hidden=hidden)
     if cfg.train.batches != "dataset":
@@ -502,7 +530,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     # 4. Resume. --------------------------------------------------------------------------------------
     start_step, tokens_seen = 0, 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        accelerator.load_state(str(resume_from), **({"strict": False} if cfg.student.lora is not None else {}))
         state = ckpt.read_state(resume_from)
         if run.onpolicy is not None:  # the replay buffer and threshold of this process
             run.onpolicy.load_state_dict(json.loads((resume_from / _onpolicy_file(accelerator)).read_text()))

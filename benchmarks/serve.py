@@ -1,6 +1,7 @@
 """Scoring through `distill serve` on loopback against the same teacher's forward in this process.
 
-The quickstart teacher's shape (hidden 192, 4 layers, V = 4,096; random init unless ``--teacher DIR``),
+Two random-init teachers (or ``--teacher DIR``): ``small``, the quickstart teacher's shape (hidden 192,
+4 layers, V = 4,096, 2.4M parameters), and ``medium`` (hidden 512, 8 layers, V = 32,000, 41M parameters);
 batches of 16 sequences of 256 tokens, top_k = 20:
 
 * ``in_process``: what a live teacher costs for the same information: the forward (final hidden states),
@@ -9,13 +10,15 @@ batches of 16 sequences of 256 tokens, top_k = 20:
   ``distill serve`` subprocess on 127.0.0.1: JSON encoding, HTTP, parsing included), with 1, 4 and 16
   requests in flight (``max_in_flight``; the server batches concurrent requests on the model).
 
-Reports scored tokens/s, the ratio to in-process, and the response bytes per scored token.
+Reports scored tokens/s, the ratio to in-process, and the response bytes per scored token. The HTTP path
+costs about the same per scored token whatever the teacher (encoding, transfer and parsing of ~1.5 kB of
+JSON), so its ratio to the in-process forward grows with the teacher's size.
 
     python benchmarks/serve.py [--quick] [--teacher DIR]
 
-Writes ``benchmarks/results/serve.json`` (``--out``). The server runs with one intra-op thread and the
-client's process with one, so the two processes do not fight for the 2 cores (the in-process forward gets
-both, which favours it).
+Writes ``benchmarks/results/serve.json`` (``--out``). The server, the client and the in-process forward
+each run with one intra-op thread: the same compute on both paths, and the server and its client do not
+fight for the 2 cores.
 """
 
 from __future__ import annotations
@@ -52,37 +55,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_teacher(work: Path) -> Path:
+# name -> (vocabulary, hidden, intermediate, layers, heads, kv heads)
+SIZES = {"small": (4096, 192, 512, 4, 6, 2), "medium": (32000, 512, 1376, 8, 8, 4)}
+
+
+def make_teacher(work: Path, size: str) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(4093)} | {"<bos>": 4093, "<eos>": 4094, "<pad>": 4095}
+    v, hidden, inter, layers, heads, kv = SIZES[size]
+    vocab = {f"t{i}": i for i in range(v - 3)} | {"<bos>": v - 3, "<eos>": v - 2, "<pad>": v - 1}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    cfg = AutoConfig.for_model("llama", vocab_size=4096, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-                               num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
-                               tie_word_embeddings=True, bos_token_id=4093, eos_token_id=4094, pad_token_id=4095)
+    cfg = AutoConfig.for_model("llama", vocab_size=v, hidden_size=hidden, intermediate_size=inter,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                               max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=v - 3,
+                               eos_token_id=v - 2, pad_token_id=v - 1)
     torch.manual_seed(0)
-    out = work / "teacher"
+    out = work / f"teacher-{size}"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     hf.save_pretrained(out)
     return out
 
 
-def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--teacher", type=Path, default=None, help="an HF model directory (default: random init)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = p.parse_args(argv)
-    reps = args.reps or (2 if args.quick else 5)
-    work = Path(tempfile.mkdtemp(prefix="distill-serve-bench-"))
-    teacher_dir = args.teacher or make_teacher(work)
+def measure(teacher_dir: Path, args, reps: int) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's forward runs on one thread too: the same compute on both paths
     tokenizer = load_tokenizer(ModelSpec(path=str(teacher_dir)), "teacher")
     model = load_model(ModelSpec(path=str(teacher_dir)), "teacher").eval()
     head = output_head(model, len(tokenizer))
@@ -117,7 +116,6 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             in_process()
             results["in_process"].append(time.perf_counter() - t0)
-        torch.set_num_threads(1)
         for flight in (1, 4, 16):
             spec = ServerTeacherSpec(server=url, top_k=args.top_k, max_in_flight=flight, check_tokenizer=False)
             teacher = ServerTeacher(spec, tokenizer, LossSpec())
@@ -132,20 +130,45 @@ def main(argv=None) -> dict:
             bytes_per_token = (teacher.client.received_bytes - start_bytes) / (reps * tokens)
         record = {
             "batch": args.batch, "seq_len": args.seq_len, "top_k": args.top_k, "vocab": len(tokenizer),
+            "parameters": sum(p.numel() for p in model.parameters()),
             "tokens_per_s": {k: tokens / statistics.median(v) for k, v in results.items()},
             "response_bytes_per_token": bytes_per_token,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
         }
         tps = record["tokens_per_s"]
         record["ratio_to_in_process"] = {k: v / tps["in_process"] for k, v in tps.items() if k != "in_process"}
     finally:
         server.terminate()
         server.wait(timeout=30)
+    torch.set_num_threads(threads)
+    return record
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--teacher", type=Path, default=None, help="an HF model directory (default: random init)")
+    p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "medium"],
+                   help="random-init teachers: small = the quickstart teacher's shape, medium = 41M parameters")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 5)
+    work = Path(tempfile.mkdtemp(prefix="distill-serve-bench-"))
+    teachers = {"given": args.teacher} if args.teacher else {size: None for size in args.sizes}
+    records = {}
+    for size, teacher_dir in teachers.items():
+        records[size] = measure(teacher_dir or make_teacher(work, size), args, reps)
+    record = {"sizes": records, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, record)
-    for k, v in record["tokens_per_s"].items():
-        print(f"{k:22s} {v:9.0f} tok/s  {record['ratio_to_in_process'].get(k, 1.0):.3f}x")
-    print(f"response: {record['response_bytes_per_token']:.0f} bytes per scored token (JSON, top-{args.top_k})")
+    for size, r in record["sizes"].items():
+        print(f"{size}: {r['parameters'] / 1e6:.1f}M parameters, V = {r['vocab']}")
+        for k, v in r["tokens_per_s"].items():
+            print(f"  {k:22s} {v:9.0f} tok/s  {r['ratio_to_in_process'].get(k, 1.0):.3f}x")
+        print(f"  response: {r['response_bytes_per_token']:.0f} bytes per scored token (JSON, top-{args.top_k})")
     return record
 
 

@@ -34,6 +34,25 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
                           text=True, timeout=timeout)
 
 
+def kill_when(cmd: list[str], ready, *, env: dict | None = None, timeout: float = 120, group: bool = False) -> None:
+    """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true (a checkpoint or shard on disk), and wait for it.
+    ``group``: kill its whole process group (a launcher and its workers)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=group)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "nothing appeared to kill the run at"
+            time.sleep(0.02)
+    finally:
+        (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     """Overrides that make the tiny config write into a temporary directory, quietly."""

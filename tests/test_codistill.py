@@ -5,16 +5,12 @@ checkpoint; an interrupted run resumes exactly."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, kill_when, run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -109,16 +105,7 @@ def test_sigkill_then_resume_matches_uninterrupted_codistillation(tmp_path):
     train.main(_cfg(ref, *steps))
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distill", "train", str(CODISTILL), f"out_dir={out}", *steps, "log.progress=false"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not (out / "checkpoints" / "step_00000008").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000008").exists())
     assert not (out / "student").exists(), "the run was not killed mid-way"
     res = run_cli("train", str(CODISTILL), f"out_dir={out}", *steps, "--resume")
     assert res.returncode == 0, res.stderr

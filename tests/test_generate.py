@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, kill_when, run_cli
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -336,17 +333,8 @@ def test_sigkill_then_rerun_gives_identical_files(tmp_path):
 
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", str(TINY_GENERATE), f"out_dir={out}", *args],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not (out / "shard-000002.jsonl").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when([sys.executable, "-m", "distill", "generate", str(TINY_GENERATE), f"out_dir={out}", *args],
+              lambda: (out / "shard-000002.jsonl").exists(), env=env)
     assert not (out / "manifest.json").exists(), "the run was not killed mid-way"
     res = run_cli("generate", str(TINY_GENERATE), f"out_dir={out}", *args, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr

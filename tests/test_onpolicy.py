@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, kill_when, run_cli
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -203,16 +201,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distill", "train", str(source), f"out_dir={out}", "log.progress=false", *steps]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    try:
-        while not (out / "checkpoints" / "step_00000012").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline
-            time.sleep(0.02)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000012").exists(), env=env, timeout=180)
     assert not (out / "student").exists()
     res = run_cli("train", str(source), f"out_dir={out}", "log.progress=false", *steps, "--resume", env=env)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_TRAIN
+from conftest import REPO, TINY_TRAIN, kill_when
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -121,17 +120,8 @@ def test_two_process_fsdp_resumes_exactly_after_sigkill(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(fsdp_cmd(out, *steps), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=ENV, start_new_session=True)
-    deadline = time.time() + 300
-    try:
-        while not (out / "checkpoints" / "step_00000004").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        proc.wait()
+    kill_when(fsdp_cmd(out, *steps), lambda: (out / "checkpoints" / "step_00000004").exists(), env=ENV, timeout=300,
+              group=True)  # the launcher and both workers
     assert not (out / "student").exists(), "the run was not killed mid-way"
 
     res = subprocess.run([*fsdp_cmd(out, *steps), "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600,

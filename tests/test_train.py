@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARP_TEACHER, SMALL_DATA, TINY_TRAIN, run_cli
+from conftest import REPO, SHARP_TEACHER, SMALL_DATA, TINY_TRAIN, kill_when, run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,16 +162,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "distill", "train", str(TINY_TRAIN), f"out_dir={out}", *steps, "log.progress=false"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while not (out / "checkpoints" / "step_00000015").exists():
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000015").exists())
     assert not (out / "student").exists(), "the run was not killed mid-way"
 
     res = run_cli("train", str(TINY_TRAIN), f"out_dir={out}", *steps, "--resume")

@@ -422,3 +422,32 @@ def test_on_policy_sources_with_the_server_teacher(tmp_path, server, method, ext
     assert all(math.isfinite(r["loss"]) for r in recs) and "kl_to_teacher" in summary
     if method == "skd":
         assert all(0 < r["skd_replacement_rate"] <= 1 for r in recs)  # a random student is corrected often
+
+
+def test_client_retries_a_response_cut_mid_body():
+    """A server that dies while writing a response (the client reads fewer bytes than Content-Length) is retried
+    like a refused connection; the next complete answer is returned."""
+    calls = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (the standard library's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            calls.append(1)
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body) + (1000 if len(calls) == 1 else 0)))
+            self.end_headers()
+            self.wfile.write(body)  # the first answer is cut short: the connection closes after it
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_address[1]}", retries=2, backoff=0.01, timeout=5)
+        assert client.request("POST", "/v1/completions", {"x": 1}) == {"ok": True}
+        assert len(calls) == 2
+    finally:
+        server.shutdown()

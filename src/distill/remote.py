@@ -23,6 +23,7 @@ server's own message.
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -72,7 +73,9 @@ class Client:
                     continue
                 raise ValueError(f"teacher server {self.url}{path} refused the request (HTTP {exc.code}): "
                                  f"{server_message(text)}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+                # HTTPException: the connection broke mid-response (IncompleteRead, a server killed while
+                # writing): as retryable as a refused connection.
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
                 continue
             try:

@@ -192,11 +192,12 @@ def _eval_parser(sub) -> None:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate models (loss, calibration, KL/TVD/agreement to a teacher, speed as a speculative draft)",
+        help="evaluate models (loss, calibration, KL/TVD/agreement to a teacher, speed as a speculative draft, lm-eval tasks)",
         description="Evaluate one or more models on a data section's split: loss, perplexity, bits per byte, ECE,\n"
         "top-1 accuracy; with a teacher, forward KL and `divergences` with their spread over positions and top-1\n"
         "agreement; with `speculative`, each model as the teacher's draft (acceptance, tokens per target call,\n"
-        "wall-clock speed-up, and the prediction from alpha-hat). JSON to `out`, a markdown table to stdout.\n\n"
+        "wall-clock speed-up, and the prediction from alpha-hat); with `lm_eval`, lm-evaluation-harness tasks on\n"
+        "each model (pip install 'distill[lm-eval]'). JSON to `out`, a markdown table to stdout.\n\n"
         "Config keys (YAML file, then key=value overrides such as max_batches=4):\n" + _describe(EvalRunConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

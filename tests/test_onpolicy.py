@@ -19,7 +19,7 @@ from distill.generate import LiveCorrector, SamplingParams, corrected_sample, ro
 from distill.losses import LossSpec, SparseTarget, kd_loss_per_token, token_divergence
 from distill.recipes import train
 
-TINY = {m: REPO / "configs" / "tiny" / f"{m}.yaml" for m in ("gkd", "skd")}
+TINY = {"gkd": REPO / "configs" / "tiny" / "gkd.yaml", "skd": REPO / "configs" / "tiny" / "skd.yaml"}
 
 
 @pytest.fixture(autouse=True)

@@ -60,6 +60,14 @@ def test_quickstart_fast_distilled_beats_scratch(tmp_path):
         AutoModelForCausalLM.from_pretrained(model_dir)
         AutoTokenizer.from_pretrained(model_dir)
 
+    # distill report on the quickstart's two runs: their curves on shared axes and the final table.
+    from distill.recipes import report as report_recipe
+
+    page = report_recipe.main([str(out / "scratch"), str(out / "distilled")], out=str(tmp_path / "report"))
+    text = page.read_text()
+    assert "| scratch |" in text and "| distilled |" in text and "curves.png" in text
+    assert (tmp_path / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     # The teacher is cached, complete (its info file is written last), for the next run to reuse.
     cached = list((tmp_path / "cache" / "quickstart").glob("*/teacher.json"))
     assert len(cached) == 1 and (cached[0].parent / "teacher" / "config.json").is_file()

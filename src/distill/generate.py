@@ -325,15 +325,24 @@ def sample(
         logits = decoder.step(tokens_out[-1])
     model.train(was_training)
 
-    new = torch.stack(tokens_out, 1)
+    return _generation(ids, mask, tokens_out, written, sampler_lp, model_lp, finished, prompts)
+
+
+def _generation(ids, mask, tokens_out: list, written: list, sampler_lp: list, model_lp: list | None, finished,
+                prompts: list[list[int]]) -> Generation:
+    """A decoding loop's per-step lists (token, written?, log-probs; each (B,)) after the left-padded prompts
+    ``ids``/``mask``, as a :class:`Generation`. ``model_lp`` None: zeros."""
+    b, p = ids.shape
     comp = torch.stack(written, 1)
-    zeros = torch.zeros((b, p), dtype=torch.float32, device=device)
+    zeros = torch.zeros((b, p), dtype=torch.float32, device=ids.device)
+    sampled = torch.stack(sampler_lp, 1)
     return Generation(
-        sequences=torch.cat([ids, new], 1),
+        sequences=torch.cat([ids, torch.stack(tokens_out, 1)], 1),
         attention_mask=torch.cat([mask, comp.long()], 1),
-        completion_mask=torch.cat([torch.zeros((b, p), dtype=torch.bool, device=device), comp], 1),
-        logprobs=torch.cat([zeros, torch.stack(sampler_lp, 1)], 1),
-        model_logprobs=torch.cat([zeros, torch.stack(model_lp, 1)], 1),
+        completion_mask=torch.cat([torch.zeros((b, p), dtype=torch.bool, device=ids.device), comp], 1),
+        logprobs=torch.cat([zeros, sampled], 1),
+        model_logprobs=torch.cat([zeros, torch.stack(model_lp, 1) if model_lp is not None
+                                  else torch.zeros_like(sampled)], 1),
         finished=finished,
         prompt_width=p,
         prompt_lengths=[len(x) for x in prompts],
@@ -424,19 +433,7 @@ def corrected_sample(
         logits = decoder.step(tokens_out[-1])
         corrector.step(tokens_out[-1])
     student.train(was_training)
-    new, comp = torch.stack(tokens_out, 1), torch.stack(written, 1)
-    zeros = torch.zeros((b, p), dtype=torch.float32, device=device)
-    gen = Generation(
-        sequences=torch.cat([ids, new], 1),
-        attention_mask=torch.cat([mask, comp.long()], 1),
-        completion_mask=torch.cat([torch.zeros((b, p), dtype=torch.bool, device=device), comp], 1),
-        logprobs=torch.cat([zeros, torch.stack(sampler_lp, 1)], 1),
-        model_logprobs=torch.cat([zeros, torch.zeros_like(torch.stack(sampler_lp, 1))], 1),
-        finished=finished,
-        prompt_width=p,
-        prompt_lengths=[len(x) for x in prompts],
-    )
-    return gen, replaced, proposed
+    return _generation(ids, mask, tokens_out, written, sampler_lp, None, finished, prompts), replaced, proposed
 
 
 # ------------------------------------------------------------------------------------------- speculative decoding

@@ -1,6 +1,6 @@
 """What an on-policy step costs: a GKD step (lambda = 1) of the train recipe against its parts timed apart.
 
-On the arithmetic task's default preset (:mod:`distill.tasks.arithmetic`: teacher 148k parameters, student
+On the arithmetic task's `student32` preset (:mod:`distill.tasks.arithmetic`: teacher 148k parameters, student
 29k, batches of 64 prompts, answers of 5 tokens), the train recipe runs GKD with lambda = 1 (every step's
 completions are the student's samples, T = 1; generalized JSD, beta = 0.5) twice, for ``--steps`` and for
 ``--steps`` + ``--extra`` steps: the difference of the two runs' CPU time over ``--extra`` is the cost of one
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     torch.set_num_threads(args.threads)
-    preset = arithmetic.PRESETS["default"]
+    preset = arithmetic.PRESETS["student32"]
     data_dir = args.work / "data"
     preset.write_data(data_dir)
     teacher_dir = args.teacher
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     parts = {k: statistics.median(v) for k, v in times.items()}
     total = sum(parts.values())
     record = {
-        "preset": "default", "batch": preset.batch_size, "answer_tokens": answer_tokens,
+        "preset": "student32", "batch": preset.batch_size, "answer_tokens": answer_tokens,
         "steps": [args.steps, args.steps + args.extra], "recipe_step_cpu_seconds": step_cpu,
         "recipe_wall_clock_median_seconds": recipe, "parts_median_cpu_seconds": parts, "sum_of_parts": total,
         "ratio_step_to_parts": step_cpu / total,

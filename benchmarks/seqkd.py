@@ -27,7 +27,13 @@ at T = 1 and the teacher scoring every token (alpha = 0: the divergence alone):
 * ``skd_k1``, ``skd_k5``: the student proposes, the teacher replaces any token outside its top-K with a
   sample of its own (forward KL);
 * ``distillm``: DistiLLM's adaptive schedule with its replay buffer and skew reverse KL (skew 0.1),
-  evaluated every 100 steps (the schedule reads the eval loss).
+  evaluated every 100 steps (the schedule reads the eval loss);
+
+and representation distillation on the ground truth (``loss.hidden``: 1 - cos between the student's layer-1
+output, through a learned linear map, and the teacher's, at every answer position, weight 1):
+
+* ``hidden_ce``: cross-entropy plus that term;
+* ``hidden_token_kd``: ``token_kd_ground_truth`` plus that term.
 
 Each student is scored by exact-match accuracy (greedy decoding) on the held-out problems, as is the
 teacher, and by the teacher's per-token reverse KL on the student's own samples (T = 1) of the held-out
@@ -35,6 +41,8 @@ prompts: KL(q || p) over the vocabulary at each position the student wrote, aver
 
     python benchmarks/seqkd.py                      # default preset, seeds 0, 1, 2, every method
     python benchmarks/seqkd.py --preset tiny --seeds 0 --n 2    # seconds: a smoke run
+    python benchmarks/seqkd.py --seeds 0 --out a.json & python benchmarks/seqkd.py --seeds 1 --work runs/seqkd1 --out b.json
+    python benchmarks/seqkd.py --combine a.json b.json     # one record (and table) of both runs' seeds
 """
 
 from __future__ import annotations
@@ -60,9 +68,9 @@ from distill.tasks import arithmetic  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "seqkd.json"
 SEQUENCE_METHODS = ("ce_ground_truth", "token_kd_ground_truth", "seq_kd", "seq_kd_best_of_n", "seq_kd_plus_token_kd")
-# method -> (train.batches, loss settings, onpolicy settings)
+# method -> (train.batches, loss settings, onpolicy settings): the methods with a live teacher in the loop
 JSD = {"divergence": "jsd", "alpha": 0.0}
-ON_POLICY_METHODS = {
+TEACHER_METHODS = {
     "supervised_jsd": ("dataset", {**JSD, "beta": 0.5}, {}),
     **{f"gkd_lambda{lam}_beta{beta}": ("gkd", {**JSD, "beta": beta}, {"student_fraction": lam})
        for lam in (0.5, 1.0) for beta in (0.1, 0.5, 0.9)},
@@ -70,8 +78,10 @@ ON_POLICY_METHODS = {
     "skd_k1": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 1}),
     "skd_k5": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 5}),
     "distillm": ("distillm", {"divergence": "skew_reverse_kl", "skew": 0.1, "alpha": 0.0}, {}),
+    "hidden_ce": ("dataset", {"alpha": 1.0, "hidden": {"weight": 1.0}}, {}),
+    "hidden_token_kd": ("dataset", {"divergence": "forward_kl", "alpha": 0.5, "hidden": {"weight": 1.0}}, {}),
 }
-METHODS = SEQUENCE_METHODS + tuple(ON_POLICY_METHODS)
+METHODS = SEQUENCE_METHODS + tuple(TEACHER_METHODS)
 
 
 def accuracy(model_dir: Path, problems) -> float:
@@ -117,7 +127,14 @@ def main(argv=None) -> dict:
     p.add_argument("--reuse", action="store_true", help="keep the teacher, generations and students already done")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                   help="write one record of these runs' records (same preset and teacher, other seeds) and stop")
     args = p.parse_args(argv)
+    if args.combine:
+        record = combine([json.loads(f.read_text()) for f in args.combine])
+        atomic_write_json(args.out, record)
+        print(table(record))
+        return record
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     logging.getLogger("distill").setLevel(logging.INFO)
     if args.threads:
@@ -174,10 +191,10 @@ def main(argv=None) -> dict:
             update: dict = {}
             if method in ("token_kd_ground_truth", "seq_kd_plus_token_kd"):
                 update["teacher"] = ModelSpec(path=str(teacher_dir))
-            if method in ON_POLICY_METHODS:
-                batches, loss, onpolicy = ON_POLICY_METHODS[method]
+            if method in TEACHER_METHODS:
+                batches, loss, onpolicy = TEACHER_METHODS[method]
                 update["teacher"] = ModelSpec(path=str(teacher_dir))
-                update["loss"] = cfg.loss.model_copy(update=loss)
+                update["loss"] = type(cfg.loss).model_validate({**cfg.loss.model_dump(), **loss})
                 update["train"] = cfg.train.model_copy(update={"batches": batches})
                 update["onpolicy"] = cfg.onpolicy.model_copy(
                     update={"temperature": 1.0, "max_new_tokens": answer_tokens, **onpolicy})
@@ -221,6 +238,35 @@ def main(argv=None) -> dict:
     atomic_write_json(args.out, record)
     print(table(record))
     return record
+
+
+def combine(records: list[dict]) -> dict:
+    """One record of several runs of this script that differ only in their seeds (each run trains the same
+    teacher: seed 0, same data), e.g. seeds run in parallel processes."""
+    first = records[0]
+    same = ("preset", "task", "teacher", "student", "student_steps", "batch_size", "best_of_n", "sampling_temperature",
+            "teacher_exact_match")
+    for r in records[1:]:
+        differ = [k for k in same if r.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"--combine: the records differ in {', '.join(differ)}; combine runs of one setting only")
+    seeds = sorted({s for r in records for s in r["seeds"]})
+    if sum(len(r["seeds"]) for r in records) != len(seeds):
+        raise SystemExit("--combine: a seed appears in more than one record")
+    methods = {}
+    for m in sorted(first["methods"], key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS)):
+        runs = [r["methods"][m] for r in records if m in r["methods"]]
+        acc = {k: v for run in runs for k, v in run["exact_match"].items()}
+        rkl = {k: v for run in runs for k, v in run["reverse_kl_on_own_samples"].items()}
+        costs = [run["step_seconds"] for run in runs if run.get("step_seconds")]
+        methods[m] = {"exact_match": acc, "mean": statistics.mean(acc.values()),
+                      "spread": max(acc.values()) - min(acc.values()),
+                      "reverse_kl_on_own_samples": rkl, "reverse_kl_mean": statistics.mean(rkl.values()),
+                      "step_seconds": {k: round(statistics.mean(c[k] for c in costs), 4) for k in COST_KEYS}
+                      if costs else {}}
+    return {**first, "seeds": seeds, "methods": methods,
+            "seconds": {f"run{i}_{k}": v for i, r in enumerate(records) for k, v in r["seconds"].items()},
+            "total_seconds": max(r["total_seconds"] for r in records), "combined_from": len(records)}
 
 
 COST_KEYS = ("step_seconds", "gen_seconds", "teacher_seconds", "train_seconds")

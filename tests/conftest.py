@@ -34,6 +34,27 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: floa
                           text=True, timeout=timeout)
 
 
+def run_cli_here(*args: str) -> subprocess.CompletedProcess:
+    """Run ``distill ARGS`` in this process: the command line's own parsing, logging and error path, without
+    the seconds a fresh interpreter spends importing torch and transformers. Its stderr (log lines and
+    error messages) is captured; the ``distill`` logger is left as it was found."""
+    import contextlib
+    import io
+    import logging
+
+    from distill import cli
+
+    log = logging.getLogger("distill")
+    saved = (list(log.handlers), log.level, log.propagate)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            rc = cli.main(list(args))
+    finally:
+        log.handlers, log.level, log.propagate = saved[0], saved[1], saved[2]
+    return subprocess.CompletedProcess(["distill", *args], rc, "", err.getvalue())
+
+
 def kill_when(cmd: list[str], ready, *, env: dict | None = None, timeout: float = 120, group: bool = False) -> None:
     """Start ``cmd``, SIGKILL it as soon as ``ready()`` is true (a checkpoint or shard on disk), and wait for it.
     ``group``: kill its whole process group (a launcher and its workers)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_when, run_cli
+from conftest import REPO, kill_when, run_cli_here
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -107,7 +107,7 @@ def test_sigkill_then_resume_matches_uninterrupted_codistillation(tmp_path):
     cmd = [sys.executable, "-m", "distill", "train", str(CODISTILL), f"out_dir={out}", *steps, "log.progress=false"]
     kill_when(cmd, lambda: (out / "checkpoints" / "step_00000008").exists())
     assert not (out / "student").exists(), "the run was not killed mid-way"
-    res = run_cli("train", str(CODISTILL), f"out_dir={out}", *steps, "--resume")
+    res = run_cli_here("train", str(CODISTILL), f"out_dir={out}", *steps, "--resume")
     assert res.returncode == 0, res.stderr
     for model in ("student", "peers/peer0"):
         a, b = _weights(ref / model), _weights(out / model)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_when, run_cli
+from conftest import REPO, kill_when, run_cli_here
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
@@ -336,7 +336,7 @@ def test_sigkill_then_rerun_gives_identical_files(tmp_path):
     kill_when([sys.executable, "-m", "distill", "generate", str(TINY_GENERATE), f"out_dir={out}", *args],
               lambda: (out / "shard-000002.jsonl").exists(), env=env)
     assert not (out / "manifest.json").exists(), "the run was not killed mid-way"
-    res = run_cli("generate", str(TINY_GENERATE), f"out_dir={out}", *args, env={"OMP_NUM_THREADS": "1"})
+    res = run_cli_here("generate", str(TINY_GENERATE), f"out_dir={out}", *args)
     assert res.returncode == 0, res.stderr
     assert "continuing the generations" in res.stderr
 

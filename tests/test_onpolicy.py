@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_when, run_cli
+from conftest import REPO, kill_when, run_cli_here
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -203,7 +203,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     kill_when(cmd, lambda: (out / "checkpoints" / "step_00000012").exists(), env=env, timeout=180)
     assert not (out / "student").exists()
-    res = run_cli("train", str(source), f"out_dir={out}", "log.progress=false", *steps, "--resume", env=env)
+    res = run_cli_here("train", str(source), f"out_dir={out}", "log.progress=false", *steps, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = load_file(str(out / "student" / "model.safetensors")), weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a), method

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_when, run_cli
+from conftest import REPO, kill_when, run_cli_here
 from safetensors.torch import load_file
 
 from distill.config import SelfTeacherSpec, TrainConfig, load_config
@@ -116,7 +116,7 @@ def test_sigkill_then_resume_matches_uninterrupted_self_distillation(tmp_path):
     cmd = [sys.executable, "-m", "distill", "train", str(SELF), f"out_dir={out}", *steps, "log.progress=false"]
     kill_when(cmd, lambda: (out / "checkpoints" / "step_00000008").exists())
     assert not (out / "student").exists(), "the run was not killed mid-way"
-    res = run_cli("train", str(SELF), f"out_dir={out}", *steps, "--resume")
+    res = run_cli_here("train", str(SELF), f"out_dir={out}", *steps, "--resume")
     assert res.returncode == 0, res.stderr
     a, b = _student(ref), _student(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARP_TEACHER, SMALL_DATA, TINY_TRAIN, kill_when, run_cli
+from conftest import REPO, SHARP_TEACHER, SMALL_DATA, TINY_TRAIN, kill_when, run_cli, run_cli_here
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +165,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     kill_when(cmd, lambda: (out / "checkpoints" / "step_00000015").exists())
     assert not (out / "student").exists(), "the run was not killed mid-way"
 
-    res = run_cli("train", str(TINY_TRAIN), f"out_dir={out}", *steps, "--resume")
+    res = run_cli_here("train", str(TINY_TRAIN), f"out_dir={out}", *steps, "--resume")
     assert res.returncode == 0, res.stderr
     assert "resumed from" in res.stderr
     assert_same_weights(student_state(out), student_state(Path(ref.out_dir)), atol=1e-6)
@@ -246,10 +246,10 @@ def test_unknown_key_and_wrong_type_are_listed_together(tmp_path):
 
 
 def test_cli_reports_config_errors_without_traceback(tmp_path):
-    res = run_cli("train", str(TINY_TRAIN), "loss.divergnce=tvd")
+    res = run_cli_here("train", str(TINY_TRAIN), "loss.divergnce=tvd")
     assert res.returncode == 2
     assert "loss.divergnce: unknown key" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("train", str(tmp_path / "missing.yaml"))
+    res = run_cli_here("train", str(tmp_path / "missing.yaml"))
     assert res.returncode == 2 and "missing.yaml does not exist" in res.stderr
 
 

@@ -100,3 +100,16 @@ def tiny_caches(tmp_path_factory):
     finally:
         torch.set_num_threads(before)
     return built
+
+
+def kill_train_then_resume(config: Path, out: Path, steps: list[str], kill_at: int, *, env: dict | None = None,
+                           timeout: float = 120) -> subprocess.CompletedProcess:
+    """``distill train CONFIG out_dir=OUT STEPS`` in a fresh process, SIGKILLed as soon as its checkpoint of step
+    ``kill_at`` is on disk (and checked to have died before the end), then the same command with ``--resume`` in
+    this process. Returns the resumed run, which must have succeeded."""
+    cmd = [sys.executable, "-m", "distill", "train", str(config), f"out_dir={out}", "log.progress=false", *steps]
+    kill_when(cmd, lambda: (out / "checkpoints" / f"step_{kill_at:08d}").exists(), env=env, timeout=timeout)
+    assert not (out / "student").exists(), "the run was not killed mid-way"
+    res = run_cli_here("train", str(config), f"out_dir={out}", "log.progress=false", *steps, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res

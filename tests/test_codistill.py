@@ -5,12 +5,11 @@ checkpoint; an interrupted run resumes exactly."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_when, run_cli_here
+from conftest import REPO, kill_train_then_resume
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -104,11 +103,7 @@ def test_sigkill_then_resume_matches_uninterrupted_codistillation(tmp_path):
     ref = tmp_path / "ref"
     train.main(_cfg(ref, *steps))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "distill", "train", str(CODISTILL), f"out_dir={out}", *steps, "log.progress=false"]
-    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000008").exists())
-    assert not (out / "student").exists(), "the run was not killed mid-way"
-    res = run_cli_here("train", str(CODISTILL), f"out_dir={out}", *steps, "--resume")
-    assert res.returncode == 0, res.stderr
+    kill_train_then_resume(CODISTILL, out, steps, kill_at=8)
     for model in ("student", "peers/peer0"):
         a, b = _weights(ref / model), _weights(out / model)
         assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6, model

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, kill_when, run_cli_here
+from conftest import REPO, kill_train_then_resume
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -171,12 +171,7 @@ def test_lora_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     train.main(ref)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "distill", "train", str(TINY_LORA), f"out_dir={out}", *steps, "log.progress=false"]
-    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000008").exists())
-    assert not (out / "student").exists(), "the run was not killed mid-way"
-
-    res = run_cli_here("train", str(TINY_LORA), f"out_dir={out}", *steps, "--resume")
-    assert res.returncode == 0, res.stderr
+    res = kill_train_then_resume(TINY_LORA, out, steps, kill_at=8)
     assert "resumed from" in res.stderr
     for sub, name in (("student_adapter", "adapter_model.safetensors"), ("student", "model.safetensors")):
         a, b = load_file(str(out / sub / name)), load_file(str(Path(ref.out_dir) / sub / name))

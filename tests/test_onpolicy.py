@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_when, run_cli_here
+from conftest import REPO, kill_train_then_resume
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -199,12 +199,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
     ref = load_config(TrainConfig, source, [f"out_dir={tmp_path / 'ref'}", "log.progress=false", *steps])
     train.main(ref)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "distill", "train", str(source), f"out_dir={out}", "log.progress=false", *steps]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000012").exists(), env=env, timeout=180)
-    assert not (out / "student").exists()
-    res = run_cli_here("train", str(source), f"out_dir={out}", "log.progress=false", *steps, "--resume")
-    assert res.returncode == 0, res.stderr[-3000:]
+    kill_train_then_resume(source, out, steps, kill_at=12, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
     a, b = load_file(str(out / "student" / "model.safetensors")), weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a), method
     got = [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())

@@ -4,12 +4,11 @@ docs/methods.md §11, is kept in checkpoints, and a run interrupted and resumed 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_when, run_cli_here
+from conftest import REPO, kill_train_then_resume
 from safetensors.torch import load_file
 
 from distill.config import SelfTeacherSpec, TrainConfig, load_config
@@ -113,11 +112,7 @@ def test_sigkill_then_resume_matches_uninterrupted_self_distillation(tmp_path):
     ref = tmp_path / "ref"
     train.main(_cfg(ref, *steps))
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "distill", "train", str(SELF), f"out_dir={out}", *steps, "log.progress=false"]
-    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000008").exists())
-    assert not (out / "student").exists(), "the run was not killed mid-way"
-    res = run_cli_here("train", str(SELF), f"out_dir={out}", *steps, "--resume")
-    assert res.returncode == 0, res.stderr
+    kill_train_then_resume(SELF, out, steps, kill_at=8)
     a, b = _student(ref), _student(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     losses = {r["step"]: r["loss"] for r in _records(ref) if r["split"] == "train"}

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SHARP_TEACHER, SMALL_DATA, TINY_TRAIN, kill_when, run_cli, run_cli_here
+from conftest import (
+    REPO,
+    SHARP_TEACHER,
+    SMALL_DATA,
+    TINY_TRAIN,
+    kill_train_then_resume,
+    run_cli,
+    run_cli_here,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -161,12 +169,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     train.main(ref)
 
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "distill", "train", str(TINY_TRAIN), f"out_dir={out}", *steps, "log.progress=false"]
-    kill_when(cmd, lambda: (out / "checkpoints" / "step_00000015").exists())
-    assert not (out / "student").exists(), "the run was not killed mid-way"
-
-    res = run_cli_here("train", str(TINY_TRAIN), f"out_dir={out}", *steps, "--resume")
-    assert res.returncode == 0, res.stderr
+    res = kill_train_then_resume(TINY_TRAIN, out, steps, kill_at=15)
     assert "resumed from" in res.stderr
     assert_same_weights(student_state(out), student_state(Path(ref.out_dir)), atol=1e-6)
     # the metrics log continues without duplicates and equals the uninterrupted one

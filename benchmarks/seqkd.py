@@ -277,6 +277,8 @@ def step_costs(metrics: Path) -> dict[str, float]:
     (generation by the student, the teacher's signal, the rest: forward, loss, backward, optimizer)."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     records = [r for r in records if r.get("split") == "train" and "step_seconds" in r][1:]  # the first: warm-up
+    for r in records:  # the recipe logs train_seconds only where a batch source generates: the rest of the step
+        r.setdefault("train_seconds", r["step_seconds"] - r.get("gen_seconds", 0.0) - r.get("teacher_seconds", 0.0))
     return {k: statistics.mean(r.get(k, 0.0) for r in records) for k in COST_KEYS} if records else {}
 
 

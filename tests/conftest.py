@@ -113,3 +113,19 @@ def kill_train_then_resume(config: Path, out: Path, steps: list[str], kill_at: i
     res = run_cli_here("train", str(config), f"out_dir={out}", "log.progress=false", *steps, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+def crash_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make the train recipe stop right after writing the checkpoint of ``step`` (a crash between steps, in
+    process); ``monkeypatch.undo()`` before resuming."""
+    from distill.recipes import train
+
+    real = train.save_checkpoint
+
+    def saving(accelerator, cfg, at, *args, **kwargs):
+        path = real(accelerator, cfg, at, *args, **kwargs)
+        if at == step:
+            raise KeyboardInterrupt("crash")
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", saving)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_train_then_resume
+from conftest import REPO, crash_after_checkpoint, kill_train_then_resume
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -65,15 +65,7 @@ def test_codistillation_trains_both_models_toward_each_other(tmp_path):
 def test_interrupted_codistillation_resumes_exactly(tmp_path, monkeypatch):
     steps = ["train.max_steps=6", "checkpoint.every=3", "eval.every=3", "log.every=1", "teacher.burn_in=2"]
     train.main(_cfg(tmp_path / "ref", *steps))
-    real = train.save_checkpoint
-
-    def crash(accelerator, cfg, at, *args, **kwargs):
-        path = real(accelerator, cfg, at, *args, **kwargs)
-        if at == 3:
-            raise KeyboardInterrupt("crash")
-        return path
-
-    monkeypatch.setattr(train, "save_checkpoint", crash)
+    crash_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train.main(_cfg(tmp_path / "cut", *steps))
     monkeypatch.undo()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMALL_DATA
+from conftest import REPO, SMALL_DATA, crash_after_checkpoint
 from safetensors.torch import load_file
 
 from distill.config import TrainConfig, load_config
@@ -99,15 +99,7 @@ def test_projections_train_stay_out_of_the_student_and_resume_exactly(tmp_path, 
     hidden = [r["hidden"] for r in _records(tmp_path / "ref") if r["split"] == "train"]
     assert hidden[-1] < hidden[0]
 
-    real = train.save_checkpoint
-
-    def crash(accelerator, cfg, at, *args, **kwargs):
-        path = real(accelerator, cfg, at, *args, **kwargs)
-        if at == 3:
-            raise KeyboardInterrupt("crash")
-        return path
-
-    monkeypatch.setattr(train, "save_checkpoint", crash)
+    crash_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train.main(_cfg(tmp_path / "cut", *steps))
     monkeypatch.undo()

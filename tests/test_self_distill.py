@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, kill_train_then_resume
+from conftest import REPO, crash_after_checkpoint, kill_train_then_resume
 from safetensors.torch import load_file
 
 from distill.config import SelfTeacherSpec, TrainConfig, load_config
@@ -73,24 +73,11 @@ def test_self_distillation_trains_and_logs_the_kl_to_its_own_average(tmp_path):
     assert int(state["step"]) == 4 and any(k.startswith("model.") for k in state)
 
 
-def _crash_after(monkeypatch, step: int) -> None:
-    """Make the run stop right after writing the checkpoint of ``step`` (a crash between steps)."""
-    real = train.save_checkpoint
-
-    def saving(accelerator, cfg, at, *args, **kwargs):
-        path = real(accelerator, cfg, at, *args, **kwargs)
-        if at == step:
-            raise KeyboardInterrupt("crash")
-        return path
-
-    monkeypatch.setattr(train, "save_checkpoint", saving)
-
-
 def test_interrupted_self_distillation_resumes_exactly(tmp_path, monkeypatch):
     """EMA (the snapshot teacher's state round trip is in test_ema_and_snapshot_teachers_follow_the_student)."""
     steps = ["train.max_steps=6", "checkpoint.every=3", "eval.every=3", "log.every=1"]
     train.main(_cfg(tmp_path / "ref", *steps))
-    _crash_after(monkeypatch, 3)
+    crash_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train.main(_cfg(tmp_path / "cut", *steps))
     monkeypatch.undo()

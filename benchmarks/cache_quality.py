@@ -11,7 +11,7 @@ The same student (architecture, seed, steps, data order, forward KL at T=1, alph
 Everything is built with the library (quickstart corpus, tokenizer and cached teacher; ``distill cache``;
 the ``train`` recipe). Each student is evaluated on every validation file: loss, perplexity, expected
 calibration error (15 bins of top-1 confidence), KL to the teacher and top-1 agreement. Writes
-``benchmarks/results/cache_quality.json`` (``--out``) and prints a table.
+``--out`` (default ``runs/benchmarks/cache_quality.json``; the committed record: ``--out benchmarks/results/cache_quality.json``) and prints a table.
 
     python benchmarks/cache_quality.py                       # quickstart fast preset, 200 student steps
     python benchmarks/cache_quality.py --preset default --steps 250
@@ -39,7 +39,8 @@ from distill.recipes import cache as cache_recipe  # noqa: E402
 from distill.recipes import train  # noqa: E402
 from distill.recipes.quickstart import PRESETS, evaluate_all, get_teacher, run_config, write_corpus  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cache_quality.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/cache_quality.json
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "cache_quality.json"
 SIGNALS = ("scratch", "live", "topk_renorm", "topk_tail", "sampled")
 
 

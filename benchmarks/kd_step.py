@@ -18,7 +18,7 @@ also split into the teacher's signal (``teacher.signal``: read + hash check + de
     python benchmarks/kd_step.py            # trains the quickstart teacher first if $DISTILL_CACHE lacks it
     python benchmarks/kd_step.py --quick    # the fast preset (smaller models), fewer repetitions
 
-Writes ``benchmarks/results/kd_step.json`` (``--out``): per variant the median and quartiles of the step
+Writes ``--out`` (default ``runs/benchmarks/kd_step.json``; the committed record: ``--out benchmarks/results/kd_step.json``): per variant the median and quartiles of the step
 time over ``--reps`` rounds (after ``--warmup`` rounds), and the CPU share the process got.
 """
 
@@ -48,7 +48,8 @@ from distill.recipes.quickstart import PRESETS, get_teacher, write_corpus  # noq
 from distill.recipes.train import kd_step_loss  # noqa: E402
 from distill.teacher import CachedTeacher, LiveTeacher  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "kd_step.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/kd_step.json
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "kd_step.json"
 VARIANTS = ("ce", "teacher_forward", "live", "topk_tail", "sampled")
 
 

@@ -38,7 +38,7 @@ machine is otherwise idle) and ``cpu_seconds``. Before each case the runner wait
     python benchmarks/loss_memory.py --calibrate  # V-sized temporaries per token of one chunk
 
 Writes a list of records (impl, divergence, vocab, tokens, hidden, peak_bytes, seconds, ...) to
-``benchmarks/results/loss_memory.json`` (``--out`` to change) and prints a table with the ratios.
+``--out`` (default ``runs/benchmarks/loss_memory.json``; the committed record: ``--out benchmarks/results/loss_memory.json``) and prints a table with the ratios.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ import time
 from pathlib import Path
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "loss_memory.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/loss_memory.json
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "benchmarks" / "loss_memory.json"
 BETA, SKEW = 0.5, 0.1
 
 

@@ -17,7 +17,8 @@ Then the same student (architecture, steps, batch, tokens, learning rate, seed) 
 
 Every model is evaluated on all validation files against the strong teacher (val loss, KL to it, top-1
 agreement); each run's peak resident memory is measured in its own process. Writes
-``benchmarks/results/multi_teacher.json`` and prints a table.
+``--out`` (default ``runs/benchmarks/multi_teacher.json``; the committed record: ``--out
+benchmarks/results/multi_teacher.json``) and prints a table.
 
     taskset -c 1 python benchmarks/multi_teacher.py --fast --seeds 0 1
 """
@@ -43,7 +44,8 @@ from distill.recipes import quickstart as qs
 from distill.recipes import train
 
 REPO = Path(__file__).resolve().parents[1]
-OUT = REPO / "benchmarks" / "results" / "multi_teacher.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/multi_teacher.json
+DEFAULT_OUT = REPO / "runs" / "benchmarks" / "multi_teacher.json"
 
 
 def worker(cfg_path: str, result_path: str) -> None:
@@ -85,7 +87,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=None, help="student steps (default: the preset's)")
     ap.add_argument("--only", nargs="*", default=None, help="run only these methods")
-    ap.add_argument("--out-dir", default="runs/bench_multi_teacher")
+    ap.add_argument("--out-dir", default="runs/bench_multi_teacher", help="work directory of the runs")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON record (default: %(default)s)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -177,12 +180,12 @@ def main() -> None:
         "mean": table, "runs": results, "seconds": round(time.perf_counter() - t_start, 1),
         "python": sys.version.split()[0],
     }
-    if OUT.is_file() and args.only:  # a partial run adds to the results already there
-        old = json.loads(OUT.read_text())
+    if args.out.is_file() and args.only:  # a partial run adds to the results already there
+        old = json.loads(args.out.read_text())
         for key in ("mean", "runs"):
             payload[key] = {**old.get(key, {}), **payload[key]}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(OUT, payload)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(args.out, payload)
     print(yaml.safe_dump(payload["mean"], sort_keys=False))
 
 

@@ -17,7 +17,7 @@ change; the recipe's own wall-clock log (generation / teacher / rest per step) i
 
     python benchmarks/onpolicy_cost.py [--teacher DIR] [--steps 60] [--reps 20]
 
-Writes ``benchmarks/results/onpolicy_cost.json``.
+Writes ``--out`` (default ``runs/benchmarks/onpolicy_cost.json``; the committed record: ``--out benchmarks/results/onpolicy_cost.json``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from distill.recipes import train  # noqa: E402
 from distill.tasks import arithmetic  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "onpolicy_cost.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/onpolicy_cost.json
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "onpolicy_cost.json"
 
 
 class _Fixed:
@@ -140,7 +141,7 @@ def main(argv=None) -> dict:
     parts = {k: statistics.median(v) for k, v in times.items()}
     total = sum(parts.values())
     record = {
-        "preset": "student32", "batch": preset.batch_size, "answer_tokens": answer_tokens,
+        "preset": "student32", "student": preset.student, "teacher": preset.teacher, "batch": preset.batch_size, "answer_tokens": answer_tokens,
         "steps": [args.steps, args.steps + args.extra], "recipe_step_cpu_seconds": step_cpu,
         "recipe_wall_clock_median_seconds": recipe, "parts_median_cpu_seconds": parts, "sum_of_parts": total,
         "ratio_step_to_parts": step_cpu / total,

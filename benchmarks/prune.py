@@ -16,7 +16,7 @@ Then width against depth at one parameter count: ``depth_kd`` drops one layer of
 the loss increase when skipped), ``width_kd`` shrinks hidden_size and intermediate_size to the same parameter
 count; both are distilled as above. Every model is evaluated on all validation files: loss, KL to the teacher,
 top-1 agreement; the pruned checkpoints also before any training. The cost of pruning (importance + slicing)
-is set against one forward pass over the calibration set. Writes ``benchmarks/results/prune.json``.
+is set against one forward pass over the calibration set. Writes ``--out`` (default ``runs/benchmarks/prune.json``; the committed record: ``--out benchmarks/results/prune.json``).
 
     python benchmarks/prune.py                          # fast quickstart preset, seeds 0 and 1 (~15 min, 1 core)
     python benchmarks/prune.py --preset default --seeds 0
@@ -45,7 +45,8 @@ from distill.config import DataConfig, ImportanceConfig, ModelSpec, PruneConfig,
 from distill.recipes import prune as prune_recipe  # noqa: E402
 from distill.recipes import quickstart, train  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "prune.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/prune.json
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "prune.json"
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 METRICS = ("val_loss", "kl_to_teacher", "top1_agreement")
 log = logging.getLogger("distill")

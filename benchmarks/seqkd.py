@@ -37,7 +37,7 @@ output, through a learned linear map, and the teacher's, at every answer positio
 
 Each student is scored by exact-match accuracy (greedy decoding) on the held-out problems, as is the
 teacher, and by the teacher's per-token reverse KL on the student's own samples (T = 1) of the held-out
-prompts: KL(q || p) over the vocabulary at each position the student wrote, averaged. Writes ``benchmarks/results/seqkd.json`` and prints a table.
+prompts: KL(q || p) over the vocabulary at each position the student wrote, averaged. Writes ``--out`` (default ``runs/benchmarks/seqkd.json``; the committed record: ``--out benchmarks/results/seqkd.json``) and prints a table.
 
     python benchmarks/seqkd.py                      # default preset, seeds 0, 1, 2, every method
     python benchmarks/seqkd.py --preset tiny --seeds 0 --n 2    # seconds: a smoke run
@@ -66,7 +66,8 @@ from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.recipes import generate, train  # noqa: E402
 from distill.tasks import arithmetic  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "seqkd.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/seqkd.json
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "seqkd.json"
 SEQUENCE_METHODS = ("ce_ground_truth", "token_kd_ground_truth", "seq_kd", "seq_kd_best_of_n", "seq_kd_plus_token_kd")
 # method -> (train.batches, loss settings, onpolicy settings): the methods with a live teacher in the loop
 JSD = {"divergence": "jsd", "alpha": 0.0}
@@ -150,7 +151,7 @@ def main(argv=None) -> dict:
     # The teacher, on the ground truth.
     teacher_cfg = arithmetic.ground_truth_config(preset, data_dir, work / "teacher", role="teacher", seed=0)
     teacher_dir = work / "teacher" / "student"
-    if not (args.reuse and (teacher_dir / "distill_summary.json").is_file()):
+    if not (args.reuse and reusable(work / "teacher", teacher_cfg)):
         _fresh(work / "teacher")
         t0 = time.perf_counter()
         train.main(teacher_cfg)
@@ -207,7 +208,7 @@ def main(argv=None) -> dict:
                 update["data"] = cfg.data.model_copy(update={"source": str(source), "truncate": True})
             cfg = cfg.model_copy(update=update)
             student_dir = run_dir / "student"
-            if not (args.reuse and (student_dir / "distill_summary.json").is_file()):
+            if not (args.reuse and reusable(run_dir, cfg)):
                 _fresh(run_dir)
                 t0 = time.perf_counter()
                 train.main(cfg)
@@ -228,7 +229,8 @@ def main(argv=None) -> dict:
         for m, r in results.items()
     }
     record = {"preset": args.preset, "task": {"digits": preset.digits, "operators": list(preset.operators),
-                                              "n_train": preset.n_train, "n_test": preset.n_test},
+                                              "n_train": preset.n_train, "n_test": preset.n_test,
+                                              "n_valid": preset.n_valid, "eval_split": "valid.jsonl"},
               "teacher": preset.teacher, "student": preset.student, "student_steps": preset.student_steps,
               "batch_size": preset.batch_size, "seeds": args.seeds, "best_of_n": args.n,
               "sampling_temperature": args.temperature, "teacher_exact_match": teacher_acc,
@@ -285,6 +287,32 @@ def step_costs(metrics: Path) -> dict[str, float]:
 def mean_costs(per_seed: dict[int, dict]) -> dict[str, float]:
     runs = [c for c in per_seed.values() if c]
     return {k: round(statistics.mean(c[k] for c in runs), 4) for k in COST_KEYS} if runs else {}
+
+
+def reusable(run_dir: Path, cfg) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``cfg`` (``--reuse``); a finished run of other
+    settings stops the script, naming the settings that differ, rather than being reported as this one."""
+    import yaml
+
+    if not (run_dir / "student" / "distill_summary.json").is_file():
+        return False
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    wanted = yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    differ = sorted(f"{section}.{key}" for section in set(saved) | set(wanted)
+                    for key in _keys(saved.get(section)) | _keys(wanted.get(section))
+                    if _get(saved.get(section), key) != _get(wanted.get(section), key))
+    if differ:
+        raise SystemExit(f"--reuse: {run_dir} holds a run of other settings ({', '.join(differ[:8])}); "
+                         "rerun without --reuse, or give another --work")
+    return True
+
+
+def _keys(section) -> set:
+    return set(section) if isinstance(section, dict) else {""}
+
+
+def _get(section, key):
+    return section.get(key) if isinstance(section, dict) else section
 
 
 def _fresh(path: Path) -> None:

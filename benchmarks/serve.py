@@ -16,7 +16,7 @@ JSON), so its ratio to the in-process forward grows with the teacher's size.
 
     python benchmarks/serve.py [--quick] [--teacher DIR]
 
-Writes ``benchmarks/results/serve.json`` (``--out``). The server, the client and the in-process forward
+Writes ``--out`` (default ``runs/benchmarks/serve.json``; the committed record: ``--out benchmarks/results/serve.json``). The server, the client and the in-process forward
 each run with one intra-op thread: the same compute on both paths, and the server and its client do not
 fight for the 2 cores.
 """
@@ -46,7 +46,8 @@ from distill.losses import LossSpec  # noqa: E402
 from distill.models import final_hidden, load_model, load_tokenizer, output_head  # noqa: E402
 from distill.teacher import ServerTeacher  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "serve.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/serve.json
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "serve.json"
 
 
 def free_port() -> int:

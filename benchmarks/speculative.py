@@ -18,7 +18,7 @@ the validation loss and KL to the teacher of each student.
     python benchmarks/speculative.py                  # default quickstart models, seeds 0 and 1
     python benchmarks/speculative.py --preset fast --seeds 0 --prompts 4 --gammas 1 2   # minutes
 
-Writes ``benchmarks/results/speculative.json`` (``--out``) and prints a table.
+Writes ``--out`` (default ``runs/benchmarks/speculative.json``; the committed record: ``--out benchmarks/results/speculative.json``) and prints a table.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from distill.generate import SamplingParams  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.recipes import quickstart, train  # noqa: E402
 
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "speculative.json"
+# Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/speculative.json
+DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "speculative.json"
 DRAFTS = {"scratch": None, "forward_kl": "forward_kl", "tvd": "tvd"}
 
 

@@ -22,8 +22,8 @@ the whole answer: sequence-level accuracy is where distillation methods differ. 
 ``a - b`` with ``a >= b``; :func:`verify` still scores a negative answer, written as ``-`` and the
 digits (``003-005=`` -> ``-002``).
 
-- :func:`make_splits`: seeded, disjoint train/test problems; :func:`write_splits`: ``train.jsonl`` and
-  ``test.jsonl`` (``prompt``, ``response``, ``answer``), written atomically.
+- :func:`make_splits`: seeded, disjoint train/test(/validation) problems; :func:`write_splits`: ``train.jsonl``,
+  ``test.jsonl`` and ``valid.jsonl`` (``prompt``, ``response``, ``answer``), written atomically.
 - :func:`verify`: 1.0 for an exactly right completion, computed from the prompt alone.
 - :func:`exact_match`: greedy decoding of each prompt, scored by :func:`verify`.
 - :data:`PRESETS` and :func:`ground_truth_config`: the sizes of a teacher and a smaller student, and the
@@ -66,7 +66,7 @@ from distill.config import (
 )
 
 OPERATORS = ("+", "-", "*")
-TRAIN_FILE, TEST_FILE = "train.jsonl", "test.jsonl"
+TRAIN_FILE, TEST_FILE, VALID_FILE = "train.jsonl", "test.jsonl", "valid.jsonl"
 
 # The whole prompt: two ASCII digit strings, an operator, "=" (surrounding whitespace is tolerated).
 _PROMPT = re.compile(r"([0-9]+)([+*-])([0-9]+)=")
@@ -179,45 +179,54 @@ def generate(seed: int, digits: int, operators: Sequence[str] = ("+",)) -> Itera
         yield Problem(a, op, b, width=digits)
 
 
-def make_splits(seed: int, digits: int, operators: Sequence[str], n_train: int, n_test: int
-                ) -> tuple[list[Problem], list[Problem]]:
-    """(train, test): distinct problems (by :meth:`Problem.key`), none in both splits, a pure function of
-    the arguments. The test problems are the first ``n_test`` distinct ones of the stream, so they do not
-    depend on ``n_train``."""
+def _distinct(seed: int, digits: int, operators: Sequence[str], wanted: int) -> Iterable[Problem]:
+    """The distinct problems (by :meth:`Problem.key`) of :func:`generate`'s stream, in order; refuses a request
+    for more than the task has room for."""
     _check_settings(digits, operators)
-    if n_train < 1 or n_test < 1:
-        raise ValueError(f"n_train={n_train}, n_test={n_test}: both splits need at least one problem")
     # How many distinct problems exist (one per unordered pair of operands and operator: `+` and `*`
     # commute, `-` puts the larger first), so an impossible request fails at once instead of looping forever.
     n_values = 10**digits
     available = len(set(operators)) * n_values * (n_values + 1) // 2
-    wanted = n_train + n_test
     if wanted > available // 2:  # leave room: the last few distinct problems would take very long to draw
         raise ValueError(
-            f"n_train + n_test = {wanted} problems with digits={digits} and operators={tuple(operators)} "
+            f"{wanted} problems with digits={digits} and operators={tuple(operators)} "
             f"(only {available} distinct problems exist): use more digits or fewer problems"
         )
     seen: set[tuple[int, str, int]] = set()
-    test: list[Problem] = []
-    train: list[Problem] = []
     for problem in generate(seed, digits, operators):
         key = problem.key()
-        if key in seen:
-            continue
-        seen.add(key)
-        (test if len(test) < n_test else train).append(problem)
-        if len(train) == n_train:
-            return train, test
-    raise AssertionError("unreachable: generate() is endless")
+        if key not in seen:
+            seen.add(key)
+            yield problem
+
+
+def make_splits(seed: int, digits: int, operators: Sequence[str], n_train: int, n_test: int, n_valid: int = 0
+                ) -> tuple[list[Problem], list[Problem]] | tuple[list[Problem], list[Problem], list[Problem]]:
+    """(train, test), or (train, test, valid) when ``n_valid > 0``: distinct problems, no problem in two
+    splits, a pure function of the arguments. The stream's first ``n_test`` distinct problems are the test
+    split, the next ``n_train`` the train split and the next ``n_valid`` the validation split, so the test
+    split does not depend on ``n_train`` and neither depends on ``n_valid``. The validation split is what a
+    training run may read while it trains (an eval loss, a schedule that reacts to it); the test split is
+    for the reported numbers only."""
+    if n_train < 1 or n_test < 1 or n_valid < 0:
+        raise ValueError(f"n_train={n_train}, n_test={n_test}, n_valid={n_valid}: the train and test splits "
+                         "need at least one problem")
+    stream = iter(_distinct(seed, digits, operators, n_train + n_test + n_valid))
+    test = [next(stream) for _ in range(n_test)]
+    train = [next(stream) for _ in range(n_train)]
+    if not n_valid:
+        return train, test
+    return train, test, [next(stream) for _ in range(n_valid)]
 
 
 def write_splits(out_dir: str | Path, seed: int, digits: int, operators: Sequence[str], n_train: int,
-                 n_test: int) -> tuple[Path, Path]:
-    """Write ``train.jsonl`` and ``test.jsonl`` under ``out_dir`` (each complete or absent); returns their paths."""
-    train, test = make_splits(seed, digits, operators, n_train, n_test)
+                 n_test: int, n_valid: int = 0) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` and ``test.jsonl`` (and ``valid.jsonl`` when ``n_valid > 0``) under ``out_dir``,
+    each complete or absent; returns the paths of the first two."""
+    splits = make_splits(seed, digits, operators, n_train, n_test, n_valid)
     out = Path(out_dir)
     paths = []
-    for name, problems in ((TRAIN_FILE, train), (TEST_FILE, test)):
+    for name, problems in zip((TRAIN_FILE, TEST_FILE, VALID_FILE)[: len(splits)], splits, strict=True):
         path = out / name
         atomic_write_text(path, "".join(json.dumps(p.record()) + "\n" for p in problems))
         paths.append(path)
@@ -343,9 +352,11 @@ class TaskPreset:
     student_lr: float
     warmup_steps: int = 0
     seed: int = 0
+    n_valid: int = 500
 
     def write_data(self, out_dir: str | Path) -> tuple[Path, Path]:
-        return write_splits(out_dir, self.seed, self.digits, self.operators, self.n_train, self.n_test)
+        """``train.jsonl``, ``test.jsonl`` and ``valid.jsonl`` (:func:`write_splits`); returns the first two."""
+        return write_splits(out_dir, self.seed, self.digits, self.operators, self.n_train, self.n_test, self.n_valid)
 
 
 PRESETS = {
@@ -362,7 +373,7 @@ PRESETS = {
     "tiny": TaskPreset(
         digits=2, operators=("+",), n_train=200, n_test=50,
         teacher=llama(32, 1, 2, 64), student=llama(16, 1, 2, 32),
-        teacher_steps=4, student_steps=4, batch_size=16, teacher_lr=3e-3, student_lr=3e-3,
+        teacher_steps=4, student_steps=4, batch_size=16, teacher_lr=3e-3, student_lr=3e-3, n_valid=50,
     ),
 }
 
@@ -370,12 +381,13 @@ PRESETS = {
 def ground_truth_config(preset: TaskPreset, data_dir: str | Path, out_dir: str | Path, role: str = "teacher",
                         seed: int = 0, steps: int | None = None) -> TrainConfig:
     """The train recipe's config that trains ``role`` (``teacher`` or ``student``: which architecture, steps
-    and lr of ``preset``) on the ground truth in ``data_dir`` (``train.jsonl``, evaluated on ``test.jsonl``;
+    and lr of ``preset``) on the ground truth in ``data_dir`` (``train.jsonl``; its eval split, which a
+    schedule such as DistiLLM's reads while training, is ``valid.jsonl``, never the reported ``test.jsonl``;
     :meth:`TaskPreset.write_data`) with plain cross-entropy. ``steps`` overrides the preset's."""
     if role not in ("teacher", "student"):
         raise ValueError(f"role={role!r}: use 'teacher' or 'student'")
     data_dir = Path(data_dir)
-    for name in (TRAIN_FILE, TEST_FILE):
+    for name in (TRAIN_FILE, VALID_FILE):
         if not (data_dir / name).is_file():
             raise ValueError(f"{data_dir / name} does not exist; write the data first (preset.write_data(dir))")
     arch = preset.teacher if role == "teacher" else preset.student
@@ -391,7 +403,7 @@ def ground_truth_config(preset: TaskPreset, data_dir: str | Path, out_dir: str |
         out_dir=str(out_dir),
         student=ModelSpec(config=dict(arch), tokenizer="byte", seed=seed),
         teacher=None,
-        data=DataConfig(source=str(data_dir / TRAIN_FILE), eval_source=str(data_dir / TEST_FILE),
+        data=DataConfig(source=str(data_dir / TRAIN_FILE), eval_source=str(data_dir / VALID_FILE),
                         format="prompt_response", packing=False, seq_len=seq_len, eval_fraction=0.0),
         optim=OptimConfig(lr=lr, warmup_steps=min(preset.warmup_steps, max_steps - 1), weight_decay=0.0),
         train=LoopConfig(max_steps=max_steps, batch_size=preset.batch_size, seed=seed),
@@ -413,7 +425,7 @@ def prepare(preset_name: str, out_dir: str | Path) -> dict[str, Path]:
         raise ValueError(f"preset={preset_name!r}: use one of {', '.join(sorted(PRESETS))}")
     preset, out = PRESETS[preset_name], Path(out_dir)
     train_path, test_path = preset.write_data(out / "data")
-    paths = {"train": train_path, "test": test_path}
+    paths = {"train": train_path, "test": test_path, "valid": train_path.parent / VALID_FILE}
     for role in ("teacher", "student"):
         cfg = ground_truth_config(preset, out / "data", out / f"{role}-run", role=role)
         cfg = cfg.model_copy(update={"log": cfg.log.model_copy(update={"progress": True})})
@@ -434,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "    python -m distill.tasks.arithmetic score runs/arith/teacher-run/student runs/arith/data/test.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="write data/train.jsonl, data/test.jsonl, teacher.yaml, student.yaml")
+    prep = sub.add_parser("prepare", help="write data/{train,test,valid}.jsonl, teacher.yaml, student.yaml")
     prep.add_argument("out_dir")
     prep.add_argument("--preset", default="default", choices=sorted(PRESETS))
     score = sub.add_parser("score", help="exact-match accuracy of a model's greedy answers on a split")

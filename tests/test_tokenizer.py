@@ -1,11 +1,21 @@
-"""The built-in byte-level tokenizer and the tokenizer fingerprint."""
+"""The built-in byte-level tokenizer, the tokenizer fingerprint, and saving a tokenizer so that it reloads."""
 
 from __future__ import annotations
 
-import pytest
-from transformers import AutoTokenizer
+import json
+import unicodedata
 
-from distill.tokenizer import SPECIAL_TOKENS, byte_tokenizer, tokenizer_fingerprint
+import pytest
+from transformers import AutoConfig, AutoTokenizer
+
+from distill.tokenizer import (
+    SPECIAL_TOKENS,
+    byte_tokenizer,
+    check_saves,
+    save_tokenizer,
+    tokenizer_difference,
+    tokenizer_fingerprint,
+)
 
 TEXTS = [
     "",
@@ -46,7 +56,12 @@ def test_layout(tok):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_roundtrip(tok, text):
-    assert tok.decode(tok(text)["input_ids"]) == text
+    # The ids are the bytes of the NFC form (Qwen2Tokenizer's normalization; see distill.tokenizer).
+    nfc = unicodedata.normalize("NFC", text)
+    if not any(special in text for special in SPECIAL_TOKENS):
+        assert tok(text)["input_ids"] == list(nfc.encode())
+    assert tok.decode(tok(text)["input_ids"]) == nfc
+    assert tok.decode(tok(nfc)["input_ids"]) == nfc
 
 
 def test_save_load_roundtrip(tok, tmp_path):
@@ -90,3 +105,61 @@ def test_fingerprint(tok, tmp_path):
     other_template = byte_tokenizer()
     other_template.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert tokenizer_fingerprint(other_template) != fp
+
+
+def tiny_config(model_type: str):
+    return AutoConfig.for_model(model_type, vocab_size=263, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma2"])
+def test_saved_in_a_checkpoint_of_any_family_reloads_as_itself(tok, tmp_path, model_type):
+    # AutoTokenizer reads the directory's config.json: for qwen2 it builds Qwen2Tokenizer whatever
+    # tokenizer_config.json names (transformers/models/auto/tokenization_auto.py).
+    tiny_config(model_type).save_pretrained(tmp_path)
+    save_tokenizer(tok, tmp_path, where="test")
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert saved["unk_token"] is None and saved["bos_token"] == "<|bos|>"  # every slot pinned
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer_difference(tok, loaded) is None
+    assert len(loaded) == len(tok) and tokenizer_fingerprint(loaded) == tokenizer_fingerprint(tok)
+    for text in TEXTS:
+        assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded(render(tok, CHAT))["input_ids"] == tok(render(tok, CHAT))["input_ids"]
+
+
+def gpt2_style_tokenizer():
+    """A byte-level BPE with GPT-2's split pattern, no normalizer and one merge ("12"): a tokenizer that
+    Qwen2Tokenizer would rebuild with NFC and Qwen's pattern (which splits digits one by one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["12"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("1", "2")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|bos|>", "<|eos|>", "<|pad|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|eos|>",
+                                   pad_token="<|pad|>")
+
+
+def test_a_tokenizer_a_family_would_rebuild_otherwise_is_refused_with_the_reason(tmp_path):
+    other = gpt2_style_tokenizer()
+    assert other("12")["input_ids"] == [len(other.get_vocab()) - 4]  # the merge: one token
+    check_saves(other, tiny_config("llama"), where="student")  # llama keeps the saved class
+    with pytest.raises(ValueError, match=r"student: transformers' AutoTokenizer.from_pretrained would load this "
+                                         r"tokenizer back from a qwen2 checkpoint as Qwen2Tokenizer, not as itself: "
+                                         r"another normalizer"):
+        check_saves(other, tiny_config("qwen2"), where="student")
+
+
+def test_difference_names_what_differs(tok):
+    more = byte_tokenizer()
+    more.add_tokens(["<|tool|>"])
+    assert tokenizer_difference(tok, more) == "264 tokens instead of 263 (it adds ['<|tool|>'])"
+    other_template = byte_tokenizer()
+    other_template.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert "fingerprints differ" in tokenizer_difference(tok, other_template)
+    assert tokenizer_difference(tok, byte_tokenizer()) is None

@@ -1,7 +1,9 @@
 """Load Hugging Face models and tokenizers, or build small random ones from a config dict.
 
 Models stay ordinary ``transformers`` models: what goes in is what ``from_pretrained`` reads, and what
-comes out is what ``save_pretrained`` writes.
+comes out is what ``save_pretrained`` writes. Every model directory distill writes goes through
+:func:`save_pretrained` here: the model, then its tokenizer through ``distill.tokenizer.save_tokenizer``, which
+checks that plain ``AutoTokenizer.from_pretrained`` reloads it as itself for the model's family.
 
 Vocabulary policy. Checkpoints often have more embedding rows than the tokenizer has tokens (Qwen2.5:
 152,064 rows for 151,936 tokens). The extra rows are never real tokens, so with ``vocab_policy:
@@ -23,7 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distill.config import ModelSpec, looks_local
-from distill.tokenizer import byte_tokenizer, tokenizer_fingerprint
+from distill.tokenizer import byte_tokenizer, check_saves, save_tokenizer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from distill.chunked import LinearHead
@@ -84,6 +86,24 @@ def load_model(spec: ModelSpec, field: str, tokenizer=None) -> PreTrainedModel:
         torch.manual_seed(spec.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, state_dict=None) -> Path:
+    """Write ``model`` (safetensors; ``state_dict``: the gathered weights of a sharded model) and ``tokenizer``
+    into ``out_dir`` (a temporary directory the caller then commits), so that ``AutoModelForCausalLM`` and
+    ``AutoTokenizer.from_pretrained(out_dir)`` load them back as they are. Raises ValueError otherwise."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state_dict)
+    save_tokenizer(tokenizer, out_dir, where=str(out_dir))
+    rows = model.get_output_embeddings().weight.shape[0]
+    assert len(tokenizer) <= rows, f"{out_dir}: {len(tokenizer)} tokens for {rows} output rows"
+    return out_dir
+
+
+def check_tokenizer_saves(model: PreTrainedModel, tokenizer, field: str) -> None:
+    """Before a run whose output is a checkpoint of ``model``: its tokenizer would reload from that checkpoint
+    as itself (some families' tokenizer classes rebuild a tokenizer their own way; see distill.tokenizer)."""
+    check_saves(tokenizer, model.config, where=f"{field} ({model.config.model_type} with this tokenizer)")
 
 
 def check_tokenizers_agree(student_tok, teacher_tok, student_ref: str, teacher_ref: str) -> None:

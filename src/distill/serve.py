@@ -536,7 +536,7 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, name: st
     except ImportError:
         raise ValueError("distill serve needs FastAPI and uvicorn: pip install 'distill[serve]'") from None
     from distill.config import ModelSpec
-    from distill.models import has_accelerator, load_model, load_tokenizer
+    from distill.models import has_accelerator, load_model, load_tokenizer, resolve_vocab
 
     api_key = None
     if api_key_env:
@@ -546,6 +546,7 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, name: st
     spec = ModelSpec(path=model_dir, dtype=dtype)
     tokenizer = load_tokenizer(spec, "model")
     model = load_model(spec, "model", tokenizer)
+    resolve_vocab(model, len(tokenizer), "model", "truncate")  # every token scored, or refused before serving
     if has_accelerator() and torch.cuda.is_available():
         model.to("cuda")
     engine = Engine(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)), max_logprobs=max_logprobs,

@@ -79,6 +79,7 @@ from distill.models import (
     max_positions,
     output_head,
     resolve_vocab,
+    save_pretrained,
 )
 from distill.tokenizer import tokenizer_fingerprint
 
@@ -748,8 +749,7 @@ class PeersTeacher:
             final = Path(out_dir) / "peers" / name
             tmp = tmp_dir_for(final)
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            save_pretrained(model, tokenizer, tmp)
             commit_dir(tmp, final)
 
 

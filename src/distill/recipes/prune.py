@@ -30,7 +30,15 @@ from distill import checkpoint as ckpt
 from distill import prune
 from distill.config import PruneConfig, dump_config
 from distill.data import build_datasets, collate
-from distill.models import count_parameters, load_model, load_tokenizer, max_positions, resolve_vocab
+from distill.models import (
+    check_tokenizer_saves,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve_vocab,
+    save_pretrained,
+)
 
 logger = logging.getLogger("distill")
 
@@ -84,6 +92,7 @@ def main(cfg: PruneConfig) -> dict:
     vocab = len(tokenizer)
     model = load_model(cfg.model, "model", tokenizer)
     resolve_vocab(model, vocab, "model", "truncate")
+    check_tokenizer_saves(model, tokenizer, "model")  # before the passes: the output will reload its tokenizer
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()  # forward passes only: one device
     orig = prune.model_sizes(model.config)
     logger.info("model: %s, %.2fM parameters, %s", family, count_parameters(model) / 1e6,
@@ -164,8 +173,7 @@ def main(cfg: PruneConfig) -> dict:
     tmp = ckpt.tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    pruned.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    save_pretrained(pruned, tokenizer, tmp)
     dump_config(cfg, tmp / "distill_prune_config.yaml")
     ckpt.atomic_write_text(tmp / "prune_report.md", prune.report_markdown(report))
     ckpt.atomic_write_json(tmp / REPORT, report)  # written last: marks the output complete

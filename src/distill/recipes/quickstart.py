@@ -47,6 +47,7 @@ from distill.evaluate import eval_sums, metrics_from_sums, target_bytes, token_b
 from distill.models import load_model, load_tokenizer, output_head
 from distill.recipes import train
 from distill.teacher import LiveTeacher
+from distill.tokenizer import save_tokenizer
 
 logger = logging.getLogger("distill")
 
@@ -153,7 +154,7 @@ def train_tokenizer(train_jsonl: Path, vocab_size: int, out: Path) -> Path:
                                  pad_token=specials[2])
     tmp = ckpt.tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    hf.save_pretrained(tmp)
+    save_tokenizer(hf, tmp, where=str(out))
     ckpt.commit_dir(tmp, out)
     return out
 

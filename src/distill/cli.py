@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import textwrap
+import typing
 
 from pydantic import BaseModel
 
@@ -16,19 +18,55 @@ from distill.errors import NonFiniteLossError, TeacherServerError
 logger = logging.getLogger("distill")
 
 
+def _sections(ann) -> list[type[BaseModel]]:
+    """The config sections an annotation can hold, through ``| None``, unions, ``Annotated``, lists and dicts."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    found: list[type[BaseModel]] = []
+    for arg in typing.get_args(ann):
+        found += [m for m in _sections(arg) if m not in found]
+    return found
+
+
+def _entry(key: str, ann) -> str:
+    """How a section is written: ``key``, ``key[i]`` (a list of them), ``key.<name>`` (a mapping of them)."""
+    origins = {typing.get_origin(a) for a in (ann, *typing.get_args(ann))}
+    return f"{key}[i]" if list in origins else f"{key}.<name>" if dict in origins else key
+
+
+def _section_lines(key: str, models: list[type[BaseModel]], indent: str, note: str = "") -> list[str]:
+    """``key: every key`` of a section, wrapped (never cut), then its own sections; a section that is one of
+    several kinds (a teacher) lists each kind's keys. ``note`` follows the key on the first line only."""
+    if len(models) > 1:
+        lines = [f"{indent}{key}{note}, one of:"]
+        for model in models:
+            lines += _section_lines(key, [model], indent + "  ")
+        return lines
+    fields = models[0].model_fields
+    names = [field.alias or name for name, field in fields.items()]
+    head = f"{indent}{key}{note}: "
+    lines = textwrap.wrap(", ".join(names), width=110, initial_indent=head, subsequent_indent=" " * len(head),
+                          break_on_hyphens=False)
+    for name, field in fields.items():
+        subs = _sections(field.annotation)
+        if subs:
+            lines += _section_lines(_entry(f"{key}.{field.alias or name}", field.annotation), subs, indent + "  ")
+    return lines
+
+
 def _describe(model: type[BaseModel], indent: str = "  ") -> str:
-    """A config model's sections and keys with defaults, for ``--help``."""
+    """A config model's keys with their defaults, and every key of every section (every kind of teacher
+    included), for ``--help``."""
     lines = []
     for name, field in model.model_fields.items():
-        ann = field.annotation
-        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
-                   None)
-        if sub is not None:
-            keys = ", ".join(sub.model_fields)
-            lines.append(f"{indent}{name}: {textwrap.shorten(keys, 90)}")
+        key = field.alias or name
+        subs = _sections(field.annotation)
+        if subs:
+            optional = " (optional)" if not field.is_required() and field.default is None else ""
+            lines += _section_lines(_entry(key, field.annotation), subs, indent, optional)
         else:
-            default = "required" if field.is_required() else repr(field.default)
-            lines.append(f"{indent}{name} (default {default})")
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"{indent}{key} (default {default})")
     return "\n".join(lines)
 
 
@@ -125,6 +163,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = load_config(GenerateConfig, args.config, args.overrides)
     counts = generate.main(cfg)
     logger.info("done: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if not counts.get("kept"):  # complete, but nothing to train on: a pipeline must not go on as if it had data
+        print(f"distill: error: no sample was kept, so {cfg.out_dir} holds no training data (the warning above and "
+              "manifest.json's `warnings` say why)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -137,7 +179,8 @@ def _generate_parser(sub) -> None:
         description="Generate training text from a teacher: prompts -> N samples each -> scored (the teacher's\n"
         "mean log-prob, a verifier module:function(prompt, completion) -> float, or none) -> kept (best-of-N,\n"
         "top m, all) -> JSONL shards + manifest in out_dir, which `distill train` reads as data.source.\n"
-        "Re-running the same command completes an interrupted run.\n\n"
+        "Re-running the same command completes an interrupted run. Exits 1 when no sample was kept (the output\n"
+        "then holds no training data; manifest.json's `warnings` say why).\n\n"
         "Config keys (YAML file, then key=value overrides such as n=8 sampling.temperature=0.7):\n"
         + _describe(GenerateConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -272,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"distill {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for add in PARSERS.values():
         add(sub)
     return parser
@@ -293,12 +336,50 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (NonFiniteLossError, TeacherServerError) as exc:  # the run stopped; the message says what to do
+    except TeacherServerError as exc:  # the run stopped (exit 1, not a config problem); what to do depends on the command
+        print(f"distill: error: {server_advice(str(exc), args.command)}", file=sys.stderr)
+        return 1
+    except NonFiniteLossError as exc:  # the run stopped; the message says what to do
         print(f"distill: error: {exc}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as exc:  # bad input: the message names it and says what to do
         print(f"distill: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not _refused_model_config(exc):
+            raise
+        # A config.json on disk that transformers refuses (a config section is checked when it is read).
+        print(f"distill: error: transformers refused a model's config: {' '.join(str(exc).split())}; fix the "
+              "model's config.json or its config section", file=sys.stderr)
+        return 2
+
+
+# What to do once a teacher server answers again, for the commands other than train (whose checkpoints the
+# server error already speaks of: rerun with --resume).
+SERVER_ADVICE = {
+    "cache": "once it answers again, run the same `distill cache` command: it continues after the last complete shard",
+    "generate": "once it answers again, run the same `distill generate` command: it continues after the last "
+                "complete shard",
+    "eval": "once it answers again, run the same `distill eval` command",
+}
+_TRAINING_ADVICE = re.compile(r";? *a training run stops here.*--resume\)")
+
+
+def server_advice(message: str, command: str | None) -> str:
+    """A teacher server's error with the advice that fits ``command``."""
+    advice = SERVER_ADVICE.get(command or "")
+    if advice is None:
+        return message
+    return _TRAINING_ADVICE.sub("", message).rstrip(". ") + f". {advice[0].upper()}{advice[1:]}."
+
+
+def _refused_model_config(exc: Exception) -> bool:
+    """Whether ``exc`` is huggingface_hub's refusal of a (transformers) config value."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return False
+    return isinstance(exc, StrictDataclassError)
 
 
 if __name__ == "__main__":

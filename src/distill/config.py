@@ -7,12 +7,25 @@ default.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from distill.errors import ConfigError
 
@@ -36,8 +49,39 @@ def looks_local(ref: str) -> bool:
     )
 
 
+# A hub id is `name` or `owner/name`: letters, digits, `-`, `_`, `.` (not first or last, no `--` or `..`), at
+# most 96 characters a part (the hub's own rule); it also holds a letter, so `0` or `1.5` is never taken for one.
+_HUB_PART = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?$")
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """Whether ``ref`` can be a Hugging Face hub id (``name`` or ``owner/name``)."""
+    parts = ref.split("/")
+    return (len(parts) <= 2 and all(_HUB_PART.match(part) for part in parts)
+            and any(ch.isalpha() for ch in ref))
+
+
+def check_reference(ref: str, what: str) -> str:
+    """A model, tokenizer or data reference that is an existing path, meant as a path (checked where it is
+    read), or a plausible hub id; anything else (``0``, empty, spaces) is refused here, before any download
+    is tried."""
+    if not ref.strip():
+        raise ValueError(f"is empty: give {what}")
+    if looks_local(ref) or looks_like_hub_id(ref):
+        return ref
+    try:
+        if Path(ref).expanduser().exists():
+            return ref
+    except OSError:  # e.g. a name too long for the file system
+        pass
+    raise ValueError(f"{ref!r} is neither an existing path nor a hub id (`name` or `owner/name`): give {what}")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DATA_SOURCE = "a data file (.jsonl/.json/.parquet/.txt/.csv), a directory of such files, or a hub dataset id"
 
 
 class DataConfig(Section):
@@ -60,6 +104,11 @@ class DataConfig(Section):
     seed: int = 0
     num_proc: int | None = Field(None, gt=0)
 
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _a_source(cls, ref: str | None) -> str | None:
+        return None if ref is None else check_reference(ref, DATA_SOURCE)
+
 
 class LoraConfig(Section):
     """LoRA adapters on the student (``pip install 'distill[lora]'``, the ``peft`` library): only the adapters
@@ -71,6 +120,128 @@ class LoraConfig(Section):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names (suffixes, e.g. [q_proj, v_proj]) that get adapters; all-linear: "
         "every linear layer but the output layer")
+
+
+# Sizes a model config holds as integers >= 1 (each where the architecture has it); the optional ones may be
+# null (derived from the others).
+MODEL_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+_DERIVED_SIZES = ("num_key_value_heads", "head_dim", "intermediate_size")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _transformers_refusal(exc: Exception, config: dict[str, Any]) -> tuple[str, str]:
+    """(key, problem) from an exception transformers raised while building a config."""
+    cause = exc.__cause__ or exc
+    text = " ".join(str(cause).split())
+    match = re.match(r"Validation error for field '([^']+)'", str(exc))
+    if match:  # huggingface_hub's strict dataclasses: one field's type or range
+        key = match.group(1)
+        value = config.get(key)
+        hint = ""
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+            hint = " (YAML reads a number like 1e-5 as text: write 1.0e-5)"
+        elif _is_int(value) and "expected float" in text:
+            hint = f" (write {float(value)!r})"
+        return key, f"refused by transformers: {text}{hint}"
+    # A check across fields ("The hidden size (30) is not a multiple of ..."): the first key it names.
+    named = [key for key in config if key.replace("_", " ") in text.lower()]
+    return (named[0] if named else ""), f"refused by transformers: {text}"
+
+
+def model_config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every ``(key, problem)`` of a model's ``config:`` section that would stop the model from being built or
+    run: an unknown ``model_type``, sizes that are not integers >= 1, heads that divide neither the width nor
+    into KV groups, NaN/inf, whatever transformers itself refuses. Empty when the config is fine. Builds only
+    the transformers config object (no weights)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    problems: list[tuple[str, str]] = []
+    model_type = config.get("model_type")
+    known = list(CONFIG_MAPPING.keys())
+    if model_type is None:
+        problems.append(("model_type", "missing: name the architecture (e.g. llama, qwen2, qwen3, gemma2)"))
+    elif not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "e.g. llama, qwen2, qwen3, gemma2"
+        problems.append(("model_type", f"{model_type!r} is not a model type transformers knows ({hint})"))
+    for key, value in config.items():
+        if key in MODEL_SIZES:
+            if value is None and key in _DERIVED_SIZES:
+                continue
+            if not _is_int(value):
+                problems.append((key, f"{value!r} is not a size: give an integer >= 1"))
+            elif value < 1:
+                problems.append((key, f"{value} is not a size: give an integer >= 1"))
+        elif _non_finite(value):
+            problems.append((key, f"{value!r} is or holds a non-finite number (nan/inf)"))
+        elif key in _TOKEN_IDS and value is not None:
+            ids = value if isinstance(value, list) else [value]
+            if not ids or not all(_is_int(i) and i >= 0 for i in ids):
+                problems.append((key, f"{value!r} is not a token id (an integer >= 0, or a list of them)"))
+        elif (key.endswith("dropout") or key.endswith("pdrop")) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and not 0 <= value <= 1:
+            problems.append((key, f"{value} is not a dropout probability (between 0 and 1)"))
+        elif (key.endswith("_eps") or key.endswith("epsilon")) and isinstance(value, (int, float)) \
+                and not isinstance(value, bool) and value < 0:
+            problems.append((key, f"{value} is negative: a norm's epsilon is >= 0"))
+    vocab = config.get("vocab_size")
+    for key in _TOKEN_IDS:
+        ids = config.get(key)
+        ids = ids if isinstance(ids, list) else [ids]
+        if _is_int(vocab) and not problems and any(i is not None and i >= vocab for i in ids):
+            problems.append((key, f"{config[key]} is outside the vocabulary (vocab_size={vocab})"))
+    if problems:
+        return problems
+
+    from transformers import AutoConfig
+    from transformers.activations import ACT2FN
+
+    try:
+        built = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the config is what it refused
+        return [_transformers_refusal(exc, config)]
+    sizes = {key: getattr(built, key, None) for key in MODEL_SIZES}
+    for key, value in sizes.items():
+        if value is not None and (not _is_int(value) or value < 1):
+            problems.append((key, f"{value!r} (the model type's default or derived value) is not a size >= 1"))
+    if problems:
+        return problems
+    hidden, heads, kv = sizes["hidden_size"], sizes["num_attention_heads"], sizes["num_key_value_heads"]
+    if heads is not None and kv is not None and heads % kv:
+        problems.append(("num_key_value_heads", f"{kv} does not divide num_attention_heads={heads} (every KV head "
+                         "serves the same number of query heads)"))
+    head_dim = sizes["head_dim"]
+    if head_dim is None and hidden is not None and heads is not None:
+        if hidden % heads:
+            problems.append(("num_attention_heads", f"{heads} does not divide hidden_size={hidden} (give head_dim, "
+                             "or a width that is a multiple of the heads)"))
+        head_dim = hidden // heads
+    rotary = getattr(built, "rope_parameters", None) is not None or getattr(built, "rope_theta", None) is not None
+    if rotary and head_dim is not None and head_dim % 2:
+        key = "head_dim" if "head_dim" in config else "num_attention_heads"
+        problems.append((key, f"the head width is {head_dim}, odd: rotary position embeddings rotate pairs of "
+                         "channels (give an even head_dim, or hidden_size / num_attention_heads even)"))
+    for key in ("hidden_act", "hidden_activation"):
+        act = getattr(built, key, None)
+        if isinstance(act, str) and act not in ACT2FN:
+            close = difflib.get_close_matches(act, list(ACT2FN.keys()), n=3)
+            problems.append((key, f"{act!r} is not an activation transformers knows (e.g. {', '.join(close or ['silu', 'gelu'])})"))
+    return problems
 
 
 class ModelSpec(Section):
@@ -91,6 +262,26 @@ class ModelSpec(Section):
             raise ValueError("give exactly one of `path` (HF directory or hub id) or `config` (random init)")
         if self.path is None and self.tokenizer is None:
             raise ValueError("a model built from `config` needs `tokenizer` (a directory, hub id, or 'byte')")
+        return self
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _a_reference(cls, ref: str | None, info) -> str | None:
+        want = "a Hugging Face model directory or hub id" if info.field_name == "path" else \
+            "a tokenizer directory, hub id, or 'byte'"
+        return None if ref is None else check_reference(ref, want)
+
+    @model_validator(mode="after")
+    def _config_builds(self) -> ModelSpec:
+        """Every problem of ``config`` now, named by its key, rather than an exception when the model is built."""
+        if self.config is not None:
+            problems = model_config_problems(self.config)
+            if problems:
+                raise PydanticCustomError(
+                    "model_config", "{message}",
+                    {"message": "; ".join(f"config.{k}: {m}" if k else f"config: {m}" for k, m in problems),
+                     "problems": problems},
+                )
         return self
 
 
@@ -130,20 +321,40 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+# The tags of the teacher kinds: pydantic puts the chosen one in an error's location, which the config has no key for.
+_TEACHER_TAGS = {"model", "cache", "server", "teachers", "self", "peers", "student_base"}
+
+
+def _where(loc: tuple) -> str:
+    """An error's location as the dotted key the user wrote (``teacher.config``, not ``teacher.model.config``)."""
+    parts = []
+    for i, part in enumerate(loc):
+        after_teacher = i > 0 and loc[i - 1] == "teacher"
+        after_member = i > 1 and isinstance(loc[i - 1], int) and loc[i - 2] == "teachers"
+        if part in _TEACHER_TAGS and (after_teacher or after_member):
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
+
+
 def format_validation_error(err: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: {err.error_count()} problem(s) in the config:"]
+    lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        where = _where(e["loc"]) or "(top level)"
+        if e["type"] == "model_config":  # one line per key of a model's config section
+            for key, problem in e["ctx"]["problems"]:
+                lines.append(f"  - {where}.config{'.' + key if key else ''}: {problem}")
+            continue
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `distill <command> --help` lists the sections)"
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
-            msg = e["msg"]
-            if "input" in e and not isinstance(e["input"], dict):
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict) and repr(e["input"]) not in msg:
                 msg += f" (got {e['input']!r})"
         lines.append(f"  - {where}: {msg}")
-    return "\n".join(lines)
+    return "\n".join([f"{origin}: {len(lines)} problem(s) in the config:", *lines])
 
 
 def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None):
@@ -211,17 +422,37 @@ class LossConfig(Section):
     alpha: float = Field(0.5, ge=0.0, le=1.0)
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD interpolation: 0 = forward KL, 1 = reverse KL")
     skew: float = Field(0.1, ge=0.0, lt=1.0, description="skew KL / skew reverse KL mixing weight")
+    baseline: Literal["running", "none"] = Field(
+        "running", description="sampled_reverse_kl on the student's own samples: subtract from each token's "
+        "f a running mean of f over earlier steps (unbiased, lower variance; docs/methods.md §8); none: plain f")
+    baseline_decay: float = Field(0.9, ge=0.0, lt=1.0, description="sampled_reverse_kl: the running mean's "
+                                  "decay per on-policy step (0 = the previous step's mean alone)")
     chunked: bool = Field(True, description="memory-efficient loss that never materializes (tokens, V) logits")
     chunk_size: int | None = Field(None, gt=0, description="tokens per chunk; default: chosen from a memory budget")
     vocab_policy: Literal["truncate", "error"] = "truncate"
     hidden: HiddenLossConfig | None = Field(None, description="hidden-state (representation) distillation term")
 
-    def spec(self):
-        """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take)."""
+    def spec(self, baseline: float = 0.0):
+        """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take);
+        ``baseline``: the value of sampled_reverse_kl's baseline for this step (the recipe's running mean)."""
         from distill.losses import LossSpec
 
         return LossSpec(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
-                        t2_scale=self.t2_scale, beta=self.beta, skew=self.skew)
+                        t2_scale=self.t2_scale, beta=self.beta, skew=self.skew, baseline=baseline)
+
+    def describe(self) -> str:
+        """The whole loss in one line (the start-up log): the logit loss, then the hidden-state term if any."""
+        text = self.spec().describe()
+        if self.divergence == "sampled_reverse_kl":
+            text += (f", baseline: running mean of f (decay {self.baseline_decay:g})" if self.baseline == "running"
+                     else ", baseline: none")
+        h = self.hidden
+        if h is not None:
+            layers = h.layers if h.layers == "uniform" else ", ".join(f"{s}->{t}" for s, t in sorted(h.layers.items()))
+            text += f" + {h.weight:g}*hidden_{h.distance}(layers: {layers}; projection: {h.projection})"
+            if h.final_weight:
+                text += f" + {h.final_weight:g}*(1 - cos of the final states)"
+        return text
 
 
 class OptimConfig(Section):
@@ -318,6 +549,12 @@ class ServerTeacherSpec(Section):
         True, description="keep the sequence's own token as a class when it is outside the top-k (false: top-k + tail)"
     )
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _a_tokenizer(cls, ref: str | None) -> str | None:
+        return None if ref is None else check_reference(ref, "a tokenizer directory, hub id, or 'byte'")
+
     max_in_flight: int = Field(8, gt=0, description="concurrent requests")
     timeout: float = Field(60.0, gt=0, description="seconds per request")
     retries: int = Field(5, ge=0, description="retries (exponential backoff) on timeouts, refused connections, 5xx")
@@ -516,6 +753,11 @@ class PromptsConfig(Section):
         default_factory=dict, description="extra arguments to apply_chat_template (e.g. enable_thinking)"
     )
     max_prompts: int | None = Field(None, gt=0, description="the first N prompts only")
+
+    @field_validator("source")
+    @classmethod
+    def _a_source(cls, ref: str) -> str:
+        return check_reference(ref, DATA_SOURCE)
 
 
 class SamplingConfig(Section):

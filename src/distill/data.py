@@ -35,7 +35,7 @@ import torch
 from datasets.fingerprint import Hasher
 from datasets.table import InMemoryTable
 
-from distill.config import DATA_BUILDERS, DataConfig, looks_local
+from distill.config import DATA_BUILDERS, DataConfig, looks_like_hub_id, looks_local
 from distill.losses import IGNORE_INDEX
 from distill.tokenizer import tokenizer_fingerprint
 
@@ -137,6 +137,11 @@ def load_raw(source: str, split: str = "train") -> datasets.Dataset:
     elif looks_local(source):
         raise ValueError(
             f"data source {source} does not exist; check the path (data.source / data.eval_source)"
+        )
+    elif not looks_like_hub_id(source):  # never sent to the hub, where it would be retried for minutes
+        raise ValueError(
+            f"data source {source!r} is neither an existing path nor a hub dataset id (`name` or `owner/name`); "
+            "check data.source / data.eval_source"
         )
     else:
         args, kwargs = (source,), {"split": split}

@@ -1,5 +1,7 @@
 """The errors the CLI reports without a traceback: each message names the file, field or value at fault
-and says what to do."""
+and says what to do. Exit codes: 2 for bad input (``ConfigError``, any ``ValueError``); 1 for a run that
+stopped although its input is fine (``NonFiniteLossError``, ``TeacherServerError``: rerunning continues it)
+and for ``distill generate`` when no sample was kept."""
 
 from __future__ import annotations
 

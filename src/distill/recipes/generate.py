@@ -19,7 +19,9 @@ different tokenizers).
 
 Files: ``plan.json`` (the run's identity, written first), ``shard-SSSSSS.jsonl`` (prompts ``[S * shard_prompts,
 (S + 1) * shard_prompts)``, written to a temporary name and renamed, so a file with a shard's name is
-complete), ``manifest.json`` (written last: identity, counts, each shard's size and sha256). Killed at any
+complete), ``manifest.json`` (written last: identity, counts, each shard's size and sha256, and ``warnings``:
+nothing kept, samples dropped because the verifier raised; ``distill generate`` exits 1 when nothing was
+kept, since the output then holds no training data). Killed at any
 moment and run again with the same settings, it writes only the missing shards; the batches are fixed per
 shard and every sample's randomness comes from (seed, prompt key, sample index), so a local model's output
 is byte-identical to an uninterrupted run. Other settings in a directory that holds a run are refused.
@@ -135,9 +137,10 @@ def load_verifier(ref: str):
     return fn
 
 
-def score_samples(cfg: GenerateConfig, verifier, prompt_text: str, samples: list[dict]) -> int:
-    """Fill ``score`` (and ``error``) of each sample of one prompt; returns how many scorer calls raised."""
-    failures = 0
+def score_samples(cfg: GenerateConfig, verifier, prompt_text: str, samples: list[dict]) -> list[str]:
+    """Fill ``score`` (and ``error``) of each sample of one prompt; returns the errors of the scorer calls that
+    raised."""
+    failures = []
     for s in samples:
         mean_logprob = s.pop("_mean_logprob")
         if cfg.scorer == "none":
@@ -149,7 +152,7 @@ def score_samples(cfg: GenerateConfig, verifier, prompt_text: str, samples: list
                 value = verifier(prompt_text, s["response"])
             except Exception as exc:  # a scorer failing on one sample must not stop the run
                 s["score"], s["error"] = None, f"{type(exc).__name__}: {exc}"
-                failures += 1
+                failures.append(s["error"])
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(float(value)):
                 raise ValueError(
@@ -265,11 +268,15 @@ def generate_shard(cfg: GenerateConfig, sampler, rows: list[dict], first: int, i
     samples = sampler.samples(cfg, rows, keys, on_batch)
     lines, counts = [], {"prompts": len(rows), "samples": len(rows) * cfg.n, "kept": 0, "unfinished": 0,
                          "scorer_failures": 0}
+    first_failure = None
     for r, row in enumerate(rows):
         # A verifier sees the prompt text; for chat prompts, the last user message.
         prompt_text = row["value"] if row["format"] == "prompt" else next(
             (m["content"] for m in reversed(row["value"]) if m["role"] == "user"), "")
-        counts["scorer_failures"] += score_samples(cfg, verifier, prompt_text, samples[r])
+        failures = score_samples(cfg, verifier, prompt_text, samples[r])
+        counts["scorer_failures"] += len(failures)
+        if failures and first_failure is None:
+            first_failure = failures[0]
         counts["unfinished"] += sum(not s["finished"] for s in samples[r])
         for s in select(cfg, samples[r]):
             record = {**row["extra"], "prompt_index": first + r, "key": keys[r],
@@ -280,7 +287,31 @@ def generate_shard(cfg: GenerateConfig, sampler, rows: list[dict], first: int, i
                 record["prompt"] = row["value"]
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
             counts["kept"] += 1
+    if first_failure is not None:
+        counts["first_scorer_error"] = first_failure[:500]
     return "".join(line + "\n" for line in lines), counts
+
+
+def output_warnings(cfg: GenerateConfig, counts: dict, first_error: str | None) -> list[str]:
+    """What a finished run must say out loud (and write as manifest.json's ``warnings``): nothing kept, or
+    samples dropped because the scorer raised."""
+    notes = []
+    failed, samples = counts.get("scorer_failures", 0), counts.get("samples", 0)
+    error = f" (first error: {first_error})" if first_error else ""
+    if not counts.get("kept"):
+        if samples and failed == samples:
+            why = (f"the verifier {cfg.verifier} raised on every sample{error}; check that it scores these prompts "
+                   "(module:function(prompt, completion) -> float)")
+        elif samples and counts.get("unfinished", 0) == samples and not cfg.keep_unfinished:
+            why = (f"every sample hit sampling.max_new_tokens={cfg.sampling.max_new_tokens} without a stop token; "
+                   "raise it, or set keep_unfinished=true")
+        else:
+            why = (f"every sample was dropped (unfinished: {counts.get('unfinished', 0)}, scorer failures: "
+                   f"{failed}, of {samples}){error}")
+        notes.append(f"NOTHING WAS KEPT: {why}")
+    elif failed:
+        notes.append(f"the verifier {cfg.verifier} raised on {failed} of {samples} samples{error}; they were dropped")
+    return notes
 
 
 def _masked_rows(gen) -> list[float]:
@@ -345,9 +376,12 @@ def main(cfg: GenerateConfig) -> dict:
 
     manifest_path, plan_path = out_dir / MANIFEST, out_dir / PLAN
     if manifest_path.is_file():
-        _check_same(json.loads(manifest_path.read_text()), identity, out_dir)
+        found = json.loads(manifest_path.read_text())
+        _check_same(found, identity, out_dir)
         logger.info("%s already holds these generations complete; nothing to do", out_dir)
-        return json.loads(manifest_path.read_text())["counts"]
+        for note in found.get("warnings", []):
+            logger.warning("WARNING: %s", note)
+        return found["counts"]
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if plan_path.is_file():
@@ -381,13 +415,15 @@ def main(cfg: GenerateConfig) -> dict:
     accelerator.wait_for_everyone()
     manifest = None
     if is_main:
-        manifest = _manifest(out_dir, identity, num_shards)
+        manifest = _manifest(cfg, out_dir, identity, num_shards)
         atomic_write_text(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last
     accelerator.wait_for_everyone()
     manifest = manifest or json.loads(manifest_path.read_text())
     seconds = time.perf_counter() - t0
     logger.info("generations written to %s: %s (%.1f s, %.0f new tokens/s on this process)", out_dir,
                 ", ".join(f"{k}={v}" for k, v in manifest["counts"].items()), seconds, tokens / max(seconds, 1e-9))
+    for note in manifest.get("warnings", []):
+        logger.warning("WARNING: %s", note)
     return manifest["counts"]
 
 
@@ -395,19 +431,22 @@ def _counts_name(shard: int) -> str:
     return f".{shard_name(shard)}.counts.json"
 
 
-def _manifest(out_dir: Path, identity: dict, num_shards: int) -> dict:
-    shards, totals = [], {}
+def _manifest(cfg: GenerateConfig, out_dir: Path, identity: dict, num_shards: int) -> dict:
+    shards, totals, first_error = [], {}, None
     for s in range(num_shards):
         path, counts_path = out_dir / shard_name(s), out_dir / _counts_name(s)
         if not path.is_file() or not counts_path.is_file():
             raise RuntimeError(f"{path} is missing after generation; run the same command again")
         counts = json.loads(counts_path.read_text())
+        shard_error = counts.pop("first_scorer_error", None)
+        first_error = first_error or shard_error
         data = path.read_bytes()
         shards.append({"file": path.name, "records": counts["kept"], "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest(), **{k: v for k, v in counts.items() if k != "kept"}})
         for k, v in counts.items():
             totals[k] = totals.get(k, 0) + v
-    return {**identity, "shards": shards, "counts": totals}
+    return {**identity, "shards": shards, "counts": totals,
+            "warnings": output_warnings(cfg, totals, first_error)}
 
 
 def _check_same(found: dict, identity: dict, out_dir: Path) -> None:

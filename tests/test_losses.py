@@ -796,3 +796,31 @@ def test_sparse_tail_far_below_the_kept_ids_stays_exact(dtype, gap, kind, kw):
     torch.testing.assert_close(grad.double(), ref_grad, **tol)
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(lambda a: token_divergence(a, target, kind, **kw), (z.clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("baseline", [0.0, 1.5, -0.7])
+@pytest.mark.parametrize(("alpha", "T"), [(0.0, 1.0), (0.3, 2.0)])
+def test_sampled_reverse_kl_value_and_gradient_match_reference(baseline, alpha, T):
+    """Per position with label x: loss = (1 - alpha) T^2 (f - b) log q_T(x) + alpha CE(x), f = log q_T(x) -
+    log p_T(x) held constant; div = f. Gradient w.r.t. the student logits: (1 - alpha) T (f - b) (e_x - q_T)
+    + alpha (q_1 - e_x), q_1 the student's distribution at T = 1 (the CE's)."""
+    g = torch.Generator().manual_seed(3)
+    zs = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    zt = 2.0 * torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, 0] = labels[1, 3] = IGNORE_INDEX
+    z = zs.clone().requires_grad_()
+    out = kd_loss_per_token(z, labels, zt, LossSpec("sampled_reverse_kl", temperature=T, alpha=alpha, baseline=baseline))
+    mask = labels != IGNORE_INDEX
+    (grad,) = torch.autograd.grad(out["loss"][mask].sum(), z)
+    zs_np, zt_np, lab = zs.numpy(), zt.numpy(), labels.clamp_min(0).numpy()
+    q, p, q1 = np_softmax(zs_np / T), np_softmax(zt_np / T), np_softmax(zs_np)
+    onehot = np.eye(7)[lab]
+    pick = lambda a: (a * onehot).sum(-1)  # noqa: E731
+    f = np.log(pick(q)) - np.log(pick(p))
+    want = (1 - alpha) * T**2 * (f - baseline) * np.log(pick(q)) - alpha * np.log(pick(q1))
+    want_grad = (1 - alpha) * T * (f - baseline)[..., None] * (onehot - q) + alpha * (q1 - onehot)
+    want_grad = want_grad * mask.numpy()[..., None]
+    np.testing.assert_allclose(out["loss"][mask].detach().numpy(), want[mask.numpy()], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out["div"][mask].numpy(), f[mask.numpy()], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-9, atol=1e-12)

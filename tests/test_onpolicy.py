@@ -229,6 +229,10 @@ def test_bad_settings_are_named(tmp_path, tiny_caches):
         train.main(cfg_of(tmp_path / "c", "gkd", "onpolicy.max_new_tokens=60"))
     with pytest.raises(ValueError, match="needs a teacher|set a teacher"):
         train.main(cfg_of(tmp_path / "d", "gkd", "teacher=null"))
+    with pytest.raises(ValueError, match="loss.baseline=running: the baseline is unbiased only on tokens drawn from"):
+        train.main(cfg_of(tmp_path / "e", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7"))
+    train.main(cfg_of(tmp_path / "f", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7",
+                      "loss.baseline=none", "train.max_steps=1", "eval.every=0", "checkpoint.every=0"))
 
 
 # ------------------------------------------------------------------------------------------- sampled reverse KL
@@ -261,3 +265,252 @@ def test_gkd_with_sampled_reverse_kl_trains(tmp_path):
                  "train.max_steps=4", "eval.every=0", "checkpoint.every=0")
     train.main(cfg)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(cfg))
+
+
+# ------------------------------------------------------------------------------------------- what the recipe minimizes
+#
+# A 9-token vocabulary and completions of 1-2 tokens: every completion can be enumerated, so the exact reverse KL
+# between the student's and the teacher's completion distributions is computed from the two models' logits alone.
+
+VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "b", "c", "d", "="]
+LETTERS = "abcd"
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab(tmp_path_factory) -> Path:
+    """A character tokenizer of the 9 tokens above, and 4 prompts ("a=" .. "d=") with 16 rows each (rows are
+    sampled with their own seeds, so a step of 64 rows draws 16 completions per prompt)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_vocab")
+    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(root / "tokenizer")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{c}=", "response": "a"}) + "\n"
+                                                for c in LETTERS for _ in range(16)))
+    return root
+
+
+def tiny_vocab_cfg(root: Path, out: Path, length: int, baseline: str, steps: int = 30, lr: float = 1e-2,
+                   fraction: float = 1.0, **sections) -> TrainConfig:
+    """gkd with sampled_reverse_kl, completions of up to ``length`` tokens, a step = all 64 rows; the teacher
+    is a random model with a large init (peaked), the student a random one with a small init (flat)."""
+    arch = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 32}
+    tok = str(root / "tokenizer")
+    return TrainConfig.model_validate({
+        "out_dir": str(out),
+        "student": {"tokenizer": tok, "seed": 1, "config": arch},
+        "teacher": {"tokenizer": tok, "seed": 0, "config": {**arch, "hidden_size": 64, "initializer_range": 1.0}},
+        "data": {"source": str(root / "prompts.jsonl"), "format": "prompt_response", "packing": False, "seq_len": 8,
+                 "eval_fraction": 0.0},
+        "loss": {"divergence": "sampled_reverse_kl", "alpha": 0.0, "baseline": baseline},
+        "train": {"batches": "gkd", "max_steps": steps, "batch_size": 16 * len(LETTERS)},
+        "onpolicy": {"student_fraction": fraction, "temperature": 1.0, "max_new_tokens": length},
+        "optim": {"lr": lr, "warmup_steps": 0}, "eval": {"every": 0}, "checkpoint": {"every": 0},
+        "log": {"every": 1, "progress": False}, **sections})
+
+
+@torch.no_grad()
+def exact_reverse_kl(student, teacher, prompts: list[list[int]], eos: int, length: int) -> float:
+    """The mean over prompts of KL(q || p) = sum_y q(y) log(q(y) / p(y)) over every completion y of up to
+    ``length`` tokens (a completion ends at eos or at ``length``), enumerated: the sum over positions of each
+    unfinished prefix's probability under q times the full-vocabulary KL of the next token there."""
+    v = len(VOCAB)
+    total = 0.0
+    for prompt in prompts:
+        frontier = [(list(prompt), 1.0)]  # unfinished prefixes and their probability under the student
+        for _ in range(length):
+            ids = torch.tensor([p for p, _ in frontier])
+            weight = torch.tensor([w for _, w in frontier], dtype=torch.float64)
+            lq = torch.log_softmax(student(input_ids=ids).logits[:, -1, :v].double(), -1)
+            lp = torch.log_softmax(teacher(input_ids=ids).logits[:, -1, :v].double(), -1)
+            total += float((weight * (lq.exp() * (lq - lp)).sum(-1)).sum())
+            frontier = [(p + [t], w * float(lq[i, t].exp())) for i, (p, w) in enumerate(frontier)
+                        for t in range(v) if t != eos]
+    return total / len(prompts)
+
+
+def kl_before_and_after(cfg: TrainConfig, monkeypatch) -> tuple[float, float]:
+    """Train with the recipe (train.main) and return the exact reverse KL of the student before its first step
+    and after its last."""
+    seen: dict = {}
+    real = train.BATCH_SOURCES["gkd"]
+
+    def first_step(run, step):
+        if step == 0:
+            from distill.onpolicy import example_prompt
+
+            tok = run.tokenizer
+            seen["prompts"] = [[tok.bos_token_id, VOCAB.index(c), VOCAB.index("=")] for c in LETTERS]
+            trained = {tuple(example_prompt(ex, "gkd", tok.bos_token_id)) for ex in run.train_ds}
+            assert trained == {tuple(p) for p in seen["prompts"]}  # the prompts the recipe trains on
+            seen["models"] = (run.accelerator.unwrap_model(run.model), run.teacher.model)  # trained in place
+            seen["eos"] = tok.eos_token_id
+            seen["before"] = exact_reverse_kl(*seen["models"], seen["prompts"], seen["eos"],
+                                              cfg.onpolicy.max_new_tokens)
+        return real(run, step)
+
+    monkeypatch.setitem(train.BATCH_SOURCES, "gkd", first_step)
+    train.main(cfg)
+    monkeypatch.setitem(train.BATCH_SOURCES, "gkd", real)
+    after = exact_reverse_kl(*seen["models"], seen["prompts"], seen["eos"], cfg.onpolicy.max_new_tokens)
+    return seen["before"], after
+
+
+def flip_the_reward(monkeypatch) -> None:
+    """The surrogate with -f in place of f (alpha = 0: the loss is s * stopgrad(f - b) * log q(x), negated)."""
+    from distill import losses
+
+    real = losses._sampled_reverse_kl
+
+    def flipped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {**out, "loss": -out["loss"]}
+
+    monkeypatch.setattr(losses, "_sampled_reverse_kl", flipped)
+
+
+@pytest.mark.parametrize("length", [1, 2])
+def test_the_recipe_descends_the_exact_reverse_kl_on_the_students_own_completions(tmp_path, tiny_vocab, monkeypatch,
+                                                                                  length):
+    """gkd (lambda = 1) with sampled_reverse_kl through the train recipe: the exact KL(q || p) over the student's
+    own completions falls; with the reward's sign flipped it rises. One token: the KL of that token, exactly
+    the objective whose gradient the estimator is (docs/methods.md §8). Two tokens: the sequence-level KL,
+    which the estimator descends without its credit to the first token for the second's KL."""
+    plain = kl_before_and_after(tiny_vocab_cfg(tiny_vocab, tmp_path / "plain", length, "none"), monkeypatch)
+    with monkeypatch.context() as m:
+        flip_the_reward(m)
+        flipped = kl_before_and_after(tiny_vocab_cfg(tiny_vocab, tmp_path / "flipped", length, "none"), monkeypatch)
+    runs = {"plain": plain, "flipped": flipped}
+    if length == 2:
+        runs["running"] = kl_before_and_after(tiny_vocab_cfg(tiny_vocab, tmp_path / "running", length, "running"),
+                                              monkeypatch)
+    print(f"\nexact KL(q || p), completions of up to {length} token(s), 30 steps: "
+          + ", ".join(f"{k} {a:.2f} -> {b:.2f}" for k, (a, b) in runs.items()))
+    assert plain[0] == flipped[0] > 5.0  # the same start: a flat student, a peaked teacher
+    assert plain[1] < 0.5 * plain[0]  # seeds 0-2 of student and data: -60% to -90% (30 steps)
+    assert flipped[1] > 1.2 * flipped[0]  # +30% to +90%
+    if length == 2:
+        assert runs["running"][1] < 0.5 * runs["running"][0]  # -70% to -80%
+
+
+# ------------------------------------------------------------------------------------------- the running baseline
+
+
+def test_a_baseline_keeps_the_sampled_gradient_unbiased_and_lowers_its_variance():
+    """Enumerating the sampled token x over the vocabulary: for any constant b, E_{x~q}[grad of the surrogate
+    stopgrad(f(x) - b) log q(x)] is exactly the gradient of KL(q || p) at that position (a dense teacher, or
+    one that gives only the sampled token's probability); its variance is lowest near b = E_q[f] = KL. A flat
+    student and a peaked teacher (the start of distillation) make f large next to its spread: there the
+    baseline's reduction is built in."""
+    g = torch.Generator().manual_seed(0)
+    v = 64
+    zs = 0.3 * torch.randn(v, generator=g, dtype=torch.float64)  # the student: nearly flat
+    zt = 0.3 * torch.randn(v, generator=g, dtype=torch.float64)
+    zt[0] += 10.0  # the teacher: sure of one token
+    lq, lp = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    q = lq.exp()
+    kl = float((q * (lq - lp)).sum())
+    z = zs.clone().requires_grad_()
+    lqz = torch.log_softmax(z, -1)
+    (exact,) = torch.autograd.grad((lqz.exp() * (lqz - lp)).sum(), z)  # the reference: plain autograd of KL
+    variances = {}
+    for b in (0.0, kl, 3.0, -2.0):
+        spec = LossSpec("sampled_reverse_kl", baseline=b)
+        for teacher in ("dense", "sampled token only"):
+            grads = []
+            for x in range(v):
+                signal = zt[None] if teacher == "dense" else SparseTarget(torch.tensor([[x]]), lp[x].exp().reshape(1, 1))
+                z = zs.clone().requires_grad_()
+                out = kd_loss_per_token(z[None], torch.tensor([x]), signal, spec)
+                assert float(out["div"][0]) == pytest.approx(float(lq[x] - lp[x]), abs=1e-12)  # div is f, not f - b
+                grads.append(torch.autograd.grad(out["loss"].sum(), z)[0])
+            grads_xV = torch.stack(grads)
+            mean = (q[:, None] * grads_xV).sum(0)
+            torch.testing.assert_close(mean, exact, atol=1e-12, rtol=0)  # unbiased for every b, by enumeration
+            variances[b, teacher] = float((q * ((grads_xV - mean) ** 2).sum(-1)).sum())
+        assert variances[b, "dense"] == pytest.approx(variances[b, "sampled token only"], rel=1e-9)
+    ratio = variances[0.0, "dense"] / variances[kl, "dense"]
+    print(f"\nKL = {kl:.2f}; gradient variance over x ~ q: b = 0: {variances[0.0, 'dense']:.3g}, b = KL: "
+          f"{variances[kl, 'dense']:.3g} ({ratio:.1f}x lower), b = 3: {variances[3.0, 'dense']:.3g}, "
+          f"b = -2: {variances[-2.0, 'dense']:.3g}")
+    assert ratio > 10  # 31x here; the variance is quadratic in b, lowest near E_q[f]
+    assert variances[kl, "dense"] < variances[3.0, "dense"] < variances[0.0, "dense"] < variances[-2.0, "dense"]
+
+
+def test_the_chunked_loss_with_a_baseline_equals_the_naive_one():
+    """The baseline travels in the LossSpec through the chunked path (several chunks and loss chunks)."""
+    from distill.chunked import DenseSignal, LinearHead, chunked_kd_loss, naive_kd_loss
+
+    g = torch.Generator().manual_seed(1)
+    n, h, v = 23, 8, 17
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w_s = torch.randn(v, h, generator=g, dtype=torch.float64)
+    teacher = DenseSignal(torch.randn(n, 6, generator=g, dtype=torch.float64),
+                          LinearHead(2.0 * torch.randn(v, 6, generator=g, dtype=torch.float64)))
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[[0, 5, 6]] = -100
+    spec = LossSpec("sampled_reverse_kl", baseline=1.7)
+    grads = []
+    for path in ("naive", "chunked"):
+        x, w = hidden.clone().requires_grad_(), w_s.clone().requires_grad_()
+        if path == "naive":
+            loss = naive_kd_loss(x, LinearHead(w), labels, teacher, 20, spec)
+        else:
+            loss, _ = chunked_kd_loss(x, LinearHead(w), labels, teacher, 20, spec, chunk_size=8, loss_chunk_size=3)
+        loss.backward()
+        grads.append((loss.detach(), x.grad, w.grad))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    plain = naive_kd_loss(hidden, LinearHead(w_s), labels, teacher, 20, LossSpec("sampled_reverse_kl"))
+    assert float(grads[0][0]) != pytest.approx(float(plain))  # the baseline is in the loss
+
+
+def test_the_running_baseline_of_a_step_comes_from_earlier_steps_only(tmp_path, tiny_vocab, monkeypatch):
+    """Each step's baseline is the decayed mean of f over the earlier steps the student wrote (0 before the
+    first), whatever this step draws; steps on the dataset's text use none and leave it as it is."""
+    used = []
+    real = train.kd_step_loss
+
+    def recording(*args, **kwargs):
+        used.append(kwargs.get("baseline", args[8] if len(args) > 8 else 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "kd_step_loss", recording)
+    cfg = tiny_vocab_cfg(tiny_vocab, tmp_path / "run", 2, "running", steps=10, fraction=0.6)
+    train.main(cfg)
+    recs = records(cfg)
+    assert len(used) == len(recs) == 10  # one micro-batch per step, one record per step
+    on = [r["on_policy"] == 1.0 for r in recs]
+    assert any(on) and not all(on)
+    decay, mean, want = cfg.loss.baseline_decay, None, []
+    for r, own in zip(recs, on, strict=True):
+        want.append(mean if own and mean is not None else 0.0)
+        if own:  # the logged div is this step's mean f over its tokens
+            mean = r["div"] if mean is None else decay * mean + (1 - decay) * r["div"]
+    assert used == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert [r["baseline"] for r in recs] == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert want[on.index(True)] == 0.0 and max(want) > 5.0
+
+
+def test_a_run_with_the_running_baseline_resumes_exactly(tmp_path, tiny_vocab, monkeypatch):
+    from conftest import crash_after_checkpoint
+
+    common = {"checkpoint": {"every": 3}}
+    ref = tiny_vocab_cfg(tiny_vocab, tmp_path / "ref", 2, "running", steps=6, **common)
+    train.main(ref)
+    cfg = tiny_vocab_cfg(tiny_vocab, tmp_path / "crash", 2, "running", steps=6, **common)
+    crash_after_checkpoint(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg)
+    monkeypatch.undo()
+    state = json.loads((Path(cfg.out_dir) / "checkpoints" / "step_00000003" / "onpolicy_rank0.json").read_text())
+    assert state["reward_mean"] > 0
+    train.main(cfg, resume=True)
+    a, b = weights(cfg), weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["baseline"] for r in records(cfg)] == [r["baseline"] for r in records(ref)]

@@ -40,8 +40,11 @@ class LossSpec:
 
     divergence: which D; temperature: T (> 0), applied to teacher and student; alpha: the CE weight in
     [0, 1]; beta: the JSD interpolation in [0, 1] (0 = forward KL, 1 = reverse KL); skew: the skew-KL
-    mixing weight in [0, 1). Passed whole through the losses, the chunked path and the recipes (the train
-    config's ``loss`` section builds one with ``LossConfig.spec()``). The default is pure forward KL.
+    mixing weight in [0, 1); baseline: ``sampled_reverse_kl`` only, the constant b subtracted from each
+    token's reward f in the surrogate ``stopgrad(f - b) * log q(x)`` (docs/methods.md §8; it keeps the
+    gradient unbiased only if it does not depend on the sampled tokens: the train recipe passes a running
+    mean of f over earlier steps). Passed whole through the losses, the chunked path and the recipes (the
+    train config's ``loss`` section builds one with ``LossConfig.spec()``). The default is pure forward KL.
     """
 
     divergence: Objective = "forward_kl"
@@ -50,6 +53,7 @@ class LossSpec:
     t2_scale: bool = True
     beta: float = 0.5
     skew: float = 0.1
+    baseline: float = 0.0
 
     def __post_init__(self):
         if self.divergence not in OBJECTIVES:
@@ -62,6 +66,8 @@ class LossSpec:
             raise ValueError(f"jsd beta must be in [0, 1], got {self.beta}")
         if not 0.0 <= self.skew < 1.0:
             raise ValueError(f"skew must be in [0, 1), got {self.skew}")
+        if not math.isfinite(self.baseline):
+            raise ValueError(f"baseline must be finite, got {self.baseline}")
 
     @property
     def scale(self) -> float:
@@ -459,10 +465,12 @@ def _sampled_reverse_kl(student_logits: torch.Tensor, labels: torch.Tensor, teac
     """The sampled-token estimate of reverse KL on tokens the student sampled itself (``labels``).
 
     Per token x: ``f = log q_T(x) - log p_T(x)``, an unbiased one-sample estimate of KL(q || p) at that
-    position when x ~ q. The loss is the surrogate ``stopgrad(f) * log q_T(x)``, whose gradient is the
-    score-function estimate ``f * grad log q(x)`` of the gradient of the sequence's reverse KL with each
-    token's own term only (no credit to later tokens: a discount of 0). ``div`` is f itself. Only the
-    teacher's probability of x is needed.
+    position when x ~ q_T. The loss is the surrogate ``stopgrad(f - b) * log q_T(x)`` with b =
+    ``spec.baseline``: its gradient ``(f - b) * grad log q(x)`` is, for x ~ q_T and any b that does not
+    depend on x, an unbiased estimate of the gradient of KL(q_T || p_T) at that position (E[grad log q(x)]
+    = 0), i.e. of the per-token reverse KL with the prefix held fixed (each token's own term: no credit to
+    earlier tokens for later positions' KL; docs/methods.md §8). b moves only the variance. ``div`` is f
+    itself. Only the teacher's probability of x is needed.
     """
     if teacher is None:
         raise ValueError("loss.divergence=sampled_reverse_kl needs a teacher")
@@ -472,7 +480,7 @@ def _sampled_reverse_kl(student_logits: torch.Tensor, labels: torch.Tensor, teac
     f = lq - lp
     ce = -lq if spec.temperature == 1.0 else cross_entropy_per_token(student_logits, labels)
     ce = ce.masked_fill(labels == IGNORE_INDEX, 0.0)
-    surrogate = f.detach() * lq
+    surrogate = (f.detach() - spec.baseline) * lq
     loss = ce if spec.alpha == 1.0 else (1.0 - spec.alpha) * spec.scale * surrogate + spec.alpha * ce
     return {"loss": loss, "ce": ce, "div": f.detach()}
 

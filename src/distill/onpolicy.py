@@ -25,6 +25,13 @@ state below, which checkpoints carry, so a resumed run draws the same samples as
   r < phi, the step trains on sequences drawn from the buffer; else on the dataset's. Meant with
   ``skew_kl`` / ``skew_reverse_kl``.
 
+With ``loss.divergence: sampled_reverse_kl`` and ``loss.baseline: running`` (docs/methods.md §8), the state
+also holds the baseline: a running mean of the per-token reward f = log q(x) - log p(x) over the steps the
+student wrote (gkd's on-policy steps, distillm's fresh ones), decayed by ``loss.baseline_decay`` per step and
+updated only after a step's loss, so the value a step uses never depends on that step's samples. Steps on
+other text (the dataset, distillm's replay buffer, skd's corrected completions) use no baseline: for tokens
+not drawn from the student, E[grad log q(x)] is not 0 and a baseline would bias the gradient.
+
 Student generation is one function (:meth:`OnPolicy.student_completions`): a generation engine fed the
 current weights (vLLM) can take its place.
 """
@@ -114,6 +121,22 @@ class OnPolicy:
         self.buffer: list[tuple[list[int], list[int]]] = []  # distillm: (input_ids, labels) per sequence
         self.adaptive = AdaptiveThreshold(self.op.adaptive_init, self.op.adaptive_step, self.op.adaptive_loss_eps)
         self.stats: dict[str, float] = {}
+        # sampled_reverse_kl's running baseline (docs/methods.md §8): the decayed mean of f over the steps the
+        # student wrote, None before the first; own_samples: whether the current step's batches are the
+        # student's unmodified samples from its current weights (the only text a baseline is unbiased on).
+        loss = cfg.loss
+        self.baseline_on = loss.divergence == "sampled_reverse_kl" and loss.baseline == "running"
+        self.baseline_decay = loss.baseline_decay
+        self.reward_mean: float | None = None
+        self.own_samples = False
+        if self.baseline_on and self.source != "skd" and (
+                abs(self.op.temperature - loss.temperature) > 1e-12 or self.op.top_p < 1.0):
+            raise ValueError(
+                f"loss.baseline=running: the baseline is unbiased only on tokens drawn from the student's q_T, but "
+                f"the student samples at onpolicy.temperature={self.op.temperature:g}, top_p={self.op.top_p:g} and "
+                f"the loss is at loss.temperature={loss.temperature:g}; set onpolicy.temperature={loss.temperature:g} "
+                "and onpolicy.top_p=1, or loss.baseline=none"
+            )
 
     @property
     def threshold(self) -> float:
@@ -172,14 +195,35 @@ class OnPolicy:
     def observe_eval(self, eval_loss: float) -> None:
         self.adaptive.observe(eval_loss)
 
+    # ---- sampled_reverse_kl's running baseline
+
+    def baseline(self) -> float:
+        """The baseline b of the current step: the running mean of f over earlier steps the student wrote, on
+        a step whose batches the student wrote; 0 otherwise (and at the first such step)."""
+        if not (self.baseline_on and self.own_samples) or self.reward_mean is None:
+            return 0.0
+        return self.reward_mean
+
+    def observe_rewards(self, f_sum: float, count: float) -> None:
+        """After a step's loss: fold its mean f (summed over all micro-batches and processes, so the same on
+        every process) into the running mean, when the student wrote the step's batches."""
+        self._add("baseline", self.baseline())  # the value this step used, for the train log
+        if not (self.baseline_on and self.own_samples) or count <= 0:
+            return
+        mean = f_sum / count
+        d = self.baseline_decay
+        self.reward_mean = mean if self.reward_mean is None else d * self.reward_mean + (1.0 - d) * mean
+
     # ---- checkpoints and metrics
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer, "threshold": self.adaptive.value, "last_raise": self.adaptive.last_raise}
+        return {"buffer": self.buffer, "threshold": self.adaptive.value, "last_raise": self.adaptive.last_raise,
+                "reward_mean": self.reward_mean}
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer = [(list(a), list(b)) for a, b in state["buffer"]]
         self.adaptive.value, self.adaptive.last_raise = state["threshold"], state["last_raise"]
+        self.reward_mean = state.get("reward_mean")  # absent in checkpoints written before the baseline
 
     def to_json(self) -> str:
         return json.dumps(self.state_dict())
@@ -203,12 +247,14 @@ def onpolicy_batches(run, step: int) -> list[dict]:
         return [op.student_completions(run, exs, [row_seed(seed, op.source, step, i) for i in idx], step)
                 for exs, idx in zip(examples_per_micro, indices, strict=True)]
 
+    op.own_samples = False  # skd's completions are corrected by the teacher: not the student's own samples
     if op.source == "skd":
         op._add("on_policy_steps", 1.0)
         return students()
     if op.source == "gkd":
         on = coin(seed, step, "gkd") < cfg.onpolicy.student_fraction
         op._add("on_policy_steps", float(on))
+        op.own_samples = on
         return students() if on else dataset()
     # distillm
     r = coin(seed, step, "distillm")
@@ -220,6 +266,7 @@ def onpolicy_batches(run, step: int) -> list[dict]:
         for b in batches:
             op.remember(b)
         op._add("on_policy_steps", 1.0)
+        op.own_samples = True
         return batches
     if r < phi and op.buffer:
         op._add("replay_steps", 1.0)

@@ -48,6 +48,7 @@ from distill.errors import NonFiniteLossError
 from distill.evaluate import eval_sums, metrics_from_sums
 from distill.losses import IGNORE_INDEX, reduce_loss
 from distill.models import (
+    check_tokenizer_saves,
     count_parameters,
     final_hidden,
     flat_positions,
@@ -57,6 +58,7 @@ from distill.models import (
     max_positions,
     output_head,
     resolve_vocab,
+    save_pretrained,
 )
 from distill.onpolicy import OnPolicy, onpolicy_batches
 from distill.onpolicy import check_teacher as check_onpolicy_teacher
@@ -149,10 +151,11 @@ BATCH_SOURCES: dict[str, Callable[[Run, int], list[dict]]] = {
 
 
 def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, num_tokens: int, loss: LossConfig,
-                 stats: dict | None = None, hidden_loss: torch.nn.Module | None = None):
+                 stats: dict | None = None, hidden_loss: torch.nn.Module | None = None, baseline: float = 0.0):
     """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics. ``stats``, when
     given, accumulates the seconds spent on the teacher's signal (``teacher_seconds``). ``hidden_loss``: the
-    hidden-state term (``loss.hidden``), added to the logit loss."""
+    hidden-state term (``loss.hidden``), added to the logit loss. ``baseline``: sampled_reverse_kl's baseline
+    for this step (:meth:`OnPolicy.baseline`)."""
     labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
     t0 = time.perf_counter()
     t_states = None
@@ -165,7 +168,7 @@ def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, n
     s_states = layer_states(model, batch) if t_states is not None else None
     hidden = flat_positions(s_states[-1] if s_states is not None else final_hidden(model, batch))
     head = student_head_fn()
-    spec = loss.spec()
+    spec = loss.spec(baseline)
     # Training logs CE, the divergence and KL; the argmax statistics are evaluation's.
     if loss.chunked:
         value, out = chunked_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunk_size=loss.chunk_size,
@@ -256,7 +259,7 @@ class Window:
 
     # Per-process counters (time and on-policy statistics), summed over processes at each record.
     EXTRA = ("teacher_seconds", "gen_seconds", "gen_tokens", "gen_sequences", "on_policy_steps", "replay_steps",
-             "skd_replaced", "skd_proposed")
+             "skd_replaced", "skd_proposed", "baseline")
 
     def record(self, step: int, lr: float, tokens_seen: int, grad_norm, with_teacher: bool,
                extra: dict[str, float] | None = None, onpolicy: OnPolicy | None = None) -> dict:
@@ -296,6 +299,8 @@ class Window:
             if onpolicy.source == "distillm":
                 record["replay"] = more["replay_steps"] / world / steps
                 record["distillm_threshold"] = onpolicy.threshold
+            if onpolicy.baseline_on:  # sampled_reverse_kl's baseline, averaged over the window's steps
+                record["baseline"] = more["baseline"] / world / steps
         self.sums.zero_()
         self.loss, self.start, self.t0 = 0.0, step, time.perf_counter()
         return record
@@ -374,8 +379,7 @@ def save_student(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, s
             lora.save_adapter(unwrapped, adapter_tmp)
             ckpt.commit_dir(adapter_tmp, adapter)
             unwrapped = lora.merged(unwrapped)
-        unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        save_pretrained(unwrapped, tokenizer, tmp, state_dict=state_dict)
         dump_config(cfg, tmp / "distill_config.yaml")
         ckpt.atomic_write_json(tmp / "distill_summary.json", summary)
         ckpt.commit_dir(tmp, final)
@@ -430,11 +434,15 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
         with accelerator.autocast():
             run.teacher.begin_step(micro_batches, step_tokens, step)
     step_loss = torch.zeros((), device=accelerator.device)
+    # sampled_reverse_kl's running baseline: this step uses the mean over earlier steps, then adds its own f.
+    running = run.onpolicy is not None and run.onpolicy.baseline_on
+    baseline = run.onpolicy.baseline() if running else 0.0
+    rewards = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # f summed, tokens
     for m, batch in enumerate(micro_batches):
         sync = m == len(micro_batches) - 1
         with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
             loss, stats = kd_step_loss(model, run.student_head, run.teacher, batch, step_tokens, cfg.loss, run.stats,
-                                       run.hidden)
+                                       run.hidden, baseline)
             # DDP averages gradients over processes; the loss is already a global-token mean.
             scaled = loss * accelerator.num_processes
         bad = accelerator.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=accelerator.device), "sum")
@@ -444,6 +452,11 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
         accelerator.backward(scaled)
         step_loss += loss.detach()
         window.add(stats, batch)
+        if running:
+            rewards += torch.stack([stats["div_sum"].double(), stats["count"].double()]).to(rewards.device)
+    if running:
+        f_sum, count = accelerator.reduce(rewards, "sum").tolist()
+        run.onpolicy.observe_rewards(f_sum, count)
     grad_norm = None
     if cfg.optim.max_grad_norm is not None and step_tokens > 0:
         params = list(model.parameters()) + (list(run.hidden.parameters()) if run.hidden is not None else [])
@@ -463,6 +476,15 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
 
 
 def main(cfg: TrainConfig, resume: bool = False) -> dict:
+    """Train ``cfg`` (``--resume``: from its latest checkpoint); returns the summary. The ``distill`` log goes to
+    the run's ``train.log`` while it runs, and only then: the handler is closed however the run ends."""
+    try:
+        return _train(cfg, resume)
+    finally:
+        _stop_logging_to_file(Path(cfg.out_dir) / "train.log")
+
+
+def _train(cfg: TrainConfig, resume: bool) -> dict:
     out_dir = Path(cfg.out_dir)
     sharding.check_supported(cfg)  # FSDP / DeepSpeed launches distill cannot run, before anything starts
     accelerator = make_accelerator(cfg)
@@ -487,6 +509,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
     vocab = len(tokenizer)
     student = load_model(cfg.student, "student", tokenizer)
     resolve_vocab(student, vocab, "student", cfg.loss.vocab_policy)
+    check_tokenizer_saves(student, tokenizer, "student")  # before training: student/ will reload its tokenizer
     if cfg.student.lora is not None:  # only the adapters train (distill/lora.py)
         student = lora.add_adapters(student, cfg.student.lora, seed=cfg.student.seed)
         logger.info("student: %s", lora.describe(student))
@@ -500,7 +523,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> dict:
         check_onpolicy_teacher(cfg.train.batches, teacher)  # before the data: a cache cannot score new text
     logger.info("student: %.2fM parameters; teacher: %s; loss: %s", count_parameters(student) / 1e6,
                 teacher.describe() if teacher is not None else "none (plain CE)",
-                cfg.loss.spec().describe() if teacher is not None else "CE")
+                cfg.loss.describe() if teacher is not None else "CE")
 
     # 2. Data. ----------------------------------------------------------------------------------------
     limits = [m for m in (max_positions(student), teacher and teacher.max_positions) if m]
@@ -624,3 +647,10 @@ def _log_to_file(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
+
+
+def _stop_logging_to_file(path: Path) -> None:
+    for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        if Path(h.baseFilename) == path.resolve():
+            logger.removeHandler(h)
+            h.close()

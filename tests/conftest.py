@@ -106,7 +106,10 @@ def kill_train_then_resume(config: Path, out: Path, steps: list[str], kill_at: i
                            timeout: float = 120) -> subprocess.CompletedProcess:
     """``distill train CONFIG out_dir=OUT STEPS`` in a fresh process, SIGKILLed as soon as its checkpoint of step
     ``kill_at`` is on disk (and checked to have died before the end), then the same command with ``--resume`` in
-    this process. Returns the resumed run, which must have succeeded."""
+    this process. Returns the resumed run, which must have succeeded. The killed process runs at this process's
+    thread count unless ``env`` says otherwise, so both halves compute with the same reductions."""
+    if env is None:
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "distill", "train", str(config), f"out_dir={out}", "log.progress=false", *steps]
     kill_when(cmd, lambda: (out / "checkpoints" / f"step_{kill_at:08d}").exists(), env=env, timeout=timeout)
     assert not (out / "student").exists(), "the run was not killed mid-way"

@@ -171,6 +171,7 @@ def test_lora_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     train.main(ref)
 
     out = tmp_path / "killed"
+    # The killed half at this process's thread count, as the reference and the resumed half run here.
     res = kill_train_then_resume(TINY_LORA, out, steps, kill_at=8)
     assert "resumed from" in res.stderr
     for sub, name in (("student_adapter", "adapter_model.safetensors"), ("student", "model.safetensors")):

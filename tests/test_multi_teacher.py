@@ -213,8 +213,55 @@ def test_bad_mixtures_are_refused_naming_the_setting(tmp_path, tiny_caches):
         train.main(cfg)
 
 
+def _mixture_kl_on_the_eval_split(cfg: TrainConfig, student) -> float:
+    """KL(sum_k w_k softmax(t_k / T_k) || softmax(s / T)) per supervised eval position, averaged: written out
+    from docs/methods.md §9 on the full logits of freshly built teachers, over the batches the run evaluates."""
+    from distill.data import build_datasets, collate
+    from distill.models import load_model
+    from distill.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    v = len(tok)
+    members = cfg.teacher.teachers
+    teachers = [load_model(m, f"teacher.teachers[{i}]", tok).eval() for i, m in enumerate(members)]
+    total = sum(m.weight for m in members)
+    temps = [m.temperature or cfg.loss.temperature for m in members]
+    _, eval_ds = build_datasets(cfg.data, tok)
+    bs = cfg.eval.batch_size
+    kl_sum, count = 0.0, 0
+    with torch.no_grad():
+        for b in train.eval_batch_indices(-(-len(eval_ds) // bs), cfg.eval.max_batches):
+            batch = collate([eval_ds[i] for i in range(b * bs, min((b + 1) * bs, len(eval_ds)))], tok.pad_token_id)
+            keep = batch["labels"][:, 1:] != IGNORE_INDEX
+
+            def logits(model, batch=batch, keep=keep):
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                return out[:, :-1, :v][keep].double()
+
+            p = sum(m.weight / total * torch.softmax(logits(t) / tk, -1)
+                    for m, t, tk in zip(members, teachers, temps, strict=True))
+            logq = torch.log_softmax(logits(student) / cfg.loss.temperature, -1)
+            kl_sum += float((p * (p.log() - logq)).sum())
+            count += int(keep.sum())
+    return kl_sum / count
+
+
 def test_the_tiny_multi_teacher_config_runs(tmp_path):
+    """configs/tiny/multi_teacher.yaml (two live teachers mixed in probability space, one at its own temperature):
+    every train record has each teacher's KL and a loss that is alpha * CE + (1 - alpha) * T^2 * KL(mixture);
+    the final eval's KL to the teacher is the KL to the mixture written out here."""
+    from transformers import AutoModelForCausalLM
+
     cfg = load_config(TrainConfig, REPO / "configs" / "tiny" / "multi_teacher.yaml",
-                      [f"out_dir={tmp_path}", "log.progress=false", "train.max_steps=2", "eval.every=2"])
+                      [f"out_dir={tmp_path}", "log.progress=false", "train.max_steps=2", "log.every=1", "eval.every=2"])
+    assert cfg.teacher.mix == "probability" and len({m.temperature for m in cfg.teacher.teachers}) == 2
     summary = train.main(cfg)
-    assert summary["kl_to_teacher"] > 0
+    got = [r for r in _records(cfg) if r["split"] == "train"]
+    assert len(got) == 2
+    a, temp = cfg.loss.alpha, cfg.loss.temperature
+    for r in got:
+        assert all(r[f"kl_{name}"] > 0 for name in cfg.teacher.names())
+        assert r["loss"] == pytest.approx(a * r["ce"] + (1 - a) * temp**2 * r["kl"], rel=1e-5)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    want = _mixture_kl_on_the_eval_split(cfg, student)
+    assert summary["kl_to_teacher"] == pytest.approx(want, rel=1e-4)

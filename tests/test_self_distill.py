@@ -99,6 +99,7 @@ def test_sigkill_then_resume_matches_uninterrupted_self_distillation(tmp_path):
     ref = tmp_path / "ref"
     train.main(_cfg(ref, *steps))
     out = tmp_path / "killed"
+    # The killed half at this process's thread count, as the reference and the resumed half run here.
     kill_train_then_resume(SELF, out, steps, kill_at=8)
     a, b = _student(ref), _student(out)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -104,7 +104,7 @@ def test_training_lowers_the_distillation_loss(tmp_path):
                    "loss.alpha=0.0", "teacher.config.initializer_range=0.2")
     train.main(cfg)
     kls = [r["kl"] for r in read_metrics(Path(cfg.out_dir)) if r["split"] == "train"]
-    assert sum(kls[-5:]) / 5 < 0.95 * sum(kls[:5]) / 5, kls
+    assert sum(kls[-5:]) / 5 < 0.95 * sum(kls[:5]) / 5, kls  # measured over student seeds 1-4: 0.887-0.892
 
 
 def test_no_teacher_is_plain_cross_entropy(tmp_path):
@@ -158,7 +158,7 @@ def test_bf16_precision_trains_along_both_paths(tmp_path):
     lc, ln, chunked_dir, _ = train_both_paths(tmp_path, common, chunk_size=64)
     assert len(lc) == len(ln) == 6 and all(math.isfinite(x) for x in lc)
     assert max(abs(a - b) for a, b in zip(lc, ln, strict=True)) < 0.05
-    assert lc[-1] < lc[0]
+    assert lc[-1] < lc[0]  # measured over student seeds 1-4: 2.79-2.81 -> 2.51-2.56
     state = student_state(chunked_dir)
     assert all(t.dtype == torch.float32 for t in state.values())
 
@@ -169,6 +169,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     train.main(ref)
 
     out = tmp_path / "killed"
+    # The killed half at this process's thread count, as the reference and the resumed half run here.
     res = kill_train_then_resume(TINY_TRAIN, out, steps, kill_at=15)
     assert "resumed from" in res.stderr
     assert_same_weights(student_state(out), student_state(Path(ref.out_dir)), atol=1e-6)
@@ -226,12 +227,56 @@ def test_tensorboard_and_prompt_response_data(tmp_path):
     assert [e.step for e in acc.Scalars("eval/val_loss")] == [3]
 
 
-def test_teacher_with_padded_vocabulary_is_truncated(tmp_path):
+def _save_padded_and_sliced_teachers(root: Path, extra_rows: int) -> tuple[Path, Path]:
+    """The tiny teacher with ``extra_rows`` padding rows in its output layer (and embeddings), saved, and the same
+    teacher with those rows sliced off by hand, saved as its own checkpoint. The padding rows are large (logits
+    of tens of nats), so that a softmax over them, or a vocabulary padded instead of cut, would show."""
     tok = byte_tokenizer()
-    cfg = cfg_with(tmp_path, f"teacher.config.vocab_size={len(tok) + 9}", "train.max_steps=2", "eval.every=0")
-    summary = train.main(cfg)
-    assert summary["kl_to_teacher"] >= 0
-    strict = cfg_with(tmp_path / "strict", f"teacher.config.vocab_size={len(tok) + 9}", "loss.vocab_policy=error")
+    v = len(tok)
+    spec = load_config(TrainConfig, TINY_TRAIN).teacher
+    padded = load_model(spec.model_copy(update={"config": {**spec.config, "vocab_size": v + extra_rows}}), "teacher",
+                        tok)
+    with torch.no_grad():
+        padded.lm_head.weight[v:] = 5.0 * torch.randn(extra_rows, padded.config.hidden_size,
+                                                      generator=torch.Generator().manual_seed(0))
+    sliced_config = padded.config.to_dict()
+    sliced_config["vocab_size"] = v
+    sliced = AutoModelForCausalLM.from_config(type(padded.config).from_dict(sliced_config))
+    cut = {"model.embed_tokens.weight", "lm_head.weight"}
+    sliced.load_state_dict({k: t[:v] if k in cut else t for k, t in padded.state_dict().items()}, strict=True)
+    ids = torch.tensor([tok("def f(x):\n    return x + 1", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        full = torch.softmax(padded(ids).logits.double(), -1)
+        torch.testing.assert_close(padded(ids).logits[..., :v], sliced(ids).logits, rtol=1e-5, atol=1e-5)
+    assert full[..., v:].sum(-1).mean() > 0.9  # over all rows, the padding would take nearly all the mass
+    out = []
+    for name, model in (("padded", padded), ("sliced", sliced)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out.append(root / name)
+    return out[0], out[1]
+
+
+def test_teacher_with_padded_vocabulary_is_truncated(tmp_path):
+    """A teacher whose output layer has 9 padding rows trains the student exactly as the same teacher with those
+    rows removed by hand: the same losses and KLs every step, the same eval KL, the same weights."""
+    padded, sliced = _save_padded_and_sliced_teachers(tmp_path, 9)
+    runs = {}
+    for name, path in (("padded", padded), ("sliced", sliced)):
+        cfg = cfg_with(tmp_path / name, "teacher.config=null", "teacher.tokenizer=null", f"teacher.path={path}",
+                       "train.max_steps=2", "log.every=1", "eval.every=0", "checkpoint.every=0", "loss.alpha=0.2")
+        summary = train.main(cfg)
+        runs[name] = summary, [r for r in read_metrics(Path(cfg.out_dir)) if r["split"] == "train"], cfg.out_dir
+    (summary_p, recs_p, out_p), (summary_s, recs_s, out_s) = runs["padded"], runs["sliced"]
+    assert len(recs_p) == len(recs_s) == 2
+    for a, b in zip(recs_p, recs_s, strict=True):
+        for key in ("loss", "ce", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (key, a[key], b[key])
+    assert summary_p["kl_to_teacher"] == pytest.approx(summary_s["kl_to_teacher"], rel=1e-6)
+    assert summary_p["top1_agreement"] == pytest.approx(summary_s["top1_agreement"], abs=1e-3)  # (a near-tie)
+    assert_same_weights(student_state(Path(out_p)), student_state(Path(out_s)), atol=1e-6)
+    strict = cfg_with(tmp_path / "strict", "teacher.config=null", "teacher.tokenizer=null", f"teacher.path={padded}",
+                      "loss.vocab_policy=error")
     with pytest.raises(ValueError, match=r"teacher: the output layer has 272 rows for 263 tokenizer tokens"):
         train.main(strict)
 
@@ -360,7 +405,7 @@ def test_train_from_cache_moves_the_student_toward_the_teacher(tmp_path, tiny_ca
     train.main(cfg)
     records = read_metrics(Path(cfg.out_dir))
     kls = [r["kl"] for r in records if r["split"] == "train"]
-    assert len(kls) == 30 and sum(kls[-5:]) < sum(kls[:5])
+    assert len(kls) == 30 and sum(kls[-5:]) < sum(kls[:5])  # measured (student seeds 1-3): 0.86-0.95 of it
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [15, 30]
     if mode == "sampled":  # what sampled targets estimate without bias (distill.teacher)
@@ -368,7 +413,8 @@ def test_train_from_cache_moves_the_student_toward_the_teacher(tmp_path, tiny_ca
     else:
         assert all(r["kl_to_teacher"] >= 0 and 0 <= r["top1_agreement"] <= 1 for r in evals)
     # Against the live teacher (not the cache): the student is closer than where it started, which
-    # targets of some other distribution would not give (measured: 0.80-0.88 of the initial KL of 1.23).
+    # targets of some other distribution would not give (measured over student seeds 1-3: 0.80-0.82 of the
+    # initial KL of 1.23 with the tail or sampled, 0.876-0.882 renormalized).
     before = kl_to_live_teacher(load_model(cfg.student, "student", byte_tokenizer()), cfg)
     after = kl_to_live_teacher(AutoModelForCausalLM.from_pretrained(Path(cfg.out_dir) / "student"), cfg)
     assert after < 0.92 * before, (before, after)

@@ -23,7 +23,10 @@ at T = 1 and the teacher scoring every token (alpha = 0: the divergence alone):
 * ``gkd_lambda{0.5,1.0}_beta{0.1,0.5,0.9}``: GKD, each step the student's samples with probability lambda
   (else the ground truth), generalized JSD(beta);
 * ``on_policy_sampled_rkl``: lambda = 1 with the sampled-token reverse KL, log q(x) - log p(x) on the
-  student's own tokens (MiniLLM-style policy gradient without its extra terms);
+  student's own tokens (MiniLLM-style policy gradient without its extra terms), no baseline;
+* ``on_policy_sampled_rkl_baseline``: the same with its running-mean baseline (``loss.baseline: running``);
+* ``on_policy_reverse_kl``: lambda = 1 with the exact per-token reverse KL over the vocabulary, the objective
+  whose gradient the sampled-token estimate has in expectation;
 * ``skd_k1``, ``skd_k5``: the student proposes, the teacher replaces any token outside its top-K with a
   sample of its own (forward KL);
 * ``distillm``: DistiLLM's adaptive schedule with its replay buffer and skew reverse KL (skew 0.1),
@@ -75,7 +78,11 @@ TEACHER_METHODS = {
     "supervised_jsd": ("dataset", {**JSD, "beta": 0.5}, {}),
     **{f"gkd_lambda{lam}_beta{beta}": ("gkd", {**JSD, "beta": beta}, {"student_fraction": lam})
        for lam in (0.5, 1.0) for beta in (0.1, 0.5, 0.9)},
-    "on_policy_sampled_rkl": ("gkd", {"divergence": "sampled_reverse_kl", "alpha": 0.0}, {"student_fraction": 1.0}),
+    "on_policy_sampled_rkl": ("gkd", {"divergence": "sampled_reverse_kl", "alpha": 0.0, "baseline": "none"},
+                              {"student_fraction": 1.0}),
+    "on_policy_sampled_rkl_baseline": ("gkd", {"divergence": "sampled_reverse_kl", "alpha": 0.0, "baseline": "running",
+                                               "baseline_decay": 0.9}, {"student_fraction": 1.0}),
+    "on_policy_reverse_kl": ("gkd", {"divergence": "reverse_kl", "alpha": 0.0}, {"student_fraction": 1.0}),
     "skd_k1": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 1}),
     "skd_k5": ("skd", {"divergence": "forward_kl", "alpha": 0.0}, {"skd_top_k": 5}),
     "distillm": ("distillm", {"divergence": "skew_reverse_kl", "skew": 0.1, "alpha": 0.0}, {}),

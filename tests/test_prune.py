@@ -29,6 +29,7 @@ _BASE = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "nu
          "num_key_value_heads": 2, "max_position_embeddings": 128}
 FAMILIES = {
     "llama": {"model_type": "llama", **_BASE},
+    "mistral": {"model_type": "mistral", "head_dim": 16, "sliding_window": 8, **_BASE},
     # Padded output rows, as Qwen's (and room for the <|endoftext|> token transformers adds to a byte-level
     # tokenizer saved beside a qwen2 config).
     "qwen2": {"model_type": "qwen2", "vocab_size": 272, **_BASE},
@@ -455,7 +456,7 @@ def test_prune_then_distill_with_the_two_documented_commands(tmp_path, capsys):
     (["target.hidden_size=null", "target.intermediate_size=null", "target.num_attention_heads=4",
       "target.num_key_value_heads=1"], "needs 4 query heads per KV group, but the model's groups have 2"),
     (["target.hidden_size=30"], "target.hidden_size=30 is not a multiple of num_attention_heads=4"),
-    (["model.config.model_type=gpt2"], "supported families: llama, qwen2, qwen3, gemma2"),
+    (["model.config.model_type=gpt2"], "supported families: llama, mistral, qwen2, qwen3, gemma2"),
     (["target.hidden_size=null", "target.intermediate_size=null", "target.params=10"],
      "below the smallest model"),
     (["target.hidden_size=null", "target.intermediate_size=null", "target.params=1e9"],
@@ -501,3 +502,18 @@ def test_an_interrupted_write_leaves_no_output(tmp_path, monkeypatch):
     monkeypatch.undo()
     prune_recipe.main(cfg)  # the debris is replaced by the next run
     assert (tmp_path / "out" / "prune_report.json").is_file() and not (tmp_path / "out.tmp").exists()
+
+
+def test_an_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["prune", str(TINY_PRUNE), f"out_dir={out}", "importance.samples=8", "report=false"]
+    assert cli_main(base) == 0
+    first = (out / "prune_report.json").read_bytes()
+    (out / "marker.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli_main(base) == 2  # as distill train refuses an existing run
+    err = capsys.readouterr().err
+    assert "already holds a pruned model" in err and "overwrite=true" in err
+    assert (out / "marker.txt").is_file() and (out / "prune_report.json").read_bytes() == first
+    assert cli_main([*base, "overwrite=true"]) == 0
+    assert not (out / "marker.txt").exists() and (out / "prune_report.json").is_file()

@@ -290,7 +290,7 @@ def _prune_parser(sub) -> None:
     p = sub.add_parser(
         "prune",
         help="structured pruning (Minitron): remove layers, heads, MLP neurons, embedding channels by importance",
-        description="Prune a Hugging Face model (llama, qwen2, qwen3, gemma2) to smaller sizes: importance of heads,\n"
+        description="Prune a Hugging Face model (llama, mistral, qwen2, qwen3, gemma2) to smaller sizes: importance of heads,\n"
         "MLP neurons, embedding channels and layers from activations on calibration data (the data section),\n"
         "then the weights sliced into an ordinary HF checkpoint in out_dir, with prune_report.json/.md (the\n"
         "calibration loss of the chosen, width-only and depth-only plans). Then distill it from the original:\n"

@@ -922,3 +922,5 @@ class PruneConfig(Section):
     target: PruneTargetConfig
     importance: ImportanceConfig = ImportanceConfig()
     report: bool = Field(True, description="also score width-only and depth-only plans of the same size")
+    overwrite: bool = Field(False, description="replace an existing out_dir written by an earlier distill prune "
+                            "(default: refuse it, as distill train refuses an existing run)")

@@ -34,15 +34,15 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 logger = logging.getLogger("distill")
 
-SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma2")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 SIZE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 
 # Families whose config class requires hidden_size % num_attention_heads == 0 (transformers validates it on save).
-HEADS_DIVIDE_HIDDEN = {"llama": True, "qwen2": False, "qwen3": False, "gemma2": True}
+HEADS_DIVIDE_HIDDEN = {"llama": True, "mistral": False, "qwen2": False, "qwen3": False, "gemma2": True}
 # Gemma 2 multiplies the embeddings by sqrt(hidden_size) and its norms by (1 + weight): see _keep_embedding_scale.
-SCALED_EMBEDDINGS = {"llama": False, "qwen2": False, "qwen3": False, "gemma2": True}
+SCALED_EMBEDDINGS = {"llama": False, "mistral": False, "qwen2": False, "qwen3": False, "gemma2": True}
 
-# The norms of the hidden dimension in a decoder layer (llama/qwen have the first two, gemma2 all four).
+# The norms of the hidden dimension in a decoder layer (llama/mistral/qwen have the first two, gemma2 all four).
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                "post_feedforward_layernorm")
 

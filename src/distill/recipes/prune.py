@@ -63,6 +63,9 @@ def check_out_dir(cfg: PruneConfig) -> Path:
     if out.exists() and not (out / REPORT).is_file():
         raise ValueError(f"out_dir={cfg.out_dir} exists and is not the output of distill prune (no {REPORT}); "
                          "choose another out_dir or remove it")
+    if out.exists() and not cfg.overwrite:
+        raise ValueError(f"out_dir={cfg.out_dir} already holds a pruned model; choose another out_dir, or pass "
+                         "overwrite=true to replace it")
     return out
 
 

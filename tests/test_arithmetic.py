@@ -8,6 +8,7 @@ import operator
 import random
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,27 @@ def test_written_files(tmp_path):
             value = PY_OPS[op](int(a), int(b))
             assert r["answer"] == value and r["response"] == expected_text(value, op, 3)
     assert ar.read_problems(test_path) == expected_test
+
+
+def test_the_validation_split_is_disjoint_and_leaves_train_and_test_as_they_were(tmp_path):
+    train, test = ar.make_splits(4, 3, ("+",), 300, 80)
+    train_v, test_v, valid = ar.make_splits(4, 3, ("+",), 300, 80, n_valid=50)
+    assert (train_v, test_v) == (train, test) and len(valid) == 50
+    keys = [p.key() for p in train + test + valid]
+    assert len(set(keys)) == len(keys)  # no problem in two splits
+    ar.write_splits(tmp_path / "data", 4, 3, ("+",), 300, 80, n_valid=50)
+    assert ar.read_problems(tmp_path / "data" / "valid.jsonl") == valid
+
+
+def test_a_run_reads_the_validation_split_never_the_test_split(tmp_path):
+    """What a run evaluates while it trains (DistiLLM's schedule reads that loss) is the validation split; the
+    test split is kept for the reported exact match."""
+    preset = ar.PRESETS["tiny"]
+    preset.write_data(tmp_path / "data")
+    for role in ("teacher", "student"):
+        cfg = ar.ground_truth_config(preset, tmp_path / "data", tmp_path / role, role=role)
+        assert Path(cfg.data.eval_source) == tmp_path / "data" / "valid.jsonl"
+        assert Path(cfg.data.source) == tmp_path / "data" / "train.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ verify

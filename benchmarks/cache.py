@@ -47,8 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from distill import cache as fmt  # noqa: E402
-from distill.chunked import chunked_kd_loss  # noqa: E402
 from distill.data import collate  # noqa: E402
+from distill.losses import chunked_kd_loss  # noqa: E402
 from distill.models import final_hidden, flat_positions, output_head  # noqa: E402
 from distill.recipes.cache import Capturer, build_manifest, capture_split  # noqa: E402
 

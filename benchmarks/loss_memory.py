@@ -6,7 +6,7 @@ that case's alone. The measured step includes the output-layer matmuls of both m
 * naive:   ``s = h @ W.T``, ``t = h_t @ W_t.T`` (no grad), ``log_softmax`` of both at temperature T, the
            divergence written the textbook way (``F.kl_div(..., log_target=True)`` for forward KL), summed
            and divided by the token count, ``.backward()``.
-* chunked: :func:`distill.chunked.chunked_kd_loss` (automatic chunk size), ``.backward()``.
+* chunked: :func:`distill.losses.chunked.chunked_kd_loss` (automatic chunk size), ``.backward()``.
 * liger:   (CUDA, JSD only, when ``liger-kernel`` is installed) Liger-Kernel's ``LigerFusedLinearJSD``,
            the fused chunked JSD of a live teacher, for comparison. Its loss is the unscaled
            ``beta KL(P||M) + (1-beta) KL(Q||M)``; ours divides by ``beta (1-beta)`` (docs/methods.md), so the
@@ -239,8 +239,7 @@ def _make_inputs(vocab, tokens, hidden, device, teacher, k=64, dtype="float32"):
 def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chunk_size=None, log_kl=True):
     import torch
 
-    from distill.chunked import DenseSignal, LinearHead, chunked_kd_loss
-    from distill.losses import LossSpec
+    from distill.losses import DenseSignal, LinearHead, LossSpec, chunked_kd_loss
 
     inp["w"].grad = None
     inp["h"].grad = None

@@ -26,10 +26,9 @@ from distill.cache import (
     TeacherCache,
     collate_targets,
 )
-from distill.chunked import chunked_kd_loss, naive_kd_loss
 from distill.config import CacheConfig, ConfigError, load_config
 from distill.data import build_datasets, collate
-from distill.losses import IGNORE_INDEX, SparseTarget
+from distill.losses import IGNORE_INDEX, SparseTarget, chunked_kd_loss, naive_kd_loss
 from distill.models import final_hidden, load_model, load_tokenizer, output_head
 from distill.recipes import cache as recipe
 
@@ -349,7 +348,7 @@ def test_collate_targets_pads_with_zero_probability():
 
 def test_cached_targets_feed_the_chunked_sparse_loss(tiny):
     """The training path: a batch's targets from the cache through chunked_kd_loss == the naive loss."""
-    from distill.chunked import LinearHead
+    from distill.losses import LinearHead
 
     cache, ds = TeacherCache(tiny["out"]), tiny["ds"]
     idx = [3, 17, 40, 41]

@@ -9,22 +9,20 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill.chunked import (
-    DEFAULT_MEMORY_BUDGET_BYTES,
-    DenseSignal,
-    LinearHead,
-    chunked_kd_loss,
-    naive_kd_loss,
-    plan_chunks,
-    temporaries_per_token,
-)
 from distill.losses import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
     DIVERGENCES,
     IGNORE_INDEX,
+    DenseSignal,
+    LinearHead,
     LossSpec,
     SparseTarget,
+    chunked_kd_loss,
     kd_loss_per_token,
+    naive_kd_loss,
+    plan_chunks,
     reduce_loss,
+    temporaries_per_token,
     token_divergence,
 )
 

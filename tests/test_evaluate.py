@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.chunked import LinearHead, chunked_kd_loss
 from distill.evaluate import CALIBRATION_BINS, SUM_KEYS, expected_calibration_error, metrics_from_sums
-from distill.losses import IGNORE_INDEX, LossSpec, SparseTarget
+from distill.losses import IGNORE_INDEX, LinearHead, LossSpec, SparseTarget, chunked_kd_loss
 
 
 def _reference_ece(logits: np.ndarray, labels: np.ndarray, bins: int) -> tuple[np.ndarray, float]:

@@ -20,9 +20,12 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from distill import lora  # noqa: E402
-from distill.chunked import chunked_kd_loss  # noqa: E402
 from distill.config import ConfigError, LoraConfig, TrainConfig, load_config  # noqa: E402
-from distill.losses import IGNORE_INDEX, LossSpec  # noqa: E402
+from distill.losses import (  # noqa: E402
+    IGNORE_INDEX,
+    LossSpec,
+    chunked_kd_loss,  # noqa: E402
+)
 from distill.models import final_hidden, flat_positions, load_model, output_head  # noqa: E402
 from distill.recipes import train  # noqa: E402
 from distill.tokenizer import byte_tokenizer  # noqa: E402

@@ -10,9 +10,17 @@ import pytest
 import torch
 from conftest import REPO, SMALL_DATA, TINY_TRAIN
 
-from distill.chunked import DenseSignal, LinearHead, MixtureSignal, chunked_kd_loss, naive_kd_loss
 from distill.config import ConfigError, TrainConfig, load_config
-from distill.losses import IGNORE_INDEX, LossSpec, SparseTarget
+from distill.losses import (
+    IGNORE_INDEX,
+    DenseSignal,
+    LinearHead,
+    LossSpec,
+    MixtureSignal,
+    SparseTarget,
+    chunked_kd_loss,
+    naive_kd_loss,
+)
 from distill.recipes import train
 
 N, H, V = 37, 8, 30

@@ -363,15 +363,15 @@ def kl_before_and_after(cfg: TrainConfig, monkeypatch) -> tuple[float, float]:
 
 def flip_the_reward(monkeypatch) -> None:
     """The surrogate with -f in place of f (alpha = 0: the loss is s * stopgrad(f - b) * log q(x), negated)."""
-    from distill import losses
+    from distill.losses import divergences
 
-    real = losses._sampled_reverse_kl
+    real = divergences._sampled_reverse_kl
 
     def flipped(*args, **kwargs):
         out = real(*args, **kwargs)
         return {**out, "loss": -out["loss"]}
 
-    monkeypatch.setattr(losses, "_sampled_reverse_kl", flipped)
+    monkeypatch.setattr(divergences, "_sampled_reverse_kl", flipped)
 
 
 @pytest.mark.parametrize("length", [1, 2])
@@ -444,7 +444,7 @@ def test_a_baseline_keeps_the_sampled_gradient_unbiased_and_lowers_its_variance(
 
 def test_the_chunked_loss_with_a_baseline_equals_the_naive_one():
     """The baseline travels in the LossSpec through the chunked path (several chunks and loss chunks)."""
-    from distill.chunked import DenseSignal, LinearHead, chunked_kd_loss, naive_kd_loss
+    from distill.losses import DenseSignal, LinearHead, chunked_kd_loss, naive_kd_loss
 
     g = torch.Generator().manual_seed(1)
     n, h, v = 23, 8, 17

@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from distill.chunked import LinearHead, chunked_kd_loss
-from distill.losses import IGNORE_INDEX, LossSpec
+from distill.losses import IGNORE_INDEX, LinearHead, LossSpec, chunked_kd_loss
 from distill.models import final_hidden, flat_positions
 
 SUM_KEYS = ("ce_sum", "kl_sum", "agree_sum", "correct_sum", "count", "teacher_entropy_sum", "teacher_p_top1_sum",
@@ -28,7 +27,7 @@ CALIBRATION_BINS = 15  # equal-width bins of top-1 confidence for the expected c
 def eval_sums(model, head: LinearHead, batches: Iterable[dict], teacher=None,
               autocast: Callable = contextlib.nullcontext, divergences: tuple[str, ...] = ()) -> torch.Tensor:
     """Summed statistics over ``batches`` as a float64 tensor: ``SUM_KEYS`` in order, the (3,
-    ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.chunked.chunked_kd_loss`), then for
+    ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.losses.chunked.chunked_kd_loss`), then for
     each of ``divergences`` (other than forward KL: one more pass each) its sum and sum of squares.
 
     ``teacher``: a :mod:`distill.teacher` teacher (or None); its signal is compared with the student's at

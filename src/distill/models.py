@@ -28,7 +28,7 @@ from distill.config import ModelSpec, looks_local
 from distill.tokenizer import byte_tokenizer, check_saves, save_tokenizer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
-    from distill.chunked import LinearHead
+    from distill.losses import LinearHead
 
 logger = logging.getLogger("distill")
 
@@ -141,8 +141,8 @@ def resolve_vocab(model: PreTrainedModel, vocab_size: int, field: str, policy: L
 
 
 def output_head(model: PreTrainedModel, vocab_size: int) -> LinearHead:
-    """The model's output layer as a :class:`~distill.chunked.LinearHead` (with soft-capping/scale)."""
-    from distill.chunked import LinearHead
+    """The model's output layer as a :class:`~distill.losses.chunked.LinearHead` (with soft-capping/scale)."""
+    from distill.losses import LinearHead
 
     weight, bias = layer_weight(model.get_output_embeddings())
     config = model.config

@@ -5,7 +5,7 @@ checks there that it fits the run, and then, for any batch, returns its **signal
 next-token positions (``labels[:, 1:]``, flattened to ``B * (T - 1)`` rows):
 
 * :class:`LiveTeacher` (``teacher: {path: DIR}`` or ``{config: ...}``): a Hugging Face model in this
-  process. Dense signal: its final hidden states and output layer (:class:`distill.chunked.DenseSignal`);
+  process. Dense signal: its final hidden states and output layer (:class:`distill.losses.chunked.DenseSignal`);
   the loss forms the logits a chunk of rows at a time.
 * :class:`CachedTeacher` (``teacher: {cache: DIR}``): targets captured by ``distill cache``. Sparse signal:
   ids + probabilities, with or without the tail mass (:class:`distill.losses.SparseTarget`).
@@ -30,7 +30,7 @@ teacher depends on the signal (:attr:`eval_estimates`):
 More kinds are built from these (docs/methods.md §9, §11, §13):
 
 * :class:`MixtureTeacher` (``teacher: {teachers: [...], mix: probability | loss}``): several teachers of any
-  kind, each with a weight and its own temperature; its signal is a :class:`distill.chunked.MixtureSignal`,
+  kind, each with a weight and its own temperature; its signal is a :class:`distill.losses.chunked.MixtureSignal`,
   which the chunked loss forms a chunk of rows of each member at a time.
 * :class:`SelfTeacher` (``teacher: {self: ema | snapshot}``): the student itself, as the moving average of
   its weights or a frozen copy taken every N steps; it follows the student after each optimizer step
@@ -57,7 +57,6 @@ import torch
 
 from distill import sharding
 from distill.cache import TeacherCache, data_fingerprint
-from distill.chunked import DenseSignal, LinearHead, MixtureSignal, chunked_kd_loss
 from distill.config import (
     HiddenLossConfig,
     MixtureTeacherSpec,
@@ -68,7 +67,16 @@ from distill.config import (
     StudentBaseTeacherSpec,
     TeacherCacheSpec,
 )
-from distill.losses import HiddenStateLoss, LossSpec, SparseTarget, uniform_layer_map
+from distill.losses import (
+    DenseSignal,
+    HiddenStateLoss,
+    LinearHead,
+    LossSpec,
+    MixtureSignal,
+    SparseTarget,
+    chunked_kd_loss,
+    uniform_layer_map,
+)
 from distill.models import (
     check_tokenizers_agree,
     count_parameters,

@@ -80,7 +80,7 @@ class Capturer:
         """Teacher logits / T of ``rows`` (C, H), C <= chunk_rows: a view of a reused fp32 buffer."""
         import torch
 
-        from distill.chunked import logits_into
+        from distill.losses import logits_into
 
         w, b = self.head.sliced()
         c = rows.shape[0]

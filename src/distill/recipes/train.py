@@ -4,7 +4,7 @@
     distill train my.yaml loss.divergence=jsd loss.beta=0.9 --resume   # continue the latest checkpoint
     accelerate launch --multi_gpu --num_processes 2 -m distill train my.yaml   # data parallel (CPU too: gloo)
 
-Loss per supervised token: ``alpha * CE + (1 - alpha) * T^2 * D(p_T || q_T)`` (``losses.py``). The
+Loss per supervised token: ``alpha * CE + (1 - alpha) * T^2 * D(p_T || q_T)`` (``distill.losses``). The
 reduction divides by the number of supervised tokens in the whole optimizer step (all micro-batches,
 all processes), so the step's gradient does not depend on how the global batch is split.
 
@@ -41,12 +41,11 @@ from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
 from distill import lora, sharding
-from distill.chunked import LinearHead, chunked_kd_loss, naive_kd_loss
 from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.errors import NonFiniteLossError
 from distill.evaluate import eval_sums, metrics_from_sums
-from distill.losses import IGNORE_INDEX, reduce_loss
+from distill.losses import IGNORE_INDEX, LinearHead, chunked_kd_loss, naive_kd_loss, reduce_loss
 from distill.models import (
     check_tokenizer_saves,
     count_parameters,

@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from distill.losses import (
+from distill.losses.divergences import (
     FORWARD_KL,
     IGNORE_INDEX,
     LossSpec,

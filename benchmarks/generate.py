@@ -3,7 +3,7 @@
 The same model, prompts and batch for each, new tokens per second (every sequence writes exactly
 ``--new-tokens`` tokens: no stop token), round robin over ``--reps`` rounds, medians:
 
-* ``distill``: :func:`distill.generate.sample` (our KV-cache loop; per-sample seeds; the sampler's
+* ``distill``: :func:`distill.generation.sampling.sample` (our KV-cache loop; per-sample seeds; the sampler's
   log-probs; with ``model_logprobs`` on, as ``distill generate`` runs with the log-prob scorer, and off);
 * ``transformers``: ``model.generate`` with the same explicit settings (``do_sample``, temperature, no
   top-k / top-p, ``min_new_tokens = max_new_tokens`` so that nobody stops early);
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from distill.checkpoint import atomic_write_json  # noqa: E402
-from distill.generate import SamplingParams, left_pad, row_seed, sample  # noqa: E402
+from distill.generation.sampling import SamplingParams, left_pad, row_seed, sample  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/generate.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "generate.json"

@@ -7,7 +7,7 @@ completions are the student's samples, T = 1; generalized JSD, beta = 0.5) twice
 step without the setup and the final save. Then, in the same process, on the run's final student, the parts
 of one step are timed apart, round robin, medians of ``--reps``:
 
-* ``generate``: :func:`distill.generate.sample` of the 64 prompts (KV cache, per-sample seeds);
+* ``generate``: :func:`distill.generation.sampling.sample` of the 64 prompts (KV cache, per-sample seeds);
 * ``teacher``: the live teacher's signal for those sequences (its forward, no gradient);
 * ``train``: the student's forward, the memory-efficient loss against that signal, backward and AdamW.
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import ModelSpec  # noqa: E402
-from distill.generate import SamplingParams, row_seed, sample  # noqa: E402
+from distill.generation.sampling import SamplingParams, row_seed, sample  # noqa: E402
 from distill.losses import IGNORE_INDEX  # noqa: E402
 from distill.models import load_model, load_tokenizer, output_head  # noqa: E402
 from distill.recipes import train  # noqa: E402

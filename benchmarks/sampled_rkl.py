@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import ModelSpec, TrainConfig, load_config  # noqa: E402
 from distill.data import build_datasets  # noqa: E402
-from distill.generate import SamplingParams, row_seed, sample  # noqa: E402
+from distill.generation.sampling import SamplingParams, row_seed, sample  # noqa: E402
 from distill.losses import IGNORE_INDEX, LossSpec, kd_loss_per_token  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.onpolicy import example_prompt  # noqa: E402

@@ -101,7 +101,7 @@ def accuracy(model_dir: Path, problems) -> float:
 def reverse_kl_on_own_samples(student_dir: Path, teacher_dir: Path, problems, seed: int = 0) -> float:
     """Mean over the student's written tokens of KL(q || p) (student q, teacher p, full vocabulary), on one
     sample (T = 1) of the student per held-out prompt."""
-    from distill.generate import SamplingParams, row_seed, sample
+    from distill.generation.sampling import SamplingParams, row_seed, sample
     from distill.losses import IGNORE_INDEX
 
     spec = ModelSpec(path=str(student_dir))

@@ -39,7 +39,7 @@ from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import DataConfig, LossConfig, ModelSpec  # noqa: E402
 from distill.data import build_datasets  # noqa: E402
 from distill.evaluate import measure_speculative  # noqa: E402
-from distill.generate import SamplingParams  # noqa: E402
+from distill.generation.sampling import SamplingParams  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.recipes import quickstart, train  # noqa: E402
 

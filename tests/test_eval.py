@@ -11,7 +11,7 @@ from conftest import REPO, TINY_TRAIN, run_cli, run_cli_here
 
 from distill.config import ConfigError, EvalRunConfig, TrainConfig, load_config
 from distill.evaluate import acceptance_estimate, predicted_tokens_per_call
-from distill.generate import SamplingParams, row_seed, sample
+from distill.generation.sampling import SamplingParams, row_seed, sample
 from distill.recipes import eval as eval_recipe
 from distill.recipes import train
 from distill.tokenizer import byte_tokenizer

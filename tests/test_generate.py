@@ -1,4 +1,4 @@
-"""The generation layer (distill.generate) and `distill generate`: exactness against transformers, seeds,
+"""The generation layer (distill.generation) and `distill generate`: exactness against transformers, seeds,
 stop tokens as labels, resume, best-of-N, different tokenizers, bad input."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from distill.config import GenerateConfig, TrainConfig, load_config
-from distill.generate import (
+from distill.generation.sampling import (
     Decoder,
     SamplingParams,
     left_pad,
@@ -23,9 +23,9 @@ from distill.generate import (
     processed_logprobs,
     row_seed,
     sample,
-    speculative_sample,
     uniforms,
 )
+from distill.generation.speculative import speculative_sample
 from distill.recipes import generate as recipe
 from distill.recipes import train
 from distill.tokenizer import byte_tokenizer

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill.config import ConfigError, TrainConfig, load_config
-from distill.generate import LiveCorrector, SamplingParams, corrected_sample, row_seed, sample
+from distill.generation.correction import LiveCorrector, corrected_sample
+from distill.generation.sampling import SamplingParams, row_seed, sample
 from distill.losses import LossSpec, SparseTarget, kd_loss_per_token, token_divergence
 from distill.recipes import train
 

@@ -31,7 +31,7 @@ from distill.models import final_hidden, load_model, output_head
 from distill.recipes import cache as cache_recipe
 from distill.recipes import generate as generate_recipe
 from distill.recipes import train
-from distill.remote import Client, NoPromptLogprobs, parse_sglang, parse_vllm
+from distill.server.client import Client, NoPromptLogprobs, parse_sglang, parse_vllm
 from distill.tokenizer import byte_tokenizer
 
 TINY_SERVE = REPO / "configs" / "tiny" / "serve_teacher.yaml"
@@ -388,7 +388,7 @@ def test_client_retries_then_names_the_url(monkeypatch):
         delays.append(seconds)
         real_sleep(seconds)
 
-    monkeypatch.setattr("distill.remote.time.sleep", sleep)  # (the time module's: restored after the test)
+    monkeypatch.setattr("distill.server.client.time.sleep", sleep)  # (the time module's: restored after the test)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}"

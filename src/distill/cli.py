@@ -191,7 +191,7 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from distill.serve import serve
+    from distill.server.app import serve
 
     serve(args.model_dir, host=args.host, port=args.port, name=args.name, api_key_env=args.api_key_env,
           max_logprobs=args.max_logprobs, logprobs_mode=args.logprobs_mode, dtype=args.dtype)

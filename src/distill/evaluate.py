@@ -162,8 +162,8 @@ def acceptance_estimate(target, draft, sequences: dict, params) -> float:
     completion positions of sum_v min(p, q), with p and q the target's and the draft's sampling
     distributions (``params``: temperature, top-k, top-p; the argmax for greedy), from one teacher-forced
     pass of each model over ``sequences`` (a right-padded batch of the target's own samples:
-    :meth:`distill.generate.Generation.to_batch`)."""
-    from distill.generate import processed_logprobs
+    :meth:`distill.generation.sampling.Generation.to_batch`)."""
+    from distill.generation.sampling import processed_logprobs
 
     positions = sequences["labels"][:, 1:] != IGNORE_INDEX  # the positions that predict a written token
     outs = []
@@ -195,7 +195,8 @@ def measure_speculative(target, draft, prompts: list[list[int]], params, gammas:
     import statistics
     import time
 
-    from distill.generate import row_seed, sample, speculative_sample
+    from distill.generation.sampling import row_seed, sample
+    from distill.generation.speculative import speculative_sample
 
     seeds = [row_seed(seed, "prompt", i) for i in range(len(prompts))]
     own = sample(target, prompts, params, pad_id=pad_id, seeds=None if params.greedy else seeds)

@@ -44,7 +44,8 @@ import time
 
 import numpy as np
 
-from distill.generate import SamplingParams, corrected_sample, row_seed, sample, uniforms
+from distill.generation.correction import corrected_sample
+from distill.generation.sampling import SamplingParams, row_seed, sample, uniforms
 from distill.losses import IGNORE_INDEX
 
 SOURCES = ("gkd", "skd", "distillm")

@@ -153,8 +153,8 @@ class LiveTeacher:
         pass
 
     def corrector(self, temperature: float):
-        """Speculative KD's teacher side (:func:`distill.generate.corrected_sample`)."""
-        from distill.generate import LiveCorrector
+        """Speculative KD's teacher side (:func:`distill.generation.correction.corrected_sample`)."""
+        from distill.generation.correction import LiveCorrector
 
         return LiveCorrector(self.model, temperature)
 
@@ -264,7 +264,7 @@ class CachedTeacher:
 
 
 class ServerTeacher:
-    """A teacher behind an HTTP server, scored on token ids (:mod:`distill.remote`); sparse signal: the
+    """A teacher behind an HTTP server, scored on token ids (:mod:`distill.server.client`); sparse signal: the
     top-k and the realized token with their probabilities at the loss temperature, and the tail mass.
 
     At start it refuses a server that cannot be used: no prompt log-probabilities (OpenAI API, llama.cpp:
@@ -282,7 +282,7 @@ class ServerTeacher:
     def __init__(self, spec: ServerTeacherSpec, tokenizer, loss: LossSpec):
         import os
 
-        from distill.remote import Client, NoPromptLogprobs, Scorer, max_abs_difference
+        from distill.server.client import Client, NoPromptLogprobs, Scorer, max_abs_difference
 
         key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.api_key_env and not key:
@@ -401,7 +401,7 @@ class ServerTeacher:
         return None
 
     def corrector(self, temperature: float):
-        from distill.remote import ServerCorrector
+        from distill.server.client import ServerCorrector
 
         return ServerCorrector(self.client, self.model, temperature, self.spec.max_in_flight)
 

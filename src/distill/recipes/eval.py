@@ -31,7 +31,7 @@ from distill.evaluate import (
     target_bytes,
     token_byte_lengths,
 )
-from distill.generate import SamplingParams
+from distill.generation.sampling import SamplingParams
 from distill.harness import run_tasks
 from distill.losses import IGNORE_INDEX, LossSpec
 from distill.models import (

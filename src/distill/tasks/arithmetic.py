@@ -272,11 +272,11 @@ def completions(model, tokenizer, problems: Sequence, batch_size: int = 64, max_
     """The greedy completion of each problem (Problems, records with ``prompt``, or prompt strings), decoded
     up to its first eos (special tokens kept in the text, so a completion containing one is wrong).
 
-    Each prompt is ``[bos] prompt`` as in training; decoding is :func:`distill.generate.sample` at
+    Each prompt is ``[bos] prompt`` as in training; decoding is :func:`distill.generation.sampling.sample` at
     temperature 0 (every setting explicit, so a checkpoint's ``generation_config`` cannot change it).
     ``max_new_tokens`` defaults to the longest answer + 1 (the eos).
     """
-    from distill.generate import SamplingParams, sample
+    from distill.generation.sampling import SamplingParams, sample
 
     prompts = [_prompt_of(p) for p in problems]
     if not prompts:

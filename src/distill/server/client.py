@@ -33,6 +33,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from distill.errors import TeacherServerError
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -240,8 +242,6 @@ class ServerCorrector:
         return {as_id(t) for t in tops[0]}, as_id(tokens[0])
 
     def check(self, proposed_B, k: int, u_B, active_B=None):
-        import torch
-
         b = len(self.prefixes)
         active = [True] * b if active_B is None else active_B.tolist()
         seeds = [int(u * 2**31) for u in u_B.tolist()]

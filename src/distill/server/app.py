@@ -16,7 +16,7 @@ text or token ids, one or several; ``max_tokens`` (0 scores only), ``temperature
   request's ``temperature``. ``K`` and ``logprobs`` are capped by ``--max-logprobs`` (20 by default, as vLLM).
 * **Batching.** Requests from many clients are queued and run together on the model: every scoring request
   waiting joins one forward pass, every generation request with the same sampling settings joins one
-  decoding batch (``distill.generate.sample``, per-sequence seeds: a request with ``seed`` gets the same
+  decoding batch (``distill.generation.sampling.sample``, per-sequence seeds: a request with ``seed`` gets the same
   samples whoever else is in its batch).
 * **Errors** come back in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with a 4xx:
   malformed JSON, unknown fields' types, an unknown model name, too many log-probs, a prompt longer than the
@@ -43,8 +43,17 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from distill.generate import SamplingParams, row_seed, sample
-from distill.models import final_hidden, max_positions, output_head
+from distill.config import ModelSpec
+from distill.generation.sampling import SamplingParams, row_seed, sample
+from distill.models import (
+    final_hidden,
+    has_accelerator,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    output_head,
+    resolve_vocab,
+)
 
 logger = logging.getLogger("distill")
 
@@ -535,8 +544,6 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, name: st
         import uvicorn
     except ImportError:
         raise ValueError("distill serve needs FastAPI and uvicorn: pip install 'distill[serve]'") from None
-    from distill.config import ModelSpec
-    from distill.models import has_accelerator, load_model, load_tokenizer, resolve_vocab
 
     api_key = None
     if api_key_env:

@@ -1,7 +1,7 @@
 """Offline teacher cache: size, write/read throughput, and the bare teacher forward for comparison.
 
 For each mode and parameter (top-k k = 8, 32, 64; sampled N = 16, 50) the same examples are captured with
-:class:`distill.recipes.cache.Capturer` + :func:`distill.recipes.cache.capture_split` (teacher forward,
+:class:`distill.cache.capture.Capturer` + :func:`distill.cache.capture.capture_split` (teacher forward,
 targets, encoding and atomic shard writes, the writer thread included) into a fresh directory, then read
 back at random (batches of 8 random examples through :meth:`TeacherCache.batch_target`, hash checks and
 checksums included). ``teacher_forward_tokens_per_s`` is the bare teacher forward over the same rows and
@@ -46,11 +46,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from distill import cache as fmt  # noqa: E402
+from distill.cache import capture, codec, reader  # noqa: E402
+from distill.cache.capture import Capturer, build_manifest, capture_split  # noqa: E402
 from distill.data import collate  # noqa: E402
 from distill.losses import chunked_kd_loss  # noqa: E402
 from distill.models import final_hidden, flat_positions, output_head  # noqa: E402
-from distill.recipes.cache import Capturer, build_manifest, capture_split  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/cache.json
 DEFAULT_OUT = REPO / "runs" / "benchmarks" / "cache.json"
@@ -129,7 +129,7 @@ def timed(fn, *args, **kwargs):
 def read_throughput(path: Path, examples: list[dict], batch_size: int = 8) -> tuple[float, float]:
     """(random-access tokens/s, sequential streaming tokens/s), a fresh reader each (checksums included)."""
     order = np.random.default_rng(0).permutation(len(examples)).tolist()
-    cache = fmt.TeacherCache(path)
+    cache = reader.TeacherCache(path)
     t0 = time.perf_counter()
     tokens = 0
     for b in range(0, len(order), batch_size):
@@ -137,7 +137,7 @@ def read_throughput(path: Path, examples: list[dict], batch_size: int = 8) -> tu
         cache.batch_target(idx, [examples[i] for i in idx])
         tokens += sum(len(examples[i]["input_ids"]) for i in idx)
     random_tps = tokens / (time.perf_counter() - t0)
-    cache = fmt.TeacherCache(path)
+    cache = reader.TeacherCache(path)
     t0 = time.perf_counter()
     for _ in cache.iter_targets(examples):
         pass
@@ -148,7 +148,7 @@ def train_step_throughput(
     student, vocab: int, path: Path, examples: list[dict], batch_size: int = 8
 ) -> float:
     """Student tokens/s of forward + chunked sparse KD loss + backward on cached targets (reading excluded)."""
-    cache = fmt.TeacherCache(path)
+    cache = reader.TeacherCache(path)
     head_fn = lambda: output_head(student, vocab)  # noqa: E731
     student.requires_grad_(True).train()
     batches = []
@@ -172,13 +172,13 @@ def train_step_throughput(
 
 def topk_quant_kl(logp: torch.Tensor, k: int, bits: int) -> float:
     """Mean KL(exact renormalized top-k || decoded renormalized top-k) on the teacher's own rows."""
-    out = fmt.topk_targets(logp.float(), k, bits)
+    out = capture.topk_targets(logp.float(), k, bits)
     top = logp.double().topk(k, -1).values
     p = torch.softmax(top, -1)
     q = torch.cat(
         [
             torch.ones(len(p), 1, dtype=torch.float64),
-            torch.from_numpy(fmt.ratio_levels(bits)[out["codes"].numpy()]),
+            torch.from_numpy(codec.ratio_levels(bits)[out["codes"].numpy()]),
         ],
         1,
     )
@@ -222,7 +222,7 @@ def main() -> None:
     step_tps = None
     with tempfile.TemporaryDirectory(prefix="distill-cache-bench-") as tmp:
         for mode, value in settings:
-            params = fmt.CacheParams.make(mode, vocab, **({"k": value} if mode == "topk" else {"n": value}))
+            params = codec.CacheParams.make(mode, vocab, **({"k": value} if mode == "topk" else {"n": value}))
             out = Path(tmp) / f"{mode}-{value}"
             out.mkdir()
             cap = Capturer(
@@ -239,7 +239,7 @@ def main() -> None:
             # the bare forward right before the capture (same capturer, chunks and buffers): paired timings
             fwd_tokens, fwd_s = timed(cap.forward_only, examples)
             forward_tps = fwd_tokens / fwd_s
-            hashes = fmt.example_hashes(examples)
+            hashes = codec.example_hashes(examples)
             res, write_s = timed(
                 capture_split,
                 cap,
@@ -251,8 +251,8 @@ def main() -> None:
                 progress=False,
             )
             identity = {
-                "format": fmt.FORMAT_NAME,
-                "version": fmt.FORMAT_VERSION,
+                "format": codec.FORMAT_NAME,
+                "version": codec.FORMAT_VERSION,
                 "teacher": {"benchmark": describe},
                 "tokenizer_fingerprint": "benchmark",
                 "params": params.to_json(),
@@ -264,12 +264,12 @@ def main() -> None:
                         "num_examples": len(examples),
                         "shard_examples": shard_examples,
                         "num_shards": -(-len(examples) // shard_examples),
-                        "data_fingerprint": fmt.data_fingerprint(hashes=hashes),
+                        "data_fingerprint": codec.data_fingerprint(hashes=hashes),
                     }
                 },
             }
             manifest = build_manifest(out, identity)
-            (out / fmt.MANIFEST).write_text(fmt.canonical_json(manifest))
+            (out / codec.MANIFEST).write_text(codec.canonical_json(manifest))
             split = manifest["splits"]["train"]
             total_bytes = split["bytes"]  # every shard file, headers and checksums included
             positions = split["positions"]
@@ -286,7 +286,7 @@ def main() -> None:
                 "teacher_forward_tokens_per_s": round(forward_tps, 1),
                 "capture_vs_forward": round(res["tokens"] / write_s / forward_tps, 3),
                 "train_step_tokens_per_s": round(step_tps, 1),
-                "manifest_bytes": (out / fmt.MANIFEST).stat().st_size,
+                "manifest_bytes": (out / codec.MANIFEST).stat().st_size,
                 "vocab_size": vocab,
                 "id_bits": params.id_bits,
                 "tokens": res["tokens"],
@@ -298,7 +298,7 @@ def main() -> None:
                 rec["tail_bits"] = params.tail_bits
                 rec["quantization_kl_nats"] = float(f"{topk_quant_kl(logp, value, params.prob_bits):.3g}")
             else:
-                cache = fmt.TeacherCache(out)
+                cache = reader.TeacherCache(out)
                 distinct = [float(np.mean(cache.raw(i)[0]["distinct"])) for i in range(len(examples))]
                 d = float(np.mean(distinct))
                 rec["mean_distinct_ids"] = round(d, 2)

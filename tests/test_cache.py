@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import REPO, SHARP_TEACHER, SMALL_CACHE, TINY_CACHE
 
-from distill import cache as fmt
-from distill.cache import (
+from distill.cache import capture, codec, reader
+from distill.cache.codec import CacheParams
+from distill.cache.reader import (
     CacheMismatchError,
-    CacheParams,
     CorruptShardError,
     IncompleteCacheError,
     TeacherCache,
@@ -78,19 +78,19 @@ def stored_row_logits(teacher, tok, examples: list[dict]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("vocab", [263, 131073, 262144])
 def test_bit_packing_roundtrip_and_random_access(vocab):
     rng = np.random.default_rng(vocab)
-    bits = fmt.id_bits_for(vocab)
+    bits = codec.id_bits_for(vocab)
     assert bits == math.ceil(math.log2(vocab))
     for n in (0, 1, 7, 8, 9, 1000):
         values = rng.integers(0, vocab, n)
         values[: min(n, 2)] = vocab - 1  # the largest id must fit
-        packed = fmt.pack_bits(values, bits)
-        assert packed.nbytes == fmt.packed_nbytes(n, bits) == math.ceil(n / 8) * bits
-        assert np.array_equal(fmt.unpack_bits(packed.tobytes(), bits, 0, n), values)
+        packed = codec.pack_bits(values, bits)
+        assert packed.nbytes == codec.packed_nbytes(n, bits) == math.ceil(n / 8) * bits
+        assert np.array_equal(codec.unpack_bits(packed.tobytes(), bits, 0, n), values)
         for start in range(0, n, max(1, n // 7)):
             count = int(rng.integers(0, n - start + 1))
-            assert np.array_equal(fmt.unpack_bits(packed, bits, start, count), values[start : start + count])
+            assert np.array_equal(codec.unpack_bits(packed, bits, start, count), values[start : start + count])
     with pytest.raises(ValueError, match="must be in"):
-        fmt.pack_bits(np.array([vocab]) << 1, bits)
+        codec.pack_bits(np.array([vocab]) << 1, bits)
 
 
 @pytest.mark.parametrize("n", [1, 16, 50, 64, 256])
@@ -98,8 +98,8 @@ def test_count_fields_use_the_fewest_bits(n):
     params = CacheParams.make("sampled", 131073, n=n)
     assert params.count_bits == (n - 1).bit_length()  # count - 1 in [0, N - 1]
     counts = np.arange(1, n + 1)
-    packed = fmt.pack_bits(counts - 1, params.count_bits)
-    assert np.array_equal(fmt.unpack_bits(packed, params.count_bits, 0, n) + 1, counts)
+    packed = codec.pack_bits(counts - 1, params.count_bits)
+    assert np.array_equal(codec.unpack_bits(packed, params.count_bits, 0, n) + 1, counts)
 
 
 @pytest.mark.parametrize("scale", [0, 3, 1000, 100_000])
@@ -108,20 +108,20 @@ def test_rice_roundtrip_random_access_and_optimal_parameter(scale):
     values = rng.geometric(1.0 / (scale + 1), 997) - 1 if scale else np.zeros(997, np.int64)
     values[::50] = rng.integers(0, 10 * scale + 2, len(values[::50]))  # some outliers
     max_k = 20
-    k = fmt.rice_parameter(values, max_k)
+    k = codec.rice_parameter(values, max_k)
     sizes = [sum(int(v >> j) + 1 + j for v in values) for j in range(max_k + 1)]  # bits, by brute force
     assert sizes[k] == min(sizes)
-    unary, rem, starts = fmt.rice_encode(values, k)
+    unary, rem, starts = codec.rice_encode(values, k)
     assert starts[-1] == sum(int(v >> k) + 1 for v in values) and unary.nbytes == math.ceil(starts[-1] / 8)
-    assert np.array_equal(fmt.rice_decode(unary, rem, k, 0, len(values), 0, int(starts[-1])), values)
+    assert np.array_equal(codec.rice_decode(unary, rem, k, 0, len(values), 0, int(starts[-1])), values)
     for first in (0, 1, 7, 8, 500, 996):
         for count in (0, 1, 9, 997 - first):
             if first + count <= len(values):
-                got = fmt.rice_decode(unary.tobytes(), rem, k, first, count, int(starts[first]),
+                got = codec.rice_decode(unary.tobytes(), rem, k, first, count, int(starts[first]),
                                       int(starts[first + count]))
                 assert np.array_equal(got, values[first : first + count])
     with pytest.raises(ValueError, match="Rice stream"):
-        fmt.rice_decode(unary, rem, k, 0, 5, 0, int(starts[4]))  # a range that holds only 4 values
+        codec.rice_decode(unary, rem, k, 0, 5, 0, int(starts[4]))  # a range that holds only 4 values
 
 
 @pytest.mark.parametrize(("vocab", "spread"), [(4096, 0.0), (4096, 4.0), (131073, 1.0), (131073, 3.0)])
@@ -131,10 +131,10 @@ def test_sampled_encoding_is_smaller_than_fixed_width_fields(tmp_path, vocab, sp
     gen = torch.Generator().manual_seed(vocab)
     rows, n = 256, 50
     logits = spread * torch.randn(rows, vocab, generator=gen)
-    out = fmt.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
+    out = capture.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
     params = CacheParams.make("sampled", vocab, n=n)
     arrays = {k: v.numpy() for k, v in out.items()}
-    blob = fmt.encode_shard(params, "train", 0, 0, [b"\0" * 8], [rows + 1], [rows], arrays)
+    blob = codec.encode_shard(params, "train", 0, 0, [b"\0" * 8], [rows + 1], [rows], arrays)
     d = arrays["distinct"]
     fixed_bits = (d * (params.id_bits + params.count_bits) - params.count_bits + params.distinct_bits).sum()
     ratio = len(blob) / (fixed_bits / 8)
@@ -144,8 +144,8 @@ def test_sampled_encoding_is_smaller_than_fixed_width_fields(tmp_path, vocab, sp
     assert ratio < (0.65 if entropy > 5 else 0.85)
     path = tmp_path / "shard.bin"
     path.write_bytes(blob)
-    entry = {"file": path.name, "examples": [0, 1], "bytes": len(blob), "sha256": fmt.hashlib.sha256(blob).hexdigest()}
-    shard = fmt._Shard(path, entry, params, tmp_path, "train")
+    entry = {"file": path.name, "examples": [0, 1], "bytes": len(blob), "sha256": codec.hashlib.sha256(blob).hexdigest()}
+    shard = reader._Shard(path, entry, params, tmp_path, "train")
     assert shard.problem is None
     back = shard.rows(0)
     for key in ("distinct", "ids", "counts"):
@@ -159,11 +159,11 @@ def test_sampled_shard_with_examples_without_stored_positions(tmp_path):
         ([0, 0], {"distinct": np.zeros(0, np.int64), "ids": np.zeros(0, np.int64), "counts": np.zeros(0, np.int64)}),
         ([0, 2], {"distinct": np.array([2, 1]), "ids": np.array([3, 299, 0]), "counts": np.array([5, 3, 8])}),
     ):
-        blob = fmt.encode_shard(params, "train", 0, 0, [b"\0" * 8, b"\1" * 8], [5, 3], positions, arrays)
+        blob = codec.encode_shard(params, "train", 0, 0, [b"\0" * 8, b"\1" * 8], [5, 3], positions, arrays)
         path = tmp_path / "shard.bin"
         path.write_bytes(blob)
-        entry = {"file": path.name, "examples": [0, 2], "bytes": len(blob), "sha256": fmt.hashlib.sha256(blob).hexdigest()}
-        shard = fmt._Shard(path, entry, params, tmp_path, "train")
+        entry = {"file": path.name, "examples": [0, 2], "bytes": len(blob), "sha256": codec.hashlib.sha256(blob).hexdigest()}
+        shard = reader._Shard(path, entry, params, tmp_path, "train")
         assert shard.problem is None
         assert all(len(v) == 0 for v in shard.rows(0).values())
         back = shard.rows(1)
@@ -177,7 +177,7 @@ def test_default_top_k_encoding_is_at_most_three_bytes_per_entry(vocab, k):
     p = CacheParams.make("topk", vocab, k=k)
     seq_len = 128
     per_position = k * p.id_bits + (k - 1) * p.prob_bits + p.tail_bits
-    index = fmt._INDEX_DTYPE.itemsize * 8 / (seq_len - 1)
+    index = codec.INDEX_DTYPE.itemsize * 8 / (seq_len - 1)
     assert (per_position + index) / k <= 24, (p, per_position / k)
     assert p.prob_bits >= 5
 
@@ -196,7 +196,7 @@ def test_top_k_quantization_error_is_measured_and_bounded(bits, kl_bound):
     mean KL(exact renormalized top-k || decoded) below the documented bound, tail within half a step."""
     k, vocab = 64, 4096
     logits = _sharp_logits(512, vocab, seed=bits)
-    out = fmt.topk_targets(logits, k, bits)
+    out = capture.topk_targets(logits, k, bits)
     logp = torch.log_softmax(logits.double(), -1)
     top, ids = logp.topk(k, -1)
     assert torch.equal(out["ids"], ids)
@@ -204,7 +204,7 @@ def test_top_k_quantization_error_is_measured_and_bounded(bits, kl_bound):
     assert torch.allclose(out["tail"], exact_tail, rtol=1e-4, atol=1e-9)
 
     ratios = (top[:, 1:] - top[:, :1]).exp()
-    levels = fmt.ratio_levels(bits)
+    levels = codec.ratio_levels(bits)
     decoded = torch.from_numpy(levels[out["codes"].numpy()])
     half_step = 0.5 / ((1 << bits) - 1)
     assert ((ratios.pow(0.25) - decoded.pow(0.25)).abs() <= half_step + 1e-6).all()  # fp32 codes
@@ -217,12 +217,12 @@ def test_top_k_quantization_error_is_measured_and_bounded(bits, kl_bound):
     assert kl.max() < 20 * kl_bound
 
     for tail_bits, step in ((8, 40 / 254), (16, 40 / 65534)):
-        codes = fmt.encode_tail(exact_tail, tail_bits)
-        back = torch.from_numpy(fmt.decode_tail(codes, tail_bits))
+        codes = codec.encode_tail(exact_tail, tail_bits)
+        back = torch.from_numpy(codec.decode_tail(codes, tail_bits))
         logit = lambda t: t.log() - (-t).log1p()
         ok = exact_tail > 1e-8
         assert ((logit(back[ok]) - logit(exact_tail[ok])).abs() <= step / 2 + 1e-9).all()
-    assert fmt.decode_tail(fmt.encode_tail(torch.tensor([0.0, 1e-12])), 8).tolist() == [0.0, 0.0]
+    assert codec.decode_tail(codec.encode_tail(torch.tensor([0.0, 1e-12])), 8).tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("vocab", [40, 5000])  # one fp64 CDF; the two-level CDF (blocks of 256)
@@ -231,7 +231,7 @@ def test_sampled_counts_are_unbiased(vocab):
     rows, n = 4000, 50
     logits = (2.0 * torch.randn(vocab, generator=gen)).expand(rows, vocab).contiguous()
     p = torch.softmax(logits[0].double(), -1)
-    out = fmt.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
+    out = capture.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
     assert out["counts"].sum() == rows * n
     assert int(out["distinct"].sum()) == len(out["ids"])
     row = torch.repeat_interleave(torch.arange(rows), out["distinct"])
@@ -247,7 +247,7 @@ def test_sampled_counts_are_unbiased(vocab):
     logits[:, :5] = -math.inf
     zero_end = 300 if vocab > 300 else 0  # a whole zero-mass block at the end, and a partial one
     logits[:, vocab - zero_end :] = -math.inf
-    out = fmt.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
+    out = capture.sampled_targets(logits, torch.rand(rows, n, generator=gen, dtype=torch.float64))
     assert out["ids"].min() >= 5 and out["ids"].max() < vocab - zero_end
 
 
@@ -257,7 +257,7 @@ def test_sampled_counts_are_unbiased(vocab):
 def test_top_k_cache_matches_the_teacher(tiny):
     out, ds, tok, teacher = tiny["out"], tiny["ds"], tiny["tok"], tiny["teacher"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == fmt.FORMAT_NAME and manifest["version"] == fmt.FORMAT_VERSION
+    assert manifest["format"] == codec.FORMAT_NAME and manifest["version"] == codec.FORMAT_VERSION
     assert manifest["params"]["mode"] == "topk" and manifest["params"]["k"] == 64
     assert manifest["tokenizer_fingerprint"] and manifest["teacher"]["sha256"] and manifest["seq_len"] == 128
     assert manifest["splits"]["train"]["num_examples"] == len(ds)
@@ -268,7 +268,7 @@ def test_top_k_cache_matches_the_teacher(tiny):
     logits = stored_row_logits(teacher, tok, examples)
     with_tail, renorm = TeacherCache(out), TeacherCache(out, topk_tail=False)
     for i, ex in enumerate(examples):
-        rows = torch.from_numpy(fmt.stored_positions(ex["labels"]))
+        rows = torch.from_numpy(codec.stored_positions(ex["labels"]))
         vals, ids = logits[i].topk(64, -1)
         top = vals.double() - torch.logsumexp(logits[i].double(), -1, keepdim=True)
         t = with_tail.target(i, ex["input_ids"], ex["labels"])
@@ -299,7 +299,7 @@ def test_sampled_cache_reproduces_the_draws(tmp_path, tiny):
     assert len(ev) == len(eval_ds) == summary["splits"]["eval"]["examples"]
     t = ev.target(len(ev) - 1, eval_ds[-1]["input_ids"], eval_ds[-1]["labels"])
     assert torch.allclose(
-        t.probs.sum(-1)[torch.from_numpy(fmt.stored_positions(eval_ds[-1]["labels"]))], torch.tensor(1.0)
+        t.probs.sum(-1)[torch.from_numpy(codec.stored_positions(eval_ds[-1]["labels"]))], torch.tensor(1.0)
     )
     ds, tok, teacher = tiny["ds"], tiny["tok"], tiny["teacher"]
     cache = TeacherCache(cfg.out_dir)
@@ -307,9 +307,9 @@ def test_sampled_cache_reproduces_the_draws(tmp_path, tiny):
     examples = [ds[i] for i in range(8, 16)]  # the first batch of the second shard
     logits = stored_row_logits(teacher, tok, examples)
     for j, ex in enumerate(examples):
-        rows = torch.from_numpy(fmt.stored_positions(ex["labels"]))
-        u = fmt.example_uniforms(3, "train", 8 + j, len(rows), 16)
-        want = fmt.sampled_targets(logits[j] / 2.0, u)
+        rows = torch.from_numpy(codec.stored_positions(ex["labels"]))
+        u = capture.example_uniforms(3, "train", 8 + j, len(rows), 16)
+        want = capture.sampled_targets(logits[j] / 2.0, u)
         t = cache.target(8 + j, ex["input_ids"], ex["labels"])
         assert torch.equal(t.tail, torch.zeros(len(t.ids)))
         assert torch.allclose(t.probs[rows].sum(-1), torch.ones(len(rows)))
@@ -461,7 +461,7 @@ def test_missing_manifest_is_an_incomplete_cache(copy_of):
         IncompleteCacheError, match="incomplete cache.*run the same `distill cache` command to resume"
     ):
         TeacherCache(copy_of)
-    with pytest.raises(fmt.CacheError, match="does not exist"):
+    with pytest.raises(reader.CacheError, match="does not exist"):
         TeacherCache(copy_of / "nope")
 
 
@@ -494,7 +494,7 @@ def test_unsupported_format_version(copy_of):
     manifest = json.loads((copy_of / "manifest.json").read_text())
     manifest["version"] = 99
     (copy_of / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(fmt.CacheError, match=f"unsupported format version 99.*reads version {fmt.FORMAT_VERSION}"):
+    with pytest.raises(reader.CacheError, match=f"unsupported format version 99.*reads version {codec.FORMAT_VERSION}"):
         TeacherCache(copy_of)
 
 
@@ -503,7 +503,7 @@ def test_other_tokenizer_vocabulary_seq_len_or_data_is_refused(tiny):
     from distill.tokenizer import tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(tok)
-    cache.check_compatible(fp, len(tok), 128, fmt.data_fingerprint(ds), len(ds))  # the right one passes
+    cache.check_compatible(fp, len(tok), 128, codec.data_fingerprint(ds), len(ds))  # the right one passes
     with pytest.raises(CacheMismatchError, match="another tokenizer"):
         cache.check_compatible(tokenizer_fingerprint="0" * 64)
     with pytest.raises(CacheMismatchError, match="vocabulary of 263 tokens.*has 300"):
@@ -511,7 +511,7 @@ def test_other_tokenizer_vocabulary_seq_len_or_data_is_refused(tiny):
     with pytest.raises(CacheMismatchError, match="data.seq_len=128.*data.seq_len=64"):
         cache.check_compatible(seq_len=64)
     with pytest.raises(CacheMismatchError, match="other data"):
-        cache.check_compatible(data_fingerprint=fmt.data_fingerprint(hashes=[b"x" * 8]))
+        cache.check_compatible(data_fingerprint=codec.data_fingerprint(hashes=[b"x" * 8]))
     with pytest.raises(CacheMismatchError, match="other data: it holds"):
         cache.check_compatible(num_examples=len(ds) + 1)
 

@@ -24,7 +24,7 @@ import torch
 import yaml
 from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli
 
-from distill.cache import TeacherCache
+from distill.cache.reader import TeacherCache
 from distill.config import CacheConfig, GenerateConfig, TrainConfig, load_config
 from distill.errors import TeacherServerError
 from distill.models import final_hidden, load_model, output_head

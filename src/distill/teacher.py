@@ -56,7 +56,8 @@ from dataclasses import replace
 import torch
 
 from distill import sharding
-from distill.cache import TeacherCache, data_fingerprint
+from distill.cache.codec import data_fingerprint
+from distill.cache.reader import TeacherCache
 from distill.config import (
     HiddenLossConfig,
     MixtureTeacherSpec,
@@ -167,7 +168,7 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """Targets from ``distill cache``, one :class:`~distill.cache.TeacherCache` per captured split; sparse
+    """Targets from ``distill cache``, one :class:`~distill.cache.reader.TeacherCache` per captured split; sparse
     signal. Batches must be dataset examples (``batch["index"]``, ``batch["split"]``): each example is
     checked against the hash the cache stored for it."""
 

@@ -8,7 +8,7 @@ architecture, trained for the quickstart's steps and tokens three ways, per seed
 * ``tvd``: total variation distance to the teacher (alpha = 0), whose minimization is the maximization of
   the acceptance rate sum_v min(p, q) = 1 - TVD (DistillSpec).
 
-Each is the teacher's draft with :func:`distill.evaluate.measure_speculative` (what ``distill eval``'s
+Each is the teacher's draft with :func:`distill.evaluation.metrics.measure_speculative` (what ``distill eval``'s
 ``speculative`` section runs) on validation prompts (their first 32 tokens), greedy and sampled at T = 1:
 per gamma in {1, 2, 4, 8} the acceptance rate alpha, tokens per target call and the wall-clock speed-up over
 the teacher alone at batch 1 and 8 (timed for the first seed's drafts only), beside the prediction from
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import DataConfig, LossConfig, ModelSpec  # noqa: E402
 from distill.data import build_datasets  # noqa: E402
-from distill.evaluate import measure_speculative  # noqa: E402
+from distill.evaluation.metrics import measure_speculative  # noqa: E402
 from distill.generation.sampling import SamplingParams  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.recipes import quickstart, train  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, TINY_TRAIN, run_cli, run_cli_here
 
 from distill.config import ConfigError, EvalRunConfig, TrainConfig, load_config
-from distill.evaluate import acceptance_estimate, predicted_tokens_per_call
+from distill.evaluation.metrics import acceptance_estimate, eval_batch_indices, predicted_tokens_per_call
 from distill.generation.sampling import SamplingParams, row_seed, sample
 from distill.recipes import eval as eval_recipe
 from distill.recipes import train
@@ -74,7 +74,7 @@ def _plain_metrics(cfg: EvalRunConfig, name: str) -> dict:
     ce = kl = agree = 0.0
     count = 0
     with torch.no_grad():
-        for b in train.eval_batch_indices(-(-len(dataset) // bs), cfg.max_batches):
+        for b in eval_batch_indices(-(-len(dataset) // bs), cfg.max_batches):
             batch = collate([dataset[i] for i in range(b * bs, min((b + 1) * bs, len(dataset)))], tok.pad_token_id)
             labels = batch["labels"][:, 1:]
             keep = labels != -100

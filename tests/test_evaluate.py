@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from distill.evaluate import CALIBRATION_BINS, SUM_KEYS, expected_calibration_error, metrics_from_sums
+from distill.evaluation.metrics import (
+    CALIBRATION_BINS,
+    SUM_KEYS,
+    expected_calibration_error,
+    metrics_from_sums,
+)
 from distill.losses import IGNORE_INDEX, LinearHead, LossSpec, SparseTarget, chunked_kd_loss
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, SMALL_DATA, TINY_TRAIN
 
 from distill.config import ConfigError, TrainConfig, load_config
+from distill.evaluation.metrics import eval_batch_indices
 from distill.losses import (
     IGNORE_INDEX,
     DenseSignal,
@@ -238,7 +239,7 @@ def _mixture_kl_on_the_eval_split(cfg: TrainConfig, student) -> float:
     bs = cfg.eval.batch_size
     kl_sum, count = 0.0, 0
     with torch.no_grad():
-        for b in train.eval_batch_indices(-(-len(eval_ds) // bs), cfg.eval.max_batches):
+        for b in eval_batch_indices(-(-len(eval_ds) // bs), cfg.eval.max_batches):
             batch = collate([eval_ds[i] for i in range(b * bs, min((b + 1) * bs, len(eval_ds)))], tok.pad_token_id)
             keep = batch["labels"][:, 1:] != IGNORE_INDEX
 

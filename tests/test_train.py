@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.config import ConfigError, TrainConfig, load_config
 from distill.data import build_datasets, collate
-from distill.evaluate import eval_sums, metrics_from_sums
+from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
 from distill.models import load_model, output_head
 from distill.recipes import train
 from distill.teacher import LiveTeacher
@@ -514,10 +514,10 @@ def test_cached_teacher_refuses_batches_that_are_not_dataset_examples(tiny_cache
 
 
 def test_capped_eval_samples_batches_across_the_whole_split():
-    assert train.eval_batch_indices(10, None) == list(range(10))
-    assert train.eval_batch_indices(10, 20) == list(range(10))
+    assert eval_batch_indices(10, None) == list(range(10))
+    assert eval_batch_indices(10, 20) == list(range(10))
     for total, cap in ((10, 4), (43, 8), (1000, 7), (9, 8)):
-        chosen = train.eval_batch_indices(total, cap)
+        chosen = eval_batch_indices(total, cap)
         assert len(chosen) == cap == len(set(chosen)) and chosen == sorted(chosen)
         assert chosen[0] == 0 and chosen[-1] >= total - math.ceil(total / cap)  # reaches the end of the split
         gaps = [b - a for a, b in zip(chosen[:-1], chosen[1:], strict=True)]

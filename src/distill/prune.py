@@ -275,7 +275,7 @@ def _mean_over_sequence(values_BTU: torch.Tensor, mask_BT: torch.Tensor) -> torc
 
 def calibration_loss(model: PreTrainedModel, batches: Iterable[dict], vocab_size: int) -> float:
     """Mean next-token cross-entropy (nats/token) over the batches' supervised positions."""
-    from distill.evaluate import eval_sums, metrics_from_sums
+    from distill.evaluation.metrics import eval_sums, metrics_from_sums
     from distill.models import output_head
 
     return metrics_from_sums(eval_sums(model, output_head(model, vocab_size), batches))["val_loss"]

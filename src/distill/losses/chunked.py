@@ -513,7 +513,7 @@ class _Stats:
             probs = t_sig.probs.to(self.teacher_entropy.dtype)
             t_arg = t_sig.ids.gather(-1, t_sig.probs.argmax(-1, keepdim=True)).squeeze(-1)
             # Teacher probability of the student's top-1 and the target's own entropy: both exact
-            # functions of the stored target (for sampled targets, unbiased estimates; evaluate.py).
+            # functions of the stored target (for sampled targets, unbiased estimates; distill.evaluation.metrics).
             self.teacher_p_top1 += (probs * (t_sig.ids == s_arg.unsqueeze(-1))).sum()
             self.teacher_entropy -= torch.where(probs > 0, probs * probs.clamp_min(1e-30).log(), 0.0).sum()
             if t_sig.tail is not None:

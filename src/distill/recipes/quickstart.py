@@ -43,7 +43,7 @@ from distill.config import (
     TrainConfig,
 )
 from distill.data import build_datasets, collate
-from distill.evaluate import eval_sums, metrics_from_sums, target_bytes, token_byte_lengths
+from distill.evaluation.metrics import eval_sums, metrics_from_sums, target_bytes, token_byte_lengths
 from distill.models import load_model, load_tokenizer, output_head
 from distill.recipes import train
 from distill.teacher import LiveTeacher

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from distill.checkpoint import atomic_write_text
+from distill.evaluation.tables import eval_table
 
 logger = logging.getLogger("distill")
 
@@ -104,8 +105,6 @@ def plot_speculative(evals: dict[str, dict], path: Path) -> bool:
 
 
 def main(run_dirs: list[str], evals: list[str] | None = None, out: str = "runs/report") -> Path:
-    from distill.recipes.eval import table as eval_table
-
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {}

@@ -44,7 +44,7 @@ from distill import lora, sharding
 from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.errors import NonFiniteLossError
-from distill.evaluate import eval_sums, metrics_from_sums
+from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
 from distill.losses import IGNORE_INDEX, LinearHead, chunked_kd_loss, naive_kd_loss, reduce_loss
 from distill.models import (
     check_tokenizer_saves,
@@ -224,14 +224,6 @@ def evaluate(run: Run) -> dict:
                      autocast=accelerator.autocast)
     sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
     return metrics_from_sums(sums, teacher.eval_estimates if teacher is not None else None)
-
-
-def eval_batch_indices(total: int, max_batches: int | None) -> list[int]:
-    """Which of ``total`` eval batches to run: all, or ``max_batches`` of them evenly spread over the split
-    (so a capped eval is a sample of the whole split, not of its beginning)."""
-    if not max_batches or max_batches >= total:
-        return list(range(total))
-    return [(j * total) // max_batches for j in range(max_batches)]
 
 
 class Window:

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
+import time
 from collections.abc import Callable, Iterable
 
 import torch
 
+from distill.generation.sampling import processed_logprobs, row_seed, sample
+from distill.generation.speculative import speculative_sample
 from distill.losses import IGNORE_INDEX, LinearHead, LossSpec, chunked_kd_loss
 from distill.models import final_hidden, flat_positions
 
@@ -92,6 +96,14 @@ def metrics_from_sums(sums: torch.Tensor, estimates: str | None = None, target_b
     return out
 
 
+def eval_batch_indices(total: int, max_batches: int | None) -> list[int]:
+    """Which of ``total`` eval batches to run: all, or ``max_batches`` of them evenly spread over the split
+    (so a capped eval is a sample of the whole split, not of its beginning)."""
+    if not max_batches or max_batches >= total:
+        return list(range(total))
+    return [(j * total) // max_batches for j in range(max_batches)]
+
+
 def _std(total: float, squares: float, count: float) -> float:
     """The standard deviation over positions from a sum and a sum of squares."""
     mean = total / count
@@ -163,8 +175,6 @@ def acceptance_estimate(target, draft, sequences: dict, params) -> float:
     distributions (``params``: temperature, top-k, top-p; the argmax for greedy), from one teacher-forced
     pass of each model over ``sequences`` (a right-padded batch of the target's own samples:
     :meth:`distill.generation.sampling.Generation.to_batch`)."""
-    from distill.generation.sampling import processed_logprobs
-
     positions = sequences["labels"][:, 1:] != IGNORE_INDEX  # the positions that predict a written token
     outs = []
     for model in (target, draft):
@@ -192,12 +202,6 @@ def measure_speculative(target, draft, prompts: list[list[int]], params, gammas:
     target call, and per batch size the wall-clock speed-up over the target decoding alone (the same prompts,
     settings and seeds; medians of ``reps``); beside them the offline prediction from alpha-hat on the
     target's own samples."""
-    import statistics
-    import time
-
-    from distill.generation.sampling import row_seed, sample
-    from distill.generation.speculative import speculative_sample
-
     seeds = [row_seed(seed, "prompt", i) for i in range(len(prompts))]
     own = sample(target, prompts, params, pad_id=pad_id, seeds=None if params.greedy else seeds)
     alpha_hat = acceptance_estimate(target, draft, own.to_batch(pad_id), params)

@@ -12,11 +12,14 @@ import torch
 from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill import prune
 from distill.cli import main as cli_main
 from distill.config import DataConfig, ModelSpec, PruneConfig, TrainConfig, load_config
 from distill.data import build_datasets, collate
 from distill.models import load_model, load_tokenizer
+from distill.pruning.importance import Importance, score, skipping
+from distill.pruning.plan import Plan, make_plan
+from distill.pruning.sizes import model_sizes, param_count, sizes_for_budget
+from distill.pruning.slicing import slice_model
 from distill.recipes import prune as prune_recipe
 
 TINY_PRUNE = REPO / "configs" / "tiny" / "prune.yaml"
@@ -90,13 +93,13 @@ def test_pruned_checkpoint_loads_generates_and_has_the_sizes(family, checkpoints
     assert not (tmp_path / "out.tmp").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
     original = AutoModelForCausalLM.from_pretrained(checkpoints[family])
-    assert prune.model_sizes(model.config) == SMALL
+    assert model_sizes(model.config) == SMALL
     assert model.config.model_type == family
     assert model.config.head_dim == 16  # kept explicit: hidden / heads is now 24
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (2 * 16, 48)
     assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 48)
     assert model.model.layers[0].mlp.down_proj.weight.shape == (48, 40)
-    assert sum(p.numel() for p in model.parameters()) == report["plans"]["chosen"]["params"] == prune.param_count(
+    assert sum(p.numel() for p in model.parameters()) == report["plans"]["chosen"]["params"] == param_count(
         original, SMALL)
     assert model.config.tie_word_embeddings == original.config.tie_word_embeddings
     if model.config.tie_word_embeddings:
@@ -122,7 +125,7 @@ def test_pruned_checkpoint_loads_generates_and_has_the_sizes(family, checkpoints
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_plan_that_removes_nothing_gives_the_same_logits(family, checkpoints, tmp_path):
     original = AutoModelForCausalLM.from_pretrained(checkpoints[family])
-    sizes = prune.model_sizes(original.config)
+    sizes = model_sizes(original.config)
     prune_recipe.main(_cfg(checkpoints[family], tmp_path / "out", **sizes).model_copy(update={"report": False}))
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     batch = _batch(AutoTokenizer.from_pretrained(checkpoints[family]))
@@ -137,14 +140,14 @@ def test_slicing_equals_masking_the_removed_units(family, checkpoints):
     original = AutoModelForCausalLM.from_pretrained(checkpoints[family])
     config = original.config
     g = torch.Generator().manual_seed(3)
-    imp = prune.Importance(heads=torch.rand(3, 4, generator=g), neurons=torch.rand(3, 96, generator=g),
+    imp = Importance(heads=torch.rand(3, 4, generator=g), neurons=torch.rand(3, 96, generator=g),
                            channels=torch.rand(64, generator=g), layer_cosine=torch.rand(3, generator=g),
                            layer_loss=torch.rand(3, generator=g), base_loss=0.0)
-    sizes = {**prune.model_sizes(config), "num_hidden_layers": 2, "intermediate_size": 50,
+    sizes = {**model_sizes(config), "num_hidden_layers": 2, "intermediate_size": 50,
              "num_attention_heads": 2, "num_key_value_heads": 1}
-    plan = prune.make_plan(config, imp, sizes, "loss")
+    plan = make_plan(config, imp, sizes, "loss")
     assert plan.sizes() == sizes
-    pruned = prune.slice_model(original, plan)
+    pruned = slice_model(original, plan)
 
     reference = copy.deepcopy(original)
     for i, layer in enumerate(reference.model.layers):
@@ -153,7 +156,7 @@ def test_slicing_equals_masking_the_removed_units(family, checkpoints):
         for h in sorted(set(range(4)) - set(plan.heads[i])):
             layer.self_attn.o_proj.weight.data[:, h * 16:(h + 1) * 16] = 0
     batch = _batch(AutoTokenizer.from_pretrained(checkpoints[family]))
-    with prune.skipping(reference, set(range(3)) - set(plan.layers)):
+    with skipping(reference, set(range(3)) - set(plan.layers)):
         want = _logits(reference, batch)
     torch.testing.assert_close(_logits(pruned, batch), want, atol=2e-5, rtol=1e-5)
 
@@ -163,9 +166,9 @@ def test_gemma2_kept_channels_keep_their_embedding_values(checkpoints):
     original's, and (tied) the logits of a hidden state restricted to the kept channels are unchanged."""
     original = AutoModelForCausalLM.from_pretrained(checkpoints["gemma2"])
     keep = list(range(0, 64, 2))
-    plan = prune.Plan(layers=[0, 1, 2], channels=keep, kv_heads=[[0, 1]] * 3, heads=[[0, 1, 2, 3]] * 3,
+    plan = Plan(layers=[0, 1, 2], channels=keep, kv_heads=[[0, 1]] * 3, heads=[[0, 1, 2, 3]] * 3,
                       neurons=[list(range(96))] * 3)
-    pruned = prune.slice_model(original, plan)
+    pruned = slice_model(original, plan)
     ids = torch.tensor([[5, 17, 99]])
     torch.testing.assert_close(pruned.model.embed_tokens(ids), original.model.embed_tokens(ids)[..., keep])
     h = torch.randn(1, 3, 32)
@@ -258,7 +261,7 @@ def test_planted_heads_and_neurons_rank_first_and_last_and_cost_accordingly(plan
         v[g_quiet * HD:(g_quiet + 1) * HD] *= QUIET
         layer.mlp.up_proj.weight.data[n_loud] *= LOUD
         layer.mlp.up_proj.weight.data[n_quiet] *= QUIET
-    imp = prune.score(model, cal, vocab, layer_loss=False)
+    imp = score(model, cal, vocab, layer_loss=False)
     ref = _logprobs(model, cal, vocab)
     for i, layer in enumerate(model.model.layers):
         g_loud, g_quiet, n_loud, n_quiet = _loud_and_quiet(i)
@@ -284,11 +287,11 @@ def _l2_sq_of_sequence_means(x_BTU: torch.Tensor, mask_BT: torch.Tensor) -> torc
 
 
 def test_importance_scores_follow_their_definition(planted_base):
-    """Written out from prune.score's definition on activations captured here: per unit, the activation
+    """Written out from score's definition on activations captured here: per unit, the activation
     magnitude averaged over each sequence's real positions, then the L2 norm over the sequences; the
     layer's cosine distance averaged over the real tokens."""
     model, cal, vocab = planted_base
-    imp = prune.score(model, cal, vocab, layer_loss=False)
+    imp = score(model, cal, vocab, layer_loss=False)
     seen = {"heads": [], "neurons": [], "norms": [], "blocks": []}
     layers = model.model.layers
     hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, i=i: seen["heads"].append((i, a[0])))
@@ -342,15 +345,15 @@ def test_planted_layers_rank_and_the_layer_loss_is_the_loss_without_the_layer(pl
     model.model.layers[1].self_attn.o_proj.weight.data.zero_()
     model.model.layers[1].mlp.down_proj.weight.data.zero_()
     model.model.layers[2].mlp.down_proj.weight.data *= LOUD
-    imp = prune.score(model, cal, vocab)
+    imp = score(model, cal, vocab)
     print("cosine distance", imp.layer_cosine.tolist(), "loss increase", imp.layer_loss.tolist())
     order = torch.argsort(imp.layers("cosine"), descending=True).tolist()
     assert order[0] == 2 and order[-1] == 1
     assert imp.layer_cosine[1] < 1e-6 and imp.layer_loss[1] == 0.0
     ref = _logprobs(model, cal, vocab)
-    with prune.skipping(model, {2}):
+    with skipping(model, {2}):
         first = _kl(ref, model, cal, vocab)
-    with prune.skipping(model, {1}):
+    with skipping(model, {1}):
         last = _kl(ref, model, cal, vocab)
     assert first > 0.01 and last == 0.0, (first, last)  # measured: 0.18
 
@@ -379,19 +382,19 @@ def test_planted_channels_rank_first_and_last_and_cost_accordingly(planted_base)
         layer.post_attention_layernorm.weight.data[dead] = 0
         layer.self_attn.o_proj.weight.data[dead] = 0
         layer.mlp.down_proj.weight.data[dead] = 0
-    imp = prune.score(model, cal, vocab, layer_loss=False)
+    imp = score(model, cal, vocab, layer_loss=False)
     order = torch.argsort(imp.channels, descending=True).tolist()
     assert set(order[:8]) == set(loud) and set(order[-8:]) == set(dead), imp.channels
     assert (imp.channels[dead] == 0).all()
-    sizes = {**prune.model_sizes(model.config), "hidden_size": 56}  # a multiple of the 8 heads, as llama needs
-    full = prune.make_plan(model.config, imp, prune.model_sizes(model.config), "cosine")
+    sizes = {**model_sizes(model.config), "hidden_size": 56}  # a multiple of the 8 heads, as llama needs
+    full = make_plan(model.config, imp, model_sizes(model.config), "cosine")
     ref = _logprobs(model, cal, vocab)
 
     def without(channels):
-        plan = prune.Plan(layers=full.layers, channels=[c for c in range(64) if c not in channels],
+        plan = Plan(layers=full.layers, channels=[c for c in range(64) if c not in channels],
                           kv_heads=full.kv_heads, heads=full.heads, neurons=full.neurons)
         assert plan.sizes() == sizes
-        return _kl(ref, prune.slice_model(model, plan), cal, vocab)
+        return _kl(ref, slice_model(model, plan), cal, vocab)
 
     first, last = without(order[:8]), without(order[-8:])
     print("KL without the 8 first / last ranked channels:", first, last)
@@ -406,13 +409,13 @@ def test_a_parameter_budget_over_each_axis_policy(checkpoints, tmp_path):
     total = sum(p.numel() for p in original.parameters())
     for axes in (["hidden_size", "intermediate_size"], ["num_hidden_layers"], ["num_attention_heads",
                                                                                 "intermediate_size"]):
-        sizes = prune.sizes_for_budget(original, 0.7, axes, 1, "llama")
-        count = prune.param_count(original, sizes)
+        sizes = sizes_for_budget(original, 0.7, axes, 1, "llama")
+        count = param_count(original, sizes)
         assert count <= 0.7 * total
-        changed = {k for k, v in sizes.items() if v != prune.model_sizes(original.config)[k]}
+        changed = {k for k, v in sizes.items() if v != model_sizes(original.config)[k]}
         assert changed <= set(axes) | {"num_key_value_heads"} and changed
         assert sizes["hidden_size"] % sizes["num_attention_heads"] == 0
-    sizes = prune.sizes_for_budget(original, 0.5, ["hidden_size", "intermediate_size"], 8, "llama")
+    sizes = sizes_for_budget(original, 0.5, ["hidden_size", "intermediate_size"], 8, "llama")
     assert sizes["hidden_size"] % 8 == 0 and sizes["intermediate_size"] % 8 == 0
     report = prune_recipe.main(_cfg(checkpoints["llama"], tmp_path / "b", params=0.5))
     assert report["plans"]["chosen"]["params"] <= 0.5 * total
@@ -437,7 +440,7 @@ def test_prune_then_distill_with_the_two_documented_commands(tmp_path, capsys):
                      f"out_dir={tmp_path / 'run'}", "log.progress=false", "train.max_steps=4", "eval.every=0",
                      "checkpoint.every=0"]) == 0
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
-    assert prune.model_sizes(student.config) == {**prune.model_sizes(
+    assert model_sizes(student.config) == {**model_sizes(
         AutoModelForCausalLM.from_pretrained(pruned).config)}
     assert student.config.hidden_size == 32 and student.config.intermediate_size == 64
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -27,7 +27,7 @@ import torch
 from conftest import REPO, TINY_TRAIN, run_cli_here
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.prune import SUPPORTED_FAMILIES
+from distill.pruning.sizes import SUPPORTED_FAMILIES
 from distill.tokenizer import byte_tokenizer, tokenizer_fingerprint
 
 pytest.importorskip("peft")

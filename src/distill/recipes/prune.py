@@ -5,7 +5,7 @@
 
 1. The model and its tokenizer; families llama, qwen2, qwen3, gemma2 (anything else is refused first).
 2. Calibration: ``importance.samples`` examples of the data section's train split, evenly spread.
-3. Importance of heads, MLP neurons, embedding channels and layers from activations (``distill.prune.score``;
+3. Importance of heads, MLP neurons, embedding channels and layers from activations (``distill.pruning.importance.score``;
    docs/methods.md §10), and the calibration loss of the model (one plain forward pass, timed: the cost of
    pruning is reported against it).
 4. The plan for the target (explicit sizes, or a parameter budget over ``target.axes``) and the sliced model.
@@ -27,7 +27,6 @@ import torch
 from transformers import AutoConfig
 
 from distill import checkpoint as ckpt
-from distill import prune
 from distill.config import PruneConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.models import (
@@ -39,6 +38,18 @@ from distill.models import (
     resolve_vocab,
     save_pretrained,
 )
+from distill.pruning.importance import calibration_loss, score
+from distill.pruning.plan import comparison_plans, make_plan
+from distill.pruning.report import evaluate_plans, report_markdown, spearman
+from distill.pruning.sizes import (
+    check_family,
+    check_sizes,
+    explicit_sizes,
+    model_sizes,
+    param_count,
+    sizes_for_budget,
+)
+from distill.pruning.slicing import slice_model
 
 logger = logging.getLogger("distill")
 
@@ -87,7 +98,7 @@ def calibration_batches(cfg: PruneConfig, tokenizer, model) -> list[dict]:
 
 
 def main(cfg: PruneConfig) -> dict:
-    family = prune.check_family(model_type(cfg))
+    family = check_family(model_type(cfg))
     out = check_out_dir(cfg)
 
     # 1. Model and tokenizer. ---------------------------------------------------------------------------
@@ -97,19 +108,19 @@ def main(cfg: PruneConfig) -> dict:
     resolve_vocab(model, vocab, "model", "truncate")
     check_tokenizer_saves(model, tokenizer, "model")  # before the passes: the output will reload its tokenizer
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()  # forward passes only: one device
-    orig = prune.model_sizes(model.config)
+    orig = model_sizes(model.config)
     logger.info("model: %s, %.2fM parameters, %s", family, count_parameters(model) / 1e6,
                 ", ".join(f"{k}={v}" for k, v in orig.items()))
 
     # 2. Target sizes (checked before the data and the passes: a bad target fails fast). -----------------
     target = cfg.target
     if target.params is not None:
-        sizes = prune.sizes_for_budget(model, target.params, target.axes, target.multiple_of, family)
+        sizes = sizes_for_budget(model, target.params, target.axes, target.multiple_of, family)
     else:
-        sizes = prune.explicit_sizes(model.config, target.model_dump())
-        prune.check_sizes(model.config, sizes, family)
+        sizes = explicit_sizes(model.config, target.model_dump())
+        check_sizes(model.config, sizes, family)
     logger.info("target: %s (%s parameters)", ", ".join(f"{k}={v}" for k, v in sizes.items()),
-                f"{prune.param_count(model, sizes):,}")
+                f"{param_count(model, sizes):,}")
 
     # 3. Calibration data, importance. ------------------------------------------------------------------
     batches = calibration_batches(cfg, tokenizer, model)
@@ -118,12 +129,12 @@ def main(cfg: PruneConfig) -> dict:
     logger.info("calibration: %d examples, %d tokens", n_examples, n_tokens)
     t0 = time.perf_counter()
     with torch.no_grad():
-        base_loss = prune.calibration_loss(model, batches, vocab)
+        base_loss = calibration_loss(model, batches, vocab)
     forward_seconds = time.perf_counter() - t0
     # The layer-drop losses cost one pass per layer: computed when they rank the kept layers or the report
     # compares the two layer metrics.
     depth_changes = sizes["num_hidden_layers"] < orig["num_hidden_layers"]
-    imp = prune.score(model, batches, vocab,
+    imp = score(model, batches, vocab,
                       layer_loss=cfg.report or (depth_changes and cfg.importance.layer_metric == "loss"))
     logger.info("importance: %s", ", ".join(f"{k} {v:.2f} s" for k, v in imp.seconds.items()))
     if imp.layer_loss is not None:
@@ -133,21 +144,21 @@ def main(cfg: PruneConfig) -> dict:
     # 4. The plan and the pruned model. -----------------------------------------------------------------
     metric = cfg.importance.layer_metric if imp.layer_loss is not None else "cosine"  # (all layers kept)
     t0 = time.perf_counter()
-    plan = prune.make_plan(model.config, imp, sizes, metric)
-    pruned = prune.slice_model(model, plan)
+    plan = make_plan(model.config, imp, sizes, metric)
+    pruned = slice_model(model, plan)
     slicing_seconds = time.perf_counter() - t0
-    assert prune.model_sizes(pruned.config) == sizes, (prune.model_sizes(pruned.config), sizes)
+    assert model_sizes(pruned.config) == sizes, (model_sizes(pruned.config), sizes)
 
     # 5. Report. ----------------------------------------------------------------------------------------
     plans: dict = {"original": {"sizes": orig, "params": count_parameters(model), "loss": base_loss, "note": ""}}
     t0 = time.perf_counter()
-    chosen_loss = prune.calibration_loss(pruned, batches, vocab)
+    chosen_loss = calibration_loss(pruned, batches, vocab)
     plans["chosen"] = {"sizes": sizes, "params": count_parameters(pruned), "loss": chosen_loss,
                        "note": f"target; layers ranked by {metric}"}
     logger.info("calibration loss: original %.4f, pruned %.4f", base_loss, chosen_loss)
     if cfg.report:
-        others = prune.comparison_plans(model, imp, sizes, family, target.multiple_of)
-        plans.update(prune.evaluate_plans(
+        others = comparison_plans(model, imp, sizes, family, target.multiple_of)
+        plans.update(evaluate_plans(
             model, others, batches, vocab,
             on_plan=lambda name, row: logger.info("calibration loss, %s: %.4f (%s parameters)", name, row["loss"],
                                                   f"{row['params']:,}")))
@@ -167,7 +178,7 @@ def main(cfg: PruneConfig) -> dict:
         "layer_importance": {"metric": metric, "loss_increase": None if imp.layer_loss is None
                              else imp.layer_loss.tolist(), "cosine_distance": imp.layer_cosine.tolist(),
                              "spearman": None if imp.layer_loss is None
-                             else prune.spearman(imp.layer_loss, imp.layer_cosine)},
+                             else spearman(imp.layer_loss, imp.layer_cosine)},
         "importance": imp.to_json(),
         "seconds": seconds,
     }
@@ -178,8 +189,8 @@ def main(cfg: PruneConfig) -> dict:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     save_pretrained(pruned, tokenizer, tmp)
     dump_config(cfg, tmp / "distill_prune_config.yaml")
-    ckpt.atomic_write_text(tmp / "prune_report.md", prune.report_markdown(report))
+    ckpt.atomic_write_text(tmp / "prune_report.md", report_markdown(report))
     ckpt.atomic_write_json(tmp / REPORT, report)  # written last: marks the output complete
     ckpt.commit_dir(tmp, out)
-    logger.info("pruned model written to %s\n%s", out, prune.report_markdown(report))
+    logger.info("pruned model written to %s\n%s", out, report_markdown(report))
     return report

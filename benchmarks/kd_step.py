@@ -7,9 +7,9 @@ robin so that drift hits every variant alike:
 * ``ce``: a plain cross-entropy step of the student (forward, chunked CE, backward, AdamW step);
 * ``teacher_forward``: a no-grad forward of the teacher (its logits included);
 * ``live``: a KD step from the live teacher (forward KL, alpha = 0): ``train.kd_step_loss`` with a
-  :class:`distill.teacher.LiveTeacher`, backward, AdamW step;
+  :class:`distill.teachers.LiveTeacher`, backward, AdamW step;
 * ``topk_tail``: a KD step from a top-k + tail cache (k = 64, ``distill cache``), through
-  :class:`distill.teacher.CachedTeacher` (reading, checking and decoding the targets included);
+  :class:`distill.teachers.CachedTeacher` (reading, checking and decoding the targets included);
 * ``sampled``: the same from a sampled cache (N = 50).
 
 Ratios: ``live / (ce + teacher_forward)`` (the physical bound is 1.0) and ``cache / ce``. Each cached step is
@@ -46,7 +46,7 @@ from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.recipes import cache as cache_recipe  # noqa: E402
 from distill.recipes.quickstart import PRESETS, get_teacher, write_corpus  # noqa: E402
 from distill.recipes.train import kd_step_loss  # noqa: E402
-from distill.teacher import CachedTeacher, LiveTeacher  # noqa: E402
+from distill.teachers import CachedTeacher, LiveTeacher  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/kd_step.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "kd_step.json"

@@ -45,7 +45,7 @@ from distill.losses import IGNORE_INDEX  # noqa: E402
 from distill.models import load_model, load_tokenizer, output_head  # noqa: E402
 from distill.recipes import train  # noqa: E402
 from distill.tasks import arithmetic  # noqa: E402
-from distill.teacher import LiveTeacher  # noqa: E402
+from distill.teachers import LiveTeacher  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/onpolicy_cost.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "onpolicy_cost.json"

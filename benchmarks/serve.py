@@ -6,7 +6,7 @@ batches of 16 sequences of 256 tokens, top_k = 20:
 
 * ``in_process``: what a live teacher costs for the same information: the forward (final hidden states),
   the output layer, the log-softmax and the top-20 + realized token per position;
-* ``server``: :class:`distill.teacher.ServerTeacher`'s signal for the same batch (requests to a
+* ``server``: :class:`distill.teachers.ServerTeacher`'s signal for the same batch (requests to a
   ``distill serve`` subprocess on 127.0.0.1: JSON encoding, HTTP, parsing included), with 1, 4 and 16
   requests in flight (``max_in_flight``; the server batches concurrent requests on the model).
 
@@ -44,7 +44,7 @@ from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import ModelSpec, ServerTeacherSpec  # noqa: E402
 from distill.losses import LossSpec  # noqa: E402
 from distill.models import final_hidden, load_model, load_tokenizer, output_head  # noqa: E402
-from distill.teacher import ServerTeacher  # noqa: E402
+from distill.teachers import ServerTeacher  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/serve.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "serve.json"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from distill.config import SelfTeacherSpec, TrainConfig, load_config
 from distill.recipes import train
-from distill.teacher import SelfTeacher
+from distill.teachers import SelfTeacher
 
 SELF = REPO / "configs" / "tiny" / "self_distill.yaml"
 

@@ -31,7 +31,7 @@ from distill.data import build_datasets, collate
 from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
 from distill.models import load_model, output_head
 from distill.recipes import train
-from distill.teacher import LiveTeacher
+from distill.teachers import LiveTeacher
 from distill.tokenizer import byte_tokenizer
 
 
@@ -408,7 +408,7 @@ def test_train_from_cache_moves_the_student_toward_the_teacher(tmp_path, tiny_ca
     assert len(kls) == 30 and sum(kls[-5:]) < sum(kls[:5])  # measured (student seeds 1-3): 0.86-0.95 of it
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [15, 30]
-    if mode == "sampled":  # what sampled targets estimate without bias (distill.teacher)
+    if mode == "sampled":  # what sampled targets estimate without bias (distill.teachers)
         assert all(r["ce_to_teacher"] > 0 and 0 < r["teacher_prob_of_top1"] < 1 for r in evals)
     else:
         assert all(r["kl_to_teacher"] >= 0 and 0 <= r["top1_agreement"] <= 1 for r in evals)
@@ -502,7 +502,7 @@ def test_each_step_comes_from_the_batch_source_and_resume_continues_it(tmp_path,
 def test_cached_teacher_refuses_batches_that_are_not_dataset_examples(tiny_caches):
     from distill.config import TeacherCacheSpec
     from distill.losses import LossSpec
-    from distill.teacher import CachedTeacher
+    from distill.teachers import CachedTeacher
 
     teacher = CachedTeacher(TeacherCacheSpec(cache=str(tiny_caches["topk"]["out"])), byte_tokenizer(), LossSpec(),
                             seq_len=128, device="cpu")

@@ -520,8 +520,8 @@ class LogConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------ teachers
-# A teacher is one of these specs; `distill.teacher.open_teacher` is the one place that branches on which.
-# A new kind of teacher adds a spec here (and a tag in `_teacher_kind`) and a class in teacher.py.
+# A teacher is one of these specs; `distill.teachers.open_teacher` is the one place that branches on which.
+# A new kind of teacher adds a spec here (and a tag in `_teacher_kind`) and a module in teachers/.
 
 
 class TeacherCacheSpec(Section):

@@ -294,7 +294,7 @@ class Capturer:
 
 
 class ServerCapturer:
-    """Top-k targets from a teacher behind a server (:class:`distill.teacher.ServerTeacher`): the same arrays
+    """Top-k targets from a teacher behind a server (:class:`distill.teachers.ServerTeacher`): the same arrays
     as :class:`Capturer` in top-k mode, from the server's prompt log-probabilities at the capture temperature
     (the k most probable ids at each stored position; the realized token the server adds beyond them is
     left out, and the tail is ``1 - sum(top-k)``)."""

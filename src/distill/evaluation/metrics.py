@@ -2,7 +2,7 @@
 agreement.
 
 The sums are computed with the same memory-efficient loss path as training (no (tokens, V) logits),
-with the same teacher object as training (live or cached: :mod:`distill.teacher` says what each can
+with the same teacher object as training (live or cached: :mod:`distill.teachers` says what each can
 estimate), over whichever batches a process is given; callers that shard across processes add the sums
 up (a plain float64 tensor) before turning them into metrics.
 """
@@ -34,7 +34,7 @@ def eval_sums(model, head: LinearHead, batches: Iterable[dict], teacher=None,
     ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.losses.chunked.chunked_kd_loss`), then for
     each of ``divergences`` (other than forward KL: one more pass each) its sum and sum of squares.
 
-    ``teacher``: a :mod:`distill.teacher` teacher (or None); its signal is compared with the student's at
+    ``teacher``: a :mod:`distill.teachers` teacher (or None); its signal is compared with the student's at
     the teacher's ``eval_temperature`` (1 for a live teacher, the capture temperature for a cache).
     ``autocast``: a context factory for the forward passes (the train recipe passes accelerate's).
     """
@@ -67,7 +67,7 @@ def metrics_from_sums(sums: torch.Tensor, estimates: str | None = None, target_b
 
     ``estimates``: the teacher's ``eval_estimates`` (None: no teacher). ``exact``, ``topk_tail`` and ``topk``
     give ``kl_to_teacher`` and ``top1_agreement``; ``sampled`` gives the unbiased ``ce_to_teacher`` and
-    ``teacher_prob_of_top1`` instead (see :mod:`distill.teacher`).
+    ``teacher_prob_of_top1`` instead (see :mod:`distill.teachers`).
     """
     s = dict(zip(SUM_KEYS, sums[: len(SUM_KEYS)].tolist(), strict=True))
     count = max(s["count"], 1.0)

@@ -43,7 +43,7 @@ from distill.models import (
     output_head,
     resolve_vocab,
 )
-from distill.teacher import ServerTeacher
+from distill.teachers import ServerTeacher
 from distill.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("distill")

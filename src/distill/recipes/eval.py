@@ -44,7 +44,7 @@ from distill.models import (
     max_positions,
     output_head,
 )
-from distill.teacher import LiveTeacher, open_teacher
+from distill.teachers import LiveTeacher, open_teacher
 
 logger = logging.getLogger("distill")
 

@@ -46,7 +46,7 @@ from distill.data import build_datasets, collate
 from distill.evaluation.metrics import eval_sums, metrics_from_sums, target_bytes, token_byte_lengths
 from distill.models import load_model, load_tokenizer, output_head
 from distill.recipes import train
-from distill.teacher import LiveTeacher
+from distill.teachers import LiveTeacher
 from distill.tokenizer import save_tokenizer
 
 logger = logging.getLogger("distill")

@@ -61,7 +61,8 @@ from distill.models import (
 )
 from distill.onpolicy import OnPolicy, onpolicy_batches
 from distill.onpolicy import check_teacher as check_onpolicy_teacher
-from distill.teacher import Teacher, hidden_state_loss, layer_states, open_teacher
+from distill.teachers import Teacher, hidden_state_loss, open_teacher
+from distill.teachers.live import layer_states
 
 logger = logging.getLogger("distill")
 
@@ -209,7 +210,7 @@ def _diagnose_nonfinite(step: int, model, teacher: Teacher | None, batch, last_c
 
 def evaluate(run: Run) -> dict:
     """Held-out CE/perplexity/ECE and, when the teacher covers the eval split, its distance to the student
-    (what that means per teacher kind: :mod:`distill.teacher`); all processes."""
+    (what that means per teacher kind: :mod:`distill.teachers`); all processes."""
     accelerator, eval_ds, bs = run.accelerator, run.eval_ds, run.cfg.eval.batch_size
     teacher = run.teacher if run.teacher is not None and run.teacher.covers("eval") else None
     chosen = eval_batch_indices(math.ceil(len(eval_ds) / bs), run.cfg.eval.max_batches)

@@ -1,0 +1,108 @@
+"""A cached teacher: targets captured by ``distill cache`` (``teacher: {cache: DIR}``); sparse signal."""
+
+from __future__ import annotations
+
+import torch
+
+from distill.cache.codec import data_fingerprint
+from distill.cache.reader import TeacherCache
+from distill.config import TeacherCacheSpec
+from distill.losses import LossSpec, SparseTarget
+from distill.tokenizer import tokenizer_fingerprint
+
+
+class CachedTeacher:
+    """Targets from ``distill cache``, one :class:`~distill.cache.reader.TeacherCache` per captured split; sparse
+    signal. Batches must be dataset examples (``batch["index"]``, ``batch["split"]``): each example is
+    checked against the hash the cache stored for it."""
+
+    kind = "cache"
+    max_positions = None
+    scores_any_text = False
+
+    def __init__(self, spec: TeacherCacheSpec, tokenizer, loss: LossSpec, seq_len: int, device):
+        train = TeacherCache(spec.cache, "train", topk_tail=spec.topk_tail)
+        self.path, self.device = train.path, device
+        self.caches = {"train": train}
+        if "eval" in train.manifest["splits"]:
+            self.caches["eval"] = TeacherCache(spec.cache, "eval", topk_tail=spec.topk_tail)
+        train.check_compatible(tokenizer_fingerprint(tokenizer), len(tokenizer), seq_len)
+        if abs(train.temperature - loss.temperature) > 1e-9:
+            raise ValueError(
+                f"teacher.cache: the targets in {spec.cache} were captured at temperature {train.temperature}, but "
+                f"loss.temperature={loss.temperature}; set loss.temperature={train.temperature} or rebuild the cache"
+            )
+        if loss.divergence == "sampled_reverse_kl":
+            raise ValueError("loss.divergence=sampled_reverse_kl needs the teacher's probability of the tokens the "
+                             "student samples, which a cache does not hold; use a live teacher or a server teacher")
+        if train.mode == "sampled" and not loss.tolerates_zero_teacher_mass:
+            setting = f"loss.divergence={loss.divergence}"
+            if loss.divergence == "jsd":
+                setting += f" with loss.beta={loss.beta:g}"
+            elif loss.divergence == "skew_reverse_kl":
+                setting += f" with loss.skew={loss.skew:g}"
+            raise ValueError(
+                f"{setting} is infinite on sampled targets (the teacher puts no mass outside the sampled ids, "
+                "and this divergence contains KL(q || p)); use forward_kl, skew_kl, tvd, jsd with loss.beta < 1 "
+                "or skew_reverse_kl with loss.skew > 0"
+            )
+        self.mode = train.mode
+        self.eval_temperature = train.temperature
+        self.eval_estimates = "sampled" if train.mode == "sampled" else ("topk_tail" if spec.topk_tail else "topk")
+
+    def describe(self) -> str:
+        split_note = "" if "eval" in self.caches else " (no eval split: eval reports no KL to the teacher)"
+        return f"{self.mode} targets from {self.path}, eval metrics: {self.eval_estimates}{split_note}"
+
+    def check_data(self, train_ds, eval_ds) -> None:
+        """Refuse targets of other data before training on them; forget a cached eval split that the run
+        does not have."""
+        self.caches["train"].check_compatible(data_fingerprint=data_fingerprint(train_ds), num_examples=len(train_ds))
+        if "eval" in self.caches:
+            if eval_ds is None:
+                del self.caches["eval"]
+            else:
+                self.caches["eval"].check_compatible(data_fingerprint=data_fingerprint(eval_ds),
+                                                     num_examples=len(eval_ds))
+
+    def covers(self, split: str) -> bool:
+        return split in self.caches
+
+    def signal(self, batch: dict) -> SparseTarget:
+        if "index" not in batch:
+            raise ValueError(
+                "a cached teacher can only score the dataset examples it was captured on; these batches are "
+                "not dataset examples (use a live teacher for generated batches)"
+            )
+        cache = self.caches[batch["split"]]
+        ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
+        lengths = batch["attention_mask"].sum(1).tolist()  # right-padded (data.collate)
+        examples = [{"input_ids": ids[i, :n], "labels": labels[i, :n]} for i, n in enumerate(lengths)]
+        target = cache.batch_target(batch["index"], examples, width=ids.shape[1])
+        k = target.ids.shape[-1]
+        flat = SparseTarget(target.ids.reshape(-1, k), target.probs.reshape(-1, k),
+                            None if target.tail is None else target.tail.reshape(-1))
+        return flat.to(self.device)
+
+    def diagnose(self, batch: dict) -> str | None:
+        return None  # stored targets are checked when they are read
+
+    def corrector(self, temperature: float):
+        raise ValueError("a cached teacher cannot check new tokens (speculative KD); use a live or server teacher")
+
+    has_states = False  # no hidden states: the hidden-state loss needs a live teacher
+
+    def follow(self, student, step: int) -> None:
+        """Nothing to do after an optimizer step: this teacher does not depend on the student."""
+
+    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
+        """Nothing to do before an optimizer step (co-distillation trains its peers here)."""
+
+    def save_models(self, out_dir, tokenizer) -> None:
+        """No model of its own to save (co-distillation saves its peers)."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}  # nothing to keep in checkpoints
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass

@@ -33,11 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill import training  # noqa: E402
 from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.commands import cache as cache_recipe  # noqa: E402
+from distill.commands.quickstart import PRESETS, evaluate_all, get_teacher, run_config, write_corpus  # noqa: E402
 from distill.config import CacheConfig, ModelSpec, TeacherCacheSpec  # noqa: E402
-from distill.recipes import cache as cache_recipe  # noqa: E402
-from distill.recipes import train  # noqa: E402
-from distill.recipes.quickstart import PRESETS, evaluate_all, get_teacher, run_config, write_corpus  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/cache_quality.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "cache_quality.json"
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
             continue
         shutil.rmtree(cfg.out_dir, ignore_errors=True)
         t0 = time.perf_counter()
-        runs[name] = train.main(cfg)
+        runs[name] = training.train(cfg)
         seconds[name] = round(time.perf_counter() - t0, 1)
 
     paths = {"teacher": teacher_dir, **{name: dirs[name] / "student" for name in variants}}

@@ -40,13 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.commands import cache as cache_recipe  # noqa: E402
+from distill.commands.quickstart import PRESETS, get_teacher, write_corpus  # noqa: E402
 from distill.config import CacheConfig, DataConfig, LossConfig, ModelSpec, TeacherCacheSpec  # noqa: E402
 from distill.data import build_datasets, collate  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
-from distill.recipes import cache as cache_recipe  # noqa: E402
-from distill.recipes.quickstart import PRESETS, get_teacher, write_corpus  # noqa: E402
-from distill.recipes.train import kd_step_loss  # noqa: E402
 from distill.teachers import CachedTeacher, LiveTeacher  # noqa: E402
+from distill.training import kd_step_loss  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/kd_step.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "kd_step.json"

@@ -39,9 +39,9 @@ from pathlib import Path
 import yaml
 
 from distill import checkpoint as ckpt
+from distill import training
+from distill.commands import quickstart as qs
 from distill.config import TrainConfig, dump_config, load_config
-from distill.recipes import quickstart as qs
-from distill.recipes import train
 
 REPO = Path(__file__).resolve().parents[1]
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/multi_teacher.json
@@ -52,7 +52,7 @@ def worker(cfg_path: str, result_path: str) -> None:
     """One training run in this process; writes its summary, wall time and peak RSS."""
     cfg = load_config(TrainConfig, cfg_path)
     t0 = time.perf_counter()
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     Path(result_path).write_text(json.dumps({"summary": summary, "seconds": time.perf_counter() - t0,
                                              "peak_rss_mib": peak_kib / 1024}))

@@ -38,12 +38,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill import training  # noqa: E402
 from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import ModelSpec  # noqa: E402
 from distill.generation.sampling import SamplingParams, row_seed, sample  # noqa: E402
 from distill.losses import IGNORE_INDEX  # noqa: E402
 from distill.models import load_model, load_tokenizer, output_head  # noqa: E402
-from distill.recipes import train  # noqa: E402
 from distill.tasks import arithmetic  # noqa: E402
 from distill.teachers import LiveTeacher  # noqa: E402
 
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     teacher_dir = args.teacher
     if teacher_dir is None:
         shutil.rmtree(args.work / "teacher", ignore_errors=True)
-        train.main(arithmetic.ground_truth_config(preset, data_dir, args.work / "teacher", role="teacher"))
+        training.train(arithmetic.ground_truth_config(preset, data_dir, args.work / "teacher", role="teacher"))
         teacher_dir = args.work / "teacher" / "student"
     answer_tokens = max(len(p.response) for p in arithmetic.read_problems(data_dir / "test.jsonl")) + 1
 
@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
             "log": cfg.log.model_copy(update={"every": 1}),
         })
         c0 = time.process_time()
-        train.main(cfg)
+        training.train(cfg)
         return cfg, run_dir, time.process_time() - c0
 
     gkd_run("gkd_warmup", 2)  # tokenized data cached, imports done: the two timed runs start alike
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         t2 = clock()
         student.train()
         tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        loss, _ = train.kd_step_loss(student, lambda: output_head(student, len(tok)), _Fixed(signal), batch, tokens,
+        loss, _ = training.kd_step_loss(student, lambda: output_head(student, len(tok)), _Fixed(signal), batch, tokens,
                                      cfg.loss)
         loss.backward()
         optimizer.step()

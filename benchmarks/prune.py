@@ -1,7 +1,7 @@
 """Prune, then distill: does a pruned teacher make a better student than random init, at the same steps and tokens?
 
 On the quickstart corpus (the Python standard library's sources, its BPE tokenizer and its cached teacher:
-:mod:`distill.recipes.quickstart`), ``distill prune`` cuts the teacher to the quickstart student's sizes (fewer
+:mod:`distill.commands.quickstart`), ``distill prune`` cuts the teacher to the quickstart student's sizes (fewer
 layers, narrower embeddings and MLP; heads and their head_dim kept), then the same architecture is trained for
 the same steps, batch, learning rate and tokens by each method, for every seed (the seed sets the data order
 and, for random init, the weights):
@@ -40,10 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill import training  # noqa: E402
 from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.commands import prune as prune_recipe  # noqa: E402
+from distill.commands import quickstart  # noqa: E402
 from distill.config import DataConfig, ImportanceConfig, ModelSpec, PruneConfig, PruneTargetConfig  # noqa: E402
-from distill.recipes import prune as prune_recipe  # noqa: E402
-from distill.recipes import quickstart, train  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/prune.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "prune.json"
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
             cfg = cfg.model_copy(update={"student": student, "train": cfg.train.model_copy(update={"seed": seed})})
             shutil.rmtree(work / name, ignore_errors=True)
             t0 = time.perf_counter()
-            runs[method][seed] = train.main(cfg)
+            runs[method][seed] = training.train(cfg)
             timings[name] = round(time.perf_counter() - t0, 1)
             students[method][seed] = work / name / "student"
             log.info("%s: %.1f s, val_loss %.4f", name, timings[name], runs[method][seed].get("val_loss", float("nan")))

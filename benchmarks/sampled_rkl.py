@@ -49,6 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill import training  # noqa: E402
 from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import ModelSpec, TrainConfig, load_config  # noqa: E402
 from distill.data import build_datasets  # noqa: E402
@@ -56,7 +57,6 @@ from distill.generation.sampling import SamplingParams, row_seed, sample  # noqa
 from distill.losses import IGNORE_INDEX, LossSpec, kd_loss_per_token  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.onpolicy import example_prompt  # noqa: E402
-from distill.recipes import train  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "gkd.yaml"
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/sampled_rkl.json
@@ -80,7 +80,7 @@ def train_teacher(work: Path, steps: int, reuse: bool) -> Path:
         f"out_dir={out}", "teacher=null", "train.batches=dataset", f"train.max_steps={steps}", "train.batch_size=16",
         "optim.lr=3e-3", "optim.warmup_steps=10", "log.every=100", *QUIET])
     cfg = cfg.model_copy(update={"student": base.teacher})  # the teacher's architecture and seed
-    train.main(cfg)
+    training.train(cfg)
     return out / "student"
 
 
@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
                         variance[f"seed{seed}_untrained"] = gradient_variance(
                             init, teacher, tok, prompts, cfg.onpolicy.max_new_tokens, args.batches, seed)
                 t0 = time.process_time()
-                train.main(cfg)
+                training.train(cfg)
                 cpu = time.process_time() - t0
                 recs = [r for r in map(json.loads, (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines())
                         if r["split"] == "train"]

@@ -63,10 +63,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill import training  # noqa: E402
 from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.commands import generate  # noqa: E402
 from distill.config import GenerateConfig, ModelSpec, PromptsConfig, SamplingConfig  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
-from distill.recipes import generate, train  # noqa: E402
 from distill.tasks import arithmetic  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/seqkd.json
@@ -161,7 +162,7 @@ def main(argv=None) -> dict:
     if not (args.reuse and reusable(work / "teacher", teacher_cfg)):
         _fresh(work / "teacher")
         t0 = time.perf_counter()
-        train.main(teacher_cfg)
+        training.train(teacher_cfg)
         timings["teacher"] = time.perf_counter() - t0
     teacher_acc = accuracy(teacher_dir, tests)
     logging.getLogger("distill").info("teacher exact match: %.1f%%", 100 * teacher_acc)
@@ -218,7 +219,7 @@ def main(argv=None) -> dict:
             if not (args.reuse and reusable(run_dir, cfg)):
                 _fresh(run_dir)
                 t0 = time.perf_counter()
-                train.main(cfg)
+                training.train(cfg)
                 timings[f"{method}_seed{seed}"] = time.perf_counter() - t0
             results[method][seed] = accuracy(student_dir, tests)
             rkl[method][seed] = reverse_kl_on_own_samples(student_dir, teacher_dir, tests, seed)

@@ -35,13 +35,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from distill import training  # noqa: E402
 from distill.checkpoint import atomic_write_json  # noqa: E402
+from distill.commands import quickstart  # noqa: E402
 from distill.config import DataConfig, LossConfig, ModelSpec  # noqa: E402
 from distill.data import build_datasets  # noqa: E402
 from distill.evaluation.metrics import measure_speculative  # noqa: E402
 from distill.generation.sampling import SamplingParams  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
-from distill.recipes import quickstart, train  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/speculative.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "speculative.json"
@@ -88,7 +89,7 @@ def main(argv=None) -> dict:
                 "log": cfg.log.model_copy(update={"progress": False}),
             })
             t0 = time.perf_counter()
-            train.main(cfg)
+            training.train(cfg)
             train_seconds[f"{name}_seed{seed}"] = round(time.perf_counter() - t0, 1)
             students[name][seed] = Path(cfg.out_dir) / "student"
 

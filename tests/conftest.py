@@ -86,8 +86,8 @@ def tiny_caches(tmp_path_factory):
     with ``SHARP_TEACHER``) on the small data, train and eval splits, built once per session: ``topk`` (k = 64 + tail), ``topk_all``
     (k = V = 263 with 16-bit probability codes: the full distribution, nearly exactly) and ``sampled`` (N = 32).
     Each entry: ``{"out": Path, "cfg": CacheConfig, "summary": dict}``."""
+    from distill.commands import cache as cache_recipe
     from distill.config import CacheConfig, load_config
-    from distill.recipes import cache as cache_recipe
 
     root = tmp_path_factory.mktemp("caches")
     built = {}
@@ -121,9 +121,9 @@ def kill_train_then_resume(config: Path, out: Path, steps: list[str], kill_at: i
 def crash_after_checkpoint(monkeypatch, step: int) -> None:
     """Make the train recipe stop right after writing the checkpoint of ``step`` (a crash between steps, in
     process); ``monkeypatch.undo()`` before resuming."""
-    from distill.recipes import train
+    from distill import training
 
-    real = train.save_checkpoint
+    real = training.save_checkpoint
 
     def saving(accelerator, cfg, at, *args, **kwargs):
         path = real(accelerator, cfg, at, *args, **kwargs)
@@ -131,4 +131,4 @@ def crash_after_checkpoint(monkeypatch, step: int) -> None:
             raise KeyboardInterrupt("crash")
         return path
 
-    monkeypatch.setattr(train, "save_checkpoint", saving)
+    monkeypatch.setattr(training, "save_checkpoint", saving)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from distill.tasks import arithmetic as ar
+from distill.tasks.arithmetic import cli as arithmetic_cli
 from distill.tokenizer import byte_tokenizer
 
 ALL_OPS = ("+", "-", "*")
@@ -243,7 +244,7 @@ def test_command_line_prepares_configs_that_train_and_scores_the_model(tmp_path,
     from distill.config import TrainConfig, load_config
 
     out = tmp_path / "arith"
-    assert ar.main(["prepare", str(out), "--preset", "tiny"]) == 0
+    assert arithmetic_cli.main(["prepare", str(out), "--preset", "tiny"]) == 0
     assert ar.read_problems(out / "data" / "test.jsonl") == ar.make_splits(0, 2, ("+",), 200, 50)[1]
     for role in ("teacher", "student"):
         cfg = load_config(TrainConfig, out / f"{role}.yaml")
@@ -258,7 +259,7 @@ def test_command_line_prepares_configs_that_train_and_scores_the_model(tmp_path,
     records = [json.loads(line) for line in (out / "student-run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [preset.student_steps]
     capsys.readouterr()
-    assert ar.main(["score", str(out / "student-run" / "student"), str(out / "data" / "test.jsonl")]) == 0
+    assert arithmetic_cli.main(["score", str(out / "student-run" / "student"), str(out / "data" / "test.jsonl")]) == 0
     assert re.fullmatch(r"exact match: \d+\.\d% of .*test\.jsonl\n", capsys.readouterr().out)
-    assert ar.main(["score", str(out / "nothing"), str(out / "data" / "test.jsonl")]) == 2
+    assert arithmetic_cli.main(["score", str(out / "nothing"), str(out / "data" / "test.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -26,11 +26,11 @@ from distill.cache.reader import (
     TeacherCache,
     collate_targets,
 )
+from distill.commands import cache as recipe
 from distill.config import CacheConfig, ConfigError, load_config
 from distill.data import build_datasets, collate
 from distill.losses import IGNORE_INDEX, SparseTarget, chunked_kd_loss, naive_kd_loss
 from distill.models import final_hidden, load_model, load_tokenizer, output_head
-from distill.recipes import cache as recipe
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ from conftest import REPO, crash_after_checkpoint, kill_train_then_resume
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from distill import training
 from distill.config import TrainConfig, load_config
-from distill.recipes import train
 
 CODISTILL = REPO / "configs" / "tiny" / "codistill.yaml"
 
@@ -39,11 +39,11 @@ def test_burn_in_is_independent_training_of_every_model(tmp_path):
     """With the burn-in covering the run, the student and the peer are exactly two plain CE runs."""
     steps = ["train.max_steps=3", "eval.every=0", "checkpoint.every=0", "teacher.burn_in=3"]
     cfg = _cfg(tmp_path / "co", *steps)
-    train.main(cfg)
+    training.train(cfg)
     plain = _cfg(tmp_path / "plain", *steps[:3], "teacher=null")
-    train.main(plain)
+    training.train(plain)
     peer = plain.model_copy(update={"out_dir": str(tmp_path / "peer"), "student": cfg.teacher.peers[0]})
-    train.main(peer)
+    training.train(peer)
     assert _same(_weights(tmp_path / "co" / "student"), _weights(tmp_path / "plain" / "student"))
     assert _same(_weights(tmp_path / "co" / "peers" / "peer0"), _weights(tmp_path / "peer" / "student"))
 
@@ -51,7 +51,7 @@ def test_burn_in_is_independent_training_of_every_model(tmp_path):
 def test_codistillation_trains_both_models_toward_each_other(tmp_path):
     cfg = _cfg(tmp_path / "co", "train.max_steps=8", "log.every=1", "eval.every=8", "checkpoint.every=0",
                "teacher.burn_in=2", "loss.alpha=0.0", "optim.lr=1e-2")
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     rec = [r for r in _records(tmp_path / "co") if r["split"] == "train"]
     assert [r["kl"] for r in rec[:2]] == [0.0, 0.0] and all(r["kl"] > 0 for r in rec[2:])
     assert rec[2]["kl_peer0"] == rec[2]["kl"]
@@ -65,12 +65,12 @@ def test_codistillation_trains_both_models_toward_each_other(tmp_path):
 
 def test_interrupted_codistillation_resumes_exactly(tmp_path, monkeypatch):
     steps = ["train.max_steps=6", "checkpoint.every=3", "eval.every=3", "log.every=1", "teacher.burn_in=2"]
-    train.main(_cfg(tmp_path / "ref", *steps))
+    training.train(_cfg(tmp_path / "ref", *steps))
     crash_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        train.main(_cfg(tmp_path / "cut", *steps))
+        training.train(_cfg(tmp_path / "cut", *steps))
     monkeypatch.undo()
-    train.main(_cfg(tmp_path / "cut", *steps), resume=True)
+    training.train(_cfg(tmp_path / "cut", *steps), resume=True)
     for model in ("student", "peers/peer0"):
         assert _same(_weights(tmp_path / "ref" / model), _weights(tmp_path / "cut" / model)), model
     clock = {"tokens_per_s", "step_seconds", "teacher_seconds"}
@@ -85,7 +85,7 @@ def test_a_peer_with_another_tokenizer_is_refused(tmp_path):
     other.add_tokens(["<|extra|>"])
     other.save_pretrained(tmp_path / "other-tok")
     with pytest.raises(ValueError, match=r"teacher.peers\[0\]: the student tokenizer .* differ"):
-        train.main(_cfg(tmp_path / "run", f"teacher.peers=[{{tokenizer: {tmp_path / 'other-tok'}, config: "
+        training.train(_cfg(tmp_path / "run", f"teacher.peers=[{{tokenizer: {tmp_path / 'other-tok'}, config: "
                                           "{model_type: llama, hidden_size: 32, intermediate_size: 64, "
                                           "num_hidden_layers: 1, num_attention_heads: 4}}]"))
 
@@ -94,7 +94,7 @@ def test_a_peer_with_another_tokenizer_is_refused(tmp_path):
 def test_sigkill_then_resume_matches_uninterrupted_codistillation(tmp_path):
     steps = ["train.max_steps=16", "checkpoint.every=4", "eval.every=8", "log.every=1"]
     ref = tmp_path / "ref"
-    train.main(_cfg(ref, *steps))
+    training.train(_cfg(ref, *steps))
     out = tmp_path / "killed"
     # The killed half at this process's thread count, as the reference and the resumed half run here.
     kill_train_then_resume(CODISTILL, out, steps, kill_at=8)

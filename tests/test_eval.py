@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import REPO, TINY_TRAIN, run_cli, run_cli_here
 
+from distill import training
+from distill.commands import eval as eval_recipe
 from distill.config import ConfigError, EvalRunConfig, TrainConfig, load_config
 from distill.evaluation.metrics import acceptance_estimate, eval_batch_indices, predicted_tokens_per_call
 from distill.generation.sampling import SamplingParams, row_seed, sample
-from distill.recipes import eval as eval_recipe
-from distill.recipes import train
 from distill.tokenizer import byte_tokenizer
 
 TINY_EVAL = REPO / "configs" / "tiny" / "eval.yaml"
@@ -35,7 +35,7 @@ def trained(tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as the tests run (one_thread): its final eval is then the eval's to the last bit
     try:
-        train.main(cfg)
+        training.train(cfg)
     finally:
         torch.set_num_threads(before)
     return out
@@ -225,10 +225,10 @@ def test_bad_input_is_named(tmp_path):
 
 
 def test_report_of_two_runs_and_an_eval(tmp_path, trained):
-    from distill.recipes import report
+    from distill.commands import report
 
     other = tmp_path / "other"
-    train.main(load_config(TrainConfig, TINY_TRAIN, [f"out_dir={other}", "log.progress=false", "train.max_steps=4",
+    training.train(load_config(TrainConfig, TINY_TRAIN, [f"out_dir={other}", "log.progress=false", "train.max_steps=4",
                                                      "eval.every=2", "checkpoint.every=0", "loss.divergence=tvd"]))
     ev = tmp_path / "eval.json"
     eval_recipe.main(load_config(EvalRunConfig, TINY_EVAL, [f"out={ev}", "speculative.gammas=[1,2]",

@@ -14,6 +14,8 @@ from conftest import REPO, kill_when, run_cli_here
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from distill import training
+from distill.commands import generate as recipe
 from distill.config import GenerateConfig, TrainConfig, load_config
 from distill.generation.sampling import (
     Decoder,
@@ -26,8 +28,6 @@ from distill.generation.sampling import (
     uniforms,
 )
 from distill.generation.speculative import speculative_sample
-from distill.recipes import generate as recipe
-from distill.recipes import train
 from distill.tokenizer import byte_tokenizer
 
 TINY_GENERATE = REPO / "configs" / "tiny" / "generate.yaml"
@@ -220,7 +220,7 @@ def test_tiny_generate_writes_shards_manifest_and_trains(tmp_path):
     for i, teacher in enumerate((["teacher=null"], [])):
         cfg = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / f'train{i}'}", f"data.source={out}",
                                                     *common, *teacher])
-        summary = train.main(cfg)
+        summary = training.train(cfg)
         assert summary["steps"] == 2 and (tmp_path / f"train{i}" / "student" / "model.safetensors").is_file()
 
 
@@ -286,13 +286,13 @@ def test_a_student_with_another_tokenizer_trains_on_the_teachers_text(tmp_path):
                "data.eval_fraction=0", "train.max_steps=3", "eval.every=0", "checkpoint.every=0",
                "log.progress=false", "train.batch_size=4", "train.grad_accum=1", f"data.source={out}"]
     cfg = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'seq'}", "teacher=null", *student])
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     assert summary["tokens"] > 0
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "seq" / "student")
     assert saved.config.vocab_size == len(tok)
     # Token-level KD on top needs one tokenizer: refused, pointing at sequence-level distillation.
     with pytest.raises(ValueError, match="sequence-level distillation"):
-        train.main(load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'tok'}", *student]))
+        training.train(load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'tok'}", *student]))
 
 
 def test_bad_input_is_named(tmp_path):
@@ -320,7 +320,7 @@ def test_bad_input_is_named(tmp_path):
     (out / "manifest.json").unlink()
     cfg = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 't'}", f"data.source={out}"])
     with pytest.raises(ValueError, match="unfinished `distill generate` output"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ import torch
 from conftest import REPO, SMALL_DATA, crash_after_checkpoint
 from safetensors.torch import load_file
 
+from distill import training
 from distill.config import TrainConfig, load_config
 from distill.losses import HiddenStateLoss, uniform_layer_map
-from distill.recipes import train
 
 HIDDEN = REPO / "configs" / "tiny" / "hidden.yaml"
 
@@ -71,22 +71,22 @@ def test_the_loss_is_zero_between_a_model_and_itself(tmp_path, distance):
                f"loss.hidden.distance={distance}", "loss.hidden.layers={1: 1, 2: 2}",
                f"loss.hidden.final_weight={0.0 if distance == 'mse' else 0.5}")  # the final term is a cosine
     cfg.teacher = TrainConfig.model_validate({**tree, "teacher": tree["student"]}).teacher
-    train.main(cfg)
+    training.train(cfg)
     rec = next(r for r in _records(tmp_path / "run") if r["split"] == "train")
     assert rec["kl"] == 0.0
     assert rec["hidden"] == 0.0 if distance == "mse" else abs(rec["hidden"]) < 1e-6
     # ... and not zero between different models
     other = _cfg(tmp_path / "other", "train.max_steps=1", "log.every=1", "eval.every=0", "checkpoint.every=0",
                  f"loss.hidden.distance={distance}")
-    train.main(other)
+    training.train(other)
     assert next(r for r in _records(tmp_path / "other") if r["split"] == "train")["hidden"] > 0.01
 
 
 def test_projections_train_stay_out_of_the_student_and_resume_exactly(tmp_path, monkeypatch):
     steps = ["train.max_steps=6", "checkpoint.every=3", "eval.every=6", "log.every=1"]
-    train.main(_cfg(tmp_path / "ref", *steps))
+    training.train(_cfg(tmp_path / "ref", *steps))
     plain = _cfg(tmp_path / "plain", *steps, "loss.hidden=null")
-    train.main(plain)
+    training.train(plain)
     ref = load_file(str(tmp_path / "ref" / "student" / "model.safetensors"))
     assert ref.keys() == load_file(str(tmp_path / "plain" / "student" / "model.safetensors")).keys()
     assert not any("proj" in k and "layers" not in k for k in ref)
@@ -101,9 +101,9 @@ def test_projections_train_stay_out_of_the_student_and_resume_exactly(tmp_path, 
 
     crash_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        train.main(_cfg(tmp_path / "cut", *steps))
+        training.train(_cfg(tmp_path / "cut", *steps))
     monkeypatch.undo()
-    train.main(_cfg(tmp_path / "cut", *steps), resume=True)
+    training.train(_cfg(tmp_path / "cut", *steps), resume=True)
     cut = load_file(str(tmp_path / "cut" / "student" / "model.safetensors"))
     assert all(torch.equal(ref[k], cut[k]) for k in ref)
     resumed = load_file(str(tmp_path / "cut" / "checkpoints" / "step_00000006" / "model_1.safetensors"))
@@ -113,13 +113,13 @@ def test_projections_train_stay_out_of_the_student_and_resume_exactly(tmp_path, 
 def test_bad_hidden_settings_are_refused_naming_the_setting(tmp_path, tiny_caches):
     with pytest.raises(ValueError, match=r"loss.hidden.layers: 1: 7 names teacher hidden state 7, but the teacher "
                                          r"has hidden states 0..2"):
-        train.main(_cfg(tmp_path / "a", "loss.hidden.layers={1: 7}"))
+        training.train(_cfg(tmp_path / "a", "loss.hidden.layers={1: 7}"))
     with pytest.raises(ValueError, match=r"loss.hidden.layers: 3: 1 names student hidden state 3"):
-        train.main(_cfg(tmp_path / "b", "loss.hidden.layers={3: 1}"))
+        training.train(_cfg(tmp_path / "b", "loss.hidden.layers={3: 1}"))
     with pytest.raises(ValueError, match=r"loss.hidden.projection=none, but the student's hidden states have width 32 "
                                          r"and the teacher's 64"):
-        train.main(_cfg(tmp_path / "c", "loss.hidden.projection=none"))
+        training.train(_cfg(tmp_path / "c", "loss.hidden.projection=none"))
     with pytest.raises(ValueError, match=r"loss.hidden needs the hidden states of a live teacher .* a cache teacher"):
-        train.main(_cfg(tmp_path / "d", "teacher=null", f"teacher.cache={tiny_caches['topk']['out']}", *SMALL_DATA))
+        training.train(_cfg(tmp_path / "d", "teacher=null", f"teacher.cache={tiny_caches['topk']['out']}", *SMALL_DATA))
     with pytest.raises(ValueError, match=r"loss.hidden needs .* no teacher"):
-        train.main(_cfg(tmp_path / "e", "teacher=null"))
+        training.train(_cfg(tmp_path / "e", "teacher=null"))

@@ -18,7 +18,7 @@ def _imports() -> dict[str, list[tuple[str, str]]]:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distill"):
                 for alias in node.names:
                     target = node.module
-                    if node.module in ("distill", "distill.recipes") and alias.name != "__version__":
+                    if node.module in ("distill", "distill.commands") and alias.name != "__version__":
                         target = f"{node.module}.{alias.name}"  # `from distill.recipes import train`
                     found.append((target, alias.name))
             elif isinstance(node, ast.Import):
@@ -59,6 +59,6 @@ def test_the_lowest_layers_import_nothing_above_them():
 
 
 def test_the_train_recipe_does_not_branch_on_the_teacher_kind():
-    source = (SRC / "recipes" / "train.py").read_text()
+    source = (SRC / "training.py").read_text() + (SRC / "commands" / "train.py").read_text()
     for pattern in ("TeacherCacheSpec", "CachedTeacher", "LiveTeacher", "cache is not None", "TeacherCache("):
         assert pattern not in source, pattern

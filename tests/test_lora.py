@@ -19,7 +19,10 @@ pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from distill import lora  # noqa: E402
+from distill import (
+    lora,  # noqa: E402
+    training,  # noqa: E402
+)
 from distill.config import ConfigError, LoraConfig, TrainConfig, load_config  # noqa: E402
 from distill.losses import (  # noqa: E402
     IGNORE_INDEX,
@@ -27,7 +30,6 @@ from distill.losses import (  # noqa: E402
     chunked_kd_loss,  # noqa: E402
 )
 from distill.models import final_hidden, flat_positions, load_model, output_head  # noqa: E402
-from distill.recipes import train  # noqa: E402
 from distill.tokenizer import byte_tokenizer  # noqa: E402
 
 TINY_LORA = REPO / "configs" / "tiny" / "lora.yaml"
@@ -124,7 +126,7 @@ def test_lora_run_trains_only_the_adapters(tmp_path):
     cfg = lora_cfg(tmp_path, "train.max_steps=3", "checkpoint.every=3", "eval.every=0", "log.every=1",
                    "loss.alpha=0.0", "data.max_examples=120")
     t0 = time.perf_counter()
-    train.main(cfg)
+    training.train(cfg)
     print(f"tiny LoRA run: {time.perf_counter() - t0:.1f} s")
     out = Path(cfg.out_dir)
 
@@ -171,7 +173,7 @@ def test_lora_run_trains_only_the_adapters(tmp_path):
 def test_lora_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     steps = ["train.max_steps=16", "checkpoint.every=4", "eval.every=8", "log.every=1"]
     ref = lora_cfg(tmp_path / "ref", *steps)
-    train.main(ref)
+    training.train(ref)
 
     out = tmp_path / "killed"
     # The killed half at this process's thread count, as the reference and the resumed half run here.

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import REPO, SMALL_DATA, TINY_TRAIN
 
+from distill import training
 from distill.config import ConfigError, TrainConfig, load_config
 from distill.evaluation.metrics import eval_batch_indices
 from distill.losses import (
@@ -22,7 +23,6 @@ from distill.losses import (
     chunked_kd_loss,
     naive_kd_loss,
 )
-from distill.recipes import train
 
 N, H, V = 37, 8, 30
 MASKED = [3, 4, 5, 20]
@@ -157,7 +157,7 @@ def _weights(cfg: TrainConfig) -> dict:
 def test_two_identical_teachers_train_like_one_and_weights_one_zero_like_the_first(tmp_path):
     other = {**MEMBER, "seed": 5}
     one = _cfg(tmp_path / "one", None)
-    train.main(one)
+    training.train(one)
     runs = {
         "half": [{**MEMBER, "weight": 0.5, "name": "a"}, {**MEMBER, "weight": 0.5, "name": "b"}],
         "first": [{**MEMBER, "weight": 1.0, "name": "a"}, {**other, "weight": 0.0, "name": "b"}],
@@ -165,7 +165,7 @@ def test_two_identical_teachers_train_like_one_and_weights_one_zero_like_the_fir
     ref = [r for r in _records(one) if r["split"] == "train"]
     for name, members in [*runs.items(), ("half_loss", runs["half"])]:
         cfg = _cfg(tmp_path / name, {"teachers": members, "mix": "loss" if name == "half_loss" else "probability"})
-        train.main(cfg)
+        training.train(cfg)
         got = [r for r in _records(cfg) if r["split"] == "train"]
         assert len(got) == len(ref) == 4
         if name == "first":  # exactly the first teacher's run
@@ -185,7 +185,7 @@ def test_loss_space_mixture_of_a_live_and_a_cached_teacher_trains(tmp_path, tiny
     members = [{**MEMBER, "config": {**MEMBER["config"], "initializer_range": 0.2}, "weight": 1.0, "name": "live"},
                {"cache": str(tiny_caches["topk"]["out"]), "weight": 3.0, "name": "cached"}]
     cfg = _cfg(tmp_path, {"teachers": members, "mix": "loss"}, *SMALL_DATA, "eval.every=4")
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     got = [r for r in _records(cfg) if r["split"] == "train"]
     assert all(r["kl_live"] > 0 and r["kl_cached"] > 0 for r in got)
     # loss space: the logged KL is the weighted mean of the teachers' KLs
@@ -215,11 +215,11 @@ def test_bad_mixtures_are_refused_naming_the_setting(tmp_path, tiny_caches):
     other.save_pretrained(tmp_path / "other-tok")
     cfg = _mixture(tmp_path / "tok", [MEMBER, {**MEMBER, "tokenizer": str(tmp_path / "other-tok"), "name": "odd"}])
     with pytest.raises(ValueError, match=r"teacher.teachers\[1\] \(odd\): the student tokenizer .* differ"):
-        train.main(cfg)
+        training.train(cfg)
     cfg = _mixture(tmp_path / "prob", [MEMBER, {"cache": str(tiny_caches["topk"]["out"])}], "probability",
                    *SMALL_DATA)
     with pytest.raises(ValueError, match=r"teacher.mix=probability .* teacher.teachers\[1\] .*use teacher.mix=loss"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 def _mixture_kl_on_the_eval_split(cfg: TrainConfig, student) -> float:
@@ -264,7 +264,7 @@ def test_the_tiny_multi_teacher_config_runs(tmp_path):
     cfg = load_config(TrainConfig, REPO / "configs" / "tiny" / "multi_teacher.yaml",
                       [f"out_dir={tmp_path}", "log.progress=false", "train.max_steps=2", "log.every=1", "eval.every=2"])
     assert cfg.teacher.mix == "probability" and len({m.temperature for m in cfg.teacher.teachers}) == 2
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     got = [r for r in _records(cfg) if r["split"] == "train"]
     assert len(got) == 2
     a, temp = cfg.loss.alpha, cfg.loss.temperature

@@ -14,11 +14,11 @@ from conftest import REPO, kill_train_then_resume
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from distill import training
 from distill.config import ConfigError, TrainConfig, load_config
 from distill.generation.correction import LiveCorrector, corrected_sample
 from distill.generation.sampling import SamplingParams, row_seed, sample
 from distill.losses import LossSpec, SparseTarget, kd_loss_per_token, token_divergence
-from distill.recipes import train
 
 TINY = {"gkd": REPO / "configs" / "tiny" / "gkd.yaml", "skd": REPO / "configs" / "tiny" / "skd.yaml"}
 
@@ -61,7 +61,7 @@ PROMPTS = [[2, 5, 6], [2, 7], [2, 8, 9, 10]]
 def test_tiny_configs_train_and_log_the_on_policy_metrics(tmp_path):
     for method in ("gkd", "skd"):
         cfg = cfg_of(tmp_path / method, method)
-        summary = train.main(cfg)
+        summary = training.train(cfg)
         assert summary["steps"] == 8
         recs = records(cfg)
         assert len(recs) == 8
@@ -77,8 +77,8 @@ def test_lambda_zero_is_supervised_kd_exactly(tmp_path):
     common = ["train.max_steps=5", "eval.every=0", "checkpoint.every=0"]
     gkd = cfg_of(tmp_path / "gkd", "gkd", *common, "onpolicy.student_fraction=0")
     supervised = cfg_of(tmp_path / "sup", "gkd", *common, "train.batches=dataset")
-    train.main(gkd)
-    train.main(supervised)
+    training.train(gkd)
+    training.train(supervised)
     assert [r["loss"] for r in records(gkd)] == [r["loss"] for r in records(supervised)]
     assert all(r["on_policy"] == 0.0 for r in records(gkd))
     w1, w2 = weights(gkd), weights(supervised)
@@ -91,7 +91,7 @@ def test_lambda_one_trains_on_the_students_own_samples(tmp_path, monkeypatch):
     from distill import onpolicy
 
     checked = []
-    real = train.BATCH_SOURCES["gkd"]
+    real = training.BATCH_SOURCES["gkd"]
 
     def checking(run, step):
         batches = real(run, step)
@@ -105,10 +105,10 @@ def test_lambda_one_trains_on_the_students_own_samples(tmp_path, monkeypatch):
             checked.append(step)
         return batches
 
-    monkeypatch.setitem(train.BATCH_SOURCES, "gkd", checking)
+    monkeypatch.setitem(training.BATCH_SOURCES, "gkd", checking)
     cfg = cfg_of(tmp_path, "gkd", "onpolicy.student_fraction=1", "train.max_steps=4", "eval.every=0",
                  "checkpoint.every=0")
-    train.main(cfg)
+    training.train(cfg)
     assert checked == [0, 1, 2, 3]
     assert all(r["on_policy"] == 1.0 for r in records(cfg))
 
@@ -155,7 +155,7 @@ def test_skd_with_k_one_and_an_argmax_teacher_is_the_teachers_greedy_continuatio
 def test_skd_schedule_of_k(tmp_path):
     cfg = cfg_of(tmp_path, "skd", "onpolicy.skd_top_k=40", "onpolicy.skd_top_k_final=2", "train.max_steps=5",
                  "eval.every=0", "checkpoint.every=0")
-    train.main(cfg)
+    training.train(cfg)
     ks = [r["skd_k"] for r in records(cfg)]
     assert ks[0] == 40 and ks[-1] == 2 and ks == sorted(ks, reverse=True)
 
@@ -178,7 +178,7 @@ def test_distillm_raises_its_threshold_when_the_eval_loss_rises():
 def test_distillm_trains_from_its_replay_buffer(tmp_path):
     cfg = cfg_of(tmp_path, "gkd", "train.batches=distillm", "loss.divergence=skew_kl", "onpolicy.adaptive_init=1.0",
                  "onpolicy.replay_capacity=16", "train.max_steps=10", "eval.every=0", "checkpoint.every=0")
-    train.main(cfg)
+    training.train(cfg)
     recs = records(cfg)
     fresh = [r["on_policy"] for r in recs]
     replay = [r["replay"] for r in recs]
@@ -198,7 +198,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
     source = TINY["skd" if method == "skd" else "gkd"]
     steps = ["train.max_steps=24", "checkpoint.every=4", "eval.every=8", "log.every=1", *extra]
     ref = load_config(TrainConfig, source, [f"out_dir={tmp_path / 'ref'}", "log.progress=false", *steps])
-    train.main(ref)
+    training.train(ref)
     out = tmp_path / "killed"
     kill_train_then_resume(source, out, steps, kill_at=12, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=180)
     a, b = load_file(str(out / "student" / "model.safetensors")), weights(ref)
@@ -221,18 +221,18 @@ def test_bad_settings_are_named(tmp_path, tiny_caches):
     text = ["data.source=configs/tiny/data/docstrings.jsonl", "data.format=text", "data.seq_len=32",
             "data.truncate=true"]
     with pytest.raises(ValueError, match="train.batches=gkd needs prompts"):
-        train.main(cfg_of(tmp_path / "a", "gkd", *text, "onpolicy.student_fraction=1"))
+        training.train(cfg_of(tmp_path / "a", "gkd", *text, "onpolicy.student_fraction=1"))
     with pytest.raises(ValueError, match="a cached teacher cannot score text the student writes"):
-        train.main(cfg_of(tmp_path / "b", "gkd", "teacher=null", f"teacher.cache={tiny_caches['topk']['out']}",
+        training.train(cfg_of(tmp_path / "b", "gkd", "teacher=null", f"teacher.cache={tiny_caches['topk']['out']}",
                           "data.source=configs/tiny/data/docstrings.jsonl", "data.seq_len=128", "data.max_examples=120",
                           "data.format=auto"))
     with pytest.raises(ValueError, match="onpolicy.max_new_tokens=60 .* exceeds the models' 64 positions"):
-        train.main(cfg_of(tmp_path / "c", "gkd", "onpolicy.max_new_tokens=60"))
+        training.train(cfg_of(tmp_path / "c", "gkd", "onpolicy.max_new_tokens=60"))
     with pytest.raises(ValueError, match="needs a teacher|set a teacher"):
-        train.main(cfg_of(tmp_path / "d", "gkd", "teacher=null"))
+        training.train(cfg_of(tmp_path / "d", "gkd", "teacher=null"))
     with pytest.raises(ValueError, match="loss.baseline=running: the baseline is unbiased only on tokens drawn from"):
-        train.main(cfg_of(tmp_path / "e", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7"))
-    train.main(cfg_of(tmp_path / "f", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7",
+        training.train(cfg_of(tmp_path / "e", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7"))
+    training.train(cfg_of(tmp_path / "f", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7",
                       "loss.baseline=none", "train.max_steps=1", "eval.every=0", "checkpoint.every=0"))
 
 
@@ -264,7 +264,7 @@ def test_sampled_reverse_kl_gradient_is_unbiased_for_the_reverse_kl():
 def test_gkd_with_sampled_reverse_kl_trains(tmp_path):
     cfg = cfg_of(tmp_path, "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.student_fraction=1",
                  "train.max_steps=4", "eval.every=0", "checkpoint.every=0")
-    train.main(cfg)
+    training.train(cfg)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(cfg))
 
 
@@ -336,10 +336,10 @@ def exact_reverse_kl(student, teacher, prompts: list[list[int]], eos: int, lengt
 
 
 def kl_before_and_after(cfg: TrainConfig, monkeypatch) -> tuple[float, float]:
-    """Train with the recipe (train.main) and return the exact reverse KL of the student before its first step
+    """Train with the recipe (training.train) and return the exact reverse KL of the student before its first step
     and after its last."""
     seen: dict = {}
-    real = train.BATCH_SOURCES["gkd"]
+    real = training.BATCH_SOURCES["gkd"]
 
     def first_step(run, step):
         if step == 0:
@@ -355,9 +355,9 @@ def kl_before_and_after(cfg: TrainConfig, monkeypatch) -> tuple[float, float]:
                                               cfg.onpolicy.max_new_tokens)
         return real(run, step)
 
-    monkeypatch.setitem(train.BATCH_SOURCES, "gkd", first_step)
-    train.main(cfg)
-    monkeypatch.setitem(train.BATCH_SOURCES, "gkd", real)
+    monkeypatch.setitem(training.BATCH_SOURCES, "gkd", first_step)
+    training.train(cfg)
+    monkeypatch.setitem(training.BATCH_SOURCES, "gkd", real)
     after = exact_reverse_kl(*seen["models"], seen["prompts"], seen["eos"], cfg.onpolicy.max_new_tokens)
     return seen["before"], after
 
@@ -475,15 +475,15 @@ def test_the_running_baseline_of_a_step_comes_from_earlier_steps_only(tmp_path, 
     """Each step's baseline is the decayed mean of f over the earlier steps the student wrote (0 before the
     first), whatever this step draws; steps on the dataset's text use none and leave it as it is."""
     used = []
-    real = train.kd_step_loss
+    real = training.kd_step_loss
 
     def recording(*args, **kwargs):
         used.append(kwargs.get("baseline", args[8] if len(args) > 8 else 0.0))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "kd_step_loss", recording)
+    monkeypatch.setattr(training, "kd_step_loss", recording)
     cfg = tiny_vocab_cfg(tiny_vocab, tmp_path / "run", 2, "running", steps=10, fraction=0.6)
-    train.main(cfg)
+    training.train(cfg)
     recs = records(cfg)
     assert len(used) == len(recs) == 10  # one micro-batch per step, one record per step
     on = [r["on_policy"] == 1.0 for r in recs]
@@ -503,15 +503,15 @@ def test_a_run_with_the_running_baseline_resumes_exactly(tmp_path, tiny_vocab, m
 
     common = {"checkpoint": {"every": 3}}
     ref = tiny_vocab_cfg(tiny_vocab, tmp_path / "ref", 2, "running", steps=6, **common)
-    train.main(ref)
+    training.train(ref)
     cfg = tiny_vocab_cfg(tiny_vocab, tmp_path / "crash", 2, "running", steps=6, **common)
     crash_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        train.main(cfg)
+        training.train(cfg)
     monkeypatch.undo()
     state = json.loads((Path(cfg.out_dir) / "checkpoints" / "step_00000003" / "onpolicy_rank0.json").read_text())
     assert state["reward_mean"] > 0
-    train.main(cfg, resume=True)
+    training.train(cfg, resume=True)
     a, b = weights(cfg), weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["baseline"] for r in records(cfg)] == [r["baseline"] for r in records(ref)]

@@ -13,6 +13,7 @@ from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.cli import main as cli_main
+from distill.commands import prune as prune_recipe
 from distill.config import DataConfig, ModelSpec, PruneConfig, TrainConfig, load_config
 from distill.data import build_datasets, collate
 from distill.models import load_model, load_tokenizer
@@ -20,7 +21,6 @@ from distill.pruning.importance import Importance, score, skipping
 from distill.pruning.plan import Plan, make_plan
 from distill.pruning.sizes import model_sizes, param_count, sizes_for_budget
 from distill.pruning.slicing import slice_model
-from distill.recipes import prune as prune_recipe
 
 TINY_PRUNE = REPO / "configs" / "tiny" / "prune.yaml"
 TINY_TRAIN = REPO / "configs" / "tiny" / "train.yaml"

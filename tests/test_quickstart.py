@@ -14,7 +14,14 @@ import pytest
 from conftest import run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distill.recipes.quickstart import PRESETS, _llama, get_teacher, is_validation, stdlib_files, write_corpus
+from distill.commands.quickstart import (
+    PRESETS,
+    _llama,
+    get_teacher,
+    is_validation,
+    stdlib_files,
+    write_corpus,
+)
 
 
 def test_split_is_by_file_and_deterministic():
@@ -25,7 +32,7 @@ def test_split_is_by_file_and_deterministic():
     assert not any("/test/" in f"/{r}" for r in rel)
     # The same split in another process with another hash seed: a function of the path alone (Python's
     # own str hash, which is salted per process, would fail this).
-    code = ("import json, sys; from distill.recipes.quickstart import is_validation; "
+    code = ("import json, sys; from distill.commands.quickstart import is_validation; "
             "print(json.dumps([r for r in json.load(sys.stdin) if is_validation(r)]))")
     res = subprocess.run([sys.executable, "-c", code], input=json.dumps(rel), capture_output=True, text=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}, timeout=120, check=True)
@@ -63,7 +70,7 @@ def test_quickstart_fast_distilled_beats_scratch(tmp_path):
         AutoTokenizer.from_pretrained(model_dir)
 
     # distill report on the quickstart's two runs: their curves on shared axes and the final table.
-    from distill.recipes import report as report_recipe
+    from distill.commands import report as report_recipe
 
     page = report_recipe.main([str(out / "scratch"), str(out / "distilled")], out=str(tmp_path / "report"))
     text = page.read_text()

@@ -231,10 +231,10 @@ def _run(cmd: str, work: Path, port: int, servers: list[subprocess.Popen]) -> tu
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         if args[:3] == ["python", "-m", "distill.tasks.arithmetic"]:
-            from distill.tasks import arithmetic
+            from distill.tasks.arithmetic import cli as arithmetic_cli
 
             with contextlib.redirect_stderr(out):
-                rc = arithmetic.main(args[3:])
+                rc = arithmetic_cli.main(args[3:])
             return rc, out.getvalue()
         assert args[0] == "distill", f"no way to run {cmd!r} here"
         res = run_cli_here(*args[1:])

@@ -11,8 +11,8 @@ import torch
 from conftest import REPO, crash_after_checkpoint, kill_train_then_resume
 from safetensors.torch import load_file
 
+from distill import training
 from distill.config import SelfTeacherSpec, TrainConfig, load_config
-from distill.recipes import train
 from distill.teachers import SelfTeacher
 
 SELF = REPO / "configs" / "tiny" / "self_distill.yaml"
@@ -63,25 +63,25 @@ def test_ema_and_snapshot_teachers_follow_the_student():
 
 def test_self_distillation_trains_and_logs_the_kl_to_its_own_average(tmp_path):
     cfg = _cfg(tmp_path / "run", "train.max_steps=4", "log.every=1", "eval.every=4", "checkpoint.every=2")
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     rec = [r for r in _records(tmp_path / "run") if r["split"] == "train"]
     assert [r["kl"] for r in rec[:2]] == [0.0, 0.0]  # plain CE before teacher.start = 2
     assert all(r["kl"] > 0 for r in rec[2:])
     assert rec[0]["loss"] == pytest.approx(rec[0]["ce"], rel=1e-6)
     assert summary["kl_to_teacher"] > 0
-    state = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000004" / train.TEACHER_STATE))
+    state = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000004" / training.TEACHER_STATE))
     assert int(state["step"]) == 4 and any(k.startswith("model.") for k in state)
 
 
 def test_interrupted_self_distillation_resumes_exactly(tmp_path, monkeypatch):
     """EMA (the snapshot teacher's state round trip is in test_ema_and_snapshot_teachers_follow_the_student)."""
     steps = ["train.max_steps=6", "checkpoint.every=3", "eval.every=3", "log.every=1"]
-    train.main(_cfg(tmp_path / "ref", *steps))
+    training.train(_cfg(tmp_path / "ref", *steps))
     crash_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        train.main(_cfg(tmp_path / "cut", *steps))
+        training.train(_cfg(tmp_path / "cut", *steps))
     monkeypatch.undo()
-    train.main(_cfg(tmp_path / "cut", *steps), resume=True)
+    training.train(_cfg(tmp_path / "cut", *steps), resume=True)
     a, b = _student(tmp_path / "ref"), _student(tmp_path / "cut")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _comparable(tmp_path / "ref") == _comparable(tmp_path / "cut")
@@ -97,7 +97,7 @@ def _comparable(out: Path) -> list[dict]:
 def test_sigkill_then_resume_matches_uninterrupted_self_distillation(tmp_path):
     steps = ["train.max_steps=16", "checkpoint.every=4", "eval.every=8", "log.every=1"]
     ref = tmp_path / "ref"
-    train.main(_cfg(ref, *steps))
+    training.train(_cfg(ref, *steps))
     out = tmp_path / "killed"
     # The killed half at this process's thread count, as the reference and the resumed half run here.
     kill_train_then_resume(SELF, out, steps, kill_at=8)

@@ -24,13 +24,13 @@ import torch
 import yaml
 from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli
 
+from distill import training
 from distill.cache.reader import TeacherCache
+from distill.commands import cache as cache_recipe
+from distill.commands import generate as generate_recipe
 from distill.config import CacheConfig, GenerateConfig, TrainConfig, load_config
 from distill.errors import TeacherServerError
 from distill.models import final_hidden, load_model, output_head
-from distill.recipes import cache as cache_recipe
-from distill.recipes import generate as generate_recipe
-from distill.recipes import train
 from distill.server.client import Client, NoPromptLogprobs, parse_sglang, parse_vllm
 from distill.tokenizer import byte_tokenizer
 
@@ -227,7 +227,7 @@ def test_tiny_serve_teacher_config_trains_like_the_teacher_in_process(tmp_path, 
                                                    f"teacher.top_k={V}", *common])
     local = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'local'}", "teacher.config=null",
                                                   "teacher.tokenizer=null", f"teacher.path={teacher_dir}", *common])
-    remote_summary, local_summary = train.main(remote), train.main(local)
+    remote_summary, local_summary = training.train(remote), training.train(local)
     for key in ("loss", "kl", "ce"):
         a, b = losses_of(tmp_path / "remote", key), losses_of(tmp_path / "local", key)
         assert len(a) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5, (key, a, b)
@@ -245,8 +245,8 @@ def test_top_20_from_the_server_trains_like_a_top_20_cache(tmp_path, server, tea
         f"teacher.server={server}", "teacher.top_k=20", "teacher.realized_token=false"), *common])
     cached = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'cached'}", *with_teacher(
         f"teacher.cache={tmp_path / 'cache'}"), *common])
-    train.main(remote)
-    train.main(cached)
+    training.train(remote)
+    training.train(cached)
     a, b = losses_of(tmp_path / "remote"), losses_of(tmp_path / "cached")
     assert max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
 
@@ -282,29 +282,29 @@ def test_generate_with_the_server_teacher_trains(tmp_path, server):
                                                     "data.truncate=true", "data.eval_fraction=0", "train.max_steps=2",
                                                     "eval.every=0", "checkpoint.every=0", "log.progress=false",
                                                     "train.batch_size=4", "train.grad_accum=1"])
-    assert train.main(student)["steps"] == 2
+    assert training.train(student)["steps"] == 2
 
 
 def test_unusable_servers_are_refused_with_the_reason(tmp_path, server):
     base = [f"out_dir={tmp_path / 'x'}", *SMALL_DATA, "train.max_steps=1", "log.progress=false"]
     with pytest.raises(ValueError, match=r"teacher.top_k=400 is above the server's cap of 300"):
-        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(f"teacher.server={server}",
+        training.train(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(f"teacher.server={server}",
                                                                               "teacher.top_k=400")]))
     with pytest.raises(ValueError, match="returns log-probs at T=1 whatever the request's temperature"):
-        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, "loss.temperature=2.0", *with_teacher(
+        training.train(load_config(TrainConfig, TINY_TRAIN, [*base, "loss.temperature=2.0", *with_teacher(
             f"teacher.server={server}")]))
     with pytest.raises(ValueError, match="teacher.model=other is not served"):
-        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(f"teacher.server={server}",
+        training.train(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(f"teacher.server={server}",
                                                                               "teacher.model=other")]))
     # Another tokenizer for the student: the server's /tokenize disagrees on the probes.
     other = byte_tokenizer()
     other.add_tokens(["def", " return"])
     other.save_pretrained(tmp_path / "other-tok")
     with pytest.raises(ValueError, match="tokenizes differently from the student's tokenizer"):
-        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, f"student.tokenizer={tmp_path / 'other-tok'}",
+        training.train(load_config(TrainConfig, TINY_TRAIN, [*base, f"student.tokenizer={tmp_path / 'other-tok'}",
                                                          *with_teacher(f"teacher.server={server}")]))
     with pytest.raises(Exception, match=r"127.0.0.1:9 did not answer .* after 2 tries"):
-        train.main(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(
+        training.train(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(
             "teacher.server=http://127.0.0.1:9", "teacher.retries=1", "teacher.timeout=2")]))
 
 
@@ -354,7 +354,7 @@ def test_simulated_bad_servers_are_refused(tmp_path, mode, message):
         cfg = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'x'}", *SMALL_DATA, "train.max_steps=1",
                                                     *with_teacher(f"teacher.server={url}")])
         with pytest.raises(ValueError, match=message):
-            train.main(cfg)
+            training.train(cfg)
     finally:
         httpd.shutdown()
 
@@ -467,7 +467,7 @@ def test_on_policy_sources_with_the_server_teacher(tmp_path, server, method, ext
     cfg = load_config(TrainConfig, REPO / "configs" / "tiny" / f"{method}.yaml", [
         f"out_dir={tmp_path / 'run'}", "log.progress=false", "teacher=null", f"teacher.server={server}",
         "train.max_steps=3", "eval.every=3", "checkpoint.every=0", *extra])
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     recs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
             if r["split"] == "train"]
     assert len(recs) == 3 and all(r["on_policy"] == 1.0 and r["teacher_seconds"] > 0 for r in recs)

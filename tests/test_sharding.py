@@ -16,9 +16,8 @@ from conftest import REPO, TINY_TRAIN, kill_when
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distill import sharding
+from distill import sharding, training
 from distill.config import TrainConfig, load_config
-from distill.recipes import train
 
 FSDP_CONFIG = REPO / "configs" / "accelerate" / "fsdp.yaml"
 ZERO3_CONFIG = REPO / "configs" / "accelerate" / "deepspeed_zero3.yaml"
@@ -57,7 +56,7 @@ def test_shipped_accelerate_configs():
 def test_deepspeed_is_refused_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a deepspeed config
     with pytest.raises(ValueError, match=r"DeepSpeed .* not supported by distill train: .* output layer's full weight"):
-        train.main(cfg_with(tmp_path / "run"))
+        training.train(cfg_with(tmp_path / "run"))
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
@@ -80,7 +79,7 @@ def test_two_process_fsdp_matches_single_process(tmp_path):
     # 3 eval batches on 2 processes: the second pads with an empty batch (forward passes are collective)
     common = ["train.max_steps=4", "eval.every=2", "eval.max_batches=3", "checkpoint.every=2", "log.every=1"]
     single = cfg_with(tmp_path / "single", *common, "train.batch_size=2", "train.grad_accum=2")
-    single_summary = train.main(single)
+    single_summary = training.train(single)
     out = tmp_path / "fsdp"
     t0 = time.perf_counter()
     res = subprocess.run(fsdp_cmd(out, *common, "train.batch_size=2", "train.grad_accum=1"), cwd=REPO,

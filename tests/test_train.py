@@ -26,11 +26,11 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distill import training
 from distill.config import ConfigError, TrainConfig, load_config
 from distill.data import build_datasets, collate
 from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
 from distill.models import load_model, output_head
-from distill.recipes import train
 from distill.teachers import LiveTeacher
 from distill.tokenizer import byte_tokenizer
 
@@ -102,14 +102,14 @@ def test_training_lowers_the_distillation_loss(tmp_path):
     # Pure KD (alpha=0) toward a teacher whose larger init gives it a sharp, non-uniform distribution.
     cfg = cfg_with(tmp_path, "train.max_steps=30", "log.every=1", "eval.every=0", "checkpoint.every=0",
                    "loss.alpha=0.0", "teacher.config.initializer_range=0.2")
-    train.main(cfg)
+    training.train(cfg)
     kls = [r["kl"] for r in read_metrics(Path(cfg.out_dir)) if r["split"] == "train"]
     assert sum(kls[-5:]) / 5 < 0.95 * sum(kls[:5]) / 5, kls  # measured over student seeds 1-4: 0.887-0.892
 
 
 def test_no_teacher_is_plain_cross_entropy(tmp_path):
     cfg = cfg_with(tmp_path, "teacher=null", "train.max_steps=4", "eval.every=2", "log.every=1")
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     records = read_metrics(Path(cfg.out_dir))
     train_rec = [r for r in records if r["split"] == "train"]
     assert all("kl" not in r for r in train_rec)
@@ -126,8 +126,8 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
               "data.packing=false", "data.truncate=true"]  # unpacked: micro-batches differ in padding and tokens
     big = cfg_with(tmp_path / "a", *common, "train.batch_size=4", "train.grad_accum=1")
     small = cfg_with(tmp_path / "b", *common, "train.batch_size=2", "train.grad_accum=2")
-    train.main(big)
-    train.main(small)
+    training.train(big)
+    training.train(small)
     assert_same_weights(student_state(Path(big.out_dir)), student_state(Path(small.out_dir)), atol=1e-6)
 
 
@@ -135,8 +135,8 @@ def train_both_paths(tmp_path: Path, common: list[str], chunk_size: int) -> tupl
     """Train with the chunked and the naive loss; their per-step train losses and run directories."""
     chunked = cfg_with(tmp_path / "c", *common, "loss.chunked=true", f"loss.chunk_size={chunk_size}")
     naive = cfg_with(tmp_path / "n", *common, "loss.chunked=false")
-    train.main(chunked)
-    train.main(naive)
+    training.train(chunked)
+    training.train(naive)
     runs = Path(chunked.out_dir), Path(naive.out_dir)
     lc, ln = ([r["loss"] for r in read_metrics(run) if r["split"] == "train"] for run in runs)
     return lc, ln, *runs
@@ -166,7 +166,7 @@ def test_bf16_precision_trains_along_both_paths(tmp_path):
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     steps = ["train.max_steps=30", "checkpoint.every=5", "eval.every=10", "log.every=1"]
     ref = cfg_with(tmp_path / "ref", *steps)
-    train.main(ref)
+    training.train(ref)
 
     out = tmp_path / "killed"
     # The killed half at this process's thread count, as the reference and the resumed half run here.
@@ -187,7 +187,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 def test_two_process_accelerate_matches_single_process(tmp_path):
     common = ["train.max_steps=4", "eval.every=2", "checkpoint.every=0", "log.progress=false"]
     single = cfg_with(tmp_path / "single", *common, "train.batch_size=2", "train.grad_accum=2")
-    single_summary = train.main(single)
+    single_summary = training.train(single)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -209,7 +209,7 @@ def test_tensorboard_and_prompt_response_data(tmp_path):
     held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[50:]))
     cfg = cfg_with(tmp_path, f"data.source={data}", f"data.eval_source={held_out}", "data.seq_len=64",
                    "data.packing=false", "train.max_steps=3", "log.tensorboard=true", "log.every=1", "eval.every=0")
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     # Only the responses are scored: each response's bytes plus the eos (the byte tokenizer: a token a byte).
     assert summary["val_tokens"] == sum(len(r["response"].encode()) + 1 for r in rows[50:])
     # TensorBoard holds the same scalars as metrics.jsonl.
@@ -265,7 +265,7 @@ def test_teacher_with_padded_vocabulary_is_truncated(tmp_path):
     for name, path in (("padded", padded), ("sliced", sliced)):
         cfg = cfg_with(tmp_path / name, "teacher.config=null", "teacher.tokenizer=null", f"teacher.path={path}",
                        "train.max_steps=2", "log.every=1", "eval.every=0", "checkpoint.every=0", "loss.alpha=0.2")
-        summary = train.main(cfg)
+        summary = training.train(cfg)
         runs[name] = summary, [r for r in read_metrics(Path(cfg.out_dir)) if r["split"] == "train"], cfg.out_dir
     (summary_p, recs_p, out_p), (summary_s, recs_s, out_s) = runs["padded"], runs["sliced"]
     assert len(recs_p) == len(recs_s) == 2
@@ -278,7 +278,7 @@ def test_teacher_with_padded_vocabulary_is_truncated(tmp_path):
     strict = cfg_with(tmp_path / "strict", "teacher.config=null", "teacher.tokenizer=null", f"teacher.path={padded}",
                       "loss.vocab_policy=error")
     with pytest.raises(ValueError, match=r"teacher: the output layer has 272 rows for 263 tokenizer tokens"):
-        train.main(strict)
+        training.train(strict)
 
 
 # ----------------------------------------------------------------------------------------- bad input
@@ -304,13 +304,13 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
 def test_missing_data_file(tmp_path):
     cfg = cfg_with(tmp_path, f"data.source={tmp_path / 'nope.jsonl'}")
     with pytest.raises(ValueError, match="nope.jsonl"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 def test_missing_model_directory(tmp_path):
     cfg = cfg_with(tmp_path, "teacher.config=null", f"teacher.path={tmp_path / 'no-teacher'}", "teacher.tokenizer=null")
     with pytest.raises(ValueError, match=r"teacher.path: .*no-teacher does not exist"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 def test_mismatched_tokenizers_are_refused(tmp_path):
@@ -319,7 +319,7 @@ def test_mismatched_tokenizers_are_refused(tmp_path):
     other.save_pretrained(tmp_path / "other-tok")
     cfg = cfg_with(tmp_path, f"teacher.tokenizer={tmp_path / 'other-tok'}")
     with pytest.raises(ValueError, match=r"the student tokenizer \(byte\) and the teacher tokenizer .*differ: 263 vs 264"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 def test_empty_dataset(tmp_path):
@@ -327,28 +327,28 @@ def test_empty_dataset(tmp_path):
     empty.write_text("")
     cfg = cfg_with(tmp_path, f"data.source={empty}")
     with pytest.raises(ValueError, match="empty"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 def test_sequence_longer_than_the_model_allows(tmp_path):
     cfg = cfg_with(tmp_path, "data.seq_len=512")
     with pytest.raises(ValueError, match=r"data.seq_len.*512.*256"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 def test_existing_run_needs_resume(tmp_path):
     cfg = cfg_with(tmp_path, "train.max_steps=2", "eval.every=0")
-    train.main(cfg)
+    training.train(cfg)
     with pytest.raises(ValueError, match="pass --resume"):
-        train.main(cfg)
+        training.train(cfg)
 
 
 def test_non_finite_loss_stops_with_diagnosis_and_keeps_last_checkpoint(tmp_path):
     # An absurd learning rate blows the weights up after the first update.
     cfg = cfg_with(tmp_path, "optim.lr=1e30", "optim.max_grad_norm=null", "optim.warmup_steps=0",
                    "checkpoint.every=1", "eval.every=0", "train.max_steps=10")
-    with pytest.raises(train.NonFiniteLossError) as err:
-        train.main(cfg)
+    with pytest.raises(training.NonFiniteLossError) as err:
+        training.train(cfg)
     msg = str(err.value)
     assert "the loss is not finite" in msg and "Lower optim.lr" in msg
     ckpts = sorted((Path(cfg.out_dir) / "checkpoints").iterdir())
@@ -373,8 +373,8 @@ def test_broken_teacher_is_diagnosed(tmp_path):
     model.save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     cfg = cfg_with(tmp_path, "teacher.config=null", "teacher.tokenizer=null", f"teacher.path={teacher_dir}")
-    with pytest.raises(train.NonFiniteLossError, match="the teacher's hidden states are non-finite"):
-        train.main(cfg)
+    with pytest.raises(training.NonFiniteLossError, match="the teacher's hidden states are non-finite"):
+        training.train(cfg)
     shutil.rmtree(teacher_dir)
 
 
@@ -402,7 +402,7 @@ def kl_to_live_teacher(model, cfg: TrainConfig) -> float:
 def test_train_from_cache_moves_the_student_toward_the_teacher(tmp_path, tiny_caches, mode, tail):
     cfg = cache_run(tmp_path, tiny_caches[mode]["out"], f"teacher.topk_tail={tail}", "train.max_steps=30",
                     "log.every=1", "eval.every=15", "checkpoint.every=0", "loss.alpha=0.0", "optim.lr=1e-2")
-    train.main(cfg)
+    training.train(cfg)
     records = read_metrics(Path(cfg.out_dir))
     kls = [r["kl"] for r in records if r["split"] == "train"]
     assert len(kls) == 30 and sum(kls[-5:]) < sum(kls[:5])  # measured (student seeds 1-3): 0.86-0.95 of it
@@ -427,8 +427,8 @@ def test_top_k_cache_of_the_whole_vocabulary_trains_like_the_live_teacher(tmp_pa
               "loss.divergence=jsd", "loss.alpha=0.3"]
     live = cfg_with(tmp_path / "live", *common, *SHARP_TEACHER)
     cached = cache_run(tmp_path / "cached", tiny_caches["topk_all"]["out"], *common[1:])
-    train.main(live)
-    train.main(cached)
+    training.train(live)
+    training.train(cached)
     runs = [read_metrics(Path(c.out_dir)) for c in (live, cached)]
     for key in ("loss", "ce", "kl", "div"):
         a, b = ([r[key] for r in run if r["split"] == "train"] for run in runs)
@@ -454,7 +454,7 @@ def test_naive_loss_from_a_top_k_cache_with_reverse_kl_has_finite_gradients(tmp_
     mass); the naive path must not turn their infinite reverse KL into NaN gradients."""
     cfg = cache_run(tmp_path, tiny_caches["topk"]["out"], "loss.chunked=false", "loss.divergence=reverse_kl",
                     "train.max_steps=3", "log.every=1", "eval.every=0")
-    train.main(cfg)  # raises NonFiniteLossError on NaN gradients (the weights turn NaN after the update)
+    training.train(cfg)  # raises NonFiniteLossError on NaN gradients (the weights turn NaN after the update)
     records = [r for r in read_metrics(Path(cfg.out_dir)) if r["split"] == "train"]
     assert len(records) == 3 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
 
@@ -462,19 +462,19 @@ def test_naive_loss_from_a_top_k_cache_with_reverse_kl_has_finite_gradients(tmp_
 def test_cache_from_other_data_or_settings_is_refused(tmp_path, tiny_caches):
     topk = tiny_caches["topk"]["out"]
     with pytest.raises(ValueError, match=r"data.seq_len=128, this config has data.seq_len=64"):
-        train.main(cache_run(tmp_path / "a", topk, "data.seq_len=64"))
+        training.train(cache_run(tmp_path / "a", topk, "data.seq_len=64"))
     with pytest.raises(ValueError, match=r"captured at temperature 1.0, but loss.temperature=2.0"):
-        train.main(cache_run(tmp_path / "b", topk, "loss.temperature=2.0"))
+        training.train(cache_run(tmp_path / "b", topk, "loss.temperature=2.0"))
     with pytest.raises(ValueError, match="other data|another data|different data"):
-        train.main(cache_run(tmp_path / "c", topk, "data.max_examples=100"))
+        training.train(cache_run(tmp_path / "c", topk, "data.max_examples=100"))
     sampled = tiny_caches["sampled"]["out"]
     with pytest.raises(ValueError, match=r"loss.divergence=reverse_kl is infinite on sampled targets"):
-        train.main(cache_run(tmp_path / "d", sampled, "loss.divergence=reverse_kl"))
+        training.train(cache_run(tmp_path / "d", sampled, "loss.divergence=reverse_kl"))
     with pytest.raises(ValueError, match=r"loss.divergence=jsd with loss.beta=1 is infinite on sampled targets"):
-        train.main(cache_run(tmp_path / "e", sampled, "loss.divergence=jsd", "loss.beta=1.0"))
+        training.train(cache_run(tmp_path / "e", sampled, "loss.divergence=jsd", "loss.beta=1.0"))
     with pytest.raises(ValueError, match=r"skew_reverse_kl with loss.skew=0 is infinite"):
-        train.main(cache_run(tmp_path / "f", sampled, "loss.divergence=skew_reverse_kl", "loss.skew=0.0"))
-    train.main(cache_run(tmp_path / "g", sampled, "loss.divergence=jsd", "loss.beta=0.9", "train.max_steps=1",
+        training.train(cache_run(tmp_path / "f", sampled, "loss.divergence=skew_reverse_kl", "loss.skew=0.0"))
+    training.train(cache_run(tmp_path / "g", sampled, "loss.divergence=jsd", "loss.beta=0.9", "train.max_steps=1",
                          "eval.every=0"))  # finite for beta < 1: accepted
 
 
@@ -482,7 +482,7 @@ def test_each_step_comes_from_the_batch_source_and_resume_continues_it(tmp_path,
     """The loop asks train.batches' source for every step once, by step number; a resumed run asks for the
     steps after its checkpoint."""
     steps = []
-    dataset = train.BATCH_SOURCES["dataset"]
+    dataset = training.BATCH_SOURCES["dataset"]
 
     def recording(run, step):
         steps.append(step)
@@ -490,10 +490,10 @@ def test_each_step_comes_from_the_batch_source_and_resume_continues_it(tmp_path,
         assert len(batches) == run.cfg.train.grad_accum and all(b["split"] == "train" for b in batches)
         return batches
 
-    monkeypatch.setitem(train.BATCH_SOURCES, "dataset", recording)
-    train.main(cfg_with(tmp_path, "train.max_steps=4", "checkpoint.every=2", "eval.every=0"))
+    monkeypatch.setitem(training.BATCH_SOURCES, "dataset", recording)
+    training.train(cfg_with(tmp_path, "train.max_steps=4", "checkpoint.every=2", "eval.every=0"))
     assert steps == [0, 1, 2, 3]
-    train.main(cfg_with(tmp_path, "train.max_steps=6", "checkpoint.every=2", "eval.every=0"), resume=True)
+    training.train(cfg_with(tmp_path, "train.max_steps=6", "checkpoint.every=2", "eval.every=0"), resume=True)
     assert steps == [0, 1, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match="train.batches"):
         cfg_with(tmp_path, "train.batches=generated")

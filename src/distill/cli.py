@@ -1,19 +1,25 @@
 """The ``distill`` command: every sub-command is registered here (``PARSERS``), each a thin shell around a
-recipe; errors are reported here, once, without a traceback."""
+command module (:mod:`distill.commands`); errors are reported here, once, without a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
 import textwrap
 import typing
 
+from huggingface_hub.errors import StrictDataclassError
 from pydantic import BaseModel
 
 from distill import __version__
+from distill.commands import cache, generate, prune, quickstart, report, train
+from distill.commands import eval as eval_command
+from distill.config import CacheConfig, EvalRunConfig, GenerateConfig, PruneConfig, TrainConfig, load_config
 from distill.errors import NonFiniteLossError, TeacherServerError
+from distill.server.app import serve
 
 logger = logging.getLogger("distill")
 
@@ -71,9 +77,6 @@ def _describe(model: type[BaseModel], indent: str = "  ") -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from distill.config import TrainConfig, load_config
-    from distill.recipes import train
-
     cfg = load_config(TrainConfig, args.config, args.overrides)
     summary = train.main(cfg, resume=args.resume)
     logger.info("done: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -82,8 +85,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_parser(sub) -> None:
-    from distill.config import TrainConfig
-
     p = sub.add_parser(
         "train",
         help="distill a teacher into a student (or train from scratch with no teacher)",
@@ -110,8 +111,6 @@ same student trained from scratch. CPU only, no network.
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from distill.recipes import quickstart
-
     quickstart.main(args.out, fast=args.fast)
     return 0
 
@@ -129,11 +128,6 @@ def _quickstart_parser(sub) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import json
-
-    from distill.config import CacheConfig, load_config
-    from distill.recipes import cache
-
     cfg = load_config(CacheConfig, args.config, args.overrides)
     summary = cache.main(cfg)
     logger.info("done: %s", json.dumps(summary["splits"]))
@@ -141,8 +135,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cache_parser(sub) -> None:
-    from distill.config import CacheConfig
-
     p = sub.add_parser(
         "cache",
         help="run a teacher over the data once and store sparse per-token targets (top-k or sampled)",
@@ -157,9 +149,6 @@ def _cache_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from distill.config import GenerateConfig, load_config
-    from distill.recipes import generate
-
     cfg = load_config(GenerateConfig, args.config, args.overrides)
     counts = generate.main(cfg)
     logger.info("done: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
@@ -171,8 +160,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_parser(sub) -> None:
-    from distill.config import GenerateConfig
-
     p = sub.add_parser(
         "generate",
         help="sample N responses per prompt from a teacher, score them, keep the best (sequence-level KD data)",
@@ -191,8 +178,6 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from distill.server.app import serve
-
     serve(args.model_dir, host=args.host, port=args.port, name=args.name, api_key_env=args.api_key_env,
           max_logprobs=args.max_logprobs, logprobs_mode=args.logprobs_mode, dtype=args.dtype)
     return 0
@@ -223,16 +208,11 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from distill.config import EvalRunConfig, load_config
-    from distill.recipes import eval as eval_recipe
-
-    eval_recipe.main(load_config(EvalRunConfig, args.config, args.overrides))
+    eval_command.main(load_config(EvalRunConfig, args.config, args.overrides))
     return 0
 
 
 def _eval_parser(sub) -> None:
-    from distill.config import EvalRunConfig
-
     p = sub.add_parser(
         "eval",
         help="evaluate models (loss, calibration, KL/TVD/agreement to a teacher, speed as a speculative draft, lm-eval tasks)",
@@ -250,8 +230,6 @@ def _eval_parser(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from distill.recipes import report
-
     path = report.main(args.runs, evals=args.eval, out=args.out)
     print(path)
     return 0
@@ -273,20 +251,15 @@ def _report_parser(sub) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from distill.config import PruneConfig, load_config
-    from distill.recipes import prune
-
     cfg = load_config(PruneConfig, args.config, args.overrides)
-    report = prune.main(cfg)
-    chosen = report["plans"]["chosen"]
-    logger.info("done: %s parameters -> %s, calibration loss %.4f -> %.4f", f"{report['plans']['original']['params']:,}",
-                f"{chosen['params']:,}", report["plans"]["original"]["loss"], chosen["loss"])
+    result = prune.main(cfg)
+    chosen = result["plans"]["chosen"]
+    logger.info("done: %s parameters -> %s, calibration loss %.4f -> %.4f", f"{result['plans']['original']['params']:,}",
+                f"{chosen['params']:,}", result["plans"]["original"]["loss"], chosen["loss"])
     return 0
 
 
 def _prune_parser(sub) -> None:
-    from distill.config import PruneConfig
-
     p = sub.add_parser(
         "prune",
         help="structured pruning (Minitron): remove layers, heads, MLP neurons, embedding channels by importance",
@@ -375,10 +348,6 @@ def server_advice(message: str, command: str | None) -> str:
 
 def _refused_model_config(exc: Exception) -> bool:
     """Whether ``exc`` is huggingface_hub's refusal of a (transformers) config value."""
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:
-        return False
     return isinstance(exc, StrictDataclassError)
 
 

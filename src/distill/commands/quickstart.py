@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from distill import checkpoint as ckpt
+from distill import training
 from distill.config import (
     CheckpointConfig,
     DataConfig,
@@ -45,7 +46,6 @@ from distill.config import (
 from distill.data import build_datasets, collate
 from distill.evaluation.metrics import eval_sums, metrics_from_sums, target_bytes, token_byte_lengths
 from distill.models import load_model, load_tokenizer, output_head
-from distill.recipes import train
 from distill.teachers import LiveTeacher
 from distill.tokenizer import save_tokenizer
 
@@ -204,7 +204,7 @@ def get_teacher(preset: Preset, corpus_key: str, train_jsonl: Path, val_jsonl: P
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = run_config(preset, "run", home, tok_dir, train_jsonl, val_jsonl, preset.teacher, preset.teacher_steps,
                      preset.teacher_lr, None)
-    summary = train.main(cfg)
+    summary = training.train(cfg)
     ckpt.commit_dir(Path(cfg.out_dir) / "student", teacher_dir)
     info = {"seconds": time.perf_counter() - t0, "steps": summary["steps"], "tokens": summary["tokens"],
             "settings": json.loads(settings), "curve": _eval_curve(Path(cfg.out_dir))}
@@ -267,7 +267,7 @@ def main(out_dir: str | Path = "runs/quickstart", fast: bool = False) -> dict:
         cfg = run_config(preset, name, out, tok_dir, train_jsonl, val_jsonl, preset.student, preset.student_steps,
                          preset.student_lr, teacher)
         with phase(f"student {name}", timings):
-            runs[name] = train.main(cfg)
+            runs[name] = training.train(cfg)
 
     logger.info("evaluating teacher, scratch and distilled on the validation files")
     with phase("evaluation", timings):

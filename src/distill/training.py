@@ -1,4 +1,5 @@
-"""Train a student from a teacher (token-level KD), or from data alone when there is no teacher.
+"""The training run (what ``distill train`` runs): a student from a teacher (token-level KD), or from data
+alone when there is no teacher.
 
     distill train configs/tiny/train.yaml out_dir=runs/tiny            # tiny CPU run, < 1 minute
     distill train my.yaml loss.divergence=jsd loss.beta=0.9 --resume   # continue the latest checkpoint
@@ -26,6 +27,7 @@ import itertools
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
@@ -66,7 +69,7 @@ from distill.teachers.live import layer_states
 
 logger = logging.getLogger("distill")
 
-__all__ = ["BATCH_SOURCES", "NonFiniteLossError", "Run", "main"]
+__all__ = ["BATCH_SOURCES", "NonFiniteLossError", "Run", "train"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,8 +343,6 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state
         ckpt.atomic_write_text(tmp / _onpolicy_file(accelerator), onpolicy.to_json())
     teacher_state = teacher.state_dict() if teacher is not None else {}
     if teacher_state and accelerator.is_main_process:  # the same on every process
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous().cpu() for k, v in teacher_state.items()}, str(tmp / TEACHER_STATE))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -360,8 +361,6 @@ def save_student(accelerator: Accelerator, model, tokenizer, cfg: TrainConfig, s
     # FSDP: the whole weights, gathered onto the main process (every process takes part)
     state_dict = accelerator.get_state_dict(model) if sharding.is_sharded() else None
     if accelerator.is_main_process:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
         if lora.is_lora(unwrapped):  # the adapters alone, then merged into an ordinary checkpoint
@@ -464,10 +463,10 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
 
 
 # --------------------------------------------------------------------------------------------------
-# The recipe
+# The run
 
 
-def main(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train ``cfg`` (``--resume``: from its latest checkpoint); returns the summary. The ``distill`` log goes to
     the run's ``train.log`` while it runs, and only then: the handler is closed however the run ends."""
     try:
@@ -550,8 +549,6 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         if run.onpolicy is not None:  # the replay buffer and threshold of this process
             run.onpolicy.load_state_dict(json.loads((resume_from / _onpolicy_file(accelerator)).read_text()))
         if (resume_from / TEACHER_STATE).is_file() and teacher is not None:  # a teacher that follows the student
-            from safetensors.torch import load_file
-
             teacher.load_state_dict(load_file(str(resume_from / TEACHER_STATE), device=str(accelerator.device)))
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         logger.info("resumed from %s (step %d)", resume_from, start_step)

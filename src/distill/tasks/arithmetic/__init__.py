@@ -27,7 +27,7 @@ digits (``003-005=`` -> ``-002``).
 - :func:`verify`: 1.0 for an exactly right completion, computed from the prompt alone.
 - :func:`exact_match`: greedy decoding of each prompt, scored by :func:`verify`.
 - :data:`PRESETS` and :func:`ground_truth_config`: the sizes of a teacher and a smaller student, and the
-  ``TrainConfig`` that trains either on the ground truth with ``distill.recipes.train.main``.
+  ``TrainConfig`` that trains either on the ground truth with :func:`distill.training.train`.
 
 The default preset (3-digit addition): its teacher (hidden 64, 2 layers, 148k parameters) reached 100% on
 the 500 test problems after 1,500 steps (~1 min on one core); its student (hidden 24, 2 layers, 20k
@@ -64,6 +64,7 @@ from distill.config import (
     OptimConfig,
     TrainConfig,
 )
+from distill.generation.sampling import SamplingParams, sample
 
 OPERATORS = ("+", "-", "*")
 TRAIN_FILE, TEST_FILE, VALID_FILE = "train.jsonl", "test.jsonl", "valid.jsonl"
@@ -276,8 +277,6 @@ def completions(model, tokenizer, problems: Sequence, batch_size: int = 64, max_
     temperature 0 (every setting explicit, so a checkpoint's ``generation_config`` cannot change it).
     ``max_new_tokens`` defaults to the longest answer + 1 (the eos).
     """
-    from distill.generation.sampling import SamplingParams, sample
-
     prompts = [_prompt_of(p) for p in problems]
     if not prompts:
         raise ValueError("exact_match got no problems; pass at least one")
@@ -411,66 +410,3 @@ def ground_truth_config(preset: TaskPreset, data_dir: str | Path, out_dir: str |
         checkpoint=CheckpointConfig(every=0, keep_last=1),
         log=LogConfig(every=max(1, min(50, max_steps)), progress=False),
     )
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-
-def prepare(preset_name: str, out_dir: str | Path) -> dict[str, Path]:
-    """The task's files for the command line: ``data/train.jsonl``, ``data/test.jsonl``, and ``teacher.yaml`` /
-    ``student.yaml``, configs of ``distill train`` that train each on the ground truth (runs in ``out_dir``)."""
-    from distill.config import dump_config
-
-    if preset_name not in PRESETS:
-        raise ValueError(f"preset={preset_name!r}: use one of {', '.join(sorted(PRESETS))}")
-    preset, out = PRESETS[preset_name], Path(out_dir)
-    train_path, test_path = preset.write_data(out / "data")
-    paths = {"train": train_path, "test": test_path, "valid": train_path.parent / VALID_FILE}
-    for role in ("teacher", "student"):
-        cfg = ground_truth_config(preset, out / "data", out / f"{role}-run", role=role)
-        cfg = cfg.model_copy(update={"log": cfg.log.model_copy(update={"progress": True})})
-        dump_config(cfg, out / f"{role}.yaml")
-        paths[role] = out / f"{role}.yaml"
-    return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(
-        prog="python -m distill.tasks.arithmetic",
-        description="The arithmetic task: write its data and train configs, or score a model's exact answers.\n\n"
-        "    python -m distill.tasks.arithmetic prepare runs/arith        # data/ + teacher.yaml + student.yaml\n"
-        "    distill train runs/arith/teacher.yaml                          # the teacher on the ground truth\n"
-        "    python -m distill.tasks.arithmetic score runs/arith/teacher-run/student runs/arith/data/test.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="write data/{train,test,valid}.jsonl, teacher.yaml, student.yaml")
-    prep.add_argument("out_dir")
-    prep.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    score = sub.add_parser("score", help="exact-match accuracy of a model's greedy answers on a split")
-    score.add_argument("model_dir")
-    score.add_argument("problems", help="a split written by prepare (test.jsonl)")
-    score.add_argument("--batch-size", type=int, default=256)
-    args = p.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            for name, path in prepare(args.preset, args.out_dir).items():
-                print(f"{name}: {path}")
-        else:
-            from distill.config import ModelSpec
-            from distill.models import load_model, load_tokenizer
-
-            spec = ModelSpec(path=args.model_dir)
-            acc = exact_match(load_model(spec, "model_dir"), load_tokenizer(spec, "model_dir"),
-                              read_problems(args.problems), args.batch_size)
-            print(f"exact match: {100 * acc:.1f}% of {args.problems}")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

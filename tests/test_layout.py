@@ -1,4 +1,4 @@
-"""The package's layering (CONTRIBUTING.md, "How the code is laid out"), checked on the source."""
+"""The package's layout (CONTRIBUTING.md, "How the code is laid out"), checked on the source."""
 
 from __future__ import annotations
 
@@ -7,24 +7,54 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "distill"
 
+# The layers, lowest first: a module imports from its own layer and the layers below it, never from one above.
+# An entry is a module or a package (every module in it); a module belongs to the longest entry that holds it.
+LAYERS = [
+    ("distill", "distill.errors", "distill.checkpoint", "distill.losses"),
+    ("distill.config",),
+    ("distill.tokenizer", "distill.models", "distill.data"),
+    ("distill.sharding", "distill.lora", "distill.cache", "distill.generation", "distill.server", "distill.evaluation",
+     "distill.pruning"),
+    ("distill.teachers", "distill.onpolicy"),
+    ("distill.training",),
+    ("distill.commands", "distill.tasks"),
+    ("distill.cli", "distill.__main__"),
+]
+# Imported inside a function, not at the top: the optional extras, which the core install does not have.
+OPTIONAL_EXTRAS = {"peft", "lm_eval", "fastapi", "uvicorn", "tensorboard"}
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(("distill", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def _sources() -> dict[str, ast.Module]:
+    return {_module_name(path): ast.parse(path.read_text()) for path in sorted(SRC.rglob("*.py"))}
+
 
 def _imports() -> dict[str, list[tuple[str, str]]]:
-    """module -> [(imported distill module, imported name)], function-level imports included."""
+    """module -> [(imported distill module, imported name)], function-level imports included. ``from distill.x
+    import y`` imports module ``distill.x.y`` when there is one, else the name ``y`` of ``distill.x``."""
+    sources = _sources()
     out: dict[str, list[tuple[str, str]]] = {}
-    for path in SRC.rglob("*.py"):
-        mod = ".".join(("distill", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+    for mod, tree in sources.items():
         found = []
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("distill"):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "distill":
                 for alias in node.names:
-                    target = node.module
-                    if node.module in ("distill", "distill.commands") and alias.name != "__version__":
-                        target = f"{node.module}.{alias.name}"  # `from distill.recipes import train`
-                    found.append((target, alias.name))
+                    sub = f"{node.module}.{alias.name}"
+                    found.append((sub if sub in sources else node.module, alias.name))
             elif isinstance(node, ast.Import):
-                found += [(a.name, "") for a in node.names if a.name.startswith("distill")]
+                found += [(a.name, "") for a in node.names if a.name.split(".")[0] == "distill"]
         out[mod] = found
     return out
+
+
+def _layer(module: str) -> int:
+    best = max((entry for layer in LAYERS for entry in layer if module == entry or module.startswith(entry + ".")),
+               key=len, default=None)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and to CONTRIBUTING.md)"
+    return next(i for i, layer in enumerate(LAYERS) if best in layer)
 
 
 def test_no_import_cycle():
@@ -51,14 +81,49 @@ def test_no_private_name_is_imported_across_modules():
     assert not private
 
 
+def test_imports_sit_at_the_top_of_a_module():
+    """No import inside a function or method, except of an optional extra (rule 1 of CONTRIBUTING.md)."""
+    inside = []
+    for mod, tree in _sources().items():
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    roots = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    roots = {(node.module or "").split(".")[0]} if not node.level else {"."}
+                else:
+                    continue
+                if not roots <= OPTIONAL_EXTRAS:
+                    inside.append(f"{mod}.{fn.name}, line {node.lineno}: {ast.unparse(node)}")
+    assert not inside, "imports inside functions:\n" + "\n".join(sorted(set(inside)))
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    upward = []
+    for mod, deps in _imports().items():
+        for target, _ in deps:
+            if _layer(target) > _layer(mod):
+                upward.append(f"{mod} (layer {_layer(mod)}) imports {target} (layer {_layer(target)})")
+    assert not upward, "\n".join(sorted(set(upward)))
+
+
+def test_commands_never_import_one_another():
+    crossing = sorted({(m, t) for m, deps in _imports().items() if m.startswith("distill.commands.")
+                       for t, _ in deps if t.startswith("distill.commands")})
+    assert not crossing, crossing
+
+
 def test_the_lowest_layers_import_nothing_above_them():
     deps = {m: {t for t, _ in d} for m, d in _imports().items()}
-    assert all(t.startswith("distill.losses.") for m, d in deps.items() if m.startswith("distill.losses") for t in d)
+    losses = {m: d for m, d in deps.items() if m.startswith("distill.losses")}
+    assert all(t.startswith("distill.losses.") for d in losses.values() for t in d), losses
     assert deps["distill.losses.chunked"] <= {"distill.losses.divergences"}
     assert not any("distill.cli" in d for m, d in deps.items() if m not in ("distill.__main__", "distill.cli"))
 
 
-def test_the_train_recipe_does_not_branch_on_the_teacher_kind():
+def test_the_training_run_does_not_branch_on_the_teacher_kind():
     source = (SRC / "training.py").read_text() + (SRC / "commands" / "train.py").read_text()
     for pattern in ("TeacherCacheSpec", "CachedTeacher", "LiveTeacher", "cache is not None", "TeacherCache("):
         assert pattern not in source, pattern

@@ -26,8 +26,13 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+from transformers import AutoConfig
+from transformers.activations import ACT2FN
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from distill.checkpoint import atomic_write_text
 from distill.errors import ConfigError
+from distill.losses import LossSpec
 
 # File extension -> the `datasets` builder that reads it (data.source may be such a file).
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -168,8 +173,6 @@ def model_config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
     run: an unknown ``model_type``, sizes that are not integers >= 1, heads that divide neither the width nor
     into KV groups, NaN/inf, whatever transformers itself refuses. Empty when the config is fine. Builds only
     the transformers config object (no weights)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     problems: list[tuple[str, str]] = []
     model_type = config.get("model_type")
     known = list(CONFIG_MAPPING.keys())
@@ -207,9 +210,6 @@ def model_config_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append((key, f"{config[key]} is outside the vocabulary (vocab_size={vocab})"))
     if problems:
         return problems
-
-    from transformers import AutoConfig
-    from transformers.activations import ACT2FN
 
     try:
         built = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type"})
@@ -388,8 +388,6 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically), loadable by ``load_config``."""
-    from distill.checkpoint import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
@@ -435,8 +433,6 @@ class LossConfig(Section):
     def spec(self, baseline: float = 0.0):
         """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take);
         ``baseline``: the value of sampled_reverse_kl's baseline for this step (the recipe's running mean)."""
-        from distill.losses import LossSpec
-
         return LossSpec(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
                         t2_scale=self.t2_scale, beta=self.beta, skew=self.skew, baseline=baseline)
 

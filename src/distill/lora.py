@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from distill.config import LoraConfig
 
@@ -93,8 +94,6 @@ def adapter_only_checkpoints(accelerator) -> None:
                 del state[key]
 
     def check_trained(models, input_dir):
-        from safetensors import safe_open
-
         for i, model in enumerate(models):
             path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
             if not path.is_file():

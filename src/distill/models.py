@@ -19,16 +19,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distill.config import ModelSpec, looks_local
+from distill.losses import LinearHead
 from distill.tokenizer import byte_tokenizer, check_saves, save_tokenizer, tokenizer_fingerprint
-
-if TYPE_CHECKING:
-    from distill.losses import LinearHead
 
 logger = logging.getLogger("distill")
 
@@ -142,8 +140,6 @@ def resolve_vocab(model: PreTrainedModel, vocab_size: int, field: str, policy: L
 
 def output_head(model: PreTrainedModel, vocab_size: int) -> LinearHead:
     """The model's output layer as a :class:`~distill.losses.chunked.LinearHead` (with soft-capping/scale)."""
-    from distill.losses import LinearHead
-
     weight, bias = layer_weight(model.get_output_embeddings())
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)

@@ -44,6 +44,7 @@ import time
 
 import numpy as np
 
+from distill.data import collate
 from distill.generation.correction import corrected_sample
 from distill.generation.sampling import SamplingParams, row_seed, sample, uniforms
 from distill.losses import IGNORE_INDEX
@@ -187,8 +188,6 @@ class OnPolicy:
 
     def replay(self, run, step: int, micro: int, count: int) -> dict:
         rng = random.Random(row_seed(run.cfg.train.seed, "replay", step, micro, run.accelerator.process_index))
-        from distill.data import collate
-
         chosen = rng.sample(self.buffer, k=min(count, len(self.buffer)))
         batch = collate([{"input_ids": ids, "labels": labels} for ids, labels in chosen], run.pad_id)
         return {k: v.to(run.accelerator.device) for k, v in batch.items()}

@@ -37,6 +37,10 @@ from __future__ import annotations
 import os
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from distill.config import SelfTeacherSpec, StudentBaseTeacherSpec, TrainConfig
 
@@ -74,9 +78,6 @@ def check_supported(cfg: TrainConfig) -> None:
 def enable_cpu_fsdp(accelerator) -> bool:
     """Under an FSDP launch on a CPU-only machine (``Accelerator(cpu=True)`` made a ``MULTI_CPU`` state), set the
     state accelerate sets for FSDP on GPUs; returns whether it did."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     if not fsdp_requested() or accelerator.distributed_type != DistributedType.MULTI_CPU:
         return False
     plugin = getattr(accelerator.state, "__dict__", {}).get("fsdp_plugin") or FullyShardedDataParallelPlugin()
@@ -91,9 +92,6 @@ def enable_cpu_fsdp(accelerator) -> bool:
 
 def is_sharded() -> bool:
     """Whether this process runs sharded (FSDP across processes)."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
     state = PartialState()
     return state.distributed_type == DistributedType.FSDP and state.num_processes > 1
 
@@ -106,8 +104,6 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
 def shard_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` (frozen, no optimizer) sharded over the processes with FSDP2: every decoder layer, the output
     layer and the root its own unit, resharded after each forward."""
-    from torch.distributed.fsdp import fully_shard
-
     for layer in _decoder_layers(model):
         fully_shard(layer, reshard_after_forward=True)
     output = model.get_output_embeddings()
@@ -119,16 +115,11 @@ def shard_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
 def full_weight(t: torch.Tensor | None) -> torch.Tensor | None:
     """A sharded tensor (DTensor) gathered whole (a temporary); anything else as it is."""
-    from torch.distributed.tensor import DTensor
-
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def gathered_output_layer(model) -> None:
     """Make sure the FSDP unit holding ``model``'s output layer is unsharded (see the module docstring)."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
     output = model.get_output_embeddings()
     if not isinstance(output.weight, DTensor):
         return

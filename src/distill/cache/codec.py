@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from distill.checkpoint import atomic_write_bytes
@@ -353,8 +354,6 @@ def example_hashes(dataset) -> list[bytes]:
     """:func:`example_hash` of every example of a dataset (or a list of dicts), in order."""
     columns = None
     try:
-        import pyarrow.compute as pc
-
         table = dataset.with_format("arrow")[:]
         ids_col, lab_col = table.column("input_ids"), table.column("labels")
         ids_flat = pc.list_flatten(ids_col).to_numpy().astype(np.int32, copy=False)

@@ -21,6 +21,8 @@ import logging
 import math
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from distill.checkpoint import atomic_write_json
 from distill.config import EvalRunConfig
 from distill.data import build_datasets, collate
@@ -103,8 +105,6 @@ def _data_metrics(cfg: EvalRunConfig, accelerator, tokenizer, models: dict, teac
 
 
 def main(cfg: EvalRunConfig) -> dict:
-    from accelerate import Accelerator
-
     accelerator = Accelerator(cpu=not has_accelerator())
     names = list(cfg.models)
     tokenizer = load_tokenizer(cfg.models[names[0]], f"models.{names[0]}")

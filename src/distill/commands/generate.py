@@ -41,6 +41,9 @@ import sys
 import time
 from pathlib import Path
 
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
 from distill.checkpoint import atomic_write_text
 from distill.config import GenerateConfig, ServerTeacherSpec
 from distill.data import GENERATIONS_FORMAT, load_raw
@@ -235,9 +238,6 @@ def output_warnings(cfg: GenerateConfig, counts: dict, first_error: str | None) 
 
 
 def main(cfg: GenerateConfig) -> dict:
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
     out_dir = Path(cfg.out_dir)
     accelerator = Accelerator(cpu=not has_accelerator())
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes

@@ -29,6 +29,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import PreTrainedTokenizerFast
 
 from distill import checkpoint as ckpt
 from distill import training
@@ -139,11 +143,8 @@ def write_corpus(out: Path, limit: int | None) -> tuple[Path, Path, str]:
 
 def train_tokenizer(train_jsonl: Path, vocab_size: int, out: Path) -> Path:
     """Byte-level BPE on the training files, saved as an ordinary HF tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<|bos|>", "<|eos|>", "<|pad|>"]
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(tokenizer_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
@@ -325,12 +326,8 @@ def report(results: dict) -> str:
 
 
 def plot_curves(curves: dict[str, list], teacher_loss: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.subplots()
     for name, pts in curves.items():
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=f"{name} student")
@@ -343,5 +340,4 @@ def plot_curves(curves: dict[str, list], teacher_loss: float, path: Path) -> Non
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)

@@ -17,6 +17,8 @@ import logging
 import os
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from distill.checkpoint import atomic_write_text
 from distill.evaluation.tables import eval_table
 
@@ -40,26 +42,19 @@ def read_run(path: Path) -> list[dict] | None:
     return records
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def _save(fig: Figure, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
     os.replace(tmp, path)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path) -> list[str]:
     """One panel per metric the runs logged in eval (and the train loss); returns the panels drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [(k, t) for k, t in CURVES if any(k in r for recs in runs.values() for r in recs if r["split"] == "eval")]
     panels.append(("loss", "train loss"))
     colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # a run has one color in every panel
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110, squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=110)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels, strict=True):
         split = "train" if key == "loss" else "eval"
         for name, recs in runs.items():
@@ -77,16 +72,12 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> list[str]:
 
 
 def plot_speculative(evals: dict[str, dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     drafts = [(f"{src}:{name}", d) for src, e in evals.items() for name, d in (e.get("speculative") or {}).get(
         "drafts", {}).items()]
     if not drafts:
         return False
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=110)
+    fig = Figure(figsize=(9, 3.6), dpi=110)
+    a1, a2 = fig.subplots(1, 2)
     for label, d in drafts:
         gammas = sorted(int(g) for g in d["gammas"])
         a1.plot(gammas, [d["gammas"][str(g)]["acceptance_rate"] for g in gammas], marker="o", label=label)

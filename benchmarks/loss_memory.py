@@ -55,7 +55,8 @@ import sys
 import time
 from pathlib import Path
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys")
+from distill.losses import DIVERGENCES  # the divergences the loss knows, in their order
+
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/loss_memory.json
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "benchmarks" / "loss_memory.json"
 BETA, SKEW = 0.5, 0.1

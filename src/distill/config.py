@@ -1,6 +1,6 @@
 """Typed configs: YAML file < ``key=value`` overrides, validated once with every problem listed.
 
-Each recipe owns a pydantic model; the sections shared between recipes (data, models, optimizer...)
+Each command owns a pydantic model; the sections shared between commands (data, models, optimizer...)
 live here. Unknown keys are errors (``extra="forbid"``), so a typo never silently falls back to a
 default.
 """
@@ -32,7 +32,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from distill.checkpoint import atomic_write_text
 from distill.errors import ConfigError
-from distill.losses import LossSpec
+from distill.losses import LossSpec, Objective
 
 # File extension -> the `datasets` builder that reads it (data.source may be such a file).
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -322,7 +322,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 # The tags of the teacher kinds: pydantic puts the chosen one in an error's location, which the config has no key for.
-_TEACHER_TAGS = {"model", "cache", "server", "teachers", "self", "peers", "student_base"}
+_TEACHER_TAGS = {"live", "cache", "server", "teachers", "self", "peers", "student_base"}
 
 
 def _where(loc: tuple) -> str:
@@ -412,9 +412,7 @@ class HiddenLossConfig(Section):
 class LossConfig(Section):
     """``alpha * CE + (1 - alpha) * s * D(p_T, q_T)`` with ``s = T^2`` when ``t2_scale`` (docs/methods.md §1)."""
 
-    divergence: Literal[
-        "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "jeffreys", "sampled_reverse_kl"
-    ] = "forward_kl"
+    divergence: Objective = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     t2_scale: bool = True
     alpha: float = Field(0.5, ge=0.0, le=1.0)
@@ -432,7 +430,7 @@ class LossConfig(Section):
 
     def spec(self, baseline: float = 0.0):
         """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take);
-        ``baseline``: the value of sampled_reverse_kl's baseline for this step (the recipe's running mean)."""
+        ``baseline``: the value of sampled_reverse_kl's baseline for this step (the training run's running mean)."""
         return LossSpec(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
                         t2_scale=self.t2_scale, beta=self.beta, skew=self.skew, baseline=baseline)
 
@@ -461,7 +459,10 @@ class OptimConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
 
 
-class LoopConfig(Section):
+class TrainLoopConfig(Section):
+    """The ``train`` section: where a step's micro-batches come from, how many steps, the batch per process,
+    gradient accumulation, precision and the seed of the data order."""
+
     batches: Literal["dataset", "gkd", "skd", "distillm"] = Field(
         "dataset", description="where a step's micro-batches come from: dataset = the data section's examples; "
         "gkd / skd / distillm = completions the student writes for the examples' prompts (see `onpolicy`)"
@@ -585,7 +586,7 @@ class MixtureTeacherSpec(Section):
     distributions (``mix: probability``) or the weighted sum of its divergences to each (``mix: loss``)."""
 
     teachers: list[Annotated[
-        Annotated[ModelMember, Tag("model")] | Annotated[CacheMember, Tag("cache")]
+        Annotated[ModelMember, Tag("live")] | Annotated[CacheMember, Tag("cache")]
         | Annotated[ServerMember, Tag("server")], Discriminator(lambda v: _teacher_kind(v))]] = Field(
         description="the teachers, each a live model, a cache or a server, with weight, temperature and name")
     mix: Literal["probability", "loss"] = Field(
@@ -658,13 +659,13 @@ def _teacher_kind(value: Any) -> str:
                        ("student_base", StudentBaseTeacherSpec)):
         if isinstance(value, spec) or (isinstance(value, dict) and kind in value):
             return kind
-    return "model"
+    return "live"
 
 
 # A live model, a cache, a server, several teachers, the student itself or its peers; the discriminator keeps errors to
 # the branch that was meant.
 TeacherSpec = Annotated[
-    Annotated[ModelSpec, Tag("model")] | Annotated[TeacherCacheSpec, Tag("cache")]
+    Annotated[ModelSpec, Tag("live")] | Annotated[TeacherCacheSpec, Tag("cache")]
     | Annotated[ServerTeacherSpec, Tag("server")] | Annotated[MixtureTeacherSpec, Tag("teachers")]
     | Annotated[SelfTeacherSpec, Tag("self")] | Annotated[PeersTeacherSpec, Tag("peers")]
     | Annotated[StudentBaseTeacherSpec, Tag("student_base")],
@@ -674,7 +675,7 @@ TeacherSpec = Annotated[
 
 # What generates or captures (distill generate, distill cache): a model in this process or a server.
 ModelOrServer = Annotated[
-    Annotated[ModelSpec, Tag("model")] | Annotated[ServerTeacherSpec, Tag("server")], Discriminator(_teacher_kind)
+    Annotated[ModelSpec, Tag("live")] | Annotated[ServerTeacherSpec, Tag("server")], Discriminator(_teacher_kind)
 ]
 
 
@@ -685,7 +686,7 @@ class TrainConfig(Section):
     data: DataConfig
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
-    train: LoopConfig = LoopConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
     onpolicy: OnPolicyConfig = OnPolicyConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -1,4 +1,4 @@
-"""On-policy batch sources of the train recipe: the student writes the completions it is trained on.
+"""On-policy batch sources of the training run: the student writes the completions it is trained on.
 
 Each source takes the step's dataset examples (their prompts: the tokens before the first supervised label)
 and returns the step's micro-batches; the loss is then the configured one (``loss``) over the completion

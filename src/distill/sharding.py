@@ -1,6 +1,6 @@
 """Sharded runs through accelerate: FSDP2 for the student and the teacher; DeepSpeed refused (why below).
 
-Launch with an accelerate config (``configs/accelerate/fsdp.yaml``); the train recipe reads what the launcher
+Launch with an accelerate config (``configs/accelerate/fsdp.yaml``); the training run reads what the launcher
 set (``ACCELERATE_USE_FSDP`` ...) like any accelerate program:
 
 * **the student** is sharded by ``accelerator.prepare`` (FSDP2, ``fully_shard`` per decoder layer and the

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
 from distill import lora, sharding
-from distill.config import LoopConfig, LossConfig, OptimConfig, TrainConfig, dump_config
+from distill.config import LossConfig, OptimConfig, TrainConfig, TrainLoopConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.errors import NonFiniteLossError
 from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
@@ -82,7 +82,7 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=gen).tolist()
 
 
-def example_indices(step: int, micro: int, rank: int, world: int, loop: LoopConfig, n: int) -> list[int]:
+def example_indices(step: int, micro: int, rank: int, world: int, loop: TrainLoopConfig, n: int) -> list[int]:
     """Dataset rows of one micro-batch: a pure function of the step, so resume needs no iterator."""
     global_batch = loop.batch_size * loop.grad_accum * world
     start = step * global_batch + (micro * world + rank) * loop.batch_size

@@ -49,7 +49,7 @@ from distill.tokenizer import tokenizer_fingerprint
 logger = logging.getLogger("distill")
 
 
-# --------------------------------------------------------------------------------------------- the recipe
+# --------------------------------------------------------------------------------------------- the command
 
 
 def main(cfg: CacheConfig) -> dict:

@@ -109,7 +109,7 @@ def load_prompts(cfg: GenerateConfig, tokenizer, limit: int | None) -> list[dict
             ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
             ids = list(tokenizer(value, add_special_tokens=False)["input_ids"])
-            if tokenizer.bos_token_id is not None:  # as the train recipe's prompt_response format does
+            if tokenizer.bos_token_id is not None:  # as the training data's prompt_response format does
                 ids = [tokenizer.bos_token_id, *ids]
         if limit is not None and len(ids) + cfg.sampling.max_new_tokens > limit:
             raise ValueError(
@@ -234,7 +234,7 @@ def output_warnings(cfg: GenerateConfig, counts: dict, first_error: str | None) 
     return notes
 
 
-# --------------------------------------------------------------------------------------------- the recipe
+# --------------------------------------------------------------------------------------------- the command
 
 
 def main(cfg: GenerateConfig) -> dict:

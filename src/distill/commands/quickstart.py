@@ -6,7 +6,7 @@
 1. Corpus: the Python standard library sources of the running interpreter, split into train and
    validation by file (a hash of the path, so the split is the same everywhere).
 2. Tokenizer: byte-level BPE trained on the training files with ``tokenizers``.
-3. Teacher: a small Llama trained with plain cross-entropy by the ``train`` recipe; cached under
+3. Teacher: a small Llama trained with plain cross-entropy by the training run; cached under
    ``$DISTILL_CACHE`` (default ``~/.cache/distill``) keyed by Python version, corpus and settings.
 4. Two students of one smaller architecture, same seed, steps and tokens: ``scratch`` (cross-entropy
    only) and ``distilled`` (``train`` with the teacher: forward KL at T=1, ``alpha=0``).
@@ -41,11 +41,11 @@ from distill.config import (
     DataConfig,
     EvalConfig,
     LogConfig,
-    LoopConfig,
     LossConfig,
     ModelSpec,
     OptimConfig,
     TrainConfig,
+    TrainLoopConfig,
 )
 from distill.data import build_datasets, collate
 from distill.evaluation.metrics import eval_sums, metrics_from_sums, target_bytes, token_byte_lengths
@@ -160,7 +160,7 @@ def train_tokenizer(train_jsonl: Path, vocab_size: int, out: Path) -> Path:
     return out
 
 
-# ---------------------------------------------------------------------------------------- recipe
+# ---------------------------------------------------------------------------------------- command
 
 
 def cache_root() -> Path:
@@ -179,7 +179,7 @@ def run_config(preset: Preset, name: str, out_dir: Path, tokenizer_dir: Path, tr
                         eval_fraction=0.0, format="text"),
         loss=LossConfig(**preset.loss),
         optim=OptimConfig(lr=lr, warmup_steps=max(steps // 20, 1), weight_decay=0.1),
-        train=LoopConfig(max_steps=steps, batch_size=preset.batch_size, seed=0),
+        train=TrainLoopConfig(max_steps=steps, batch_size=preset.batch_size, seed=0),
         eval=EvalConfig(every=preset.eval_every, batch_size=32, max_batches=8),
         checkpoint=CheckpointConfig(every=0, keep_last=1),
         log=LogConfig(every=10),

@@ -36,7 +36,7 @@ def eval_sums(model, head: LinearHead, batches: Iterable[dict], teacher=None,
 
     ``teacher``: a :mod:`distill.teachers` teacher (or None); its signal is compared with the student's at
     the teacher's ``eval_temperature`` (1 for a live teacher, the capture temperature for a cache).
-    ``autocast``: a context factory for the forward passes (the train recipe passes accelerate's).
+    ``autocast``: a context factory for the forward passes (the training run passes accelerate's).
     """
     was_training = model.training
     model.eval()

@@ -42,8 +42,8 @@ class LossSpec:
     [0, 1]; beta: the JSD interpolation in [0, 1] (0 = forward KL, 1 = reverse KL); skew: the skew-KL
     mixing weight in [0, 1); baseline: ``sampled_reverse_kl`` only, the constant b subtracted from each
     token's reward f in the surrogate ``stopgrad(f - b) * log q(x)`` (docs/methods.md §8; it keeps the
-    gradient unbiased only if it does not depend on the sampled tokens: the train recipe passes a running
-    mean of f over earlier steps). Passed whole through the losses, the chunked path and the recipes (the
+    gradient unbiased only if it does not depend on the sampled tokens: the training run passes a running
+    mean of f over earlier steps). Passed whole through the losses, the chunked path and the commands (the
     train config's ``loss`` section builds one with ``LossConfig.spec()``). The default is pure forward KL.
     """
 

@@ -59,10 +59,10 @@ from distill.config import (
     DataConfig,
     EvalConfig,
     LogConfig,
-    LoopConfig,
     ModelSpec,
     OptimConfig,
     TrainConfig,
+    TrainLoopConfig,
 )
 from distill.generation.sampling import SamplingParams, sample
 
@@ -379,7 +379,7 @@ PRESETS = {
 
 def ground_truth_config(preset: TaskPreset, data_dir: str | Path, out_dir: str | Path, role: str = "teacher",
                         seed: int = 0, steps: int | None = None) -> TrainConfig:
-    """The train recipe's config that trains ``role`` (``teacher`` or ``student``: which architecture, steps
+    """The training run's config that trains ``role`` (``teacher`` or ``student``: which architecture, steps
     and lr of ``preset``) on the ground truth in ``data_dir`` (``train.jsonl``; its eval split, which a
     schedule such as DistiLLM's reads while training, is ``valid.jsonl``, never the reported ``test.jsonl``;
     :meth:`TaskPreset.write_data`) with plain cross-entropy. ``steps`` overrides the preset's."""
@@ -405,7 +405,7 @@ def ground_truth_config(preset: TaskPreset, data_dir: str | Path, out_dir: str |
         data=DataConfig(source=str(data_dir / TRAIN_FILE), eval_source=str(data_dir / VALID_FILE),
                         format="prompt_response", packing=False, seq_len=seq_len, eval_fraction=0.0),
         optim=OptimConfig(lr=lr, warmup_steps=min(preset.warmup_steps, max_steps - 1), weight_decay=0.0),
-        train=LoopConfig(max_steps=max_steps, batch_size=preset.batch_size, seed=seed),
+        train=TrainLoopConfig(max_steps=max_steps, batch_size=preset.batch_size, seed=seed),
         eval=EvalConfig(every=0, batch_size=64),
         checkpoint=CheckpointConfig(every=0, keep_last=1),
         log=LogConfig(every=max(1, min(50, max_steps)), progress=False),

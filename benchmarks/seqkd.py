@@ -335,7 +335,8 @@ def table(r: dict) -> str:
              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | KL(q‖p) on own samples | ms/step (generation + teacher + rest) |",
              "|---" * (len(seeds) + 4) + "|"]
     for m, v in r["methods"].items():
-        cells = " | ".join(f"{100 * v['exact_match'][str(s)]:.1f}%" for s in seeds)
+        cells = " | ".join(f"{100 * v['exact_match'][str(s)]:.1f}%" if str(s) in v["exact_match"] else "–"
+                           for s in seeds)
         c = v.get("step_seconds") or {}
         cost = (f"{1e3 * c['step_seconds']:.0f} ({1e3 * c['gen_seconds']:.0f} + {1e3 * c['teacher_seconds']:.0f} + "
                 f"{1e3 * c['train_seconds']:.0f})") if c else ""

@@ -430,7 +430,8 @@ class LossConfig(Section):
 
     def spec(self, baseline: float = 0.0):
         """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take);
-        ``baseline``: the value of sampled_reverse_kl's baseline for this step (the training run's running mean)."""
+        ``baseline``: the value of sampled_reverse_kl's baseline for this step (the training run's running
+        mean)."""
         return LossSpec(divergence=self.divergence, temperature=self.temperature, alpha=self.alpha,
                         t2_scale=self.t2_scale, beta=self.beta, skew=self.skew, baseline=baseline)
 

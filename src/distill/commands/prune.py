@@ -5,8 +5,8 @@
 
 1. The model and its tokenizer; families llama, qwen2, qwen3, gemma2 (anything else is refused first).
 2. Calibration: ``importance.samples`` examples of the data section's train split, evenly spread.
-3. Importance of heads, MLP neurons, embedding channels and layers from activations (``distill.pruning.importance.score``;
-   docs/methods.md §10), and the calibration loss of the model (one plain forward pass, timed: the cost of
+3. Importance of heads, MLP neurons, embedding channels and layers from activations
+   (``distill.pruning.importance.score``; docs/methods.md §10), and the calibration loss of the model (one plain forward pass, timed: the cost of
    pruning is reported against it).
 4. The plan for the target (explicit sizes, or a parameter budget over ``target.axes``) and the sliced model.
 5. The report: the calibration loss before any training of the chosen plan and, at about the same parameter

@@ -15,5 +15,6 @@ from distill.config import TrainConfig
 
 
 def main(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train ``cfg`` (``resume``: from its latest checkpoint); returns the summary (:func:`distill.training.train`)."""
+    """Train ``cfg`` (``resume``: from its latest checkpoint); returns the run's summary
+    (:func:`distill.training.train`)."""
     return training.train(cfg, resume=resume)

@@ -31,8 +31,8 @@ CALIBRATION_BINS = 15  # equal-width bins of top-1 confidence for the expected c
 def eval_sums(model, head: LinearHead, batches: Iterable[dict], teacher=None,
               autocast: Callable = contextlib.nullcontext, divergences: tuple[str, ...] = ()) -> torch.Tensor:
     """Summed statistics over ``batches`` as a float64 tensor: ``SUM_KEYS`` in order, the (3,
-    ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.losses.chunked.chunked_kd_loss`), then for
-    each of ``divergences`` (other than forward KL: one more pass each) its sum and sum of squares.
+    ``CALIBRATION_BINS``) calibration counts flattened (see :func:`distill.losses.chunked.chunked_kd_loss`), then
+    for each of ``divergences`` (other than forward KL: one more pass each) its sum and sum of squares.
 
     ``teacher``: a :mod:`distill.teachers` teacher (or None); its signal is compared with the student's at
     the teacher's ``eval_temperature`` (1 for a live teacher, the capture temperature for a cache).

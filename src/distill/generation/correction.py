@@ -104,5 +104,6 @@ def corrected_sample(
         logits = decoder.step(tokens_out[-1])
         corrector.step(tokens_out[-1])
     student.train(was_training)
-    return assemble_generation(ids, mask, tokens_out, written, sampler_lp, None, finished, prompts), replaced, proposed
+    gen = assemble_generation(ids, mask, tokens_out, written, sampler_lp, None, finished, prompts)
+    return gen, replaced, proposed
 

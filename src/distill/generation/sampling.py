@@ -328,8 +328,8 @@ def sample(
     return assemble_generation(ids, mask, tokens_out, written, sampler_lp, model_lp, finished, prompts)
 
 
-def assemble_generation(ids, mask, tokens_out: list, written: list, sampler_lp: list, model_lp: list | None, finished,
-                prompts: list[list[int]]) -> Generation:
+def assemble_generation(ids, mask, tokens_out: list, written: list, sampler_lp: list, model_lp: list | None,
+                        finished, prompts: list[list[int]]) -> Generation:
     """A decoding loop's per-step lists (token, written?, log-probs; each (B,)) after the left-padded prompts
     ``ids``/``mask``, as a :class:`Generation`. ``model_lp`` None: zeros."""
     b, p = ids.shape

@@ -791,7 +791,6 @@ def chunked_kd_loss(
     target's probability of the student's argmax).
     """
     student_hidden, labels, teacher = _flat_inputs(student_hidden, labels, teacher, student_head)
-    n = student_hidden.shape[0]
     for name, size in (("chunk_size", chunk_size), ("loss_chunk_size", loss_chunk_size)):
         if size is not None and int(size) < 1:
             raise ValueError(f"{name} must be >= 1, got {size}")
@@ -800,43 +799,76 @@ def chunked_kd_loss(
     if isinstance(teacher, MixtureSignal) and len(teacher.active()) == 1:
         return _single_member(student_hidden, student_head, labels, teacher, num_tokens, spec, sizes,
                               log_kl=log_kl, top1_stats=top1_stats, calibration_bins=calibration_bins)
-
-    mask = labels != IGNORE_INDEX
-    m = int(mask.sum())
-    rows = None if m == n else mask.nonzero().squeeze(1)
-
+    plan = _make_plan(student_hidden, student_head, labels, teacher, num_tokens, spec, sizes, log_kl=log_kl,
+                      top1_stats=top1_stats, calibration_bins=calibration_bins)
     weight, bias = student_head.weight, student_head.bias
+    stats: dict[str, torch.Tensor] = {}
+    if any(plan.needs):
+        loss = _ChunkedKD.apply(student_hidden, weight, bias, num_tokens, plan, stats)
+    else:
+        with torch.no_grad():
+            loss_sum, stats, *_ = _run_chunks(plan, student_hidden, weight, bias)
+            loss = _normalize(loss_sum, num_tokens)
+    return loss, stats
+
+
+def _grad_needs(student_hidden: torch.Tensor, student_head: LinearHead) -> tuple[bool, bool, bool]:
+    """Whether the hidden states, the head's weight and its bias need gradients here."""
     grad_on = torch.is_grad_enabled()
-    needs = (
+    bias = student_head.bias
+    return (
         grad_on and student_hidden.requires_grad,
-        grad_on and weight.requires_grad,
+        grad_on and student_head.weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
+
+
+def _chunk_sizes(student_hidden: torch.Tensor, student_head: LinearHead, teacher: Signal, spec: LossSpec,
+                 num_rows: int, needs: tuple[bool, bool, bool], sizes: dict) -> tuple[int, int]:
+    """``(chunk_size, loss_chunk_size)``: the given sizes, or :func:`plan_chunks`' for the memory budget, from
+    the V-sized buffers and temporaries that this student head, teacher and loss take per row."""
     members = teacher.signals if isinstance(teacher, MixtureSignal) else [teacher]
     dense = [t for t in members if isinstance(t, DenseSignal)]
     teacher_type = "none" if teacher is None else ("dense" if dense else "sparse")
     post = student_head.has_postprocess or any(t.head.has_postprocess for t in dense)
-    buffers = weight.element_size() / 4.0 + sum(t.head.weight.element_size() / 4.0 for t in dense)
+    buffers = student_head.weight.element_size() / 4.0 + sum(t.head.weight.element_size() / 4.0 for t in dense)
     temporaries = temporaries_per_token(teacher_type, spec.divergence, grad=any(needs), postprocess=post)
     if isinstance(teacher, MixtureSignal):  # every member's loss terms live in one graph (+ the mixture)
         temporaries = temporaries * len(teacher.active()) + len(members) + 2
+    memory_budget_bytes = sizes["memory_budget_bytes"]
     if memory_budget_bytes is None:
         memory_budget_bytes = default_memory_budget(student_hidden.device)
-    chunk_size, loss_chunk_size = plan_chunks(
+    return plan_chunks(
         student_head.num_classes,
-        m,
+        num_rows,
         temporaries=temporaries,
         buffers=buffers,
         memory_budget_bytes=memory_budget_bytes,
-        chunk_size=chunk_size,
-        loss_chunk_size=loss_chunk_size,
+        chunk_size=sizes["chunk_size"],
+        loss_chunk_size=sizes["loss_chunk_size"],
     )
 
+
+def _inv_num_tokens(num_tokens: int | float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``1 / num_tokens`` (at least 1 token) as a float64 scalar on ``device``."""
     if isinstance(num_tokens, torch.Tensor):
         inv = 1.0 / num_tokens.detach().to(torch.float64).clamp_min(1)
     else:
         inv = torch.tensor(1.0 / max(float(num_tokens), 1.0), dtype=torch.float64)
-    plan = _Plan(
+    return inv.to(device)
+
+
+def _make_plan(student_hidden: torch.Tensor, student_head: LinearHead, labels: torch.Tensor, teacher: Signal,
+               num_tokens: int | float | torch.Tensor, spec: LossSpec, sizes: dict, *, log_kl: bool,
+               top1_stats: bool, calibration_bins: int) -> _Plan:
+    """The chunk loop's :class:`_Plan` for flattened inputs: the supervised rows, the chunk sizes, what needs
+    gradients, the normalizer and the dtypes."""
+    mask = labels != IGNORE_INDEX
+    m = int(mask.sum())
+    rows = None if m == student_hidden.shape[0] else mask.nonzero().squeeze(1)
+    needs = _grad_needs(student_hidden, student_head)
+    chunk_size, loss_chunk_size = _chunk_sizes(student_hidden, student_head, teacher, spec, m, needs, sizes)
+    return _Plan(
         head=student_head,
         teacher=teacher,
         labels=labels,
@@ -847,21 +879,13 @@ def chunked_kd_loss(
         spec=spec,
         want_kl=log_kl or spec.is_forward_kl,
         top1_stats=top1_stats,
-        grad_weight_fp32=grad_weight_fp32,
+        grad_weight_fp32=sizes["grad_weight_fp32"],
         calibration_bins=int(calibration_bins),
         device_type=student_hidden.device.type,
         compute_dtype=_autocast_dtype(student_hidden.device.type),
-        inv_num_tokens=inv.to(student_hidden.device),
+        inv_num_tokens=_inv_num_tokens(num_tokens, student_hidden.device),
         needs=needs,
     )
-    stats: dict[str, torch.Tensor] = {}
-    if any(needs):
-        loss = _ChunkedKD.apply(student_hidden, weight, bias, num_tokens, plan, stats)
-    else:
-        with torch.no_grad():
-            loss_sum, stats, *_ = _run_chunks(plan, student_hidden, weight, bias)
-            loss = _normalize(loss_sum, num_tokens)
-    return loss, stats
 
 
 def _single_member(student_hidden, student_head, labels, teacher: MixtureSignal, num_tokens, spec: LossSpec,

@@ -414,73 +414,104 @@ def encode_shard(
     topk: ``ids`` (P, k), ``codes`` (P, k - 1), ``tail_codes`` (P,).
     sampled: ``distinct`` (P,), ``ids`` (E,) increasing within each position, ``counts`` (E,).
     """
-    num = len(hashes)
-    index = np.zeros(num, INDEX_DTYPE)
-    index["hash"] = np.frombuffer(b"".join(hashes), dtype="V8") if num else index["hash"]
-    index["length"] = np.asarray(lengths, dtype=np.uint32)
-    index["positions"] = np.asarray(positions, dtype=np.uint32)
+    index = _shard_index(hashes, lengths, positions)
     total = int(index["positions"].sum())
-    sections: list[tuple[str, np.ndarray]] = [("index", index.view(np.uint8))]
-    extra: dict[str, Any] = {}
     if params.mode == "topk":
-        ids = np.asarray(arrays["ids"]).reshape(total, params.k)
-        sections += [
-            ("ids", pack_bits(ids.reshape(-1), params.id_bits)),
-            ("codes", pack_bits(np.asarray(arrays["codes"]).reshape(-1), params.prob_bits)),
-            ("tail", pack_bits(np.asarray(arrays["tail_codes"]).reshape(-1), params.tail_bits)),
-        ]
-        entries = total * params.k
+        sections, entries, extra = _topk_sections(params, arrays, total)
     else:
-        distinct = np.asarray(arrays["distinct"], dtype=np.int64)
-        ids = np.asarray(arrays["ids"], dtype=np.int64)
-        counts = np.asarray(arrays["counts"], dtype=np.int64)
-        entries = int(distinct.sum())
-        if len(distinct) != total or len(ids) != entries or len(counts) != entries:
-            raise ValueError("sampled shard: distinct/ids/counts do not add up")
-        if entries and (distinct.min() < 1 or ids.min() < 0 or ids.max() >= params.vocab_size):
-            raise ValueError("sampled shard: ids outside the vocabulary or a position without draws")
-        row_start = np.cumsum(distinct) - distinct  # entry index of each position's first id
-        gaps = ids - np.concatenate([[-1], ids[:-1]]) - 1  # ids increase within a row: gaps >= 0
-        gaps[row_start] = ids[row_start]
-        if entries and gaps.min() < 0:
-            raise ValueError("sampled shard: ids must be distinct and increasing within each position")
-        last = np.cumsum(distinct) - 1  # the last count of each row is implied by the others
-        keep = np.ones(entries, bool)
-        keep[last] = False
-        stored = counts[keep] - 1
-        k_ids, k_counts = rice_parameter(gaps, params.id_bits), rice_parameter(stored, params.count_bits)
-        id_unary, id_rem, id_bit = rice_encode(gaps, k_ids)
-        count_unary, count_rem, count_bit = rice_encode(stored, k_counts)
-        # Per example (and the end): the unary bit offset of its first id and of its first stored count.
-        pos_off = np.concatenate([[0], np.cumsum(index["positions"], dtype=np.int64)])
-        entry_off = np.concatenate([[0], np.cumsum(distinct)]).astype(np.int64)[pos_off]
-        offsets = np.stack([id_bit[entry_off], count_bit[entry_off - pos_off]], 1).astype("<u8")
-        sections += [
-            ("distinct", pack_bits(distinct - 1, params.distinct_bits)),
-            ("offsets", offsets.reshape(-1).view(np.uint8)),
-            ("id_unary", id_unary),
-            ("id_rem", id_rem),
-            ("count_unary", count_unary),
-            ("count_rem", count_rem),
-        ]
-        extra["rice"] = {"ids": k_ids, "counts": k_counts}
-    layout: dict[str, list[int]] = {}
-    offset = 0
-    for name, arr in sections:
-        layout[name] = [offset, int(arr.nbytes)]
-        offset = _align8(offset + arr.nbytes)
+        sections, entries, extra = _sampled_sections(params, arrays, index["positions"], total)
+    sections = [("index", index.view(np.uint8)), *sections]
+    layout, size = _section_layout(sections)
     header = {
         "split": split,
         "shard": shard,
-        "examples": [first_example, first_example + num],
+        "examples": [first_example, first_example + len(hashes)],
         "positions": total,
         "entries": entries,
         "sections": layout,
         **extra,
     }
+    return _shard_bytes(header, sections, layout, size)
+
+
+def _shard_index(hashes: Sequence[bytes], lengths: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+    """The shard's index (:data:`INDEX_DTYPE`): each example's hash, length and stored positions."""
+    num = len(hashes)
+    index = np.zeros(num, INDEX_DTYPE)
+    index["hash"] = np.frombuffer(b"".join(hashes), dtype="V8") if num else index["hash"]
+    index["length"] = np.asarray(lengths, dtype=np.uint32)
+    index["positions"] = np.asarray(positions, dtype=np.uint32)
+    return index
+
+
+def _topk_sections(params: CacheParams, arrays: dict[str, np.ndarray], total: int):
+    """A top-k shard's sections (ids, probability codes, tail codes: bit-packed), its entries (P * k) and no
+    extra header fields."""
+    ids = np.asarray(arrays["ids"]).reshape(total, params.k)
+    sections = [
+        ("ids", pack_bits(ids.reshape(-1), params.id_bits)),
+        ("codes", pack_bits(np.asarray(arrays["codes"]).reshape(-1), params.prob_bits)),
+        ("tail", pack_bits(np.asarray(arrays["tail_codes"]).reshape(-1), params.tail_bits)),
+    ]
+    return sections, total * params.k, {}
+
+
+def _sampled_sections(params: CacheParams, arrays: dict[str, np.ndarray], positions: np.ndarray, total: int):
+    """A sampled shard's sections, its entries (distinct ids over all positions) and the header's ``rice``
+    parameters: the distinct counts bit-packed; the id gaps and the counts (less the last of each position,
+    which the others imply) Rice-coded, with each example's unary bit offsets; ``positions``: per example."""
+    distinct = np.asarray(arrays["distinct"], dtype=np.int64)
+    ids = np.asarray(arrays["ids"], dtype=np.int64)
+    counts = np.asarray(arrays["counts"], dtype=np.int64)
+    entries = int(distinct.sum())
+    if len(distinct) != total or len(ids) != entries or len(counts) != entries:
+        raise ValueError("sampled shard: distinct/ids/counts do not add up")
+    if entries and (distinct.min() < 1 or ids.min() < 0 or ids.max() >= params.vocab_size):
+        raise ValueError("sampled shard: ids outside the vocabulary or a position without draws")
+    row_start = np.cumsum(distinct) - distinct  # entry index of each position's first id
+    gaps = ids - np.concatenate([[-1], ids[:-1]]) - 1  # ids increase within a row: gaps >= 0
+    gaps[row_start] = ids[row_start]
+    if entries and gaps.min() < 0:
+        raise ValueError("sampled shard: ids must be distinct and increasing within each position")
+    last = np.cumsum(distinct) - 1  # the last count of each row is implied by the others
+    keep = np.ones(entries, bool)
+    keep[last] = False
+    stored = counts[keep] - 1
+    k_ids, k_counts = rice_parameter(gaps, params.id_bits), rice_parameter(stored, params.count_bits)
+    id_unary, id_rem, id_bit = rice_encode(gaps, k_ids)
+    count_unary, count_rem, count_bit = rice_encode(stored, k_counts)
+    # Per example (and the end): the unary bit offset of its first id and of its first stored count.
+    pos_off = np.concatenate([[0], np.cumsum(positions, dtype=np.int64)])
+    entry_off = np.concatenate([[0], np.cumsum(distinct)]).astype(np.int64)[pos_off]
+    offsets = np.stack([id_bit[entry_off], count_bit[entry_off - pos_off]], 1).astype("<u8")
+    sections = [
+        ("distinct", pack_bits(distinct - 1, params.distinct_bits)),
+        ("offsets", offsets.reshape(-1).view(np.uint8)),
+        ("id_unary", id_unary),
+        ("id_rem", id_rem),
+        ("count_unary", count_unary),
+        ("count_rem", count_rem),
+    ]
+    return sections, entries, {"rice": {"ids": k_ids, "counts": k_counts}}
+
+
+def _section_layout(sections: list[tuple[str, np.ndarray]]) -> tuple[dict[str, list[int]], int]:
+    """Each section's ``[offset, nbytes]`` after the header (every section 8-byte aligned) and their span."""
+    layout: dict[str, list[int]] = {}
+    offset = 0
+    for name, arr in sections:
+        layout[name] = [offset, int(arr.nbytes)]
+        offset = _align8(offset + arr.nbytes)
+    return layout, offset
+
+
+def _shard_bytes(header: dict, sections: list[tuple[str, np.ndarray]], layout: dict[str, list[int]],
+                 size: int) -> bytes:
+    """Magic, format version, header length, the header as JSON, the sections where ``layout`` puts them (after
+    the 8-byte aligned prefix), then the sha256 of all that."""
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     prefix_len = _align8(16 + len(head))
-    buf = bytearray(prefix_len + offset)
+    buf = bytearray(prefix_len + size)
     buf[0:8] = SHARD_MAGIC
     buf[8:12] = FORMAT_VERSION.to_bytes(4, "little")
     buf[12:16] = len(head).to_bytes(4, "little")

@@ -66,6 +66,46 @@ def _draw(probs_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     return idx
 
 
+@dataclass
+class _Rows:
+    """What each row has written so far (tokens and the target's log-probabilities) and whether it still writes."""
+
+    written: list[list[int]]
+    written_lp: list[list[float]]
+    alive: torch.Tensor  # (B,) bool: still writing
+    finished: torch.Tensor  # (B,) bool: stopped at a stop token
+
+    @classmethod
+    def start(cls, b: int, device) -> _Rows:
+        return cls([[] for _ in range(b)], [[] for _ in range(b)], torch.ones(b, dtype=torch.bool, device=device),
+                   torch.zeros(b, dtype=torch.bool, device=device))
+
+
+@dataclass
+class _Caches:
+    """Both models' KV caches and what each is fed next."""
+
+    target: Decoder
+    draft: Decoder
+    target_logits: torch.Tensor  # (B, V) the target's logits after the prompt (used in the first round only)
+    draft_logits: torch.Tensor  # (B, V) the draft's logits for its next proposal
+    pending: torch.Tensor | None = None  # (B,) each row's last token, not yet in the target's cache
+
+
+class _Uniforms:
+    """Each row's uniforms, one stream per use (the draft's draws, the acceptance tests, the corrections); none
+    without seeds (greedy)."""
+
+    def __init__(self, seeds: list[int] | None, device):
+        self.device = device
+        self.streams = {name: (np.asarray([row_seed(s, name) & MASK64 for s in seeds], dtype=np.uint64)
+                               if seeds else None) for name in ("draft", "accept", "fix")}
+
+    def __call__(self, name: str, counter: int) -> torch.Tensor | None:
+        stream = self.streams[name]
+        return None if stream is None else torch.from_numpy(uniforms(stream, counter)).to(self.device)
+
+
 @torch.no_grad()
 def speculative_sample(
     target,
@@ -94,120 +134,158 @@ def speculative_sample(
     target.eval()
     draft.eval()
     ids, mask = left_pad(prompts, pad_id, device)
-    b, p = ids.shape
-    streams = {name: (np.asarray([row_seed(s, name) & MASK64 for s in seeds], dtype=np.uint64) if seeds else None)
-               for name in ("draft", "accept", "fix")}
-
-    def u(name: str, counter: int) -> torch.Tensor | None:
-        return None if streams[name] is None else torch.from_numpy(uniforms(streams[name], counter)).to(device)
-
+    u = _Uniforms(seeds, device)
     stop = set(params.stop_ids)
     t_dec, d_dec = Decoder(target), Decoder(draft)
     t_logits, d_logits = t_dec.prefill(ids, mask), d_dec.prefill(ids, mask)
-    written: list[list[int]] = [[] for _ in range(b)]
-    written_lp: list[list[float]] = [[] for _ in range(b)]
-    alive = torch.ones(b, dtype=torch.bool, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    pending: torch.Tensor | None = None  # each row's last token, not yet in the target's cache
+    caches = _Caches(t_dec, d_dec, t_logits, d_logits)
+    rows = _Rows.start(ids.shape[0], device)
     stats = SpeculativeStats()
     rnd = 0
-    while bool(alive.any()):
-        # 1. The draft proposes gamma tokens (fed back one at a time, except the last).
-        xs, qs, dl = [], [], d_logits
-        for j in range(gamma):
-            q = _distribution(dl, params)
-            x = q.argmax(-1) if params.greedy else _draw(q, u("draft", rnd * gamma + j))
-            xs.append(x)
-            qs.append(q)
-            if j < gamma - 1:
-                dl = d_dec.append(x.unsqueeze(-1), alive.unsqueeze(-1))[:, -1]
-        drafts = torch.stack(xs, 1)  # (B, gamma)
-        # 2. The target scores them (after the pending token of the last round) in one pass.
-        if pending is None:
-            scored = t_dec.append(drafts, alive.unsqueeze(-1).expand(b, gamma))
-            p_logits = torch.cat([t_logits.unsqueeze(1), scored], 1)  # (B, gamma + 1, V)
-        else:
-            block = torch.cat([pending.unsqueeze(-1), drafts], 1)
-            p_logits = t_dec.append(block, alive.unsqueeze(-1).expand(b, gamma + 1))
-        ps = [_distribution(p_logits[:, j], params) for j in range(gamma + 1)]
-        # 3. Accept or reject, row by row (vectorized over rows, sequential over positions).
-        n_acc = torch.zeros(b, dtype=torch.long, device=device)
-        going = alive.clone()
-        for j in range(gamma):
-            pj = ps[j].gather(-1, drafts[:, j : j + 1]).squeeze(-1)
-            qj = qs[j].gather(-1, drafts[:, j : j + 1]).squeeze(-1)
-            if params.greedy:
-                ok = pj > 0.5
-            else:
-                ok = u("accept", rnd * gamma + j) * qj < pj  # accept with probability min(1, p / q)
-            going = going & ok
-            n_acc += going.long()
-        # The token after the accepted drafts: a draw from norm(max(0, p - q)) at the first rejection, or a
-        # bonus draw from p when all were accepted.
-        p_next = torch.stack(ps, 1)[torch.arange(b, device=device), n_acc]  # (B, V)
-        q_pad = torch.stack([*qs, torch.zeros_like(qs[0])], 1)[torch.arange(b, device=device), n_acc]
-        residual = (p_next - q_pad).clamp_min(0.0)
-        empty = residual.sum(-1) <= 0
-        residual = torch.where(empty.unsqueeze(-1), p_next, residual)  # bonus rows (q_pad = 0) and ties
-        fix = residual.argmax(-1) if params.greedy else _draw(residual, u("fix", rnd))
-        # 4. What each row wrote, up to its stop token and its budget.
-        n_list, fix_list, alive_list = n_acc.tolist(), fix.tolist(), alive.tolist()
-        drafts_list = drafts.tolist()
-        lp = [torch.log(ps[j].gather(-1, torch.cat([drafts, fix.unsqueeze(-1)], 1)[:, j : j + 1])).squeeze(-1)
-              for j in range(gamma + 1)]
-        lp_rows = torch.stack(lp, 1).tolist()
-        stats.rounds += 1
-        for i in range(b):
-            if not alive_list[i]:
-                continue
-            stats.row_rounds += 1
-            stats.proposed += gamma
-            stats.accepted += n_list[i]
-            new = [*drafts_list[i][: n_list[i]], fix_list[i]]
-            new_lp = [*lp_rows[i][: n_list[i]], lp_rows[i][n_list[i]] if n_list[i] < gamma else lp_rows[i][gamma]]
-            room = params.max_new_tokens - len(written[i])
-            new, new_lp = new[:room], new_lp[:room]
-            for k, tok in enumerate(new):
-                if tok in stop:
-                    new, new_lp = new[: k + 1], new_lp[: k + 1]
-                    finished[i] = True
-                    break
-            written[i] += new
-            written_lp[i] += new_lp
-            stats.tokens += len(new)
-            if finished[i] or len(written[i]) >= params.max_new_tokens:
-                alive[i] = False
-        # 5. Both caches keep the accepted drafts only; the new token is pending for the target and fed to
-        # the draft (with the last draft when it was accepted: the draft had not seen it).
-        keep = torch.arange(gamma, device=device).unsqueeze(0) < n_acc.unsqueeze(1)  # (B, gamma)
-        t_dec.retract(keep)
-        if gamma > 1:
-            d_dec.retract(keep[:, : gamma - 1])
-        pending = fix
-        last_ok = (n_acc == gamma) & alive
-        d_logits = d_dec.append(torch.stack([drafts[:, -1], fix], 1), torch.stack([last_ok, alive], 1))[:, -1]
+    while bool(rows.alive.any()):
+        drafts, qs = _propose(caches, params, gamma, rows.alive, u, rnd)
+        ps = _score(caches, drafts, rows.alive, params)
+        n_acc = _accept(ps, qs, drafts, params, rows.alive, u, rnd)
+        fix = _next_token(ps, qs, n_acc, params, u, rnd)
+        _write(rows, stats, drafts, fix, n_acc, ps, params, stop)
+        _keep_accepted(caches, drafts, fix, n_acc, rows.alive)
         rnd += 1
     target.train(modes[0])
     draft.train(modes[1])
+    return _generation(ids, mask, rows, pad_id, prompts), stats
 
-    width = max((len(w) for w in written), default=0)
+
+def _propose(caches: _Caches, params: SamplingParams, gamma: int, alive: torch.Tensor, u: _Uniforms,
+             rnd: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Step 1: the draft proposes ``gamma`` tokens, fed back one at a time except the last. Returns the drafts
+    (B, gamma) and the draft's distribution at each ([(B, V)] * gamma)."""
+    xs, qs, dl = [], [], caches.draft_logits
+    for j in range(gamma):
+        q = _distribution(dl, params)
+        x = q.argmax(-1) if params.greedy else _draw(q, u("draft", rnd * gamma + j))
+        xs.append(x)
+        qs.append(q)
+        if j < gamma - 1:
+            dl = caches.draft.append(x.unsqueeze(-1), alive.unsqueeze(-1))[:, -1]
+    return torch.stack(xs, 1), qs
+
+
+def _score(caches: _Caches, drafts: torch.Tensor, alive: torch.Tensor, params: SamplingParams) -> list[torch.Tensor]:
+    """Step 2: the target scores the drafts (after the pending token of the last round) in one pass. Returns
+    its distribution before each draft and after the last ([(B, V)] * (gamma + 1))."""
+    b, gamma = drafts.shape
+    if caches.pending is None:
+        scored = caches.target.append(drafts, alive.unsqueeze(-1).expand(b, gamma))
+        p_logits = torch.cat([caches.target_logits.unsqueeze(1), scored], 1)  # (B, gamma + 1, V)
+    else:
+        block = torch.cat([caches.pending.unsqueeze(-1), drafts], 1)
+        p_logits = caches.target.append(block, alive.unsqueeze(-1).expand(b, gamma + 1))
+    return [_distribution(p_logits[:, j], params) for j in range(gamma + 1)]
+
+
+def _accept(ps: list[torch.Tensor], qs: list[torch.Tensor], drafts: torch.Tensor, params: SamplingParams,
+            alive: torch.Tensor, u: _Uniforms, rnd: int) -> torch.Tensor:
+    """Step 3: accept or reject, row by row (vectorized over rows, sequential over positions). Returns the
+    number of drafts each row accepted (B,), 0 for the rows no longer writing."""
+    b, gamma = drafts.shape
+    n_acc = torch.zeros(b, dtype=torch.long, device=alive.device)
+    going = alive.clone()
+    for j in range(gamma):
+        pj = ps[j].gather(-1, drafts[:, j : j + 1]).squeeze(-1)
+        qj = qs[j].gather(-1, drafts[:, j : j + 1]).squeeze(-1)
+        if params.greedy:
+            ok = pj > 0.5
+        else:
+            ok = u("accept", rnd * gamma + j) * qj < pj  # accept with probability min(1, p / q)
+        going = going & ok
+        n_acc += going.long()
+    return n_acc
+
+
+def _next_token(ps: list[torch.Tensor], qs: list[torch.Tensor], n_acc: torch.Tensor, params: SamplingParams,
+                u: _Uniforms, rnd: int) -> torch.Tensor:
+    """The token after the accepted drafts (B,): a draw from norm(max(0, p - q)) at the first rejection, or a
+    bonus draw from p when all were accepted."""
+    b = n_acc.shape[0]
+    rows = torch.arange(b, device=n_acc.device)
+    p_next = torch.stack(ps, 1)[rows, n_acc]  # (B, V)
+    q_pad = torch.stack([*qs, torch.zeros_like(qs[0])], 1)[rows, n_acc]
+    residual = (p_next - q_pad).clamp_min(0.0)
+    empty = residual.sum(-1) <= 0
+    residual = torch.where(empty.unsqueeze(-1), p_next, residual)  # bonus rows (q_pad = 0) and ties
+    return residual.argmax(-1) if params.greedy else _draw(residual, u("fix", rnd))
+
+
+def _write(rows: _Rows, stats: SpeculativeStats, drafts: torch.Tensor, fix: torch.Tensor, n_acc: torch.Tensor,
+           ps: list[torch.Tensor], params: SamplingParams, stop: set[int]) -> None:
+    """Step 4: what each row still writing wrote (its accepted drafts and the next token), up to its stop token
+    and its budget, with the target's log-probabilities; the rows done stop writing."""
+    b, gamma = drafts.shape
+    n_list, fix_list, alive_list = n_acc.tolist(), fix.tolist(), rows.alive.tolist()
+    drafts_list = drafts.tolist()
+    chosen = torch.cat([drafts, fix.unsqueeze(-1)], 1)  # (B, gamma + 1)
+    lp = [torch.log(ps[j].gather(-1, chosen[:, j : j + 1])).squeeze(-1) for j in range(gamma + 1)]
+    lp_rows = torch.stack(lp, 1).tolist()
+    stats.rounds += 1
+    for i in range(b):
+        if not alive_list[i]:
+            continue
+        stats.row_rounds += 1
+        stats.proposed += gamma
+        stats.accepted += n_list[i]
+        new = [*drafts_list[i][: n_list[i]], fix_list[i]]
+        new_lp = [*lp_rows[i][: n_list[i]], lp_rows[i][n_list[i]] if n_list[i] < gamma else lp_rows[i][gamma]]
+        room = params.max_new_tokens - len(rows.written[i])
+        new, new_lp = new[:room], new_lp[:room]
+        for k, tok in enumerate(new):
+            if tok in stop:
+                new, new_lp = new[: k + 1], new_lp[: k + 1]
+                rows.finished[i] = True
+                break
+        rows.written[i] += new
+        rows.written_lp[i] += new_lp
+        stats.tokens += len(new)
+        if rows.finished[i] or len(rows.written[i]) >= params.max_new_tokens:
+            rows.alive[i] = False
+
+
+def _keep_accepted(caches: _Caches, drafts: torch.Tensor, fix: torch.Tensor, n_acc: torch.Tensor,
+                   alive: torch.Tensor) -> None:
+    """Step 5: both caches keep the accepted drafts only; the new token is pending for the target and fed to the
+    draft (with the last draft when it was accepted: the draft had not seen it)."""
+    gamma = drafts.shape[1]
+    keep = torch.arange(gamma, device=n_acc.device).unsqueeze(0) < n_acc.unsqueeze(1)  # (B, gamma)
+    caches.target.retract(keep)
+    if gamma > 1:
+        caches.draft.retract(keep[:, : gamma - 1])
+    caches.pending = fix
+    last_ok = (n_acc == gamma) & alive
+    caches.draft_logits = caches.draft.append(torch.stack([drafts[:, -1], fix], 1),
+                                              torch.stack([last_ok, alive], 1))[:, -1]
+
+
+def _generation(ids: torch.Tensor, mask: torch.Tensor, rows: _Rows, pad_id: int,
+                prompts: list[list[int]]) -> Generation:
+    """The written rows after the left-padded prompts ``ids``/``mask``, as a :class:`Generation` (the model's
+    own log-probabilities left at zero)."""
+    b, p = ids.shape
+    device = ids.device
+    width = max((len(w) for w in rows.written), default=0)
     new_ids = torch.full((b, width), pad_id, dtype=torch.long, device=device)
     comp = torch.zeros((b, width), dtype=torch.bool, device=device)
     lps = torch.zeros((b, width), dtype=torch.float32, device=device)
-    for i, (w, lw) in enumerate(zip(written, written_lp, strict=True)):
+    for i, (w, lw) in enumerate(zip(rows.written, rows.written_lp, strict=True)):
         new_ids[i, : len(w)] = torch.as_tensor(w, dtype=torch.long)
         comp[i, : len(w)] = True
         lps[i, : len(w)] = torch.as_tensor(lw, dtype=torch.float32)
     zeros = torch.zeros((b, p), dtype=torch.float32, device=device)
-    gen = Generation(
+    return Generation(
         sequences=torch.cat([ids, new_ids], 1),
         attention_mask=torch.cat([mask, comp.long()], 1),
         completion_mask=torch.cat([torch.zeros((b, p), dtype=torch.bool, device=device), comp], 1),
         logprobs=torch.cat([zeros, lps], 1),
         model_logprobs=torch.cat([zeros, torch.zeros_like(lps)], 1),
-        finished=finished,
+        finished=rows.finished,
         prompt_width=p,
         prompt_lengths=[len(x) for x in prompts],
     )
-    return gen, stats
-

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,8 +39,8 @@ from distill.models import (
     resolve_vocab,
     save_pretrained,
 )
-from distill.pruning.importance import calibration_loss, score
-from distill.pruning.plan import comparison_plans, make_plan
+from distill.pruning.importance import Importance, calibration_loss, score
+from distill.pruning.plan import Plan, comparison_plans, make_plan
 from distill.pruning.report import evaluate_plans, report_markdown, spearman
 from distill.pruning.sizes import (
     check_family,
@@ -97,22 +98,61 @@ def calibration_batches(cfg: PruneConfig, tokenizer, model) -> list[dict]:
             for b in range(0, k, bs)]
 
 
+@dataclass
+class Calibration:
+    """The calibration data and what the passes over the original model measured on it."""
+
+    batches: list[dict]
+    examples: int
+    tokens: int
+    loss: float  # the original model's calibration loss
+    forward_seconds: float  # one plain forward pass over the batches: what the pruning costs are reported against
+    imp: Importance
+
+
+@dataclass
+class Pruned:
+    """The chosen plan and the model it cut."""
+
+    plan: Plan
+    model: torch.nn.Module
+    metric: str  # what ranked the layers
+    seconds: float  # planning and slicing
+
+
 def main(cfg: PruneConfig) -> dict:
+    """Prune ``cfg.model`` to ``cfg.target`` and write ``cfg.out_dir``: the steps of the module docstring, in
+    order. Returns the report."""
     family = check_family(model_type(cfg))
     out = check_out_dir(cfg)
-
-    # 1. Model and tokenizer. ---------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model, "model")
+    tokenizer, model, orig = load(cfg, family)  # 1
+    sizes = target_sizes(cfg, model, family)  # 2
     vocab = len(tokenizer)
+    cal = calibrate(cfg, tokenizer, model, vocab, sizes["num_hidden_layers"] < orig["num_hidden_layers"])  # 3
+    pruned = prune(cfg, model, cal.imp, sizes)  # 4
+    plans, report_seconds = compare_plans(cfg, model, orig, sizes, family, vocab, cal, pruned)  # 5
+    report = build_report(cfg, family, cal, pruned, plans, report_seconds)
+    write_output(out, cfg, pruned.model, tokenizer, report)  # 6
+    return report
+
+
+def load(cfg: PruneConfig, family: str):
+    """Step 1: the tokenizer, the model (its vocabulary the tokenizer's, on one device, in eval mode) and its
+    sizes."""
+    tokenizer = load_tokenizer(cfg.model, "model")
     model = load_model(cfg.model, "model", tokenizer)
-    resolve_vocab(model, vocab, "model", "truncate")
+    resolve_vocab(model, len(tokenizer), "model", "truncate")
     check_tokenizer_saves(model, tokenizer, "model")  # before the passes: the output will reload its tokenizer
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()  # forward passes only: one device
     orig = model_sizes(model.config)
     logger.info("model: %s, %.2fM parameters, %s", family, count_parameters(model) / 1e6,
                 ", ".join(f"{k}={v}" for k, v in orig.items()))
+    return tokenizer, model, orig
 
-    # 2. Target sizes (checked before the data and the passes: a bad target fails fast). -----------------
+
+def target_sizes(cfg: PruneConfig, model, family: str) -> dict[str, int]:
+    """Step 2: the target sizes, explicit or for a parameter budget; checked before the data and the passes, so
+    that a bad target fails fast."""
     target = cfg.target
     if target.params is not None:
         sizes = sizes_for_budget(model, target.params, target.axes, target.multiple_of, family)
@@ -121,8 +161,13 @@ def main(cfg: PruneConfig) -> dict:
         check_sizes(model.config, sizes, family)
     logger.info("target: %s (%s parameters)", ", ".join(f"{k}={v}" for k, v in sizes.items()),
                 f"{param_count(model, sizes):,}")
+    return sizes
 
-    # 3. Calibration data, importance. ------------------------------------------------------------------
+
+def calibrate(cfg: PruneConfig, tokenizer, model, vocab: int, depth_changes: bool) -> Calibration:
+    """Step 3: the calibration batches, the model's calibration loss (one timed forward pass) and the
+    importance scores. The layer-drop losses cost one pass per layer: computed when they rank the kept layers
+    (``depth_changes``: the target drops layers) or the report compares the two layer metrics."""
     batches = calibration_batches(cfg, tokenizer, model)
     n_tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
     n_examples = sum(len(b["input_ids"]) for b in batches)
@@ -131,51 +176,64 @@ def main(cfg: PruneConfig) -> dict:
     with torch.no_grad():
         base_loss = calibration_loss(model, batches, vocab)
     forward_seconds = time.perf_counter() - t0
-    # The layer-drop losses cost one pass per layer: computed when they rank the kept layers or the report
-    # compares the two layer metrics.
-    depth_changes = sizes["num_hidden_layers"] < orig["num_hidden_layers"]
     imp = score(model, batches, vocab,
-                      layer_loss=cfg.report or (depth_changes and cfg.importance.layer_metric == "loss"))
+                layer_loss=cfg.report or (depth_changes and cfg.importance.layer_metric == "loss"))
     logger.info("importance: %s", ", ".join(f"{k} {v:.2f} s" for k, v in imp.seconds.items()))
     if imp.layer_loss is not None:
         logger.info("layer loss increase when skipped: %s", ", ".join(f"{x:.4f}" for x in imp.layer_loss.tolist()))
     logger.info("layer cosine distance: %s", ", ".join(f"{x:.4f}" for x in imp.layer_cosine.tolist()))
+    return Calibration(batches, n_examples, n_tokens, base_loss, forward_seconds, imp)
 
-    # 4. The plan and the pruned model. -----------------------------------------------------------------
-    metric = cfg.importance.layer_metric if imp.layer_loss is not None else "cosine"  # (all layers kept)
+
+def prune(cfg: PruneConfig, model, imp: Importance, sizes: dict[str, int]) -> Pruned:
+    """Step 4: the plan for the target sizes and the model it cuts (layers ranked by the configured metric, or
+    by cosine distance when the layer-drop losses were not computed: then every layer is kept)."""
+    metric = cfg.importance.layer_metric if imp.layer_loss is not None else "cosine"
     t0 = time.perf_counter()
     plan = make_plan(model.config, imp, sizes, metric)
     pruned = slice_model(model, plan)
-    slicing_seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     assert model_sizes(pruned.config) == sizes, (model_sizes(pruned.config), sizes)
+    return Pruned(plan, pruned, metric, seconds)
 
-    # 5. Report. ----------------------------------------------------------------------------------------
-    plans: dict = {"original": {"sizes": orig, "params": count_parameters(model), "loss": base_loss, "note": ""}}
+
+def compare_plans(cfg: PruneConfig, model, orig: dict[str, int], sizes: dict[str, int], family: str, vocab: int,
+                  cal: Calibration, pruned: Pruned) -> tuple[dict, float]:
+    """Step 5: the calibration loss and parameters of the original, the chosen plan and (``cfg.report``)
+    width-only and depth-only plans of about the same parameter count; and the seconds they took."""
+    plans: dict = {"original": {"sizes": orig, "params": count_parameters(model), "loss": cal.loss, "note": ""}}
     t0 = time.perf_counter()
-    chosen_loss = calibration_loss(pruned, batches, vocab)
-    plans["chosen"] = {"sizes": sizes, "params": count_parameters(pruned), "loss": chosen_loss,
-                       "note": f"target; layers ranked by {metric}"}
-    logger.info("calibration loss: original %.4f, pruned %.4f", base_loss, chosen_loss)
+    chosen_loss = calibration_loss(pruned.model, cal.batches, vocab)
+    plans["chosen"] = {"sizes": sizes, "params": count_parameters(pruned.model), "loss": chosen_loss,
+                       "note": f"target; layers ranked by {pruned.metric}"}
+    logger.info("calibration loss: original %.4f, pruned %.4f", cal.loss, chosen_loss)
     if cfg.report:
-        others = comparison_plans(model, imp, sizes, family, target.multiple_of)
+        others = comparison_plans(model, cal.imp, sizes, family, cfg.target.multiple_of)
         plans.update(evaluate_plans(
-            model, others, batches, vocab,
+            model, others, cal.batches, vocab,
             on_plan=lambda name, row: logger.info("calibration loss, %s: %.4f (%s parameters)", name, row["loss"],
                                                   f"{row['params']:,}")))
-    report_seconds = time.perf_counter() - t0
-    seconds = {"forward": forward_seconds, **{f"importance_{k}": v for k, v in imp.seconds.items()},
-               "slicing": slicing_seconds, "report": report_seconds}
+    return plans, time.perf_counter() - t0
+
+
+def build_report(cfg: PruneConfig, family: str, cal: Calibration, pruned: Pruned, plans: dict,
+                 report_seconds: float) -> dict:
+    """``prune_report.json``: the plans compared, the chosen plan, the importance scores and what each step
+    cost."""
+    imp = cal.imp
+    seconds = {"forward": cal.forward_seconds, **{f"importance_{k}": v for k, v in imp.seconds.items()},
+               "slicing": pruned.seconds, "report": report_seconds}
     seconds["importance_and_slicing"] = sum(v for k, v in seconds.items() if k.startswith("importance_")) + \
-        slicing_seconds
-    report = {
+        pruned.seconds
+    return {
         "model": cfg.model.path or f"{family} from config (seed {cfg.model.seed})",
         "family": family,
-        "calibration": {"examples": n_examples, "tokens": n_tokens, "source": cfg.data.source},
+        "calibration": {"examples": cal.examples, "tokens": cal.tokens, "source": cfg.data.source},
         "plans": plans,
-        "plan": plan.to_json(),
+        "plan": pruned.plan.to_json(),
         "gqa": "whole KV groups ranked and kept; the same number of query heads kept in every kept group",
         "aggregation": "per unit: activation magnitude per position, mean over the sequence, L2 over sequences",
-        "layer_importance": {"metric": metric, "loss_increase": None if imp.layer_loss is None
+        "layer_importance": {"metric": pruned.metric, "loss_increase": None if imp.layer_loss is None
                              else imp.layer_loss.tolist(), "cosine_distance": imp.layer_cosine.tolist(),
                              "spearman": None if imp.layer_loss is None
                              else spearman(imp.layer_loss, imp.layer_cosine)},
@@ -183,14 +241,16 @@ def main(cfg: PruneConfig) -> dict:
         "seconds": seconds,
     }
 
-    # 6. Write (complete or absent). ---------------------------------------------------------------------
+
+def write_output(out: Path, cfg: PruneConfig, model, tokenizer, report: dict) -> None:
+    """Step 6: ``out``, complete or absent: the pruned model, its config and the report (written last), under a
+    temporary name, then renamed."""
     tmp = ckpt.tmp_dir_for(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    save_pretrained(pruned, tokenizer, tmp)
+    save_pretrained(model, tokenizer, tmp)
     dump_config(cfg, tmp / "distill_prune_config.yaml")
     ckpt.atomic_write_text(tmp / "prune_report.md", report_markdown(report))
     ckpt.atomic_write_json(tmp / REPORT, report)  # written last: marks the output complete
     ckpt.commit_dir(tmp, out)
     logger.info("pruned model written to %s\n%s", out, report_markdown(report))
-    return report

@@ -336,11 +336,23 @@ class TokenizeRequest(Strict):
 
 
 def build_app(engine: Engine, api_key: str | None = None):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    """The FastAPI app of ``distill serve`` on ``engine``: errors in OpenAI's shape, the API key check (when
+    ``api_key`` is set), the endpoints."""
+    from fastapi import FastAPI
 
     app = FastAPI(title="distill serve", version="1")
+    _add_error_handlers(app)
+    _add_auth(app, api_key)
+    _add_routes(app, engine)
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every error as OpenAI's error object: ours (:class:`ServeError`), an invalid request (400) and a crash
+    (500, logged with its traceback)."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(ServeError)
     async def _serve_error(_: Request, exc: ServeError):
@@ -360,6 +372,12 @@ def build_app(engine: Engine, api_key: str | None = None):
         return JSONResponse(ServeError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(),
                             status_code=500)
 
+
+def _add_auth(app, api_key: str | None) -> None:
+    """With an ``api_key``, every path but ``/health`` needs ``Authorization: Bearer <key>`` (else 401)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+
     @app.middleware("http")
     async def _auth(request: Request, call_next):
         if api_key is not None and request.url.path != "/health":
@@ -369,8 +387,9 @@ def build_app(engine: Engine, api_key: str | None = None):
                 return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
-    async def run(job: _Job):
-        return await asyncio.wrap_future(engine.submit(job))
+
+def _add_routes(app, engine: Engine) -> None:
+    """The endpoints (the module docstring lists them)."""
 
     @app.get("/health")
     async def health():
@@ -385,115 +404,167 @@ def build_app(engine: Engine, api_key: str | None = None):
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        _check_model(engine, req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise ServeError(400, "give exactly one of prompt or messages", "prompt")
-        if req.messages is not None:
-            text = engine.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
-                                                        add_generation_prompt=True)
-            ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
-        return {"count": len(ids), "max_model_len": engine.max_len, "tokens": list(ids)}
+        return _tokenize(engine, req)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        _check_model(engine, req.model)
-        k_prompt = _check_logprobs(engine, req.prompt_logprobs, "prompt_logprobs")
-        k_gen = _check_logprobs(engine, req.logprobs, "logprobs")
-        prompts = _prompts(engine, req.prompt)
-        for ids in prompts:
-            _check_length(engine, ids, req.max_tokens)
-        want_prompt_lp = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
-        scored = None
-        if want_prompt_lp:
-            scored = await run(_Job("score", prompts, k=max(k_prompt, k_gen), temperature=req.temperature or 1.0))
-        gens: list[list[dict]] = [[{"tokens": [], "finished": False, "logprobs": []}] * req.n for _ in prompts]
-        if req.max_tokens > 0:
-            eos = [] if req.ignore_eos or engine.tokenizer.eos_token_id is None else [engine.tokenizer.eos_token_id]
-            params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
-                                    max_new_tokens=req.max_tokens, stop_ids=tuple(sorted({*eos, *req.stop_token_ids})))
-            base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
-            rows = [p for p in prompts for _ in range(req.n)]
-            seeds = [row_seed(base, j) for _ in prompts for j in range(req.n)]
-            flat = await run(_Job("generate", rows, params=params, seeds=seeds))
-            gens = [flat[i * req.n : (i + 1) * req.n] for i in range(len(prompts))]
-        gen_scored = None
-        if k_gen and req.max_tokens > 0:  # top alternatives at the written positions: one teacher-forced pass
-            full = [p + g["tokens"] for p, row in zip(prompts, gens, strict=True) for g in row]
-            gen_scored = await run(_Job("score", full, k=k_gen, temperature=req.temperature or 1.0))
-        choices, completion_tokens = [], 0
-        for i, ids in enumerate(prompts):
-            for j, g in enumerate(gens[i]):
-                toks = g["tokens"]
-                completion_tokens += len(toks)
-                text_ids = toks[:-1] if g["finished"] else toks
-                text = engine.tokenizer.decode(text_ids, skip_special_tokens=False)
-                choice: dict[str, Any] = {"index": i * req.n + j, "text": text, "logprobs": None,
-                                          "finish_reason": "stop" if g["finished"] else "length"}
-                if req.echo:
-                    choice["text"] = engine.tokenizer.decode(ids, skip_special_tokens=False) + text
-                if req.logprobs is not None:
-                    choice["logprobs"] = _completion_logprobs(
-                        engine, ids if req.echo else [], scored[i] if req.echo else None, toks,
-                        gen_scored[i * req.n + j][len(ids):] if gen_scored else [{}] * len(toks), g["logprobs"],
-                        k_gen, req.return_tokens_as_token_ids)
-                if req.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = _trim(scored[i], ids, k_prompt)
-                choice["prompt_token_ids"] = ids
-                choices.append(choice)
-        prompt_tokens = sum(len(p) for p in prompts)
-        return _json({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": engine.name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}})
+        return await _completions(engine, req)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        _check_model(engine, req.model)
-        if engine.tokenizer.chat_template is None:
-            raise ServeError(400, f"the tokenizer of `{engine.name}` has no chat template; use /v1/completions",
-                             "messages")
-        k = _check_logprobs(engine, req.top_logprobs, "top_logprobs") if req.logprobs else 0
-        text = engine.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], tokenize=False,
-                                                    add_generation_prompt=True)
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, min(1024, engine.max_len - len(ids)))
-        _check_length(engine, ids, max_tokens)
-        eos = engine.tokenizer.eos_token_id
-        params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
-                                stop_ids=(eos,) if eos is not None else ())
-        base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
-        gens = await run(_Job("generate", [ids] * req.n, params=params, seeds=[row_seed(base, j) for j in range(req.n)]))
-        scored = None
-        if req.logprobs:
-            scored = await run(_Job("score", [ids + g["tokens"] for g in gens], k=k, temperature=1.0))
-        choices, completion_tokens = [], 0
-        for j, g in enumerate(gens):
-            toks = g["tokens"]
-            completion_tokens += len(toks)
-            text_ids = toks[:-1] if g["finished"] else toks
-            choice: dict[str, Any] = {"index": j, "finish_reason": "stop" if g["finished"] else "length",
-                                      "message": {"role": "assistant",
-                                                  "content": engine.tokenizer.decode(text_ids, skip_special_tokens=True)},
-                                      "logprobs": None}
-            if req.logprobs:
-                content = []
-                for pos, tid in enumerate(toks):
-                    entry = scored[j][len(ids) + pos] or {}
-                    tops = sorted(((t, v) for t, v in entry.items() if v["rank"] <= k), key=lambda x: x[1]["rank"])
-                    tok = engine.tokenizer.decode([tid])
-                    content.append({"token": tok, "logprob": g["logprobs"][pos], "bytes": list(tok.encode()),
-                                    "top_logprobs": [{"token": v["decoded_token"], "logprob": v["logprob"],
-                                                      "bytes": list(v["decoded_token"].encode())} for _, v in tops]})
-                choice["logprobs"] = {"content": content}
-            choices.append(choice)
-        return _json({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": engine.name, "choices": choices,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                          "total_tokens": len(ids) + completion_tokens}})
+        return await _chat(engine, req)
 
-    return app
+
+async def _run(engine: Engine, job: _Job):
+    """The job's result, once the engine's batch that holds it ran."""
+    return await asyncio.wrap_future(engine.submit(job))
+
+
+def _chat_ids(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+    """The token ids of ``messages`` in the tokenizer's chat template, ready for the assistant's answer."""
+    text = engine.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
+                                                add_generation_prompt=True)
+    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _tokenize(engine: Engine, req: TokenizeRequest) -> dict:
+    """``POST /tokenize``: a prompt's or chat's token ids."""
+    _check_model(engine, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise ServeError(400, "give exactly one of prompt or messages", "prompt")
+    if req.messages is not None:
+        ids = _chat_ids(engine, req.messages)
+    else:
+        ids = engine.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]
+    return {"count": len(ids), "max_model_len": engine.max_len, "tokens": list(ids)}
+
+
+async def _completions(engine: Engine, req: CompletionRequest):
+    """``POST /v1/completions``: the prompts scored (``prompt_logprobs``, or ``echo`` with ``logprobs``), ``n``
+    completions of each (none with ``max_tokens`` 0), and their top alternatives (``logprobs``) from one
+    teacher-forced pass."""
+    _check_model(engine, req.model)
+    k_prompt = _check_logprobs(engine, req.prompt_logprobs, "prompt_logprobs")
+    k_gen = _check_logprobs(engine, req.logprobs, "logprobs")
+    prompts = _prompts(engine, req.prompt)
+    for ids in prompts:
+        _check_length(engine, ids, req.max_tokens)
+    want_prompt_lp = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
+    scored = None
+    if want_prompt_lp:
+        scored = await _run(engine, _Job("score", prompts, k=max(k_prompt, k_gen), temperature=req.temperature or 1.0))
+    gens = await _generate_completions(engine, req, prompts)
+    gen_scored = None
+    if k_gen and req.max_tokens > 0:  # top alternatives at the written positions: one teacher-forced pass
+        full = [p + g["tokens"] for p, row in zip(prompts, gens, strict=True) for g in row]
+        gen_scored = await _run(engine, _Job("score", full, k=k_gen, temperature=req.temperature or 1.0))
+    choices, completion_tokens = [], 0
+    for i, ids in enumerate(prompts):
+        for j, g in enumerate(gens[i]):
+            completion_tokens += len(g["tokens"])
+            choices.append(_completion_choice(engine, req, i * req.n + j, ids, g,
+                                              scored[i] if scored is not None else None,
+                                              gen_scored[i * req.n + j] if gen_scored else None, k_prompt, k_gen))
+    prompt_tokens = sum(len(p) for p in prompts)
+    return _json({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": engine.name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}})
+
+
+async def _generate_completions(engine: Engine, req: CompletionRequest, prompts: list[list[int]]) -> list[list[dict]]:
+    """``req.n`` completions of each prompt (empty ones when ``max_tokens`` is 0), each row with its own seed
+    from the request's ``seed`` (or a random one)."""
+    if req.max_tokens <= 0:
+        return [[{"tokens": [], "finished": False, "logprobs": []}] * req.n for _ in prompts]
+    eos = [] if req.ignore_eos or engine.tokenizer.eos_token_id is None else [engine.tokenizer.eos_token_id]
+    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+                            max_new_tokens=req.max_tokens, stop_ids=tuple(sorted({*eos, *req.stop_token_ids})))
+    base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
+    rows = [p for p in prompts for _ in range(req.n)]
+    seeds = [row_seed(base, j) for _ in prompts for j in range(req.n)]
+    flat = await _run(engine, _Job("generate", rows, params=params, seeds=seeds))
+    return [flat[i * req.n : (i + 1) * req.n] for i in range(len(prompts))]
+
+
+def _completion_choice(engine: Engine, req: CompletionRequest, index: int, ids: list[int], g: dict,
+                       prompt_scored: list | None, gen_scored: list | None, k_prompt: int, k_gen: int) -> dict:
+    """One completion choice: its text (the prompt's first with ``echo``; the stop token left out), why it
+    ended, its ``logprobs`` and ``prompt_logprobs`` when asked for. ``prompt_scored``: the prompt's scored
+    positions; ``gen_scored``: the prompt + completion's, when the top alternatives were asked for."""
+    toks = g["tokens"]
+    text_ids = toks[:-1] if g["finished"] else toks
+    text = engine.tokenizer.decode(text_ids, skip_special_tokens=False)
+    choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None,
+                              "finish_reason": "stop" if g["finished"] else "length"}
+    if req.echo:
+        choice["text"] = engine.tokenizer.decode(ids, skip_special_tokens=False) + text
+    if req.logprobs is not None:
+        choice["logprobs"] = _completion_logprobs(
+            engine, ids if req.echo else [], prompt_scored if req.echo else None, toks,
+            gen_scored[len(ids):] if gen_scored is not None else [{}] * len(toks), g["logprobs"],
+            k_gen, req.return_tokens_as_token_ids)
+    if req.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = _trim(prompt_scored, ids, k_prompt)
+    choice["prompt_token_ids"] = ids
+    return choice
+
+
+async def _chat(engine: Engine, req: ChatRequest):
+    """``POST /v1/chat/completions``: ``n`` answers to the messages in the tokenizer's chat template, with the
+    top alternatives at each written position (``logprobs``) from one teacher-forced pass."""
+    _check_model(engine, req.model)
+    if engine.tokenizer.chat_template is None:
+        raise ServeError(400, f"the tokenizer of `{engine.name}` has no chat template; use /v1/completions",
+                         "messages")
+    k = _check_logprobs(engine, req.top_logprobs, "top_logprobs") if req.logprobs else 0
+    ids = _chat_ids(engine, req.messages)
+    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, min(1024, engine.max_len - len(ids)))
+    _check_length(engine, ids, max_tokens)
+    eos = engine.tokenizer.eos_token_id
+    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
+                            stop_ids=(eos,) if eos is not None else ())
+    base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
+    gens = await _run(engine, _Job("generate", [ids] * req.n, params=params,
+                                   seeds=[row_seed(base, j) for j in range(req.n)]))
+    scored = None
+    if req.logprobs:
+        scored = await _run(engine, _Job("score", [ids + g["tokens"] for g in gens], k=k, temperature=1.0))
+    choices, completion_tokens = [], 0
+    for j, g in enumerate(gens):
+        completion_tokens += len(g["tokens"])
+        choices.append(_chat_choice(engine, j, g, scored[j][len(ids):] if scored is not None else None, k))
+    return _json({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": engine.name, "choices": choices,
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                      "total_tokens": len(ids) + completion_tokens}})
+
+
+def _chat_choice(engine: Engine, index: int, g: dict, entries: list | None, k: int) -> dict:
+    """One chat choice: the assistant's message (the stop token left out), why it ended, and with ``entries``
+    (the scored positions of the answer) its ``logprobs`` content."""
+    toks = g["tokens"]
+    text_ids = toks[:-1] if g["finished"] else toks
+    choice: dict[str, Any] = {"index": index, "finish_reason": "stop" if g["finished"] else "length",
+                              "message": {"role": "assistant",
+                                          "content": engine.tokenizer.decode(text_ids, skip_special_tokens=True)},
+                              "logprobs": None}
+    if entries is not None:
+        choice["logprobs"] = {"content": _chat_logprobs(engine, toks, entries, g["logprobs"], k)}
+    return choice
+
+
+def _chat_logprobs(engine: Engine, toks: list[int], entries: list, lps: list[float], k: int) -> list[dict]:
+    """OpenAI's chat ``logprobs.content``: per written token its log-prob and its top ``k`` alternatives."""
+    content = []
+    for pos, tid in enumerate(toks):
+        entry = entries[pos] or {}
+        tops = sorted(((t, v) for t, v in entry.items() if v["rank"] <= k), key=lambda x: x[1]["rank"])
+        tok = engine.tokenizer.decode([tid])
+        content.append({"token": tok, "logprob": lps[pos], "bytes": list(tok.encode()),
+                        "top_logprobs": [{"token": v["decoded_token"], "logprob": v["logprob"],
+                                          "bytes": list(v["decoded_token"].encode())} for _, v in tops]})
+    return content
 
 
 def _json(body: dict):

@@ -127,3 +127,47 @@ def test_the_training_run_does_not_branch_on_the_teacher_kind():
     source = (SRC / "training.py").read_text() + (SRC / "commands" / "train.py").read_text()
     for pattern in ("TeacherCacheSpec", "CachedTeacher", "LiveTeacher", "cache is not None", "TeacherCache("):
         assert pattern not in source, pattern
+
+
+# A function a reader must hold whole stays short: at most this many lines from its `def` to its last line, its
+# docstring left out (a nested function counts in its own line and in its parent's).
+MAX_FUNCTION_LINES = 80
+# Longer ones, each with why; at most two, and an entry goes as soon as its function is short.
+LONG_FUNCTIONS_ALLOWED = {
+    "distill.training._train": "being split",
+}
+
+
+def _function_lengths(sources: dict[str, ast.Module]) -> dict[str, int]:
+    """``module.qualname`` -> lines of every function and method in ``sources``, its docstring left out."""
+    lengths = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}.{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    doc = child.body[0] if child.body and ast.get_docstring(child, clean=False) is not None else None
+                    skip = doc.end_lineno - doc.lineno + 1 if doc is not None else 0
+                    lengths[name] = child.end_lineno - child.lineno + 1 - skip
+                visit(child, name)
+            else:
+                visit(child, prefix)
+
+    for mod, tree in sources.items():
+        visit(tree, mod)
+    return lengths
+
+
+def test_no_function_is_longer_than_a_reader_can_hold():
+    probe = ast.parse('class C:\n    @staticmethod\n    def f():\n        """A docstring\n        on two lines."""\n'
+                      '        def g():\n            return 1\n\n        return g\n')
+    assert _function_lengths({"m": probe}) == {"m.C.f": 5, "m.C.f.g": 2}
+    lengths = _function_lengths(_sources())
+    assert len(LONG_FUNCTIONS_ALLOWED) <= 2, "split a function instead of allowing another long one"
+    long = {name: n for name, n in lengths.items() if n > MAX_FUNCTION_LINES}
+    over = sorted(f"{name}: {n} lines" for name, n in long.items() if name not in LONG_FUNCTIONS_ALLOWED)
+    assert not over, (f"functions over {MAX_FUNCTION_LINES} lines (docstring left out): split them into named "
+                      "steps:\n" + "\n".join(over))
+    stale = sorted(name for name in LONG_FUNCTIONS_ALLOWED if name not in long)
+    assert not stale, f"short now (or gone): remove from LONG_FUNCTIONS_ALLOWED: {stale}"

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO / "src"))
 from distill.cache import capture, codec, reader  # noqa: E402
 from distill.cache.capture import Capturer, build_manifest, capture_split  # noqa: E402
 from distill.data import collate  # noqa: E402
+from distill.engines import LocalEngine  # noqa: E402
 from distill.losses import chunked_kd_loss  # noqa: E402
 from distill.models import final_hidden, flat_positions, output_head  # noqa: E402
 
@@ -226,8 +227,7 @@ def main() -> None:
             out = Path(tmp) / f"{mode}-{value}"
             out.mkdir()
             cap = Capturer(
-                teacher,
-                output_head(teacher, vocab),
+                LocalEngine(teacher, vocab_size=vocab),
                 params,
                 temperature=1.0,
                 seed=0,

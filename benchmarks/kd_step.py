@@ -7,7 +7,7 @@ robin so that drift hits every variant alike:
 * ``ce``: a plain cross-entropy step of the student (forward, chunked CE, backward, AdamW step);
 * ``teacher_forward``: a no-grad forward of the teacher (its logits included);
 * ``live``: a KD step from the live teacher (forward KL, alpha = 0): ``train.kd_step_loss`` with a
-  :class:`distill.teachers.LiveTeacher`, backward, AdamW step;
+  teacher over a :class:`distill.engines.LocalEngine`, backward, AdamW step;
 * ``topk_tail``: a KD step from a top-k + tail cache (k = 64, ``distill cache``), through
   :class:`distill.teachers.CachedTeacher` (reading, checking and decoding the targets included);
 * ``sampled``: the same from a sampled cache (N = 50).
@@ -44,8 +44,10 @@ from distill.commands import cache as cache_recipe  # noqa: E402
 from distill.commands.quickstart import PRESETS, get_teacher, write_corpus  # noqa: E402
 from distill.config import CacheConfig, DataConfig, LossConfig, ModelSpec, TeacherCacheSpec  # noqa: E402
 from distill.data import build_datasets, collate  # noqa: E402
+from distill.engines import LocalEngine  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
-from distill.teachers import CachedTeacher, LiveTeacher  # noqa: E402
+from distill.teachers.cached import CachedTeacher  # noqa: E402
+from distill.teachers.engine import EngineTeacher  # noqa: E402
 from distill.training import kd_step_loss  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/kd_step.json
@@ -123,7 +125,7 @@ def main(argv=None) -> dict:
 def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
             warmup: int) -> dict:
     vocab = len(tokenizer)
-    teacher = LiveTeacher(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), vocab)
+    teacher = EngineTeacher(LocalEngine(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), vocab_size=vocab), "live")
     students = {}
     for name in ("ce", "live", "topk_tail", "sampled"):  # one student (same init) and optimizer per variant
         model = load_model(ModelSpec(config=preset.student, tokenizer=str(teacher_dir), seed=0), "student", tokenizer)

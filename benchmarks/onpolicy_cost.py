@@ -40,12 +40,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from distill import training  # noqa: E402
 from distill.checkpoint import atomic_write_json  # noqa: E402
-from distill.config import ModelSpec  # noqa: E402
+from distill.config import GkdBatches, ModelSpec  # noqa: E402
+from distill.engines import LocalEngine  # noqa: E402
 from distill.generation.sampling import SamplingParams, row_seed, sample  # noqa: E402
 from distill.losses import IGNORE_INDEX  # noqa: E402
 from distill.models import load_model, load_tokenizer, output_head  # noqa: E402
 from distill.tasks import arithmetic  # noqa: E402
-from distill.teachers import LiveTeacher  # noqa: E402
+from distill.teachers.engine import EngineTeacher  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/onpolicy_cost.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "onpolicy_cost.json"
@@ -91,9 +92,8 @@ def main(argv=None) -> dict:
         cfg = cfg.model_copy(update={
             "teacher": ModelSpec(path=str(teacher_dir)),
             "loss": cfg.loss.model_copy(update={"divergence": "jsd", "beta": 0.5, "alpha": 0.0}),
-            "train": cfg.train.model_copy(update={"batches": "gkd"}),
-            "onpolicy": cfg.onpolicy.model_copy(update={"student_fraction": 1.0, "temperature": 1.0,
-                                                         "max_new_tokens": answer_tokens}),
+            "train": cfg.train.model_copy(update={"batches": GkdBatches(student_fraction=1.0, temperature=1.0,
+                                                                          max_new_tokens=answer_tokens)}),
             "log": cfg.log.model_copy(update={"every": 1}),
         })
         c0 = time.process_time()
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     # 2. The parts, apart, on the run's final student and the same teacher.
     tok = load_tokenizer(ModelSpec(path=str(run_dir / "student")), "student")
     student = load_model(ModelSpec(path=str(run_dir / "student")), "student")
-    teacher = LiveTeacher(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), len(tok))
+    teacher = EngineTeacher(LocalEngine(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), tok), "live")
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6)
     problems = arithmetic.read_problems(data_dir / "train.jsonl")[: preset.batch_size]
     prompts = [[tok.bos_token_id] + tok(pr.prompt, add_special_tokens=False)["input_ids"] for pr in problems]

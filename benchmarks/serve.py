@@ -6,7 +6,7 @@ batches of 16 sequences of 256 tokens, top_k = 20:
 
 * ``in_process``: what a live teacher costs for the same information: the forward (final hidden states),
   the output layer, the log-softmax and the top-20 + realized token per position;
-* ``server``: :class:`distill.teachers.ServerTeacher`'s signal for the same batch (requests to a
+* ``server``: a server teacher's signal for the same batch (requests to a
   ``distill serve`` subprocess on 127.0.0.1: JSON encoding, HTTP, parsing included), with 1, 4 and 16
   requests in flight (``max_in_flight``; the server batches concurrent requests on the model).
 
@@ -42,9 +42,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from distill.checkpoint import atomic_write_json  # noqa: E402
 from distill.config import ModelSpec, ServerTeacherSpec  # noqa: E402
+from distill.engines import open_engine  # noqa: E402
 from distill.losses import LossSpec  # noqa: E402
 from distill.models import final_hidden, load_model, load_tokenizer, output_head  # noqa: E402
-from distill.teachers import ServerTeacher  # noqa: E402
+from distill.teachers.engine import EngineTeacher  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/serve.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "serve.json"
@@ -119,16 +120,16 @@ def measure(teacher_dir: Path, args, reps: int) -> dict:
             results["in_process"].append(time.perf_counter() - t0)
         for flight in (1, 4, 16):
             spec = ServerTeacherSpec(server=url, top_k=args.top_k, max_in_flight=flight, check_tokenizer=False)
-            teacher = ServerTeacher(spec, tokenizer, LossSpec())
+            teacher = EngineTeacher(open_engine(spec, tokenizer, temperature=LossSpec().temperature), "server")
             teacher.signal(batch)
             key = f"server_in_flight_{flight}"
             results[key] = []
-            start_bytes = teacher.client.received_bytes
+            start_bytes = teacher.engine.client.received_bytes
             for _ in range(reps):
                 t0 = time.perf_counter()
                 teacher.signal(batch)
                 results[key].append(time.perf_counter() - t0)
-            bytes_per_token = (teacher.client.received_bytes - start_bytes) / (reps * tokens)
+            bytes_per_token = (teacher.engine.client.received_bytes - start_bytes) / (reps * tokens)
         record = {
             "batch": args.batch, "seq_len": args.seq_len, "top_k": args.top_k, "vocab": len(tokenizer),
             "parameters": sum(p.numel() for p in model.parameters()),

@@ -15,7 +15,8 @@ LAYERS = [
     ("distill.tokenizer", "distill.models", "distill.data"),
     ("distill.sharding", "distill.lora", "distill.cache", "distill.generation", "distill.server", "distill.evaluation",
      "distill.pruning"),
-    ("distill.teachers", "distill.onpolicy"),
+    ("distill.engines",),
+    ("distill.teachers", "distill.onpolicy", "distill.training_hooks"),
     ("distill.training",),
     ("distill.commands", "distill.tasks"),
     ("distill.cli", "distill.__main__"),
@@ -121,6 +122,55 @@ def test_the_lowest_layers_import_nothing_above_them():
     assert all(t.startswith("distill.losses.") for d in losses.values() for t in d), losses
     assert deps["distill.losses.chunked"] <= {"distill.losses.divergences"}
     assert not any("distill.cli" in d for m, d in deps.items() if m not in ("distill.__main__", "distill.cli"))
+
+
+# Where a teacher kind may be named: the teachers themselves, the engines they run on, and their config specs.
+KIND_HOMES = ("distill.teachers", "distill.engines", "distill.config")
+KIND_TAGS = {"live", "cache", "server", "mixture", "teachers", "self", "peers", "student_base"}
+# Teacher classes of earlier layouts, refused by name too.
+OLD_TEACHER_CLASSES = {"LiveTeacher", "ServerTeacher", "SelfTeacher", "StudentBaseTeacher", "LiveCorrector",
+                       "ServerCorrector", "ServerCapturer", "LocalSampler", "ServerSampler"}
+
+
+def _teacher_kind_names() -> set[str]:
+    """The names that stand for one teacher kind: what teachers/ modules define beyond the package's public
+    protocol (``distill.teachers.__all__``), and the teacher specs of config.py (not ``ModelSpec``: the student's
+    too)."""
+    sources = _sources()
+    public = set(next(ast.literal_eval(n.value) for n in sources["distill.teachers"].body
+                      if isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "__all__" for t in n.targets)))
+    defined = {n.name for mod, tree in sources.items() if mod.startswith("distill.teachers.")
+               for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not n.name.startswith("_")}
+    specs = {n.name for n in sources["distill.config"].body if isinstance(n, ast.ClassDef)
+             and (n.name.endswith("TeacherSpec") or n.name in ("TeacherCacheSpec", "ModelMember", "CacheMember",
+                                                             "ServerMember"))}
+    return (defined - public) | specs | OLD_TEACHER_CLASSES
+
+
+def test_only_teachers_engines_and_config_name_a_teacher_kind():
+    """Outside teachers/, engines/ and config.py, code asks a teacher or an engine what it can do; it never names a
+    kind: not by class (CachedTeacher), not by spec type (ServerTeacherSpec, in an isinstance check or anywhere),
+    not by kind string (``teacher.kind == "live"``)."""
+    names = _teacher_kind_names()
+    assert {"CachedTeacher", "MixtureTeacher", "EngineTeacher", "ServerTeacherSpec", "TeacherCacheSpec"} <= names
+    found = []
+    for mod, tree in _sources().items():
+        if mod.startswith(KIND_HOMES):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and node.id in names or isinstance(node, ast.Attribute) and node.attr in names:
+                found.append(f"{mod}, line {node.lineno}: {ast.unparse(node)}")
+            elif isinstance(node, ast.alias) and node.name in names:
+                found.append(f"{mod}: imports {node.name}")
+            elif isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                tags = {c.value for side in sides for c in ast.walk(side)
+                        if isinstance(c, ast.Constant) and isinstance(c.value, str)} & KIND_TAGS
+                kind = any(isinstance(c, ast.Attribute) and c.attr == "kind" or isinstance(c, ast.Name)
+                           and "kind" in c.id for side in sides for c in ast.walk(side))
+                if tags and kind:
+                    found.append(f"{mod}, line {node.lineno}: {ast.unparse(node)}")
+    assert not found, "a teacher kind named outside teachers/, engines/ and config.py:\n" + "\n".join(sorted(found))
 
 
 def test_the_training_run_does_not_branch_on_the_teacher_kind():

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from distill import training
 from distill.config import ConfigError, TrainConfig, load_config
-from distill.generation.correction import LiveCorrector, corrected_sample
+from distill.engines.local import Correction
+from distill.generation.correction import corrected_sample
 from distill.generation.sampling import SamplingParams, row_seed, sample
 from distill.losses import LossSpec, SparseTarget, kd_loss_per_token, token_divergence
 
@@ -135,7 +136,7 @@ def test_skd_with_k_equal_to_the_vocabulary_never_replaces():
     student, teacher = tiny_lm(0, 32, init=0.05), tiny_lm(1, 48)
     params = SamplingParams(temperature=1.0, max_new_tokens=8, stop_ids=(1,))
     seeds = [row_seed(3, i) for i in range(len(PROMPTS))]
-    gen, replaced, proposed = corrected_sample(student, LiveCorrector(teacher, 1.0), PROMPTS, params, 40,
+    gen, replaced, proposed = corrected_sample(student, Correction(teacher, 1.0), PROMPTS, params, 40,
                                                pad_id=0, seeds=seeds)
     assert replaced == 0 and proposed > 0
     alone = sample(student, PROMPTS, params, pad_id=0, seeds=[row_seed(s, "student") for s in seeds])
@@ -145,7 +146,7 @@ def test_skd_with_k_equal_to_the_vocabulary_never_replaces():
 def test_skd_with_k_one_and_an_argmax_teacher_is_the_teachers_greedy_continuation():
     student, teacher = tiny_lm(0, 32, init=0.05), tiny_lm(1, 48)
     params = SamplingParams(temperature=1.0, max_new_tokens=8, stop_ids=(1,))
-    gen, replaced, proposed = corrected_sample(student, LiveCorrector(teacher, 0.0), PROMPTS, params, 1, pad_id=0,
+    gen, replaced, proposed = corrected_sample(student, Correction(teacher, 0.0), PROMPTS, params, 1, pad_id=0,
                                                seeds=[row_seed(4, i) for i in range(len(PROMPTS))])
     greedy = sample(teacher, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=8, stop_ids=(1,)), pad_id=0)
     assert gen.completions() == greedy.completions()

@@ -12,8 +12,8 @@ from conftest import REPO, crash_after_checkpoint, kill_train_then_resume
 from safetensors.torch import load_file
 
 from distill import training
-from distill.config import SelfTeacherSpec, TrainConfig, load_config
-from distill.teachers import SelfTeacher
+from distill.config import TrainConfig, load_config
+from distill.training_hooks import SelfDistillHook
 
 SELF = REPO / "configs" / "tiny" / "self_distill.yaml"
 
@@ -33,10 +33,8 @@ def _student(out: Path) -> dict:
 def test_ema_and_snapshot_teachers_follow_the_student():
     torch.manual_seed(0)
     student = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    student.config = None
-    student.get_output_embeddings = lambda: student[1]
-    ema = SelfTeacher(SelfTeacherSpec(self="ema", decay=0.8), student, 2)
-    snap = SelfTeacher(SelfTeacherSpec(self="snapshot", every=3), student, 2)
+    ema = SelfDistillHook(student, "ema", decay=0.8, every=None, start=0)
+    snap = SelfDistillHook(student, "snapshot", decay=0.999, every=3, start=0)
     want = [p.detach().clone() for p in student.parameters()]
     history = []
     for step in range(1, 8):
@@ -45,8 +43,8 @@ def test_ema_and_snapshot_teachers_follow_the_student():
                 p.add_(torch.randn_like(p))
         history.append([p.detach().clone() for p in student.parameters()])
         want = [0.8 * w + 0.2 * p for w, p in zip(want, history[-1], strict=True)]
-        ema.follow(student, step)
-        snap.follow(student, step)
+        ema.after_step(student, step)
+        snap.after_step(student, step)
         for got, w in zip(ema.model.parameters(), want, strict=True):
             torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6)
         assert snap.active == (step >= 3)
@@ -54,7 +52,7 @@ def test_ema_and_snapshot_teachers_follow_the_student():
             frozen = history[(step // 3) * 3 - 1]
             assert all(torch.equal(a, b) for a, b in zip(snap.model.parameters(), frozen, strict=True))
     # what a checkpoint keeps restores the teacher exactly
-    again = SelfTeacher(SelfTeacherSpec(self="snapshot", every=3), student, 2)
+    again = SelfDistillHook(student, "snapshot", decay=0.999, every=3, start=0)
     assert not again.active
     again.load_state_dict(snap.state_dict())
     assert again.active and again.step == 7

@@ -29,9 +29,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill import training
 from distill.config import ConfigError, TrainConfig, load_config
 from distill.data import build_datasets, collate
+from distill.engines import LocalEngine
 from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
 from distill.models import load_model, output_head
-from distill.teachers import LiveTeacher
+from distill.teachers.engine import EngineTeacher
 from distill.tokenizer import byte_tokenizer
 
 
@@ -390,7 +391,7 @@ def kl_to_live_teacher(model, cfg: TrainConfig) -> float:
     """KL(teacher || model) on the eval split, measured against the live teacher of configs/tiny/train.yaml."""
     full = load_config(TrainConfig, TINY_TRAIN, [*SMALL_DATA, *SHARP_TEACHER])
     tok = byte_tokenizer()
-    teacher = LiveTeacher(load_model(full.teacher, "teacher", tok), len(tok))
+    teacher = EngineTeacher(LocalEngine(load_model(full.teacher, "teacher", tok), tok), "live")
     _, eval_ds = build_datasets(cfg.data, tok)
     batches = [collate([eval_ds[i] for i in range(j, min(j + 8, len(eval_ds)))], tok.pad_token_id)
                for j in range(0, len(eval_ds), 8)]

@@ -663,6 +663,13 @@ def _teacher_kind(value: Any) -> str:
     return "live"
 
 
+def shares_student(spec: Any) -> str | None:
+    """The tag of a teacher built on the weights of the student being trained (self-distillation follows them, a
+    LoRA student's base is them), or None."""
+    kind = _teacher_kind(spec) if spec is not None else None
+    return kind if kind in ("self", "student_base") else None
+
+
 # A live model, a cache, a server, several teachers, the student itself or its peers; the discriminator keeps errors to
 # the branch that was meant.
 TeacherSpec = Annotated[

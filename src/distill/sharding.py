@@ -42,7 +42,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from distill.config import SelfTeacherSpec, StudentBaseTeacherSpec, TrainConfig
+from distill.config import TrainConfig, shares_student
 
 __all__ = ["check_supported", "enable_cpu_fsdp", "fsdp_requested", "full_weight", "gathered_output_layer",
            "is_sharded", "shard_for_inference"]
@@ -59,7 +59,7 @@ def deepspeed_requested() -> bool:
 def check_supported(cfg: TrainConfig) -> None:
     """Refuse the sharded setups that do not work, before any model is loaded."""
     lora = cfg.student.lora is not None
-    teacher_kind = {SelfTeacherSpec: "self", StudentBaseTeacherSpec: "student_base"}.get(type(cfg.teacher))
+    on_student = shares_student(cfg.teacher)  # a teacher on the student's own weights, or None
     if deepspeed_requested():
         raise ValueError(
             "DeepSpeed (accelerate launch with a deepspeed config) is not supported by distill train: its "
@@ -70,8 +70,8 @@ def check_supported(cfg: TrainConfig) -> None:
         if lora:
             raise ValueError("student.lora with FSDP is not supported yet (untested); run LoRA students with "
                              "data parallelism (accelerate launch --multi_gpu) or without student.lora")
-        if teacher_kind in ("self", "student_base"):
-            raise ValueError(f"a {teacher_kind} teacher with FSDP is not supported yet: it shares or follows the "
+        if on_student:
+            raise ValueError(f"a {on_student} teacher with FSDP is not supported yet: it shares or follows the "
                              "student's sharded weights; use a live, cached or server teacher")
 
 

@@ -46,6 +46,7 @@ from distill import checkpoint as ckpt
 from distill import lora, sharding
 from distill.config import LossConfig, OptimConfig, TrainConfig, TrainLoopConfig, dump_config
 from distill.data import build_datasets, collate
+from distill.engines import layer_states
 from distill.errors import NonFiniteLossError
 from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
 from distill.losses import IGNORE_INDEX, LinearHead, chunked_kd_loss, naive_kd_loss, reduce_loss
@@ -65,7 +66,7 @@ from distill.models import (
 from distill.onpolicy import OnPolicy, onpolicy_batches
 from distill.onpolicy import check_teacher as check_onpolicy_teacher
 from distill.teachers import Teacher, hidden_state_loss, open_teacher
-from distill.teachers.live import layer_states
+from distill.training_hooks import LoopHook
 
 logger = logging.getLogger("distill")
 
@@ -163,7 +164,7 @@ def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, n
     t0 = time.perf_counter()
     t_states = None
     if hidden_loss is not None:
-        signal, t_states = teacher.signal_and_states(batch)
+        signal, t_states = teacher.states.of(batch)
     else:
         signal = teacher.signal(batch) if teacher is not None else None
     if stats is not None:
@@ -195,7 +196,7 @@ def _diagnose_nonfinite(step: int, model, teacher: Teacher | None, batch, last_c
     bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad_params:
         causes.append(f"student weights are non-finite ({', '.join(bad_params[:3])}...): the last update diverged")
-    teacher_cause = teacher.diagnose(batch) if teacher is not None else None
+    teacher_cause = teacher.diagnose(batch) if teacher is not None and teacher.diagnose is not None else None
     if teacher_cause:
         causes.append(teacher_cause)
     with torch.no_grad():
@@ -327,11 +328,11 @@ def _onpolicy_file(accelerator: Accelerator) -> str:
     return f"onpolicy_rank{accelerator.process_index}.json"
 
 
-TEACHER_STATE = "teacher_state.safetensors"  # a teacher that follows the student (self-distillation)
+TEACHER_STATE = "teacher_state.safetensors"  # a loop hook's state (self-distillation's copy, the peers)
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state: dict,
-                    onpolicy: OnPolicy | None = None, teacher: Teacher | None = None) -> Path:
+                    onpolicy: OnPolicy | None = None, hook: LoopHook | None = None) -> Path:
     root = Path(cfg.out_dir) / "checkpoints"
     final = ckpt.step_dir(root, step)
     tmp = ckpt.tmp_dir_for(final)
@@ -341,9 +342,9 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state
     accelerator.save_state(str(tmp))
     if onpolicy is not None:  # each process's replay buffer and threshold
         ckpt.atomic_write_text(tmp / _onpolicy_file(accelerator), onpolicy.to_json())
-    teacher_state = teacher.state_dict() if teacher is not None else {}
-    if teacher_state and accelerator.is_main_process:  # the same on every process
-        save_file({k: v.contiguous().cpu() for k, v in teacher_state.items()}, str(tmp / TEACHER_STATE))
+    hook_state = hook.state_dict() if hook is not None else {}
+    if hook_state and accelerator.is_main_process:  # the same on every process
+        save_file({k: v.contiguous().cpu() for k, v in hook_state.items()}, str(tmp / TEACHER_STATE))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         dump_config(cfg, tmp / "config.yaml")
@@ -412,8 +413,9 @@ def make_optimizer(student, cfg: TrainConfig, extra: torch.nn.Module | None = No
 
 
 def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], step: int, window: Window,
-                   last_ckpt: Path | None) -> tuple[float, float | None, int]:
-    """One optimizer step over the micro-batches; returns (lr used, grad norm or None, tokens of all processes)."""
+                   last_ckpt: Path | None, hook: LoopHook | None = None) -> tuple[float, float | None, int]:
+    """One optimizer step over the micro-batches; returns (lr used, grad norm or None, tokens of all processes).
+    ``hook``: the teacher's loop hook, whose ``before_step`` runs once the step's normalizer is known."""
     accelerator, model, cfg = run.accelerator, run.model, run.cfg
     # Supervised tokens in the whole step, all processes: the one normalizer for every micro-batch.
     local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
@@ -421,9 +423,9 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
     if step_tokens == 0:
         logger.warning("step %d: the batch has no supervised token; the update is skipped "
                        "(check the data's prompt masking)", step + 1)
-    if run.teacher is not None:  # co-distillation: the peers take their step on the same batches
+    if hook is not None and hook.before_step is not None:  # co-distillation: the peers step on the same batches
         with accelerator.autocast():
-            run.teacher.begin_step(micro_batches, step_tokens, step)
+            hook.before_step(micro_batches, step_tokens, step)
     step_loss = torch.zeros((), device=accelerator.device)
     # sampled_reverse_kl's running baseline: this step uses the mean over earlier steps, then adds its own f.
     running = run.onpolicy is not None and run.onpolicy.baseline_on
@@ -448,18 +450,39 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
     if running:
         f_sum, count = accelerator.reduce(rewards, "sum").tolist()
         run.onpolicy.observe_rewards(f_sum, count)
+    params = list(model.parameters()) + (list(run.hidden.parameters()) if run.hidden is not None else [])
+    lr, grad_norm = apply_update(params, optimizer, scheduler, step_tokens, cfg.optim.max_grad_norm,
+                                 clip=accelerator.clip_grad_norm_)
+    window.loss += accelerator.reduce(step_loss, "sum").item()  # each process holds its share of the mean
+    tokens = accelerator.reduce(torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(), "sum")
+    return lr, grad_norm, int(tokens.item())
+
+
+def apply_update(params: list, optimizer, scheduler, step_tokens: int, max_grad_norm: float | None,
+                 clip: Callable = torch.nn.utils.clip_grad_norm_) -> tuple[float, float | None]:
+    """The update that ends an optimizer step, once the gradients are in: clip them to ``max_grad_norm``, step
+    the optimizer (not on a step without a supervised token), the schedule, and zero the gradients; returns
+    (the lr used, the grad norm or None)."""
     grad_norm = None
-    if cfg.optim.max_grad_norm is not None and step_tokens > 0:
-        params = list(model.parameters()) + (list(run.hidden.parameters()) if run.hidden is not None else [])
-        grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+    if max_grad_norm is not None and step_tokens > 0:
+        grad_norm = float(clip(params, max_grad_norm))
     lr = scheduler.get_last_lr()[0]
     if step_tokens > 0:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    window.loss += accelerator.reduce(step_loss, "sum").item()  # each process holds its share of the mean
-    tokens = accelerator.reduce(torch.stack([b["attention_mask"].sum() for b in micro_batches]).sum(), "sum")
-    return lr, grad_norm, int(tokens.item())
+    return lr, grad_norm
+
+
+def model_step(model, head_fn, optimizer, scheduler, batches: list[dict], teacher, step_tokens: int, *,
+               loss: LossConfig, max_grad_norm: float | None) -> None:
+    """One optimizer step of a model trained beside the student (co-distillation's peers,
+    :class:`distill.training_hooks.PeersHook`): the student's micro-batch loss (:func:`kd_step_loss`, toward
+    ``teacher``'s signal) and update (:func:`apply_update`), with the step's normalizer ``step_tokens``."""
+    for batch in batches:
+        value, _ = kd_step_loss(model, head_fn, teacher, batch, step_tokens, loss)
+        value.backward()
+    apply_update(list(model.parameters()), optimizer, scheduler, step_tokens, max_grad_norm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -504,11 +527,11 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
     if cfg.student.lora is not None:  # only the adapters train (distill/lora.py)
         student = lora.add_adapters(student, cfg.student.lora, seed=cfg.student.seed)
         logger.info("student: %s", lora.describe(student))
-    teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path,
-                           loss=cfg.loss.spec(), seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy,
-                           device=accelerator.device, student=student,
-                           optimizer_for=functools.partial(make_optimizer, cfg=cfg),
-                           max_grad_norm=cfg.optim.max_grad_norm, chunk_size=cfg.loss.chunk_size)
+    teacher, hook = open_teacher(
+        cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path, loss=cfg.loss.spec(),
+        seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy, device=accelerator.device, student=student,
+        optimizer_for=functools.partial(make_optimizer, cfg=cfg),
+        model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm))
     hidden = hidden_state_loss(cfg.loss.hidden, student, teacher, cfg.train.seed) if cfg.loss.hidden else None
     if cfg.train.batches != "dataset":
         check_onpolicy_teacher(cfg.train.batches, teacher)  # before the data: a cache cannot score new text
@@ -548,8 +571,8 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         state = ckpt.read_state(resume_from)
         if run.onpolicy is not None:  # the replay buffer and threshold of this process
             run.onpolicy.load_state_dict(json.loads((resume_from / _onpolicy_file(accelerator)).read_text()))
-        if (resume_from / TEACHER_STATE).is_file() and teacher is not None:  # a teacher that follows the student
-            teacher.load_state_dict(load_file(str(resume_from / TEACHER_STATE), device=str(accelerator.device)))
+        if (resume_from / TEACHER_STATE).is_file() and hook is not None:  # a teacher that changes the loop
+            hook.load_state_dict(load_file(str(resume_from / TEACHER_STATE), device=str(accelerator.device)))
         start_step, tokens_seen = state["step"], state["tokens_seen"]
         logger.info("resumed from %s (step %d)", resume_from, start_step)
     if is_main:
@@ -564,15 +587,15 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                     disable=not (is_main and cfg.log.progress), dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # keep redirected logs short
-    window = Window(accelerator, start_step, getattr(teacher, "names", None), hidden is not None)
+    window = Window(accelerator, start_step, teacher.names if teacher is not None else None, hidden is not None)
     last_eval: dict = {}
     for step in range(start_step, cfg.train.max_steps):
         micro_batches = next_batches(run, step)
-        lr, grad_norm, tokens = optimizer_step(run, optimizer, scheduler, micro_batches, step, window, last_ckpt)
+        lr, grad_norm, tokens = optimizer_step(run, optimizer, scheduler, micro_batches, step, window, last_ckpt, hook)
         tokens_seen += tokens
         done = step + 1
-        if teacher is not None:
-            teacher.follow(accelerator.unwrap_model(model), done)  # self-distillation: the teacher follows
+        if hook is not None:
+            hook.after_step(accelerator.unwrap_model(model), done)  # self-distillation: the teacher follows
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
             extra = {**run.stats, **(run.onpolicy.take_stats() if run.onpolicy is not None else {})}
@@ -592,13 +615,13 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
 
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.max_steps:
             last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, run.onpolicy,
-                                        teacher)
+                                        hook)
     progress.close()
 
     summary = {"steps": cfg.train.max_steps, "tokens": tokens_seen, **last_eval}
     student_dir = save_student(accelerator, model, tokenizer, cfg, summary)
-    if teacher is not None and is_main:
-        teacher.save_models(out_dir, tokenizer)  # co-distillation: every peer as a Hugging Face checkpoint
+    if hook is not None and hook.save is not None and is_main:
+        hook.save(out_dir, tokenizer)  # co-distillation: every peer as a Hugging Face checkpoint
     if is_main:
         logger.info("student written to %s", student_dir)
     accelerator.end_training()

@@ -1,9 +1,10 @@
 """Capture: a teacher's targets computed and written as cache shards (what ``distill cache`` runs).
 
 From the teacher's logits (divided by the capture temperature), :func:`topk_targets` and
-:func:`sampled_targets` give the codes the shards store (:mod:`distill.cache.codec`); :class:`Capturer` runs a
-model in this process over a shard's examples a chunk of rows at a time, :class:`ServerCapturer` asks a server;
-:func:`capture_split` writes one process's shards of a split (skipping complete ones) and
+:func:`sampled_targets` give the codes the shards store (:mod:`distill.cache.codec`); :class:`Capturer` turns a
+shard's examples into those codes with the teacher's engine (:mod:`distill.engines`): from full logits, a chunk
+of rows at a time, for a dense one (a model in this process), from its top-k log-probabilities for a sparse one
+(a server); :func:`capture_split` writes one process's shards of a split (skipping complete ones) and
 :func:`build_manifest` gathers every shard's entry for the manifest.
 """
 
@@ -34,7 +35,6 @@ from distill.cache.codec import (
 )
 from distill.data import collate
 from distill.losses import IGNORE_INDEX, logits_into
-from distill.models import final_hidden
 
 logger = logging.getLogger("distill")
 
@@ -141,21 +141,24 @@ def example_uniforms(seed: int, split: str, example: int, rows: int, n: int) -> 
 
 
 class Capturer:
-    """Teacher + head + encoding parameters: turns a list of examples into one shard's arrays.
+    """The teacher's engine + encoding parameters: turns a list of examples into one shard's arrays.
 
-    The teacher's final hidden states are computed per batch (``logits_to_keep=1``: no full logits), then
-    the logits of the stored rows, a chunk of rows at a time into reused buffers (``logits_memory_mb``
-    bounds them), and the targets from each chunk (:func:`topk_targets` /
-    :func:`sampled_targets`). The targets of a chunk are computed on a helper thread while
-    the main thread runs the next chunk's matmul (two sets of buffers), so on a machine with a spare core
-    (or a GPU, where the helper thread also takes the device-to-host copies off the main thread) capture
-    runs at nearly the speed of the bare forward.
+    A dense engine (full logits): the teacher's final hidden states are computed per batch
+    (``logits_to_keep=1``: no full logits), then the logits of the stored rows, a chunk of rows at a time into
+    reused buffers (``logits_memory_mb`` bounds them), and the targets from each chunk (:func:`topk_targets` /
+    :func:`sampled_targets`). The targets of a chunk are computed on a helper thread while the main thread
+    runs the next chunk's matmul (two sets of buffers), so on a machine with a spare core (or a GPU, where the
+    helper thread also takes the device-to-host copies off the main thread) capture runs at nearly the speed
+    of the bare forward.
+
+    A sparse engine (a server's top-k log-probabilities at the capture temperature): top-k mode only, the same
+    arrays; the k most probable ids at each stored position (the realized token the server adds beyond them is
+    left out), and the tail is ``1 - sum(top-k)``.
     """
 
     def __init__(
         self,
-        teacher,
-        head,
+        engine,
         params,
         *,
         temperature: float,
@@ -165,7 +168,9 @@ class Capturer:
         device,
         logits_memory_mb: int = 256,
     ):
-        self.teacher, self.head, self.params = teacher, head, params
+        assert engine.dense or (params.mode == "topk" and params.k <= engine.max_top_k), "no full logits for this"
+        self.engine, self.params = engine, params
+        self.head = engine.head if engine.dense else None
         self.temperature, self.seed, self.batch_size = temperature, seed, batch_size
         self.pad_id, self.device = pad_id, device
         v = params.vocab_size
@@ -233,7 +238,7 @@ class Capturer:
         tokens = 0
         with torch.no_grad():
             for _, batch, sel in self.batches(examples):
-                rows = final_hidden(self.teacher, batch)[sel]
+                rows = self.engine.hidden(batch)[sel]
                 for r0 in range(0, rows.shape[0], self.chunk_rows):
                     self.logits(rows[r0 : r0 + self.chunk_rows])
                 tokens += int(batch["attention_mask"].sum())
@@ -243,6 +248,8 @@ class Capturer:
 
     def capture(self, examples: list[dict], first_index: int, split: str, on_batch=None) -> dict:
         """Targets of ``examples`` (dataset indices ``first_index, ...``): the arrays of :func:`encode_shard`."""
+        if not self.engine.dense:
+            return self._capture_top_logprobs(examples, on_batch)
         p = self.params
         parts: dict[str, list] = {}
         positions = [len(stored_positions(ex["labels"])) for ex in examples]
@@ -255,7 +262,7 @@ class Capturer:
         chunk_no = 0
         with torch.no_grad(), ThreadPoolExecutor(max_workers=1) as helper:
             for b0, batch, sel in self.batches(examples):
-                rows = final_hidden(self.teacher, batch)[sel]
+                rows = self.engine.hidden(batch)[sel]
                 uniforms = None
                 if p.mode == "sampled":
                     uniforms = torch.cat(
@@ -292,24 +299,15 @@ class Capturer:
                 }
         return {"arrays": arrays, "positions": positions}
 
-
-class ServerCapturer:
-    """Top-k targets from a teacher behind a server (:class:`distill.teachers.ServerTeacher`): the same arrays
-    as :class:`Capturer` in top-k mode, from the server's prompt log-probabilities at the capture temperature
-    (the k most probable ids at each stored position; the realized token the server adds beyond them is
-    left out, and the tail is ``1 - sum(top-k)``)."""
-
-    def __init__(self, server, params, *, batch_size: int):
-        self.server, self.params, self.batch_size = server, params, batch_size
-
-    def capture(self, examples: list[dict], first_index: int, split: str, on_batch=None) -> dict:
+    def _capture_top_logprobs(self, examples: list[dict], on_batch=None) -> dict:
+        """A sparse engine's top-k targets (class docstring)."""
         p = self.params
         top = (1 << p.prob_bits) - 1 if p.k > 1 else 0
         ids_rows, code_rows, tails, positions = [], [], [], []
         for b0 in range(0, len(examples), self.batch_size):
             batch = examples[b0 : b0 + self.batch_size]
             seqs = [list(map(int, ex["input_ids"])) for ex in batch]
-            scored = self.server.scorer.score(seqs, p.k, self.server.temperature)
+            scored = self.engine.top_logprobs(seqs, p.k, self.temperature)
             for ex, entries in zip(batch, scored, strict=True):
                 where = stored_positions(ex["labels"])
                 positions.append(len(where))

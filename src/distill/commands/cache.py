@@ -28,22 +28,13 @@ import torch
 from accelerate import Accelerator
 
 from distill.cache import codec
-from distill.cache.capture import Capturer, ServerCapturer, build_manifest, capture_split
+from distill.cache.capture import Capturer, build_manifest, capture_split
 from distill.cache.reader import identity_diff
 from distill.checkpoint import atomic_write_text
-from distill.config import CacheConfig, ServerTeacherSpec
+from distill.config import CacheConfig
 from distill.data import build_datasets
-from distill.losses import LossSpec
-from distill.models import (
-    has_accelerator,
-    load_model,
-    load_tokenizer,
-    max_positions,
-    model_identity,
-    output_head,
-    resolve_vocab,
-)
-from distill.teachers import ServerTeacher
+from distill.engines import open_engine
+from distill.models import has_accelerator, load_tokenizer, model_identity
 from distill.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("distill")
@@ -60,24 +51,15 @@ def main(cfg: CacheConfig) -> dict:
         logger.setLevel(logging.WARNING)
 
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    vocab = len(tokenizer)
-    params = codec.CacheParams.make(cfg.mode, vocab, k=cfg.k, n=cfg.n, prob_bits=cfg.prob_bits,
-                                  tail_bits=cfg.tail_bits)
-    on_server = isinstance(cfg.teacher, ServerTeacherSpec)
-    if on_server:
-        if cfg.mode != "topk":
-            raise ValueError("mode=sampled needs the teacher's whole distribution, which a server does not return; "
-                             "capture mode=topk from the server, or sampled targets from the model itself")
-        server = ServerTeacher(cfg.teacher.model_copy(update={"top_k": cfg.k}), tokenizer,
-                               LossSpec(temperature=cfg.temperature))
-        limit = server.max_positions
-    else:
-        teacher = load_model(cfg.teacher, "teacher", tokenizer)
-        resolve_vocab(teacher, vocab, "teacher", cfg.vocab_policy)
-        teacher.to(accelerator.device).eval().requires_grad_(False)
-        limit = max_positions(teacher)
+    params = codec.CacheParams.make(cfg.mode, len(tokenizer), k=cfg.k, n=cfg.n, prob_bits=cfg.prob_bits,
+                                    tail_bits=cfg.tail_bits)
+    engine = open_engine(cfg.teacher, tokenizer, vocab_policy=cfg.vocab_policy, device=accelerator.device,
+                         temperature=cfg.temperature, top_k=cfg.k)
+    if cfg.mode == "sampled" and not engine.dense:
+        raise ValueError("mode=sampled needs the teacher's whole distribution, which a server does not return; "
+                         "capture mode=topk from the server, or sampled targets from the model itself")
     with accelerator.main_process_first():
-        train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=limit)
+        train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=engine.max_positions)
     datasets = {"train": train_ds, "eval": eval_ds}
     splits = cfg.splits if cfg.splits is not None else [s for s in ("train", "eval") if datasets[s] is not None]
     for split in splits:
@@ -86,71 +68,26 @@ def main(cfg: CacheConfig) -> dict:
                 "splits includes eval, but the data has no eval split (data.eval_fraction=0 and no "
                 "data.eval_source)"
             )
-
     hashes = {split: codec.example_hashes(datasets[split]) for split in splits}
-    identity = {
-        "format": codec.FORMAT_NAME,
-        "version": codec.FORMAT_VERSION,
-        "teacher": model_identity(cfg.teacher),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "params": params.to_json(),
-        "temperature": cfg.temperature,
-        "seed": cfg.seed if cfg.mode == "sampled" else None,
-        "seq_len": cfg.data.seq_len,
-        "capture": {"batch_size": cfg.batch_size, "logits_memory_mb": cfg.logits_memory_mb},
-        "splits": {
-            split: {
-                "num_examples": len(datasets[split]),
-                "data_fingerprint": codec.data_fingerprint(hashes=hashes[split]),
-                "shard_examples": cfg.shard_examples,
-                "num_shards": -(-len(datasets[split]) // cfg.shard_examples),
-            }
-            for split in splits
-        },
-    }
+    identity = _identity(cfg, tokenizer, params, {s: len(datasets[s]) for s in splits}, hashes)
 
-    manifest_path, plan_path = out_dir / codec.MANIFEST, out_dir / codec.PLAN
+    manifest_path = out_dir / codec.MANIFEST
     if manifest_path.is_file():
         _check_same(json.loads(manifest_path.read_text()), identity, out_dir, complete=True)
         logger.info("%s is already a complete cache with these settings; nothing to do", out_dir)
         return _summary(json.loads(manifest_path.read_text()), out_dir, written=0, seconds=0.0, tokens=0)
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if plan_path.is_file():
-            _check_same(json.loads(plan_path.read_text()), identity, out_dir, complete=False)
-            logger.info("resuming the capture in %s", out_dir)
-        else:
-            atomic_write_text(plan_path, codec.canonical_json(identity))
-        for debris in out_dir.glob(".shard-*.tmp"):  # a killed writer's temporary file
-            debris.unlink(missing_ok=True)
+        _start_or_resume(out_dir, identity)
     accelerator.wait_for_everyone()
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    capturer = ServerCapturer(server, params, batch_size=cfg.batch_size) if on_server else Capturer(
-        teacher,
-        output_head(teacher, vocab),
-        params,
-        temperature=cfg.temperature,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        pad_id=pad_id,
-        device=accelerator.device,
-        logits_memory_mb=cfg.logits_memory_mb,
-    )
+    capturer = Capturer(engine, params, temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size,
+                        pad_id=pad_id, device=accelerator.device, logits_memory_mb=cfg.logits_memory_mb)
     written = tokens = 0
     seconds = 0.0
     for split in splits:
-        res = capture_split(
-            capturer,
-            datasets[split],
-            split,
-            out_dir,
-            shard_examples=cfg.shard_examples,
-            hashes=hashes[split],
-            rank=rank,
-            world=world,
-            progress=cfg.progress and is_main,
-        )
+        res = capture_split(capturer, datasets[split], split, out_dir, shard_examples=cfg.shard_examples,
+                            hashes=hashes[split], rank=rank, world=world, progress=cfg.progress and is_main)
         written, tokens, seconds = written + res["written"], tokens + res["tokens"], seconds + res["seconds"]
         if res["skipped"]:
             logger.info("%s: %d complete shard(s) kept, %d written", split, res["skipped"], res["written"])
@@ -166,15 +103,47 @@ def main(cfg: CacheConfig) -> dict:
     if manifest is None:
         manifest = json.loads(manifest_path.read_text())
     summary = _summary(manifest, out_dir, written=int(counts[0]), seconds=seconds, tokens=int(counts[1]))
-    logger.info(
-        "cache written to %s: %s",
-        out_dir,
-        ", ".join(
-            f"{s}: {v['examples']} examples, {v['bytes_per_token']:.2f} B/token"
-            for s, v in summary["splits"].items()
-        ),
-    )
+    logger.info("cache written to %s: %s", out_dir, ", ".join(
+        f"{s}: {v['examples']} examples, {v['bytes_per_token']:.2f} B/token" for s, v in summary["splits"].items()))
     return summary
+
+
+def _identity(cfg: CacheConfig, tokenizer, params, sizes: dict[str, int], hashes: dict) -> dict:
+    """What the cache is made of (the plan and the manifest record it; resuming with another is refused)."""
+    return {
+        "format": codec.FORMAT_NAME,
+        "version": codec.FORMAT_VERSION,
+        "teacher": model_identity(cfg.teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "params": params.to_json(),
+        "temperature": cfg.temperature,
+        "seed": cfg.seed if cfg.mode == "sampled" else None,
+        "seq_len": cfg.data.seq_len,
+        "capture": {"batch_size": cfg.batch_size, "logits_memory_mb": cfg.logits_memory_mb},
+        "splits": {
+            split: {
+                "num_examples": n,
+                "data_fingerprint": codec.data_fingerprint(hashes=hashes[split]),
+                "shard_examples": cfg.shard_examples,
+                "num_shards": -(-n // cfg.shard_examples),
+            }
+            for split, n in sizes.items()
+        },
+    }
+
+
+def _start_or_resume(out_dir: Path, identity: dict) -> None:
+    """The main process: write the plan (first), or check that a partial cache has the same one; remove a
+    killed writer's temporary files."""
+    plan_path = out_dir / codec.PLAN
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plan_path.is_file():
+        _check_same(json.loads(plan_path.read_text()), identity, out_dir, complete=False)
+        logger.info("resuming the capture in %s", out_dir)
+    else:
+        atomic_write_text(plan_path, codec.canonical_json(identity))
+    for debris in out_dir.glob(".shard-*.tmp"):  # a killed writer's temporary file
+        debris.unlink(missing_ok=True)
 
 
 def _check_same(found: dict, identity: dict, out_dir: Path, complete: bool) -> None:

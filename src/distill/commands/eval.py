@@ -46,7 +46,7 @@ from distill.models import (
     max_positions,
     output_head,
 )
-from distill.teachers import LiveTeacher, open_teacher
+from distill.teachers import open_teacher
 
 logger = logging.getLogger("distill")
 
@@ -111,8 +111,9 @@ def main(cfg: EvalRunConfig) -> dict:
     for name in names[1:]:
         check_tokenizers_agree(tokenizer, load_tokenizer(cfg.models[name], f"models.{name}"),
                                f"models.{names[0]}", f"models.{name}")
-    teacher = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=f"models.{names[0]}", loss=LossSpec(),
-                           seq_len=cfg.data.seq_len if cfg.data else None, vocab_policy=cfg.vocab_policy, device=accelerator.device)
+    teacher, _ = open_teacher(cfg.teacher, tokenizer=tokenizer, student_ref=f"models.{names[0]}", loss=LossSpec(),
+                              seq_len=cfg.data.seq_len if cfg.data else None, vocab_policy=cfg.vocab_policy,
+                              device=accelerator.device)
     models = {}
     for name in names:
         model = load_model(cfg.models[name], f"models.{name}", tokenizer).to(accelerator.device).eval()
@@ -121,7 +122,7 @@ def main(cfg: EvalRunConfig) -> dict:
     if cfg.data is not None:
         dataset = _data_metrics(cfg, accelerator, tokenizer, models, teacher, results)
     if cfg.speculative is not None:
-        if not isinstance(teacher, LiveTeacher):
+        if teacher is None or teacher.model is None:  # no model in this process to draft for
             raise ValueError("speculative: each model drafts for the teacher, which must be a live model "
                              "(teacher: {path: DIR} or {config: ...})")
         sp = cfg.speculative

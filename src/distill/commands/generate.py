@@ -45,18 +45,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from distill.checkpoint import atomic_write_text
-from distill.config import GenerateConfig, ServerTeacherSpec
+from distill.config import GenerateConfig
 from distill.data import GENERATIONS_FORMAT, load_raw
-from distill.generation.samplers import LocalSampler, ServerSampler
+from distill.engines import engine_tokenizer, open_engine
 from distill.generation.sampling import SamplingParams
-from distill.models import (
-    has_accelerator,
-    load_model,
-    load_tokenizer,
-    max_positions,
-    model_identity,
-    resolve_vocab,
-)
+from distill.models import has_accelerator, model_identity
 from distill.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("distill")
@@ -180,12 +173,13 @@ def select(cfg: GenerateConfig, samples: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------- shards
 
 
-def generate_shard(cfg: GenerateConfig, sampler, rows: list[dict], first: int, identity_hash: str, verifier,
-                   on_batch=None) -> tuple[str, dict]:
+def generate_shard(cfg: GenerateConfig, engine, params: SamplingParams, rows: list[dict], first: int,
+                   identity_hash: str, verifier, on_batch=None) -> tuple[str, dict]:
     """One shard's JSONL text and its counts; each sample's seed is (seed, prompt key, sample index)."""
     keys = [hashlib.sha256(json.dumps([identity_hash, row["ids"] if row["ids"] is not None else row["value"]]
                                       ).encode()).hexdigest()[:32] for row in rows]
-    samples = sampler.samples(cfg, rows, keys, on_batch)
+    samples = engine.sample(rows, keys, params, n=cfg.n, seed=cfg.seed, logprobs=cfg.scorer == "logprob",
+                            batch_size=cfg.batch_size, on_batch=on_batch)
     lines, counts = [], {"prompts": len(rows), "samples": len(rows) * cfg.n, "kept": 0, "unfinished": 0,
                          "scorer_failures": 0}
     first_failure = None
@@ -245,42 +239,18 @@ def main(cfg: GenerateConfig) -> dict:
         logger.setLevel(logging.WARNING)
 
     verifier = load_verifier(cfg.verifier) if cfg.scorer == "verifier" else None
-    on_server = isinstance(cfg.teacher, ServerTeacherSpec)
-    tokenizer = load_tokenizer(cfg.teacher, "teacher") if not on_server or cfg.teacher.tokenizer else None
+    tokenizer = engine_tokenizer(cfg.teacher)  # None: a server that tokenizes (text and chat prompts)
     eos = tokenizer.eos_token_id if tokenizer is not None else None
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, top_k=cfg.sampling.top_k,
                             max_new_tokens=cfg.sampling.max_new_tokens,
                             stop_ids=tuple(sorted({*cfg.sampling.stop_ids, *([eos] if eos is not None else [])})))
-    if on_server:
-        sampler = ServerSampler(cfg.teacher, params)
-        rows = load_prompts(cfg, tokenizer, None)
-    else:
-        model = load_model(cfg.teacher, "teacher", tokenizer)
-        resolve_vocab(model, len(tokenizer), "teacher", cfg.vocab_policy)
-        model.to(accelerator.device).eval().requires_grad_(False)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        sampler = LocalSampler(model, tokenizer, params, pad_id, accelerator.device)
-        rows = load_prompts(cfg, tokenizer, max_positions(model))
-
-    identity = {
-        "format": GENERATIONS_FORMAT,
-        "version": FORMAT_VERSION,
-        "teacher": model_identity(cfg.teacher),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
-        "sampling": params.to_json(),
-        "n": cfg.n, "seed": cfg.seed,
-        "scorer": cfg.scorer, "verifier": cfg.verifier,
-        "keep": cfg.keep, "keep_top": cfg.keep_top, "keep_unfinished": cfg.keep_unfinished,
-        "batch_size": cfg.batch_size, "shard_prompts": cfg.shard_prompts,
-        "prompts": {"source": cfg.prompts.source, "count": len(rows),
-                    "sha256": hashlib.sha256(json.dumps([r["ids"] if r["ids"] is not None else r["value"]
-                                                         for r in rows]).encode()).hexdigest()},
-    }
+    engine = open_engine(cfg.teacher, tokenizer, vocab_policy=cfg.vocab_policy, device=accelerator.device)
+    rows = load_prompts(cfg, tokenizer, engine.max_positions)
+    identity = _identity(cfg, params, rows, tokenizer)
     identity_hash = hashlib.sha256(json.dumps([identity["teacher"], identity["sampling"]], sort_keys=True).encode()
                                    ).hexdigest()
-    source = cfg.teacher.server if on_server else (cfg.teacher.path or "a random-init model")
     logger.info("generate: %d prompts x %d samples from %s; sampling: %s; scorer: %s; keep: %s",
-                len(rows), cfg.n, source, params.describe(),
+                len(rows), cfg.n, engine.describe(), params.describe(),
                 cfg.verifier if cfg.scorer == "verifier" else cfg.scorer,
                 f"top {cfg.keep_top}" if cfg.keep == "top" else cfg.keep)
 
@@ -302,26 +272,10 @@ def main(cfg: GenerateConfig) -> dict:
     accelerator.wait_for_everyone()
 
     num_shards = -(-len(rows) // cfg.shard_prompts)
-    todo = [s for s in range(rank, num_shards, world) if not (out_dir / _counts_name(s)).is_file()]
-    bar = tqdm(total=sum(min(cfg.shard_prompts, len(rows) - s * cfg.shard_prompts) for s in todo), unit="prompt",
-               desc="generate", disable=not (cfg.progress and is_main), dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    t0, tokens = time.perf_counter(), 0
-
-    def on_batch(new_tokens: int) -> None:
-        nonlocal tokens
-        tokens += new_tokens
-        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
-
-    for s in todo:
-        first = s * cfg.shard_prompts
-        shard_rows = rows[first : first + cfg.shard_prompts]
-        text, counts = generate_shard(cfg, sampler, shard_rows, first, identity_hash, verifier, on_batch)
-        atomic_write_text(out_dir / shard_name(s), text)
-        # The counts are written after the shard: their presence marks the shard complete.
-        atomic_write_text(out_dir / _counts_name(s), json.dumps(counts, sort_keys=True) + "\n")
-        bar.update(len(shard_rows))
-    bar.close()
+    t0 = time.perf_counter()
+    tokens = _write_shards(cfg, engine, params, rows, [s for s in range(rank, num_shards, world)
+                                                      if not (out_dir / _counts_name(s)).is_file()],
+                           identity_hash, verifier, progress=cfg.progress and is_main)
     accelerator.wait_for_everyone()
     manifest = None
     if is_main:
@@ -335,6 +289,51 @@ def main(cfg: GenerateConfig) -> dict:
     for note in manifest.get("warnings", []):
         logger.warning("WARNING: %s", note)
     return manifest["counts"]
+
+
+def _identity(cfg: GenerateConfig, params: SamplingParams, rows: list[dict], tokenizer) -> dict:
+    """What the generations are made of (the plan and the manifest record it; resuming with another is refused)."""
+    return {
+        "format": GENERATIONS_FORMAT,
+        "version": FORMAT_VERSION,
+        "teacher": model_identity(cfg.teacher),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+        "sampling": params.to_json(),
+        "n": cfg.n, "seed": cfg.seed,
+        "scorer": cfg.scorer, "verifier": cfg.verifier,
+        "keep": cfg.keep, "keep_top": cfg.keep_top, "keep_unfinished": cfg.keep_unfinished,
+        "batch_size": cfg.batch_size, "shard_prompts": cfg.shard_prompts,
+        "prompts": {"source": cfg.prompts.source, "count": len(rows),
+                    "sha256": hashlib.sha256(json.dumps([r["ids"] if r["ids"] is not None else r["value"]
+                                                         for r in rows]).encode()).hexdigest()},
+    }
+
+
+def _write_shards(cfg: GenerateConfig, engine, params: SamplingParams, rows: list[dict], todo: list[int],
+                  identity_hash: str, verifier, progress: bool) -> int:
+    """This process's missing shards, each written and then its counts (which mark it complete); returns the
+    new tokens sampled."""
+    out_dir = Path(cfg.out_dir)
+    bar = tqdm(total=sum(min(cfg.shard_prompts, len(rows) - s * cfg.shard_prompts) for s in todo), unit="prompt",
+               desc="generate", disable=not progress, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    t0, tokens = time.perf_counter(), 0
+
+    def on_batch(new_tokens: int) -> None:
+        nonlocal tokens
+        tokens += new_tokens
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+
+    for s in todo:
+        first = s * cfg.shard_prompts
+        shard_rows = rows[first : first + cfg.shard_prompts]
+        text, counts = generate_shard(cfg, engine, params, shard_rows, first, identity_hash, verifier, on_batch)
+        atomic_write_text(out_dir / shard_name(s), text)
+        # The counts are written after the shard: their presence marks the shard complete.
+        atomic_write_text(out_dir / _counts_name(s), json.dumps(counts, sort_keys=True) + "\n")
+        bar.update(len(shard_rows))
+    bar.close()
+    return tokens
 
 
 def _counts_name(shard: int) -> str:

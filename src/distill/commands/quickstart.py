@@ -49,8 +49,9 @@ from distill.config import (
 )
 from distill.data import build_datasets, collate
 from distill.evaluation.metrics import eval_sums, metrics_from_sums, target_bytes, token_byte_lengths
+from distill.losses import LossSpec
 from distill.models import load_model, load_tokenizer, output_head
-from distill.teachers import LiveTeacher
+from distill.teachers import open_teacher
 from distill.tokenizer import save_tokenizer
 
 logger = logging.getLogger("distill")
@@ -225,7 +226,8 @@ def evaluate_all(models: dict[str, Path], teacher_dir: Path, tok_dir: Path, val_
     data_cfg = DataConfig(source=str(val_jsonl), seq_len=seq_len, eval_fraction=0.0, format="text")
     val_ds, _ = build_datasets(data_cfg, tokenizer)
     n_bytes = target_bytes(val_ds, token_byte_lengths(tokenizer))
-    teacher = LiveTeacher(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), len(tokenizer))
+    teacher, _ = open_teacher(ModelSpec(path=str(teacher_dir)), tokenizer=tokenizer, student_ref=str(tok_dir),
+                              loss=LossSpec(), seq_len=seq_len, vocab_policy="truncate", device=None)
     out = {}
     for name, path in models.items():
         model = teacher.model if path == teacher_dir else load_model(ModelSpec(path=str(path)), name)

@@ -1,8 +1,8 @@
 """Speculative KD's sampling (SKD, Xu et al.): the student proposes each token and the teacher keeps it when it is
 among its own top-K there, else replaces it by a sample of its own; both continue from the corrected prefix.
 
-The teacher's side is a *corrector*: :class:`LiveCorrector` for a model in this process, or
-:class:`distill.server.client.ServerCorrector` for a model behind a server.
+The teacher's side is a *corrector* (:class:`distill.engines.base.Corrector`), which the teacher's engine gives:
+``engine.corrector(temperature)`` for a model in this process or behind a server.
 """
 
 from __future__ import annotations
@@ -23,33 +23,6 @@ from distill.generation.sampling import (
 )
 
 
-class LiveCorrector:
-    """The teacher's side of speculative KD for a model in this process: its own incremental state over the
-    same sequences, its top-K at each position, and a sample to replace a rejected token."""
-
-    def __init__(self, model, temperature: float):
-        self.decoder, self.temperature = Decoder(model), temperature
-        self.logits: torch.Tensor | None = None
-
-    def prefill(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor) -> None:
-        self.logits = self.decoder.prefill(ids_BP, mask_BP)
-
-    def check(self, proposed_B: torch.Tensor, k: int, u_B: torch.Tensor, active_B: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(whether each proposed token is in the teacher's top-``k`` at this position, a teacher sample).
-        ``active_B``: the rows still writing (a server corrector skips the others)."""
-        z = self.logits.float()
-        top = z.topk(min(k, z.shape[-1]), dim=-1).indices  # the ranking is the same at every temperature
-        inside = (top == proposed_B.unsqueeze(-1)).any(-1)
-        if self.temperature == 0.0:
-            return inside, z.argmax(-1)
-        sample_B, _ = pick(z, SamplingParams(temperature=self.temperature), u_B)
-        return inside, sample_B
-
-    def step(self, tokens_B: torch.Tensor) -> None:
-        self.logits = self.decoder.step(tokens_B)
-
-
 @torch.no_grad()
 def corrected_sample(
     student,
@@ -63,7 +36,7 @@ def corrected_sample(
     device=None,
 ) -> tuple[Generation, int, int]:
     """Speculative KD's sampling: the student proposes each token (``params``: its temperature, top-p); the
-    teacher (``corrector``: :class:`LiveCorrector` or a server's) keeps it when it is among its own top-K at
+    teacher (``corrector``: its engine's) keeps it when it is among its own top-K at
     that position and otherwise replaces it by a sample of its own; both continue from the corrected prefix.
     Batched, on token ids. Returns the generation, the number of tokens replaced and the number proposed.
     """

@@ -33,8 +33,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
 from distill.errors import TeacherServerError
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
@@ -214,45 +212,3 @@ def max_abs_difference(a: list[PositionLogprobs], b: list[PositionLogprobs]) -> 
             if tid in ya:
                 worst = max(worst, abs(lp - ya[tid]) if math.isfinite(lp) and math.isfinite(ya[tid]) else math.inf)
     return worst
-
-
-class ServerCorrector:
-    """Speculative KD's teacher side for a server: for each sequence still being written, one request per
-    token (the prefix as ids, ``max_tokens: 1``, ``logprobs: K``) gives the teacher's top-K at the next
-    position and a sample of its own (seeded from the row's uniform). Requests run ``max_in_flight`` at a
-    time. Needs ``return_tokens_as_token_ids`` (vLLM, distill serve)."""
-
-    def __init__(self, client: Client, model: str | None, temperature: float, max_in_flight: int = 8):
-        self.client, self.model, self.temperature, self.max_in_flight = client, model, temperature, max_in_flight
-        self.prefixes: list[list[int]] = []
-
-    def prefill(self, ids_BP, mask_BP) -> None:
-        self.prefixes = [row[m.bool()].tolist() for row, m in zip(ids_BP.cpu(), mask_BP.cpu(), strict=True)]
-
-    def _one(self, prefix: list[int], k: int, seed: int) -> tuple[set[int], int]:
-        body = {"prompt": prefix, "max_tokens": 1, "temperature": self.temperature, "logprobs": k, "seed": seed,
-                "return_tokens_as_token_ids": True, "ignore_eos": True, **({"model": self.model} if self.model else {})}
-        choice = self.client.request("POST", "/v1/completions", body)["choices"][0]
-        lp = choice.get("logprobs") or {}
-        tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
-        if not tokens or not tops or tops[0] is None:
-            raise TeacherServerError(f"teacher server {self.client.url}: no token ids / top log-probs in the answer "
-                                     "(it needs return_tokens_as_token_ids and logprobs)")
-        as_id = lambda t: int(str(t).rsplit(":", 1)[-1])  # noqa: E731  "token_id:123"
-        return {as_id(t) for t in tops[0]}, as_id(tokens[0])
-
-    def check(self, proposed_B, k: int, u_B, active_B=None):
-        b = len(self.prefixes)
-        active = [True] * b if active_B is None else active_B.tolist()
-        seeds = [int(u * 2**31) for u in u_B.tolist()]
-        rows = [i for i in range(b) if active[i]]
-        with ThreadPoolExecutor(max_workers=max(1, min(self.max_in_flight, len(rows)))) as pool:
-            answers = dict(zip(rows, pool.map(lambda i: self._one(self.prefixes[i], k, seeds[i]), rows), strict=True))
-        proposed = proposed_B.tolist()
-        inside = [i not in answers or proposed[i] in answers[i][0] for i in range(b)]
-        sample = [answers[i][1] if i in answers else proposed[i] for i in range(b)]
-        return (torch.tensor(inside, device=proposed_B.device), torch.tensor(sample, device=proposed_B.device))
-
-    def step(self, tokens_B) -> None:
-        for prefix, tok in zip(self.prefixes, tokens_B.tolist(), strict=True):
-            prefix.append(tok)

@@ -2,18 +2,21 @@
 
 A teacher is opened once from its config by :func:`open_teacher` (the only branch on the config's kind),
 checks there that it fits the run, and then, for any batch, returns its **signal** for the batch's
-next-token positions (``labels[:, 1:]``, flattened to ``B * (T - 1)`` rows):
+next-token positions (``labels[:, 1:]``, flattened to ``B * (T - 1)`` rows). Every kind follows one protocol
+(:mod:`distill.teachers.base`: a small core, and optional capabilities that are None where a kind has not got
+them); the model behind a teacher is an engine (:mod:`distill.engines`), in this process or behind a server:
 
-* :class:`LiveTeacher` (``teacher: {path: DIR}`` or ``{config: ...}``): a Hugging Face model in this
-  process. Dense signal: its final hidden states and output layer (:class:`distill.losses.chunked.DenseSignal`);
-  the loss forms the logits a chunk of rows at a time.
-* :class:`CachedTeacher` (``teacher: {cache: DIR}``): targets captured by ``distill cache``. Sparse signal:
-  ids + probabilities, with or without the tail mass (:class:`distill.losses.SparseTarget`).
-* :class:`ServerTeacher` (``teacher: {server: URL}``): a model behind an HTTP server, scored on token ids.
-  Sparse signal: its top-k and the realized token at the loss temperature, and the tail mass.
+* a live model (``teacher: {path: DIR}`` or ``{config: ...}``) and a server (``teacher: {server: URL}``) are
+  each a teacher over one engine (:class:`~distill.teachers.engine.EngineTeacher`). Live: dense signal, its
+  final hidden states and output layer (:class:`distill.losses.chunked.DenseSignal`; the loss forms the logits
+  a chunk of rows at a time). Server: sparse signal, scored on token ids: its top-k and the realized token at
+  the loss temperature, and the tail mass.
+* :class:`~distill.teachers.cached.CachedTeacher` (``teacher: {cache: DIR}``): targets captured by
+  ``distill cache``. Sparse signal: ids + probabilities, with or without the tail mass
+  (:class:`distill.losses.SparseTarget`).
 
 Training and evaluation use the same object. What evaluation can say about the student's distance to the
-teacher depends on the signal (:attr:`eval_estimates`):
+teacher depends on the signal (``eval_estimates``):
 
 * ``exact`` (live): ``kl_to_teacher`` = KL(p || q) over the vocabulary, ``top1_agreement``.
 * ``topk_tail`` (top-k + tail cache, server): KL over the k kept ids + one tail class (by the data-processing
@@ -29,22 +32,22 @@ teacher depends on the signal (:attr:`eval_estimates`):
 
 More kinds are built from these (docs/methods.md §9, §11, §13):
 
-* :class:`MixtureTeacher` (``teacher: {teachers: [...], mix: probability | loss}``): several teachers of any
-  kind, each with a weight and its own temperature; its signal is a :class:`distill.losses.chunked.MixtureSignal`,
-  which the chunked loss forms a chunk of rows of each member at a time.
-* :class:`SelfTeacher` (``teacher: {self: ema | snapshot}``): the student itself, as the moving average of
-  its weights or a frozen copy taken every N steps; it follows the student after each optimizer step
-  (``follow``) and its weights are kept in the run's checkpoints (``state_dict`` / ``load_state_dict``).
-* :class:`StudentBaseTeacher` (``teacher: {student_base: true}``): a LoRA student's own base model, its
-  adapters switched off for the teacher's pass; it shares the student's weights (no extra memory).
+* :class:`~distill.teachers.mixture.MixtureTeacher` (``teacher: {teachers: [...], mix: probability | loss}``):
+  several teachers of any kind, each with a weight and its own temperature; its signal is a
+  :class:`distill.losses.chunked.MixtureSignal`, which the chunked loss forms a chunk of rows of each member at
+  a time.
+* self-distillation (``teacher: {self: ema | snapshot}``): a live teacher over the moving average of the
+  student's weights or a frozen copy taken every N steps; the copy is the training run's loop hook
+  (:mod:`distill.training_hooks`), which follows the student and is kept in checkpoints.
+* co-distillation (``teacher: {peers: [...]}``): the peers train beside the student in the training run's loop
+  hook; :class:`~distill.teachers.peers.PeersTeacher` is what the student reads of them.
+* a LoRA student's base (``teacher: {student_base: true}``): a live teacher over the student with its adapters
+  switched off; it shares the student's weights (no extra memory).
 
-Each kind is a module of this package (``live``, ``cached``, ``server``, ``mixture``, ``self_distill``,
-``peers``, ``student_base``); this one opens them. Adding a kind of teacher: a spec in ``config.py`` (a member
-of ``TeacherSpec``), a module here with a class with the same attributes and methods as these, and its branch
-in :func:`open_teacher`. The train and eval
-code only calls ``signal``, ``diagnose``, ``covers``, ``check_data``, ``describe``, ``follow``,
-``state_dict``, ``load_state_dict``, ``signal_and_states`` (hidden-state loss, ``has_states``) and
-(speculative KD) ``corrector``.
+Each kind is a module of this package; this one opens them. Adding a kind of teacher: a spec in ``config.py``
+(a member of ``TeacherSpec``), a module here with a class that follows :class:`~distill.teachers.base.Teacher`
+(or a teacher over an engine), and its branch in :func:`open_teacher`; a kind that changes the loop (trains
+or follows something each step) adds a hook to :mod:`distill.training_hooks`.
 """
 
 from __future__ import annotations
@@ -66,29 +69,26 @@ from distill.config import (
     StudentBaseTeacherSpec,
     TeacherCacheSpec,
 )
+from distill.engines import open_engine
 from distill.losses import HiddenStateLoss, LossSpec, uniform_layer_map
 from distill.models import check_tokenizers_agree, load_model, load_tokenizer, resolve_vocab
+from distill.teachers.base import HiddenStates, Teacher
 from distill.teachers.cached import CachedTeacher
-from distill.teachers.live import LiveTeacher
+from distill.teachers.engine import EngineTeacher
 from distill.teachers.mixture import MixtureTeacher
 from distill.teachers.peers import PeersTeacher
-from distill.teachers.self_distill import SelfTeacher
-from distill.teachers.server import ServerTeacher
-from distill.teachers.student_base import StudentBaseTeacher
+from distill.teachers.self_distill import self_teacher
+from distill.teachers.student_base import student_base_teacher
+from distill.training_hooks import LoopHook, PeersHook
 
 logger = logging.getLogger("distill")
 
-__all__ = ["CachedTeacher", "LiveTeacher", "MixtureTeacher", "PeersTeacher", "SelfTeacher", "ServerTeacher",
-           "StudentBaseTeacher", "Teacher", "hidden_state_loss", "open_teacher"]
-
-
-Teacher = (LiveTeacher | CachedTeacher | ServerTeacher | MixtureTeacher | SelfTeacher | PeersTeacher
-           | StudentBaseTeacher)
+__all__ = ["HiddenStates", "Teacher", "hidden_state_loss", "open_teacher"]
 
 
 def open_teacher(
     spec: ModelSpec | TeacherCacheSpec | ServerTeacherSpec | MixtureTeacherSpec | SelfTeacherSpec
-    | StudentBaseTeacherSpec | None,
+    | PeersTeacherSpec | StudentBaseTeacherSpec | None,
     *,
     tokenizer,
     student_ref: str,
@@ -99,81 +99,93 @@ def open_teacher(
     student=None,
     field: str = "teacher",
     optimizer_for=None,
-    max_grad_norm: float | None = None,
-    chunk_size: int | None = None,
-) -> Teacher | None:
+    model_step=None,
+) -> tuple[Teacher | None, LoopHook | None]:
     """The teacher a config describes, checked against this run (tokenizer, vocabulary, sequence length,
-    temperature, divergence), on ``device``; None for ``teacher: null``. ``student``: the model being trained
-    (the teacher of self-distillation is a copy of it; co-distillation's peers train beside it, each with
-    ``optimizer_for(model) -> (optimizer, scheduler)``, ``max_grad_norm`` and the loss's ``chunk_size``)."""
+    temperature, divergence), on ``device``, and the loop hook it needs from the training run (None for a
+    teacher that does not change the loop); (None, None) for ``teacher: null``. ``student``: the model being
+    trained (self-distillation copies it; a LoRA student's base is it); co-distillation's peers train beside
+    it, each with ``optimizer_for(model) -> (optimizer, scheduler)`` and the run's ``model_step``
+    (:class:`distill.training_hooks.PeersHook`)."""
     if spec is None:
-        return None
+        return None, None
     if isinstance(spec, PeersTeacherSpec):
-        if student is None or optimizer_for is None:
-            raise ValueError(f"{field}.peers: co-distillation trains its peers with the student (distill train)")
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            raise ValueError(f"{field}.peers: co-distillation runs in one process (the peers' gradients are not "
-                             "averaged across processes); launch it without accelerate's --num_processes")
-        models = []
-        for i, peer in enumerate(spec.peers):
-            where = f"{field}.peers[{i}]"
-            peer_tok = load_tokenizer(peer, where)
-            try:
-                check_tokenizers_agree(tokenizer, peer_tok, student_ref, peer.tokenizer or peer.path)
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-            model = load_model(peer, where, peer_tok)
-            resolve_vocab(model, len(tokenizer), where, vocab_policy)
-            models.append(model.to(device))
-        return PeersTeacher(spec, student, models, len(tokenizer), loss, optimizer_for, max_grad_norm, chunk_size)
+        hook = _peers(spec, tokenizer, student_ref, loss, vocab_policy, device, student, field, optimizer_for,
+                      model_step)
+        return PeersTeacher(spec, hook), hook
     if isinstance(spec, MixtureTeacherSpec):
-        members, temps = [], []
-        for i, (name, member) in enumerate(zip(spec.names(), spec.teachers, strict=True)):
-            t = member.temperature if member.temperature is not None else loss.temperature
-            where = f"teacher.teachers[{i}]"
-            try:
-                members.append(open_teacher(member, tokenizer=tokenizer, student_ref=student_ref,
-                                            loss=replace(loss, temperature=t), seq_len=seq_len,
-                                            vocab_policy=vocab_policy, device=device, field=where))
-            except ValueError as exc:
-                raise ValueError(f"{where} ({name}): {exc}") from None
-            temps.append(t)
-        return MixtureTeacher(spec, members, temps, loss)
+        return _mixture(spec, tokenizer, student_ref, loss, seq_len, vocab_policy, device), None
     if isinstance(spec, SelfTeacherSpec):
         if student is None:
             raise ValueError(f"{field}.self: self-distillation needs the student being trained (distill train)")
-        return SelfTeacher(spec, student, len(tokenizer), device)
+        return self_teacher(spec, student, tokenizer, device)
     if isinstance(spec, StudentBaseTeacherSpec):
         if student is None or not hasattr(student, "disable_adapter"):
             raise ValueError(f"{field}.student_base: the teacher is the base model of a LoRA student being trained "
                              "(distill train with student.lora)")
-        return StudentBaseTeacher(student, len(tokenizer))
+        return student_base_teacher(student, tokenizer), None
     if isinstance(spec, TeacherCacheSpec):
-        return CachedTeacher(spec, tokenizer, loss, seq_len, device)
+        return CachedTeacher(spec, tokenizer, loss, seq_len, device), None
     if isinstance(spec, ServerTeacherSpec):
-        return ServerTeacher(spec, tokenizer, loss)
+        return EngineTeacher(open_engine(spec, tokenizer, temperature=loss.temperature), "server"), None
     teacher_tok = load_tokenizer(spec, field)
     check_tokenizers_agree(tokenizer, teacher_tok, student_ref, spec.tokenizer or spec.path)
-    model = load_model(spec, field, teacher_tok)
-    resolve_vocab(model, len(tokenizer), field, vocab_policy)
-    model = model.to(device)
-    if sharding.is_sharded():  # an FSDP run: the teacher is sharded too, never whole on one process
-        model = sharding.shard_for_inference(model.requires_grad_(False))
-    return LiveTeacher(model, len(tokenizer))
+    engine = open_engine(spec, teacher_tok, field=field, vocab_policy=vocab_policy, device=device,
+                         sharded=sharding.is_sharded())
+    return EngineTeacher(engine, "live"), None
+
+
+def _mixture(spec: MixtureTeacherSpec, tokenizer, student_ref: str, loss: LossSpec, seq_len: int,
+             vocab_policy: str, device) -> MixtureTeacher:
+    members, temps = [], []
+    for i, (name, member) in enumerate(zip(spec.names(), spec.teachers, strict=True)):
+        t = member.temperature if member.temperature is not None else loss.temperature
+        where = f"teacher.teachers[{i}]"
+        try:
+            opened, _ = open_teacher(member, tokenizer=tokenizer, student_ref=student_ref,
+                                     loss=replace(loss, temperature=t), seq_len=seq_len, vocab_policy=vocab_policy,
+                                     device=device, field=where)
+        except ValueError as exc:
+            raise ValueError(f"{where} ({name}): {exc}") from None
+        members.append(opened)
+        temps.append(t)
+    return MixtureTeacher(spec, members, temps, loss)
+
+
+def _peers(spec: PeersTeacherSpec, tokenizer, student_ref: str, loss: LossSpec, vocab_policy: str, device, student,
+           field: str, optimizer_for, model_step) -> PeersHook:
+    if student is None or optimizer_for is None or model_step is None:
+        raise ValueError(f"{field}.peers: co-distillation trains its peers with the student (distill train)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ValueError(f"{field}.peers: co-distillation runs in one process (the peers' gradients are not "
+                         "averaged across processes); launch it without accelerate's --num_processes")
+    models = []
+    for i, peer in enumerate(spec.peers):
+        where = f"{field}.peers[{i}]"
+        peer_tok = load_tokenizer(peer, where)
+        try:
+            check_tokenizers_agree(tokenizer, peer_tok, student_ref, peer.tokenizer or peer.path)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        model = load_model(peer, where, peer_tok)
+        resolve_vocab(model, len(tokenizer), where, vocab_policy)
+        models.append(model.to(device))
+    return PeersHook(student, models, len(tokenizer), temperature=loss.temperature, burn_in=spec.burn_in,
+                     optimizer_for=optimizer_for, model_step=model_step)
 
 
 def hidden_state_loss(hidden: HiddenLossConfig, student, teacher, seed: int = 0) -> HiddenStateLoss:
     """The hidden-state loss term (docs/methods.md §12) between ``student`` and a teacher with hidden states,
     its layer map checked against both models and its projections (where the widths differ) initialized
     from ``seed``."""
-    if teacher is None or not teacher.has_states:
+    if teacher is None or teacher.states is None:
         what = "no teacher" if teacher is None else f"a {teacher.kind} teacher, which has no hidden states"
         raise ValueError(f"loss.hidden needs the hidden states of a live teacher (teacher: {{path: ...}} or "
                          f"{{config: ...}} or self-distillation), but the run has {what}; set loss.hidden=null or "
                          "use a live teacher")
-    s_layers, t_layers = student.config.num_hidden_layers, teacher.model.config.num_hidden_layers
-    s_width, t_width = student.config.hidden_size, teacher.model.config.hidden_size
+    s_layers, t_layers = student.config.num_hidden_layers, teacher.states.layers
+    s_width, t_width = student.config.hidden_size, teacher.states.width
     pairs = uniform_layer_map(s_layers, t_layers) if hidden.layers == "uniform" else dict(hidden.layers)
     for s_i, t_i in pairs.items():
         for who, i, n in (("student", s_i, s_layers), ("teacher", t_i, t_layers)):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from distill.cache.codec import data_fingerprint
 from distill.cache.reader import TeacherCache
 from distill.config import TeacherCacheSpec
@@ -18,7 +16,10 @@ class CachedTeacher:
 
     kind = "cache"
     max_positions = None
-    scores_any_text = False
+    scores_any_text = False  # targets exist only for the dataset's examples
+    # Capabilities it has not got (distill.teachers.base): no hidden states, no corrections of new tokens
+    # (speculative KD), no members, no model in this process, nothing to diagnose (targets are checked when read).
+    states = corrector = names = model = diagnose = None
 
     def __init__(self, spec: TeacherCacheSpec, tokenizer, loss: LossSpec, seq_len: int, device):
         train = TeacherCache(spec.cache, "train", topk_tail=spec.topk_tail)
@@ -83,26 +84,3 @@ class CachedTeacher:
         flat = SparseTarget(target.ids.reshape(-1, k), target.probs.reshape(-1, k),
                             None if target.tail is None else target.tail.reshape(-1))
         return flat.to(self.device)
-
-    def diagnose(self, batch: dict) -> str | None:
-        return None  # stored targets are checked when they are read
-
-    def corrector(self, temperature: float):
-        raise ValueError("a cached teacher cannot check new tokens (speculative KD); use a live or server teacher")
-
-    has_states = False  # no hidden states: the hidden-state loss needs a live teacher
-
-    def follow(self, student, step: int) -> None:
-        """Nothing to do after an optimizer step: this teacher does not depend on the student."""
-
-    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
-        """Nothing to do before an optimizer step (co-distillation trains its peers here)."""
-
-    def save_models(self, out_dir, tokenizer) -> None:
-        """No model of its own to save (co-distillation saves its peers)."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}  # nothing to keep in checkpoints
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass

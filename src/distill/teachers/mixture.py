@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from distill.config import MixtureTeacherSpec
 from distill.losses import LossSpec, MixtureSignal
 
@@ -12,9 +10,11 @@ class MixtureTeacher:
     """Several teachers at once (docs/methods.md §9): each member a live, cached or server teacher checked on
     its own against the run (tokenizer, vocabulary, temperature); the signal holds every member's, and the
     chunked loss forms a chunk of rows of each at a time. Weights are normalized to sum to 1; a member of
-    weight 0 only has its KL logged."""
+    weight 0 only has its KL logged. It has no hidden states, no model of its own and corrects no tokens
+    (speculative KD corrects with one teacher)."""
 
     kind = "mixture"
+    states = corrector = model = None
 
     def __init__(self, spec: MixtureTeacherSpec, members: list, temperatures: list[float], loss: LossSpec):
         self.spec, self.members, self.temperatures = spec, members, temperatures
@@ -23,18 +23,18 @@ class MixtureTeacher:
         self.weights = [m.weight / total for m in spec.teachers]
         if spec.mix == "probability":
             for i, (member, w) in enumerate(zip(members, self.weights, strict=True)):
-                if w > 0 and member.kind not in ("live", "self"):
+                if w > 0 and member.eval_estimates != "exact":  # not its whole distribution
                     raise ValueError(
                         f"teacher.mix=probability mixes the teachers' full distributions, but teacher.teachers[{i}] "
                         f"({self.names[i]}) is a {member.kind} teacher with top-k or sampled targets; use "
                         "teacher.mix=loss (the weighted sum of the divergences to each teacher)")
         self.scores_any_text = all(m.scores_any_text for m in members)
-        self.has_states = False
         limits = [m.max_positions for m in members if m.max_positions]
         self.max_positions = min(limits) if limits else None
         kinds = {m.eval_estimates for m in members}
         self.eval_estimates = kinds.pop() if len(kinds) == 1 else ("sampled" if "sampled" in kinds else "topk_tail")
         self.eval_temperature = loss.temperature  # the mixture as trained (members at their own temperatures)
+        self.diagnose = self._diagnose if any(m.diagnose is not None for m in members) else None
 
     def describe(self) -> str:
         parts = [f"{n} (weight {w:.3g}, T={t:g}): {m.describe()}"
@@ -52,31 +52,9 @@ class MixtureTeacher:
         return MixtureSignal([m.signal(batch) for m in self.members], self.weights, self.temperatures,
                              self.spec.mix)
 
-    def diagnose(self, batch: dict) -> str | None:
+    def _diagnose(self, batch: dict) -> str | None:
         for name, m in zip(self.names, self.members, strict=True):
-            cause = m.diagnose(batch)
+            cause = m.diagnose(batch) if m.diagnose is not None else None
             if cause:
                 return f"teacher {name}: {cause}"
         return None
-
-    def corrector(self, temperature: float):
-        raise ValueError("speculative KD (train.batches=skd) corrects with one teacher; several teachers "
-                         "(teacher.teachers) cannot")
-
-    def follow(self, student, step: int) -> None:
-        for m in self.members:
-            m.follow(student, step)
-
-    def begin_step(self, batches: list[dict], num_tokens, step: int) -> None:
-        for m in self.members:
-            m.begin_step(batches, num_tokens, step)
-
-    def save_models(self, out_dir, tokenizer) -> None:
-        for m in self.members:
-            m.save_models(out_dir, tokenizer)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass

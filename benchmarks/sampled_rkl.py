@@ -56,7 +56,7 @@ from distill.data import build_datasets  # noqa: E402
 from distill.generation.sampling import SamplingParams, row_seed, sample  # noqa: E402
 from distill.losses import IGNORE_INDEX, LossSpec, kd_loss_per_token  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
-from distill.onpolicy import example_prompt  # noqa: E402
+from distill.sources.onpolicy import example_prompt  # noqa: E402
 
 CONFIG = ROOT / "configs" / "tiny" / "gkd.yaml"
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/sampled_rkl.json
@@ -87,7 +87,7 @@ def train_teacher(work: Path, steps: int, reuse: bool) -> Path:
 def run_config(work: Path, teacher: Path, method: str, lr: float, seed: int, steps: int, log_every: int) -> TrainConfig:
     return load_config(TrainConfig, CONFIG, [
         f"out_dir={work / f'{method}_lr{lr:g}_seed{seed}'}", "teacher=null", f"teacher.path={teacher}",
-        "train.batches=gkd", "onpolicy.student_fraction=1", "onpolicy.temperature=1", "loss.alpha=0",
+        "train.batches.student_fraction=1", "train.batches.temperature=1", "loss.alpha=0",
         f"train.max_steps={steps}", f"optim.lr={lr}", f"train.seed={seed}", f"student.seed={seed + 1}",
         f"log.every={log_every}", *QUIET, *METHODS[method]])
 
@@ -217,20 +217,20 @@ def main(argv=None) -> dict:
                 prompts = prompts_of(cfg, tok)
                 if seed not in initial:
                     init = load_model(cfg.student, "student", tok).eval()
-                    initial[seed] = exact_kl_on_own_samples(init, teacher, tok, prompts, cfg.onpolicy.max_new_tokens)
+                    initial[seed] = exact_kl_on_own_samples(init, teacher, tok, prompts, cfg.train.batches.max_new_tokens)
                     if args.batches:
                         variance[f"seed{seed}_untrained"] = gradient_variance(
-                            init, teacher, tok, prompts, cfg.onpolicy.max_new_tokens, args.batches, seed)
+                            init, teacher, tok, prompts, cfg.train.batches.max_new_tokens, args.batches, seed)
                 t0 = time.process_time()
                 training.train(cfg)
                 cpu = time.process_time() - t0
                 recs = [r for r in map(json.loads, (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines())
                         if r["split"] == "train"]
                 student = load_model(ModelSpec(path=str(Path(cfg.out_dir) / "student")), "student").eval()
-                final = exact_kl_on_own_samples(student, teacher, tok, prompts, cfg.onpolicy.max_new_tokens)
+                final = exact_kl_on_own_samples(student, teacher, tok, prompts, cfg.train.batches.max_new_tokens)
                 if method == "exact" and args.batches and lr == args.lrs[0]:
                     variance[f"seed{seed}_trained_exact_lr{lr:g}"] = gradient_variance(
-                        student, teacher, tok, prompts, cfg.onpolicy.max_new_tokens, args.batches, seed)
+                        student, teacher, tok, prompts, cfg.train.batches.max_new_tokens, args.batches, seed)
                 runs.append({"method": method, "lr": lr, "seed": seed, "div_start": recs[0]["div"],
                              "div_end": recs[-1]["div"], "div": [round(r["div"], 4) for r in recs],
                              "initial_exact": initial[seed], "final_exact": final, "cpu_seconds": round(cpu, 1)})

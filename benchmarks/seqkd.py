@@ -73,7 +73,7 @@ from distill.tasks import arithmetic  # noqa: E402
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/seqkd.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "seqkd.json"
 SEQUENCE_METHODS = ("ce_ground_truth", "token_kd_ground_truth", "seq_kd", "seq_kd_best_of_n", "seq_kd_plus_token_kd")
-# method -> (train.batches, loss settings, onpolicy settings): the methods with a live teacher in the loop
+# method -> (train.batches, loss settings, the source's settings): the methods with a live teacher in the loop
 JSD = {"divergence": "jsd", "alpha": 0.0}
 TEACHER_METHODS = {
     "supervised_jsd": ("dataset", {**JSD, "beta": 0.5}, {}),
@@ -201,12 +201,12 @@ def main(argv=None) -> dict:
             if method in ("token_kd_ground_truth", "seq_kd_plus_token_kd"):
                 update["teacher"] = ModelSpec(path=str(teacher_dir))
             if method in TEACHER_METHODS:
-                batches, loss, onpolicy = TEACHER_METHODS[method]
+                batches, loss, settings = TEACHER_METHODS[method]
                 update["teacher"] = ModelSpec(path=str(teacher_dir))
                 update["loss"] = type(cfg.loss).model_validate({**cfg.loss.model_dump(), **loss})
-                update["train"] = cfg.train.model_copy(update={"batches": batches})
-                update["onpolicy"] = cfg.onpolicy.model_copy(
-                    update={"temperature": 1.0, "max_new_tokens": answer_tokens, **onpolicy})
+                sampling = {"temperature": 1.0, "max_new_tokens": answer_tokens} if batches != "dataset" else {}
+                update["train"] = type(cfg.train).model_validate(
+                    {**cfg.train.model_dump(), "batches": {"source": batches, **sampling, **settings}})
                 if batches == "distillm":
                     update["eval"] = cfg.eval.model_copy(update={"every": 100, "max_batches": 2})
             if method.startswith("seq_kd"):

@@ -47,8 +47,7 @@ RUNS = [
     ("gkd", "train configs/tiny/gkd.yaml out_dir=runs/tiny-gkd"),
     ("skd", "train configs/tiny/skd.yaml out_dir=runs/tiny-skd"),
     ("gkd_sampled_rkl", "train configs/tiny/gkd.yaml out_dir=runs/tiny-gkd-srkl loss.divergence=sampled_reverse_kl"),
-    ("distillm", "train configs/tiny/gkd.yaml out_dir=runs/tiny-distillm train.batches=distillm "
-                 "loss.divergence=skew_reverse_kl eval.every=2"),
+    ("distillm", "train configs/tiny/distillm.yaml out_dir=runs/tiny-distillm train.batches.adaptive_init=0"),
     ("hidden", "train configs/tiny/hidden.yaml out_dir=runs/tiny-hidden"),
     ("multi_teacher", "train configs/tiny/multi_teacher.yaml out_dir=runs/tiny-multi"),
     ("self_distill", "train configs/tiny/self_distill.yaml out_dir=runs/tiny-self"),

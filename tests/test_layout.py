@@ -16,7 +16,7 @@ LAYERS = [
     ("distill.sharding", "distill.lora", "distill.cache", "distill.generation", "distill.server", "distill.evaluation",
      "distill.pruning"),
     ("distill.engines",),
-    ("distill.teachers", "distill.onpolicy", "distill.training_hooks"),
+    ("distill.teachers", "distill.sources", "distill.training_hooks"),
     ("distill.training",),
     ("distill.commands", "distill.tasks"),
     ("distill.cli", "distill.__main__"),

@@ -20,8 +20,13 @@ from distill.engines.local import Correction
 from distill.generation.correction import corrected_sample
 from distill.generation.sampling import SamplingParams, row_seed, sample
 from distill.losses import LossSpec, SparseTarget, kd_loss_per_token, token_divergence
+from distill.models import load_model, load_tokenizer
+from distill.sources.distillm import AdaptiveThreshold
+from distill.sources.gkd import GkdSource
+from distill.sources.onpolicy import example_prompt
 
-TINY = {"gkd": REPO / "configs" / "tiny" / "gkd.yaml", "skd": REPO / "configs" / "tiny" / "skd.yaml"}
+TINY = {"gkd": REPO / "configs" / "tiny" / "gkd.yaml", "skd": REPO / "configs" / "tiny" / "skd.yaml",
+        "distillm": REPO / "configs" / "tiny" / "distillm.yaml"}
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +65,7 @@ PROMPTS = [[2, 5, 6], [2, 7], [2, 8, 9, 10]]
 
 
 def test_tiny_configs_train_and_log_the_on_policy_metrics(tmp_path):
-    for method in ("gkd", "skd"):
+    for method in ("gkd", "skd", "distillm"):
         cfg = cfg_of(tmp_path / method, method)
         summary = training.train(cfg)
         assert summary["steps"] == 8
@@ -72,11 +77,13 @@ def test_tiny_configs_train_and_log_the_on_policy_metrics(tmp_path):
         if method == "skd":
             assert all(0 <= r["skd_replacement_rate"] <= 1 and r["skd_k"] == 25 and r["on_policy"] == 1.0 for r in recs)
             assert all(r["gen_length"] > 0 for r in recs)
+        if method == "distillm":
+            assert all(r["on_policy"] + r["replay"] <= 1.0 and 0.5 <= r["distillm_threshold"] <= 1.0 for r in recs)
 
 
 def test_lambda_zero_is_supervised_kd_exactly(tmp_path):
     common = ["train.max_steps=5", "eval.every=0", "checkpoint.every=0"]
-    gkd = cfg_of(tmp_path / "gkd", "gkd", *common, "onpolicy.student_fraction=0")
+    gkd = cfg_of(tmp_path / "gkd", "gkd", *common, "train.batches.student_fraction=0")
     supervised = cfg_of(tmp_path / "sup", "gkd", *common, "train.batches=dataset")
     training.train(gkd)
     training.train(supervised)
@@ -89,26 +96,26 @@ def test_lambda_zero_is_supervised_kd_exactly(tmp_path):
 def test_lambda_one_trains_on_the_students_own_samples(tmp_path, monkeypatch):
     """Every step's batch is what the sampler draws from the student's weights at that step, with the seed
     of (seed, step, example)."""
-    from distill import onpolicy
-
     checked = []
-    real = training.BATCH_SOURCES["gkd"]
+    real = GkdSource.batches
+    cfg = cfg_of(tmp_path, "gkd", "train.batches.student_fraction=1", "train.max_steps=4", "eval.every=0",
+                 "checkpoint.every=0")
+    settings = cfg.train.batches
+    params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                            max_new_tokens=settings.max_new_tokens, stop_ids=(load_tokenizer(cfg.student, "student").eos_token_id,))
 
-    def checking(run, step):
-        batches = real(run, step)
-        student = run.accelerator.unwrap_model(run.model)
+    def checking(source, ctx, step):
+        batches = real(source, ctx, step)
         for m, batch in enumerate(batches):
-            idx = run.indices(step, m)
-            prompts = [onpolicy.example_prompt(run.train_ds[i], "gkd", run.tokenizer.bos_token_id) for i in idx]
-            again = sample(student, prompts, run.onpolicy.params, pad_id=run.pad_id,
-                           seeds=[row_seed(run.cfg.train.seed, "gkd", step, i) for i in idx]).to_batch(run.pad_id)
+            idx = ctx.indices(step, m)
+            prompts = [example_prompt(ctx.train_ds[i], "gkd", ctx.tokenizer.bos_token_id) for i in idx]
+            again = sample(ctx.student, prompts, params, pad_id=ctx.pad_id,
+                           seeds=[row_seed(cfg.train.seed, "gkd", step, i) for i in idx]).to_batch(ctx.pad_id)
             assert torch.equal(again["input_ids"], batch["input_ids"]) and torch.equal(again["labels"], batch["labels"])
             checked.append(step)
         return batches
 
-    monkeypatch.setitem(training.BATCH_SOURCES, "gkd", checking)
-    cfg = cfg_of(tmp_path, "gkd", "onpolicy.student_fraction=1", "train.max_steps=4", "eval.every=0",
-                 "checkpoint.every=0")
+    monkeypatch.setattr(GkdSource, "batches", checking)
     training.train(cfg)
     assert checked == [0, 1, 2, 3]
     assert all(r["on_policy"] == 1.0 for r in records(cfg))
@@ -154,7 +161,7 @@ def test_skd_with_k_one_and_an_argmax_teacher_is_the_teachers_greedy_continuatio
 
 
 def test_skd_schedule_of_k(tmp_path):
-    cfg = cfg_of(tmp_path, "skd", "onpolicy.skd_top_k=40", "onpolicy.skd_top_k_final=2", "train.max_steps=5",
+    cfg = cfg_of(tmp_path, "skd", "train.batches.skd_top_k=40", "train.batches.skd_top_k_final=2", "train.max_steps=5",
                  "eval.every=0", "checkpoint.every=0")
     training.train(cfg)
     ks = [r["skd_k"] for r in records(cfg)]
@@ -165,8 +172,6 @@ def test_skd_schedule_of_k(tmp_path):
 
 
 def test_distillm_raises_its_threshold_when_the_eval_loss_rises():
-    from distill.onpolicy import AdaptiveThreshold
-
     phi = AdaptiveThreshold(0.2, step=0.1, eps=0.1)
     for loss, want in ((2.0, 0.2), (2.05, 0.2), (2.11, 0.3), (2.15, 0.3), (2.25, 0.4), (1.0, 0.4), (9.0, 0.5)):
         phi.observe(loss)
@@ -177,8 +182,8 @@ def test_distillm_raises_its_threshold_when_the_eval_loss_rises():
 
 
 def test_distillm_trains_from_its_replay_buffer(tmp_path):
-    cfg = cfg_of(tmp_path, "gkd", "train.batches=distillm", "loss.divergence=skew_kl", "onpolicy.adaptive_init=1.0",
-                 "onpolicy.replay_capacity=16", "train.max_steps=10", "eval.every=0", "checkpoint.every=0")
+    cfg = cfg_of(tmp_path, "distillm", "loss.divergence=skew_kl", "train.batches.adaptive_init=1.0",
+                 "train.batches.replay_capacity=16", "train.max_steps=10", "eval.every=0", "checkpoint.every=0")
     training.train(cfg)
     recs = records(cfg)
     fresh = [r["on_policy"] for r in recs]
@@ -194,9 +199,9 @@ def test_distillm_trains_from_its_replay_buffer(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["gkd", "skd", "distillm"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
-    extra = {"gkd": [], "skd": [], "distillm": ["train.batches=distillm", "loss.divergence=skew_kl",
-                                                "onpolicy.adaptive_init=0.8", "onpolicy.replay_capacity=24"]}[method]
-    source = TINY["skd" if method == "skd" else "gkd"]
+    extra = {"gkd": [], "skd": [], "distillm": ["loss.divergence=skew_kl", "train.batches.adaptive_init=0.8",
+                                                "train.batches.replay_capacity=24"]}[method]
+    source = TINY[method]
     steps = ["train.max_steps=24", "checkpoint.every=4", "eval.every=8", "log.every=1", *extra]
     ref = load_config(TrainConfig, source, [f"out_dir={tmp_path / 'ref'}", "log.progress=false", *steps])
     training.train(ref)
@@ -213,28 +218,56 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, method):
 
 
 def test_bad_settings_are_named(tmp_path, tiny_caches):
-    with pytest.raises(ConfigError, match="onpolicy.student_fraction"):
-        cfg_of(tmp_path, "gkd", "onpolicy.student_fraction=1.5")
-    with pytest.raises(ConfigError, match="onpolicy.skd_top_k"):
-        cfg_of(tmp_path, "skd", "onpolicy.skd_top_k=0")
+    with pytest.raises(ConfigError, match="train.batches.student_fraction"):
+        cfg_of(tmp_path, "gkd", "train.batches.student_fraction=1.5")
+    with pytest.raises(ConfigError, match="train.batches.skd_top_k"):
+        cfg_of(tmp_path, "skd", "train.batches.skd_top_k=0")
+    with pytest.raises(ConfigError, match=r"train.batches.skd_top_k: unknown key"):  # another source's setting
+        cfg_of(tmp_path, "gkd", "train.batches.skd_top_k=5")
     with pytest.raises(ConfigError, match="set data.packing=false"):
         cfg_of(tmp_path, "gkd", "data.packing=true")
     text = ["data.source=configs/tiny/data/docstrings.jsonl", "data.format=text", "data.seq_len=32",
             "data.truncate=true"]
     with pytest.raises(ValueError, match="train.batches=gkd needs prompts"):
-        training.train(cfg_of(tmp_path / "a", "gkd", *text, "onpolicy.student_fraction=1"))
+        training.train(cfg_of(tmp_path / "a", "gkd", *text, "train.batches.student_fraction=1"))
     with pytest.raises(ValueError, match="a cached teacher cannot score text the student writes"):
         training.train(cfg_of(tmp_path / "b", "gkd", "teacher=null", f"teacher.cache={tiny_caches['topk']['out']}",
                           "data.source=configs/tiny/data/docstrings.jsonl", "data.seq_len=128", "data.max_examples=120",
                           "data.format=auto"))
-    with pytest.raises(ValueError, match="onpolicy.max_new_tokens=60 .* exceeds the models' 64 positions"):
-        training.train(cfg_of(tmp_path / "c", "gkd", "onpolicy.max_new_tokens=60"))
+    with pytest.raises(ValueError, match="train.batches.max_new_tokens=60 .* exceeds the models' 64 positions"):
+        training.train(cfg_of(tmp_path / "c", "gkd", "train.batches.max_new_tokens=60"))
     with pytest.raises(ValueError, match="needs a teacher|set a teacher"):
         training.train(cfg_of(tmp_path / "d", "gkd", "teacher=null"))
     with pytest.raises(ValueError, match="loss.baseline=running: the baseline is unbiased only on tokens drawn from"):
-        training.train(cfg_of(tmp_path / "e", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7"))
-    training.train(cfg_of(tmp_path / "f", "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.temperature=0.7",
+        training.train(cfg_of(tmp_path / "e", "gkd", "loss.divergence=sampled_reverse_kl",
+                              "train.batches.temperature=0.7"))
+    training.train(cfg_of(tmp_path / "f", "gkd", "loss.divergence=sampled_reverse_kl", "train.batches.temperature=0.7",
                       "loss.baseline=none", "train.max_steps=1", "eval.every=0", "checkpoint.every=0"))
+
+
+def test_the_onpolicy_section_is_refused_with_what_to_write_instead(tmp_path):
+    """The settings of an on-policy source are its own keys of train.batches; the section they had before is
+    refused with the keys to write, which then load as the same settings."""
+    with pytest.raises(ConfigError) as err:
+        cfg_of(tmp_path, "gkd", "onpolicy.student_fraction=1", "onpolicy.max_new_tokens=5", "onpolicy.skd_top_k=3")
+    message = str(err.value).splitlines()[-1]
+    assert ("write train.batches: {source: gkd, student_fraction: 1, max_new_tokens: 5} (or train.batches.source=gkd "
+            "train.batches.student_fraction=1 train.batches.max_new_tokens=5) and remove `onpolicy`; drop skd_top_k "
+            "(not settings of gkd)") in message
+    fixed = message.split("(or ")[1].split(")")[0].split()
+    settings = cfg_of(tmp_path, "gkd", *fixed).train.batches
+    assert (settings.source, settings.student_fraction, settings.max_new_tokens) == ("gkd", 1.0, 5)
+    with pytest.raises(ConfigError, match=r"train.batches=dataset has no on-policy settings: remove it"):
+        cfg_of(tmp_path, "gkd", "train.batches=dataset", "onpolicy.temperature=1.0")
+
+
+def test_a_source_named_on_the_command_line_takes_keys_after_it(tmp_path):
+    """`train.batches=NAME` replaces the file's section with that source's defaults; keys given after it are
+    its own; a section without a source is refused with what to write."""
+    settings = cfg_of(tmp_path, "gkd", "train.batches=distillm", "train.batches.max_new_tokens=6").train.batches
+    assert (settings.source, settings.max_new_tokens, settings.adaptive_init) == ("distillm", 6, 0.0)
+    with pytest.raises(ConfigError, match=r"train.batches: name the source"):
+        cfg_of(tmp_path, "gkd", "train.batches=null", "train.batches.max_new_tokens=6")
 
 
 # ------------------------------------------------------------------------------------------- sampled reverse KL
@@ -263,7 +296,7 @@ def test_sampled_reverse_kl_gradient_is_unbiased_for_the_reverse_kl():
 
 
 def test_gkd_with_sampled_reverse_kl_trains(tmp_path):
-    cfg = cfg_of(tmp_path, "gkd", "loss.divergence=sampled_reverse_kl", "onpolicy.student_fraction=1",
+    cfg = cfg_of(tmp_path, "gkd", "loss.divergence=sampled_reverse_kl", "train.batches.student_fraction=1",
                  "train.max_steps=4", "eval.every=0", "checkpoint.every=0")
     training.train(cfg)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records(cfg))
@@ -310,8 +343,8 @@ def tiny_vocab_cfg(root: Path, out: Path, length: int, baseline: str, steps: int
         "data": {"source": str(root / "prompts.jsonl"), "format": "prompt_response", "packing": False, "seq_len": 8,
                  "eval_fraction": 0.0},
         "loss": {"divergence": "sampled_reverse_kl", "alpha": 0.0, "baseline": baseline},
-        "train": {"batches": "gkd", "max_steps": steps, "batch_size": 16 * len(LETTERS)},
-        "onpolicy": {"student_fraction": fraction, "temperature": 1.0, "max_new_tokens": length},
+        "train": {"batches": {"source": "gkd", "student_fraction": fraction, "temperature": 1.0,
+                              "max_new_tokens": length}, "max_steps": steps, "batch_size": 16 * len(LETTERS)},
         "optim": {"lr": lr, "warmup_steps": 0}, "eval": {"every": 0}, "checkpoint": {"every": 0},
         "log": {"every": 1, "progress": False}, **sections})
 
@@ -338,28 +371,27 @@ def exact_reverse_kl(student, teacher, prompts: list[list[int]], eos: int, lengt
 
 def kl_before_and_after(cfg: TrainConfig, monkeypatch) -> tuple[float, float]:
     """Train with the recipe (training.train) and return the exact reverse KL of the student before its first step
-    and after its last."""
+    and after its last (to the teacher, built again from its config as the run builds it: a seeded random init)."""
     seen: dict = {}
-    real = training.BATCH_SOURCES["gkd"]
+    real = GkdSource.batches
+    teacher = load_model(cfg.teacher, "teacher", load_tokenizer(cfg.teacher, "teacher")).eval()
+    length = cfg.train.batches.max_new_tokens
 
-    def first_step(run, step):
+    def first_step(source, ctx, step):
         if step == 0:
-            from distill.onpolicy import example_prompt
-
-            tok = run.tokenizer
+            tok = ctx.tokenizer
             seen["prompts"] = [[tok.bos_token_id, VOCAB.index(c), VOCAB.index("=")] for c in LETTERS]
-            trained = {tuple(example_prompt(ex, "gkd", tok.bos_token_id)) for ex in run.train_ds}
+            trained = {tuple(example_prompt(ex, "gkd", tok.bos_token_id)) for ex in ctx.train_ds}
             assert trained == {tuple(p) for p in seen["prompts"]}  # the prompts the recipe trains on
-            seen["models"] = (run.accelerator.unwrap_model(run.model), run.teacher.model)  # trained in place
+            seen["models"] = (ctx.student, teacher)  # the student is trained in place
             seen["eos"] = tok.eos_token_id
-            seen["before"] = exact_reverse_kl(*seen["models"], seen["prompts"], seen["eos"],
-                                              cfg.onpolicy.max_new_tokens)
-        return real(run, step)
+            seen["before"] = exact_reverse_kl(*seen["models"], seen["prompts"], seen["eos"], length)
+        return real(source, ctx, step)
 
-    monkeypatch.setitem(training.BATCH_SOURCES, "gkd", first_step)
+    monkeypatch.setattr(GkdSource, "batches", first_step)
     training.train(cfg)
-    monkeypatch.setitem(training.BATCH_SOURCES, "gkd", real)
-    after = exact_reverse_kl(*seen["models"], seen["prompts"], seen["eos"], cfg.onpolicy.max_new_tokens)
+    monkeypatch.setattr(GkdSource, "batches", real)
+    after = exact_reverse_kl(*seen["models"], seen["prompts"], seen["eos"], length)
     return seen["before"], after
 
 
@@ -510,8 +542,11 @@ def test_a_run_with_the_running_baseline_resumes_exactly(tmp_path, tiny_vocab, m
     with pytest.raises(KeyboardInterrupt):
         training.train(cfg)
     monkeypatch.undo()
-    state = json.loads((Path(cfg.out_dir) / "checkpoints" / "step_00000003" / "onpolicy_rank0.json").read_text())
+    kept = Path(cfg.out_dir) / "checkpoints" / "step_00000003"
+    state = json.loads((kept / "batch_source_rank0.json").read_text())
     assert state["reward_mean"] > 0
+    # the name of the file in checkpoints written before the sources package: read as well
+    (kept / "batch_source_rank0.json").rename(kept / "onpolicy_rank0.json")
     training.train(cfg, resume=True)
     a, b = weights(cfg), weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -459,9 +459,9 @@ def test_server_killed_mid_run_then_resume(tmp_path, teacher_dir):
 
 
 @pytest.mark.parametrize(("method", "extra"), [
-    ("gkd", ["onpolicy.student_fraction=1"]),
-    ("gkd", ["onpolicy.student_fraction=1", "loss.divergence=sampled_reverse_kl"]),
-    ("skd", ["onpolicy.skd_top_k=5"]),
+    ("gkd", ["train.batches.student_fraction=1"]),
+    ("gkd", ["train.batches.student_fraction=1", "loss.divergence=sampled_reverse_kl"]),
+    ("skd", ["train.batches.skd_top_k=5"]),
 ])
 def test_on_policy_sources_with_the_server_teacher(tmp_path, server, method, extra):
     cfg = load_config(TrainConfig, REPO / "configs" / "tiny" / f"{method}.yaml", [

@@ -481,23 +481,85 @@ def test_cache_from_other_data_or_settings_is_refused(tmp_path, tiny_caches):
 
 def test_each_step_comes_from_the_batch_source_and_resume_continues_it(tmp_path, monkeypatch):
     """The loop asks train.batches' source for every step once, by step number; a resumed run asks for the
-    steps after its checkpoint."""
-    steps = []
-    dataset = training.BATCH_SOURCES["dataset"]
+    steps after its checkpoint. A source that is not registered is refused before anything loads."""
+    from distill.sources.dataset import DatasetSource
 
-    def recording(run, step):
+    steps = []
+    real = DatasetSource.batches
+
+    def recording(source, ctx, step):
         steps.append(step)
-        batches = dataset(run, step)
-        assert len(batches) == run.cfg.train.grad_accum and all(b["split"] == "train" for b in batches)
+        batches = real(source, ctx, step)
+        assert len(batches) == ctx.grad_accum and all(b["split"] == "train" for b in batches)
         return batches
 
-    monkeypatch.setitem(training.BATCH_SOURCES, "dataset", recording)
+    monkeypatch.setattr(DatasetSource, "batches", recording)
     training.train(cfg_with(tmp_path, "train.max_steps=4", "checkpoint.every=2", "eval.every=0"))
     assert steps == [0, 1, 2, 3]
     training.train(cfg_with(tmp_path, "train.max_steps=6", "checkpoint.every=2", "eval.every=0"), resume=True)
     assert steps == [0, 1, 2, 3, 4, 5]
-    with pytest.raises(ConfigError, match="train.batches"):
-        cfg_with(tmp_path, "train.batches=generated")
+    with pytest.raises(ConfigError, match=r"train.batches.source='generated' is not a batch source: give one of "
+                                          r"dataset, gkd, skd, distillm"):
+        training.train(cfg_with(tmp_path / "other", "train.batches=generated"))
+    assert not (tmp_path / "other" / "run" / "config.yaml").exists()
+
+
+# A batch source written outside the package: one module. It gives each step's dataset micro-batches in reverse
+# order, counts the steps it has given (its state) and logs the count.
+PLUGIN_SOURCE = """
+from distill.sources.dataset import DatasetSource
+
+
+class ReversedSource(DatasetSource):
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
+        self.given = 0
+
+    def batches(self, ctx, step):
+        self.given += 1
+        return [ctx.dataset_batch(step, m) for m in reversed(range(ctx.grad_accum))]
+
+    def log_fields(self, step, steps, reduce):
+        return {"given": reduce([float(self.given)])[0]}
+
+    def state_dict(self):
+        return {"given": self.given}
+
+    def load_state_dict(self, state):
+        self.given = state["given"]
+"""
+
+
+def test_a_new_batch_source_is_one_module_and_one_line_in_the_registry(tmp_path, monkeypatch):
+    """The module above plus its line in distill.sources.SOURCES is all a source needs: `train.batches: NAME`
+    trains from it through the real loop, its log field reaches metrics.jsonl, its state the checkpoints, and a
+    run stopped after a checkpoint and resumed ends as an uninterrupted one."""
+    import importlib
+
+    from conftest import crash_after_checkpoint
+
+    from distill import sources
+
+    (tmp_path / "reversed_source.py").write_text(PLUGIN_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sources.SOURCES, "reversed", importlib.import_module("reversed_source").ReversedSource)
+
+    steps = ["train.batches=reversed", "train.grad_accum=2", "train.max_steps=4", "checkpoint.every=2",
+             "eval.every=0", "log.every=1"]
+    ref = cfg_with(tmp_path / "ref", *steps)
+    training.train(ref)
+    cut = cfg_with(tmp_path / "cut", *steps)
+    with monkeypatch.context() as m:
+        crash_after_checkpoint(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            training.train(cut)
+    kept = Path(cut.out_dir) / "checkpoints" / "step_00000002" / "batch_source_rank0.json"
+    assert json.loads(kept.read_text()) == {"given": 2}
+    training.train(cut, resume=True)
+    runs = [[(r["step"], r["given"], r["loss"]) for r in read_metrics(Path(c.out_dir)) if r["split"] == "train"]
+            for c in (ref, cut)]
+    assert [given for _, given, _ in runs[0]] == [1, 2, 3, 4] and runs[1] == runs[0]
+    assert_same_weights(student_state(Path(cut.out_dir)), student_state(Path(ref.out_dir)), atol=0.0)
 
 
 def test_cached_teacher_refuses_batches_that_are_not_dataset_examples(tiny_caches):

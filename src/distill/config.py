@@ -333,6 +333,8 @@ def _where(loc: tuple) -> str:
         after_member = i > 1 and isinstance(loc[i - 1], int) and loc[i - 2] == "teachers"
         if part in _TEACHER_TAGS and (after_teacher or after_member):
             continue
+        if i > 1 and loc[i - 2:i] == ("train", "batches") and part in (*BATCH_SETTINGS, "other"):
+            continue  # the batch source's tag
         parts.append(str(part))
     return ".".join(parts)
 
@@ -376,14 +378,23 @@ def load_config(model: type[BaseModel], path: str | Path | None, overrides: list
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
     if overrides:
-        # Applied in order onto the file's tree, so `teacher=null teacher.cache=DIR` replaces the section.
+        # Applied in order onto the file's tree, so `teacher=null teacher.cache=DIR` replaces the section, and
+        # `train.batches=skd train.batches.skd_top_k=5` gives the source named first a key.
         for item in overrides:
-            tree = _merge(tree, parse_overrides([item]))
+            tree = _merge(_batches_named(tree), parse_overrides([item]))
         origin += " + overrides"
     try:
         return model.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def _batches_named(tree: dict) -> dict:
+    """``train.batches: NAME`` (a batch source written as its name) as its section ``{source: NAME}``."""
+    train = tree.get("train")
+    if isinstance(train, dict) and isinstance(train.get("batches"), str):
+        return {**tree, "train": {**train, "batches": {"source": train["batches"]}}}
+    return tree
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
@@ -460,13 +471,121 @@ class OptimConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
 
 
+# ------------------------------------------------------------------------------------------------ batch sources
+# Where a step's micro-batches come from (`train.batches`): a source's name, or its section `{source: NAME, ...}`.
+# Each source with settings has its section here (a member of `BatchesSpec`, tagged by its name); the source
+# itself is a module of `distill/sources/`, found by name in its `SOURCES`.
+
+
+class DatasetBatches(Section):
+    """``dataset``: the data section's examples; a step's rows are a function of (seed, step)."""
+
+    source: Literal["dataset"] = Field("dataset", description="the batch source")
+
+
+class OnPolicyBatches(Section):
+    """What the on-policy sources share: the student writes the completions of the step's examples' prompts
+    with its current weights, and the teacher scores every token of them."""
+
+    source: str = Field(description="the batch source")
+    temperature: float = Field(1.0, ge=0.0, description="the student's sampling temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="the student's nucleus (1 = its whole distribution)")
+    max_new_tokens: int = Field(128, gt=0, description="the longest completion the student writes")
+
+
+class GkdBatches(OnPolicyBatches):
+    """``gkd`` (generalized KD): a step trains on the student's samples with probability ``student_fraction``,
+    else on the dataset's completions."""
+
+    source: Literal["gkd"] = Field("gkd", description="the batch source")
+    student_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="the probability (lambda) that a step's completions are the student's"
+    )
+
+
+class SkdBatches(OnPolicyBatches):
+    """``skd`` (speculative KD): the student proposes each token, the teacher replaces those outside its top-K."""
+
+    source: Literal["skd"] = Field("skd", description="the batch source")
+    skd_top_k: int = Field(25, ge=1, description="a student token outside the teacher's top-K is replaced")
+    skd_top_k_final: int | None = Field(
+        None, ge=1, description="K moves linearly from skd_top_k to this over training (default: constant)"
+    )
+    skd_teacher_temperature: float | None = Field(
+        None, ge=0.0, description="the temperature of the teacher's replacement samples (default: the loss's; 0 = argmax)"
+    )
+
+
+class DistillmBatches(OnPolicyBatches):
+    """``distillm`` (DistiLLM's adaptive off-policy schedule): the student's samples, a replay buffer of them, or
+    the dataset's completions, by a threshold that grows when the eval loss rises."""
+
+    source: Literal["distillm"] = Field("distillm", description="the batch source")
+    replay_capacity: int = Field(1000, gt=0, description="student sequences kept for reuse (per process)")
+    adaptive_init: float = Field(0.0, ge=0.0, le=1.0, description="the initial threshold phi")
+    adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="phi grows by this when the eval loss rises")
+    adaptive_loss_eps: float = Field(0.1, ge=0.0, description="a rise of at least this in eval loss")
+
+
+class OtherBatches(Section):
+    """A source without settings of its own: any other name in ``distill/sources``' ``SOURCES`` (the training
+    run refuses a name that is not there)."""
+
+    source: str = Field(description="the batch source")
+
+
+BATCH_SETTINGS: dict[str, type[Section]] = {
+    "dataset": DatasetBatches, "gkd": GkdBatches, "skd": SkdBatches, "distillm": DistillmBatches,
+}
+
+
+def _batches_kind(value: Any) -> str | None:
+    source = value.get("source") if isinstance(value, dict) else getattr(value, "source", None)
+    if not isinstance(source, str):
+        return None
+    return source if source in BATCH_SETTINGS else "other"
+
+
+BatchesSpec = Annotated[
+    Annotated[DatasetBatches, Tag("dataset")] | Annotated[GkdBatches, Tag("gkd")] | Annotated[SkdBatches, Tag("skd")]
+    | Annotated[DistillmBatches, Tag("distillm")] | Annotated[OtherBatches, Tag("other")],
+    Discriminator(_batches_kind, custom_error_type="batches_source", custom_error_message=(
+        "name the source: train.batches: NAME, or train.batches: {source: NAME, ...its settings}")),
+]
+
+
+def _onpolicy_moved(data: dict) -> str:
+    """What to write instead of the ``onpolicy`` section, whose keys are now the on-policy sources' own."""
+    old = data["onpolicy"] if isinstance(data["onpolicy"], dict) else {}
+    train = data.get("train") if isinstance(data.get("train"), dict) else {}
+    batches = train.get("batches", "dataset")
+    name = batches.get("source") if isinstance(batches, dict) else batches
+    spec = BATCH_SETTINGS.get(name) if isinstance(name, str) else None
+    if spec is None or not issubclass(spec, OnPolicyBatches):
+        return (f"the `onpolicy` section is gone and train.batches={name} has no on-policy settings: remove it (an "
+                "on-policy source takes its settings in train.batches, e.g. train.batches: {source: gkd, "
+                "student_fraction: 0.5})")
+    keep = {"source": name, **{k: v for k, v in old.items() if k in spec.model_fields}}
+    dropped = [k for k in old if k not in spec.model_fields]
+    section = ", ".join(f"{k}: {_scalar(v)}" for k, v in keep.items())
+    overrides = " ".join(f"train.batches.{k}={_scalar(v)}" for k, v in keep.items())
+    return (f"the `onpolicy` section is now part of train.batches: write train.batches: {{{section}}} (or "
+            f"{overrides}) and remove `onpolicy`"
+            + (f"; drop {', '.join(dropped)} (not settings of {name})" if dropped else ""))
+
+
+def _scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n").removesuffix("\n...")
+
+
 class TrainLoopConfig(Section):
     """The ``train`` section: where a step's micro-batches come from, how many steps, the batch per process,
     gradient accumulation, precision and the seed of the data order."""
 
-    batches: Literal["dataset", "gkd", "skd", "distillm"] = Field(
-        "dataset", description="where a step's micro-batches come from: dataset = the data section's examples; "
-        "gkd / skd / distillm = completions the student writes for the examples' prompts (see `onpolicy`)"
+    batches: BatchesSpec = Field(
+        default_factory=DatasetBatches, description="where a step's micro-batches come from: a source's name "
+        "(dataset = the data section's examples; gkd / skd / distillm = completions the student writes for the "
+        "examples' prompts) or its section {source: NAME, ...its settings}"
     )
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
@@ -474,28 +593,10 @@ class TrainLoopConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
 
-
-class OnPolicyConfig(Section):
-    """The on-policy batch sources (``train.batches``): the student writes the completions of the examples'
-    prompts with its current weights, and the teacher scores every token of them."""
-
-    student_fraction: float = Field(
-        0.5, ge=0.0, le=1.0, description="gkd: the probability (lambda) that a step's completions are the student's"
-    )
-    temperature: float = Field(1.0, ge=0.0, description="the student's sampling temperature (0 = greedy)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(128, gt=0, description="the longest completion the student writes")
-    skd_top_k: int = Field(25, ge=1, description="skd: a student token outside the teacher's top-K is replaced")
-    skd_top_k_final: int | None = Field(
-        None, ge=1, description="skd: K moves linearly from skd_top_k to this over training (default: constant)"
-    )
-    skd_teacher_temperature: float | None = Field(
-        None, ge=0.0, description="skd: the temperature of the teacher's replacement samples (default: the loss's; 0 = argmax)"
-    )
-    replay_capacity: int = Field(1000, gt=0, description="distillm: student sequences kept for reuse (per process)")
-    adaptive_init: float = Field(0.0, ge=0.0, le=1.0, description="distillm: the initial threshold phi")
-    adaptive_step: float = Field(0.1, gt=0.0, le=1.0, description="distillm: phi grows by this when the eval loss rises")
-    adaptive_loss_eps: float = Field(0.1, ge=0.0, description="distillm: a rise of at least this in eval loss")
+    @field_validator("batches", mode="before")
+    @classmethod
+    def _a_name(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
 
 
 class EvalConfig(Section):
@@ -695,7 +796,6 @@ class TrainConfig(Section):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainLoopConfig = TrainLoopConfig()
-    onpolicy: OnPolicyConfig = OnPolicyConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
@@ -709,11 +809,18 @@ class TrainConfig(Section):
             raise ValueError("teacher.lora: LoRA adapters are trained on the student only; remove teacher.lora")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_onpolicy_section(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "onpolicy" in data:
+            raise ValueError(_onpolicy_moved(data))
+        return data
+
     @model_validator(mode="after")
     def _onpolicy_needs_prompts(self) -> TrainConfig:
-        if self.train.batches != "dataset" and self.data.packing:
+        if isinstance(self.train.batches, OnPolicyBatches) and self.data.packing:
             raise ValueError(
-                f"train.batches={self.train.batches} writes completions for the examples' prompts, which packed "
+                f"train.batches={self.train.batches.source} writes completions for the examples' prompts, which packed "
                 "blocks do not have: set data.packing=false (with prompt_response or messages data)"
             )
         return self

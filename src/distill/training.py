@@ -9,9 +9,11 @@ Loss per supervised token: ``alpha * CE + (1 - alpha) * T^2 * D(p_T || q_T)`` (`
 reduction divides by the number of supervised tokens in the whole optimizer step (all micro-batches,
 all processes), so the step's gradient does not depend on how the global batch is split.
 
-Data order is a pure function of (seed, step): step ``s`` uses global examples ``[s*G, (s+1)*G)`` of a
-per-epoch permutation, ``G = batch_size * grad_accum * processes``. Resuming needs no data iterator
-state, and 1 process with ``grad_accum=2`` sees the same batches as 2 processes with ``grad_accum=1``.
+A step's micro-batches come from the batch source ``train.batches`` names (:mod:`distill.sources`), a pure
+function of (seed, step) and of state the checkpoints carry. The dataset's order: step ``s`` uses global
+examples ``[s*G, (s+1)*G)`` of a per-epoch permutation, ``G = batch_size * grad_accum * processes``. Resuming
+needs no data iterator state, and 1 process with ``grad_accum=2`` sees the same batches as 2 processes with
+``grad_accum=1``.
 
 Writes into ``out_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``train.log``,
 ``checkpoints/step_XXXXXXXX/`` (accelerate state + ``trainer_state.json``), ``student/`` (an ordinary
@@ -44,7 +46,7 @@ from tqdm.auto import tqdm
 
 from distill import checkpoint as ckpt
 from distill import lora, sharding
-from distill.config import LossConfig, OptimConfig, TrainConfig, TrainLoopConfig, dump_config
+from distill.config import LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.engines import layer_states
 from distill.errors import NonFiniteLossError
@@ -63,35 +65,17 @@ from distill.models import (
     resolve_vocab,
     save_pretrained,
 )
-from distill.onpolicy import OnPolicy, onpolicy_batches
-from distill.onpolicy import check_teacher as check_onpolicy_teacher
+from distill.sources import SourceContext, TeacherView, source_type
 from distill.teachers import Teacher, hidden_state_loss, open_teacher
 from distill.training_hooks import LoopHook
 
 logger = logging.getLogger("distill")
 
-__all__ = ["BATCH_SOURCES", "NonFiniteLossError", "Run", "train"]
+__all__ = ["NonFiniteLossError", "Run", "train"]
 
 
 # --------------------------------------------------------------------------------------------------
 # Pieces the loop uses
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).tolist()
-
-
-def example_indices(step: int, micro: int, rank: int, world: int, loop: TrainLoopConfig, n: int) -> list[int]:
-    """Dataset rows of one micro-batch: a pure function of the step, so resume needs no iterator."""
-    global_batch = loop.batch_size * loop.grad_accum * world
-    start = step * global_batch + (micro * world + rank) * loop.batch_size
-    out = []
-    for k in range(start, start + loop.batch_size):
-        epoch, offset = divmod(k, n)
-        out.append(_epoch_permutation(n, loop.seed, epoch)[offset])
-    return out
 
 
 def lr_lambda(step: int, optim: OptimConfig, max_steps: int) -> float:
@@ -105,7 +89,7 @@ def lr_lambda(step: int, optim: OptimConfig, max_steps: int) -> float:
 
 @dataclass
 class Run:
-    """What the loop, the batch sources and evaluation share (built once by :func:`main`)."""
+    """What the loop and evaluation share (built once by :func:`train`)."""
 
     cfg: TrainConfig
     accelerator: Accelerator
@@ -115,7 +99,7 @@ class Run:
     train_ds: Any
     eval_ds: Any
     pad_id: int
-    onpolicy: OnPolicy | None = None  # the state of an on-policy batch source (gkd, skd, distillm)
+    source: Any = None  # the batch source (train.batches: distill/sources/), with its state
     hidden: torch.nn.Module | None = None  # the hidden-state loss term (loss.hidden), its projections prepared
     stats: dict[str, float] = field(default_factory=dict)  # timings since the last log line (teacher_seconds)
 
@@ -132,26 +116,15 @@ class Run:
                                                                         self.pad_id).items()}
         return {**batch, "index": indices, "split": split}
 
-
-    def indices(self, step: int, micro: int) -> list[int]:
-        """The dataset rows of micro-batch ``micro`` of ``step`` on this process (:func:`example_indices`)."""
-        acc = self.accelerator
-        return example_indices(step, micro, acc.process_index, acc.num_processes, self.cfg.train, len(self.train_ds))
-
-
-def dataset_batches(run: Run, step: int) -> list[dict]:
-    """``train.batches: dataset``: micro-batch ``m`` of this process is :func:`example_indices` of the data."""
-    return [run.collate(run.train_ds, run.indices(step, m), "train") for m in range(run.cfg.train.grad_accum)]
-
-
-# train.batches -> the function giving one optimizer step's micro-batches on this process. A source is a
-# pure function of (run, step) (and of state that checkpoints carry: `Run.onpolicy`), so a resumed run needs
-# no iterator state, and gives every process the same number of micro-batches. Batches are dicts with
-# input_ids, labels (IGNORE_INDEX where unsupervised) and attention_mask on the device; dataset examples also
-# carry index and split. The on-policy sources live in distill/onpolicy.py.
-BATCH_SOURCES: dict[str, Callable[[Run, int], list[dict]]] = {
-    "dataset": dataset_batches, "gkd": onpolicy_batches, "skd": onpolicy_batches, "distillm": onpolicy_batches,
-}
+    def source_context(self) -> SourceContext:
+        """What the batch source sees of this run."""
+        cfg, acc = self.cfg, self.accelerator
+        return SourceContext(
+            student=acc.unwrap_model(self.model), tokenizer=self.tokenizer, pad_id=self.pad_id,
+            teacher=TeacherView.of(self.teacher), loss=cfg.loss, train_ds=self.train_ds, collate=self.collate,
+            seq_len=cfg.data.seq_len, seed=cfg.train.seed, max_steps=cfg.train.max_steps,
+            batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, rank=acc.process_index,
+            world=acc.num_processes, device=acc.device)
 
 
 def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, num_tokens: int, loss: LossConfig,
@@ -159,7 +132,7 @@ def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, n
     """Loss of one micro-batch (already divided by ``num_tokens``) and its summed statistics. ``stats``, when
     given, accumulates the seconds spent on the teacher's signal (``teacher_seconds``). ``hidden_loss``: the
     hidden-state term (``loss.hidden``), added to the logit loss. ``baseline``: sampled_reverse_kl's baseline
-    for this step (:meth:`OnPolicy.baseline`)."""
+    for this step (the batch source's :class:`~distill.sources.onpolicy.RunningBaseline`)."""
     labels = batch["labels"][:, 1:].reshape(-1)  # position t predicts token t + 1
     t0 = time.perf_counter()
     t_states = None
@@ -253,14 +226,14 @@ class Window:
         self.sums += torch.cat([torch.stack([stats.get(k, torch.zeros(())).double().to(dev) for k in self.KEYS]
                                             + [batch["attention_mask"].sum().double().to(dev)]), members])
 
-    # Per-process counters (time and on-policy statistics), summed over processes at each record.
-    EXTRA = ("teacher_seconds", "gen_seconds", "gen_tokens", "gen_sequences", "on_policy_steps", "replay_steps",
-             "skd_replaced", "skd_proposed", "baseline")
+    # Per-process counters, summed over processes at each record (a batch source sums its own).
+    EXTRA = ("teacher_seconds",)
 
     def record(self, step: int, lr: float, tokens_seen: int, grad_norm, with_teacher: bool,
-               extra: dict[str, float] | None = None, onpolicy: OnPolicy | None = None) -> dict:
+               extra: dict[str, float] | None = None, source=None) -> dict:
         """The train record for the steps since the last one; then starts a new window. ``extra``: this
-        process's counters (:attr:`EXTRA`) since the last record."""
+        process's counters (:attr:`EXTRA`) since the last record; ``source``: the batch source, whose
+        ``log_fields`` follow (``train_seconds``, after a source's ``gen_seconds``: the rest of a step)."""
         extra = extra or {}
         local = torch.tensor([extra.get(k, 0.0) for k in self.EXTRA], dtype=torch.float64, device=self.sums.device)
         totals = self.accelerator.reduce(torch.cat([self.sums, local]), "sum").tolist()
@@ -283,23 +256,18 @@ class Window:
                 record[f"kl_{name}"] = kl / count
         if self.hidden:
             record["hidden"] = hidden_sum / count
-        if onpolicy is not None:
-            record["gen_seconds"] = more["gen_seconds"] / world / steps
-            record["train_seconds"] = record["step_seconds"] - record["gen_seconds"] - record["teacher_seconds"]
-            record["on_policy"] = more["on_policy_steps"] / world / steps
-            if more["gen_sequences"]:
-                record["gen_length"] = more["gen_tokens"] / more["gen_sequences"]
-            if onpolicy.source == "skd":
-                record["skd_replacement_rate"] = more["skd_replaced"] / max(more["skd_proposed"], 1.0)
-                record["skd_k"] = onpolicy.skd_k(step - 1, onpolicy.max_steps)
-            if onpolicy.source == "distillm":
-                record["replay"] = more["replay_steps"] / world / steps
-                record["distillm_threshold"] = onpolicy.threshold
-            if onpolicy.baseline_on:  # sampled_reverse_kl's baseline, averaged over the window's steps
-                record["baseline"] = more["baseline"] / world / steps
+        for key, value in (source.log_fields(step, steps, self.reduce) if source is not None else {}).items():
+            record[key] = value
+            if key == "gen_seconds":
+                record["train_seconds"] = record["step_seconds"] - value - record.get("teacher_seconds", 0.0)
         self.sums.zero_()
         self.loss, self.start, self.t0 = 0.0, step, time.perf_counter()
         return record
+
+    def reduce(self, values: list[float]) -> list[float]:
+        """``values`` summed over the processes (float64)."""
+        local = torch.tensor(values, dtype=torch.float64, device=self.sums.device)
+        return self.accelerator.reduce(local, "sum").tolist()
 
 
 class MetricsWriter:
@@ -324,15 +292,23 @@ class MetricsWriter:
         self.accelerator.log(scalars, step=record["step"])
 
 
-def _onpolicy_file(accelerator: Accelerator) -> str:
-    return f"onpolicy_rank{accelerator.process_index}.json"
+def _source_file(accelerator: Accelerator) -> str:
+    return f"batch_source_rank{accelerator.process_index}.json"
+
+
+def _source_state(resume_from: Path, accelerator: Accelerator) -> dict | None:
+    """This process's batch source state in a checkpoint (``onpolicy_rank<i>.json`` in older ones), if any."""
+    for name in (_source_file(accelerator), f"onpolicy_rank{accelerator.process_index}.json"):
+        if (resume_from / name).is_file():
+            return json.loads((resume_from / name).read_text())
+    return None
 
 
 TEACHER_STATE = "teacher_state.safetensors"  # a loop hook's state (self-distillation's copy, the peers)
 
 
 def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state: dict,
-                    onpolicy: OnPolicy | None = None, hook: LoopHook | None = None) -> Path:
+                    source=None, hook: LoopHook | None = None) -> Path:
     root = Path(cfg.out_dir) / "checkpoints"
     final = ckpt.step_dir(root, step)
     tmp = ckpt.tmp_dir_for(final)
@@ -340,8 +316,9 @@ def save_checkpoint(accelerator: Accelerator, cfg: TrainConfig, step: int, state
         ckpt.prune_checkpoints(root, keep_last=cfg.checkpoint.keep_last + 1)  # clears stale *.tmp too
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if onpolicy is not None:  # each process's replay buffer and threshold
-        ckpt.atomic_write_text(tmp / _onpolicy_file(accelerator), onpolicy.to_json())
+    source_state = source.state_dict() if source is not None else {}
+    if source_state:  # each process's own (distillm: its replay buffer and threshold)
+        ckpt.atomic_write_text(tmp / _source_file(accelerator), json.dumps(source_state))
     hook_state = hook.state_dict() if hook is not None else {}
     if hook_state and accelerator.is_main_process:  # the same on every process
         save_file({k: v.contiguous().cpu() for k, v in hook_state.items()}, str(tmp / TEACHER_STATE))
@@ -428,8 +405,8 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
             hook.before_step(micro_batches, step_tokens, step)
     step_loss = torch.zeros((), device=accelerator.device)
     # sampled_reverse_kl's running baseline: this step uses the mean over earlier steps, then adds its own f.
-    running = run.onpolicy is not None and run.onpolicy.baseline_on
-    baseline = run.onpolicy.baseline() if running else 0.0
+    running = run.source.baseline
+    baseline = running.value() if running is not None else 0.0
     rewards = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # f summed, tokens
     for m, batch in enumerate(micro_batches):
         sync = m == len(micro_batches) - 1
@@ -445,11 +422,11 @@ def optimizer_step(run: Run, optimizer, scheduler, micro_batches: list[dict], st
         accelerator.backward(scaled)
         step_loss += loss.detach()
         window.add(stats, batch)
-        if running:
+        if running is not None:
             rewards += torch.stack([stats["div_sum"].double(), stats["count"].double()]).to(rewards.device)
-    if running:
+    if running is not None:
         f_sum, count = accelerator.reduce(rewards, "sum").tolist()
-        run.onpolicy.observe_rewards(f_sum, count)
+        running.observe(f_sum, count)
     params = list(model.parameters()) + (list(run.hidden.parameters()) if run.hidden is not None else [])
     lr, grad_norm = apply_update(params, optimizer, scheduler, step_tokens, cfg.optim.max_grad_norm,
                                  clip=accelerator.clip_grad_norm_)
@@ -533,8 +510,8 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         optimizer_for=functools.partial(make_optimizer, cfg=cfg),
         model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm))
     hidden = hidden_state_loss(cfg.loss.hidden, student, teacher, cfg.train.seed) if cfg.loss.hidden else None
-    if cfg.train.batches != "dataset":
-        check_onpolicy_teacher(cfg.train.batches, teacher)  # before the data: a cache cannot score new text
+    source_class = source_type(cfg.train.batches)
+    source_class.check_teacher(cfg.train.batches, TeacherView.of(teacher))  # before the data: a cache scores no new text
     logger.info("student: %.2fM parameters; teacher: %s; loss: %s", count_parameters(student) / 1e6,
                 teacher.describe() if teacher is not None else "none (plain CE)",
                 cfg.loss.describe() if teacher is not None else "CE")
@@ -560,17 +537,17 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         lora.adapter_only_checkpoints(accelerator)  # checkpoints hold the adapters, not the frozen base
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id, hidden=hidden)
-    if cfg.train.batches != "dataset":
-        run.onpolicy = OnPolicy(run)
-    next_batches = BATCH_SOURCES[cfg.train.batches]
+    source_ctx = run.source_context()
+    run.source = source_class(cfg.train.batches, source_ctx)
 
     # 4. Resume. --------------------------------------------------------------------------------------
     start_step, tokens_seen = 0, 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from), **({"strict": False} if cfg.student.lora is not None else {}))
         state = ckpt.read_state(resume_from)
-        if run.onpolicy is not None:  # the replay buffer and threshold of this process
-            run.onpolicy.load_state_dict(json.loads((resume_from / _onpolicy_file(accelerator)).read_text()))
+        source_state = _source_state(resume_from, accelerator)
+        if source_state is not None:  # the batch source of this process (distillm: its buffer and threshold)
+            run.source.load_state_dict(source_state)
         if (resume_from / TEACHER_STATE).is_file() and hook is not None:  # a teacher that changes the loop
             hook.load_state_dict(load_file(str(resume_from / TEACHER_STATE), device=str(accelerator.device)))
         start_step, tokens_seen = state["step"], state["tokens_seen"]
@@ -590,7 +567,7 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
     window = Window(accelerator, start_step, teacher.names if teacher is not None else None, hidden is not None)
     last_eval: dict = {}
     for step in range(start_step, cfg.train.max_steps):
-        micro_batches = next_batches(run, step)
+        micro_batches = run.source.batches(source_ctx, step)
         lr, grad_norm, tokens = optimizer_step(run, optimizer, scheduler, micro_batches, step, window, last_ckpt, hook)
         tokens_seen += tokens
         done = step + 1
@@ -598,23 +575,21 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
             hook.after_step(accelerator.unwrap_model(model), done)  # self-distillation: the teacher follows
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
-            extra = {**run.stats, **(run.onpolicy.take_stats() if run.onpolicy is not None else {})}
+            record = window.record(done, lr, tokens_seen, grad_norm, with_teacher=teacher is not None,
+                                   extra=run.stats, source=run.source)
             run.stats = {}
-            record = window.record(done, lr, tokens_seen, grad_norm, with_teacher=teacher is not None, extra=extra,
-                                   onpolicy=run.onpolicy)
             metrics.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         progress.update(1)
 
         if eval_ds is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.max_steps):
             last_eval = evaluate(run)
-            if run.onpolicy is not None:
-                run.onpolicy.observe_eval(last_eval["val_loss"])
+            run.source.observe_eval(last_eval)
             metrics.write({"step": done, "split": "eval", **last_eval})
             logger.info("step %d eval: %s", done, _fmt(last_eval))
 
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.max_steps:
-            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, run.onpolicy,
+            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, run.source,
                                         hook)
     progress.close()
 

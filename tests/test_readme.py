@@ -36,7 +36,7 @@ NOT_RUN = {
     "distill train my.yaml --resume": MY,
     "accelerate launch --multi_gpu --num_processes 2 -m distill train my.yaml": MY,
     "distill generate my.yaml n=8 scorer=verifier verifier=distill.tasks.arithmetic:verify keep=best": MY,
-    "distill train my.yaml train.batches=distillm loss.divergence=skew_kl": MY,
+    "distill train my.yaml train.batches=skd train.batches.skd_top_k=5": MY,
     "distill quickstart --fast": "takes ~3 minutes: the quickstart's fast run (tests/test_quickstart.py runs it)",
     "python benchmarks/multi_teacher.py --fast --seeds 0 1": "a benchmark: ~50 minutes",
     "taskset -c 1 python benchmarks/prune.py --threads 1": "a benchmark: ~15 minutes",
@@ -80,6 +80,7 @@ RUN = {
     "out_dir=runs/arith/hidden": ["runs/arith/hidden/student/config.json"],
     "distill train configs/tiny/gkd.yaml out_dir=runs/tiny-gkd": ["runs/tiny-gkd/student/config.json"],
     "distill train configs/tiny/skd.yaml out_dir=runs/tiny-skd": ["runs/tiny-skd/student/config.json"],
+    "distill train configs/tiny/distillm.yaml out_dir=runs/tiny-distillm": ["runs/tiny-distillm/student/config.json"],
     "distill prune configs/tiny/prune.yaml out_dir=runs/tiny-pruned":
         ["runs/tiny-pruned/config.json", "runs/tiny-pruned/prune_report.md"],
     "distill train configs/tiny/train.yaml student.path=runs/tiny-pruned student.config=null "

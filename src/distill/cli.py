@@ -46,7 +46,7 @@ def _section_lines(key: str, models: list[type[BaseModel]], indent: str, note: s
     if len(models) > 1:
         lines = [f"{indent}{key}{note}, one of:"]
         for model in models:
-            lines += _section_lines(key, [model], indent + "  ")
+            lines += _section_lines(key, [model], indent + "  ", _tag(model))
         return lines
     fields = models[0].model_fields
     names = [field.alias or name for name, field in fields.items()]
@@ -58,6 +58,15 @@ def _section_lines(key: str, models: list[type[BaseModel]], indent: str, note: s
         if subs:
             lines += _section_lines(_entry(f"{key}.{field.alias or name}", field.annotation), subs, indent + "  ")
     return lines
+
+
+def _tag(model: type[BaseModel]) -> str:
+    """`` (source: gkd)``: the field that says which kind of a section this is (one allowed value), if any."""
+    for name, field in model.model_fields.items():
+        values = typing.get_args(field.annotation)
+        if typing.get_origin(field.annotation) is typing.Literal and len(values) == 1 and isinstance(values[0], str):
+            return f" ({field.alias or name}: {values[0]})"
+    return ""
 
 
 def _describe(model: type[BaseModel], indent: str = "  ") -> str:

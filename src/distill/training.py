@@ -476,13 +476,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 
 def _train(cfg: TrainConfig, resume: bool) -> dict:
-    out_dir = Path(cfg.out_dir)
     sharding.check_supported(cfg)  # FSDP / DeepSpeed launches distill cannot run, before anything starts
     accelerator = make_accelerator(cfg)
-    is_main = accelerator.is_main_process
-    if not is_main:
+    resume_from = _begin(cfg, accelerator, resume)
+    tokenizer, student, teacher, hook, hidden, source_class = _open_models(cfg, accelerator)
+    train_ds, eval_ds = _read_data(cfg, accelerator, tokenizer, student, teacher)
+    model, hidden, optimizer, scheduler = _prepare(cfg, accelerator, student, hidden)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id, hidden=hidden)
+    run.source = source_class(cfg.train.batches, run.source_context())
+    start_step, tokens_seen = _resume(run, hook, resume_from)
+    if accelerator.is_main_process:
+        dump_config(cfg, Path(cfg.out_dir) / "config.yaml")
+    if cfg.log.tensorboard:
+        accelerator.init_trackers("distill", config=_flat_hparams(cfg))
+    metrics = MetricsWriter(accelerator, Path(cfg.out_dir) / "metrics.jsonl", start_step if resume_from else None)
+    tokens_seen, last_eval = _loop(run, optimizer, scheduler, hook, metrics, start_step, tokens_seen, resume_from)
+    return _finish(run, hook, {"steps": cfg.train.max_steps, "tokens": tokens_seen, **last_eval})
+
+
+def _begin(cfg: TrainConfig, accelerator: Accelerator, resume: bool) -> Path | None:
+    """The run's directory and log file; the checkpoint to resume from (``--resume``), or None. An earlier run's
+    checkpoints without ``--resume`` are refused."""
+    out_dir = Path(cfg.out_dir)
+    if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)  # one process reports progress
-    if is_main:
+    else:
         out_dir.mkdir(parents=True, exist_ok=True)
         _log_to_file(out_dir / "train.log")
     ckpt_root = out_dir / "checkpoints"
@@ -494,12 +513,15 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
             f"{out_dir} already has checkpoints from an earlier run; pass --resume to continue it, "
             "or choose another out_dir"
         )
+    return resume_from
 
-    # 1. Tokenizer, student and teacher. -----------------------------------------------------------------
+
+def _open_models(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
+    """The tokenizer, the student, the teacher and its loop hook, the hidden-state term, and the batch source's
+    type (which refuses a teacher that cannot score its batches before the data is read)."""
     tokenizer = load_tokenizer(cfg.student, "student")
-    vocab = len(tokenizer)
     student = load_model(cfg.student, "student", tokenizer)
-    resolve_vocab(student, vocab, "student", cfg.loss.vocab_policy)
+    resolve_vocab(student, len(tokenizer), "student", cfg.loss.vocab_policy)
     check_tokenizer_saves(student, tokenizer, "student")  # before training: student/ will reload its tokenizer
     if cfg.student.lora is not None:  # only the adapters train (distill/lora.py)
         student = lora.add_adapters(student, cfg.student.lora, seed=cfg.student.seed)
@@ -510,13 +532,16 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         optimizer_for=functools.partial(make_optimizer, cfg=cfg),
         model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm))
     hidden = hidden_state_loss(cfg.loss.hidden, student, teacher, cfg.train.seed) if cfg.loss.hidden else None
-    source_class = source_type(cfg.train.batches)
-    source_class.check_teacher(cfg.train.batches, TeacherView.of(teacher))  # before the data: a cache scores no new text
+    source = source_type(cfg.train.batches)
+    source.check_teacher(cfg.train.batches, TeacherView.of(teacher))  # before the data: a cache scores no new text
     logger.info("student: %.2fM parameters; teacher: %s; loss: %s", count_parameters(student) / 1e6,
                 teacher.describe() if teacher is not None else "none (plain CE)",
                 cfg.loss.describe() if teacher is not None else "CE")
+    return tokenizer, student, teacher, hook, hidden, source
 
-    # 2. Data. ----------------------------------------------------------------------------------------
+
+def _read_data(cfg: TrainConfig, accelerator: Accelerator, tokenizer, student, teacher: Teacher | None) -> tuple:
+    """The train and eval splits, no longer than the models allow, checked against the teacher."""
     limits = [m for m in (max_positions(student), teacher and teacher.max_positions) if m]
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=min(limits) if limits else None)
@@ -524,8 +549,12 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         teacher.check_data(train_ds, eval_ds)  # e.g. refuse cached targets of other data before training
     logger.info("data: %d train / %d eval examples of up to %d tokens", len(train_ds),
                 len(eval_ds) if eval_ds is not None else 0, cfg.data.seq_len)
+    return train_ds, eval_ds
 
-    # 3. Optimizer and schedule. ---------------------------------------------------------------------
+
+def _prepare(cfg: TrainConfig, accelerator: Accelerator, student, hidden) -> tuple:
+    """The student (and the hidden-state term's projections), the optimizer and the schedule, prepared by
+    accelerate: (model, hidden, optimizer, scheduler)."""
     if hidden is not None and any(True for _ in hidden.parameters()):
         # The projections train with the student and are saved in checkpoints (accelerate's second model),
         # never in the student's own checkpoint.
@@ -535,69 +564,74 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         model, optimizer, scheduler = accelerator.prepare(student, *make_optimizer(student, cfg))
     if cfg.student.lora is not None:
         lora.adapter_only_checkpoints(accelerator)  # checkpoints hold the adapters, not the frozen base
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id, hidden=hidden)
+    return model, hidden, optimizer, scheduler
+
+
+def _resume(run: Run, hook: LoopHook | None, resume_from: Path | None) -> tuple[int, int]:
+    """Continue from ``resume_from`` (the model, optimizer, schedule and RNG states, the batch source's and the
+    hook's): (the step to start at, tokens seen so far)."""
+    if resume_from is None:
+        return 0, 0
+    accelerator = run.accelerator
+    accelerator.load_state(str(resume_from), **({"strict": False} if run.cfg.student.lora is not None else {}))
+    state = ckpt.read_state(resume_from)
+    source_state = _source_state(resume_from, accelerator)
+    if source_state is not None:  # the batch source of this process (distillm: its buffer and threshold)
+        run.source.load_state_dict(source_state)
+    if (resume_from / TEACHER_STATE).is_file() and hook is not None:  # a teacher that changes the loop
+        hook.load_state_dict(load_file(str(resume_from / TEACHER_STATE), device=str(accelerator.device)))
+    logger.info("resumed from %s (step %d)", resume_from, state["step"])
+    return state["step"], state["tokens_seen"]
+
+
+def _loop(run: Run, optimizer, scheduler, hook: LoopHook | None, metrics: MetricsWriter, start_step: int,
+          tokens_seen: int, last_ckpt: Path | None) -> tuple[int, dict]:
+    """The steps from ``start_step`` on: each step's micro-batches from the batch source, the optimizer step,
+    the train log, periodic evaluation and checkpoints; returns (tokens seen, the last evaluation)."""
+    cfg, accelerator, teacher, source = run.cfg, run.accelerator, run.teacher, run.source
     source_ctx = run.source_context()
-    run.source = source_class(cfg.train.batches, source_ctx)
-
-    # 4. Resume. --------------------------------------------------------------------------------------
-    start_step, tokens_seen = 0, 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from), **({"strict": False} if cfg.student.lora is not None else {}))
-        state = ckpt.read_state(resume_from)
-        source_state = _source_state(resume_from, accelerator)
-        if source_state is not None:  # the batch source of this process (distillm: its buffer and threshold)
-            run.source.load_state_dict(source_state)
-        if (resume_from / TEACHER_STATE).is_file() and hook is not None:  # a teacher that changes the loop
-            hook.load_state_dict(load_file(str(resume_from / TEACHER_STATE), device=str(accelerator.device)))
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        logger.info("resumed from %s (step %d)", resume_from, start_step)
-    if is_main:
-        dump_config(cfg, out_dir / "config.yaml")
-    if cfg.log.tensorboard:
-        accelerator.init_trackers("distill", config=_flat_hparams(cfg))
-    metrics = MetricsWriter(accelerator, out_dir / "metrics.jsonl", start_step if resume_from else None)
-    last_ckpt = resume_from
-
-    # 5. The loop. ------------------------------------------------------------------------------------
-    model.train()
+    run.model.train()
     progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
-                    disable=not (is_main and cfg.log.progress), dynamic_ncols=True,
+                    disable=not (accelerator.is_main_process and cfg.log.progress), dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # keep redirected logs short
-    window = Window(accelerator, start_step, teacher.names if teacher is not None else None, hidden is not None)
+    window = Window(accelerator, start_step, teacher.names if teacher is not None else None, run.hidden is not None)
     last_eval: dict = {}
     for step in range(start_step, cfg.train.max_steps):
-        micro_batches = run.source.batches(source_ctx, step)
+        micro_batches = source.batches(source_ctx, step)
         lr, grad_norm, tokens = optimizer_step(run, optimizer, scheduler, micro_batches, step, window, last_ckpt, hook)
         tokens_seen += tokens
         done = step + 1
         if hook is not None:
-            hook.after_step(accelerator.unwrap_model(model), done)  # self-distillation: the teacher follows
+            hook.after_step(accelerator.unwrap_model(run.model), done)  # self-distillation: the teacher follows
 
         if done % cfg.log.every == 0 or done == cfg.train.max_steps:
             record = window.record(done, lr, tokens_seen, grad_norm, with_teacher=teacher is not None,
-                                   extra=run.stats, source=run.source)
+                                   extra=run.stats, source=source)
             run.stats = {}
             metrics.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         progress.update(1)
 
-        if eval_ds is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.max_steps):
+        if run.eval_ds is not None and ((cfg.eval.every and done % cfg.eval.every == 0) or done == cfg.train.max_steps):
             last_eval = evaluate(run)
-            run.source.observe_eval(last_eval)
+            source.observe_eval(last_eval)
             metrics.write({"step": done, "split": "eval", **last_eval})
             logger.info("step %d eval: %s", done, _fmt(last_eval))
 
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.max_steps:
-            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, run.source,
+            last_ckpt = save_checkpoint(accelerator, cfg, done, {"step": done, "tokens_seen": tokens_seen}, source,
                                         hook)
     progress.close()
+    return tokens_seen, last_eval
 
-    summary = {"steps": cfg.train.max_steps, "tokens": tokens_seen, **last_eval}
-    student_dir = save_student(accelerator, model, tokenizer, cfg, summary)
-    if hook is not None and hook.save is not None and is_main:
-        hook.save(out_dir, tokenizer)  # co-distillation: every peer as a Hugging Face checkpoint
-    if is_main:
+
+def _finish(run: Run, hook: LoopHook | None, summary: dict) -> dict:
+    """The trained student (and the hook's models) written; the run's trackers closed; returns ``summary``."""
+    accelerator = run.accelerator
+    student_dir = save_student(accelerator, run.model, run.tokenizer, run.cfg, summary)
+    if hook is not None and hook.save is not None and accelerator.is_main_process:
+        hook.save(Path(run.cfg.out_dir), run.tokenizer)  # co-distillation: every peer as a Hugging Face checkpoint
+    if accelerator.is_main_process:
         logger.info("student written to %s", student_dir)
     accelerator.end_training()
     return summary

@@ -1,5 +1,5 @@
-"""What a batch source sees of the training run: :class:`SourceContext` (built once by the training run) and
-the data order, a step's dataset rows as a pure function of (seed, step)."""
+"""What a batch source sees of the training run: :class:`SourceContext` (the training run builds it) and the
+data order, a step's dataset rows as a pure function of (seed, step)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ class TeacherView:
 
 @dataclass(frozen=True)
 class SourceContext:
-    """Everything a batch source may use (the training run builds it after the data, once)."""
+    """Everything a batch source may use (the training run builds it after the data)."""
 
     student: torch.nn.Module  # the student itself (unwrapped from accelerate's wrapper): its current weights
     tokenizer: Any  # the student's (bos / eos ids)

@@ -4,7 +4,7 @@ A change that must not change behaviour (a refactor) is checked by a snapshot be
 
     python scripts/snapshot_tiny.py --out before.json         # on the old commit
     python scripts/snapshot_tiny.py --out after.json          # on the new one
-    python scripts/snapshot_tiny.py --compare before.json after.json
+    python scripts/snapshot_tiny.py --compare before.json after.json   # each run's command line left out
 
 Each command runs in process on one thread (so the numbers are reproducible on one machine), in a fresh
 directory holding a copy of ``configs/``, in the order their inputs need (a cache before the run that reads
@@ -178,7 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare", nargs=2, type=Path, metavar="JSON", help="print where two snapshots differ")
     args = p.parse_args(argv)
     if args.compare:
-        a, b = (json.loads(f.read_text()) for f in args.compare)
+        # A run's command line may change with the config's spelling; what it wrote is compared, not how it was asked.
+        a, b = ({name: {k: v for k, v in run.items() if k != "command"} for name, run in json.loads(f.read_text()).items()}
+                for f in args.compare)
         diffs = compare(a, b)
         print("\n".join(diffs[:200]) if diffs else "identical")
         print(f"{len(diffs)} difference(s) in {len(set(a) | set(b))} runs")

@@ -238,6 +238,10 @@ def test_bad_settings_are_named(tmp_path, tiny_caches):
         training.train(cfg_of(tmp_path / "c", "gkd", "train.batches.max_new_tokens=60"))
     with pytest.raises(ValueError, match="needs a teacher|set a teacher"):
         training.train(cfg_of(tmp_path / "d", "gkd", "teacher=null"))
+    member = ("{tokenizer: byte, config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,"
+              " num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64}}")
+    with pytest.raises(ValueError, match="train.batches=skd: this teacher cannot correct the student's tokens"):
+        training.train(cfg_of(tmp_path / "g", "skd", "teacher=null", f"teacher.teachers=[{member}, {member}]"))
     with pytest.raises(ValueError, match="loss.baseline=running: the baseline is unbiased only on tokens drawn from"):
         training.train(cfg_of(tmp_path / "e", "gkd", "loss.divergence=sampled_reverse_kl",
                               "train.batches.temperature=0.7"))

@@ -53,9 +53,9 @@ def setting(tiny_caches):
 def served(setting):
     """``distill serve``'s app on the same model, in this process (uvicorn on a thread)."""
     uvicorn = pytest.importorskip("uvicorn")
-    from distill.server.app import Engine, build_app
+    from distill.server.app import ServedModel, build_app
 
-    engine = Engine(setting["model"], setting["tok"], "tiny", max_logprobs=300, logprobs_mode="processed")
+    engine = ServedModel(setting["model"], setting["tok"], "tiny", max_logprobs=300, logprobs_mode="processed")
     server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

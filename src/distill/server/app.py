@@ -84,7 +84,7 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
-class Engine:
+class ServedModel:
     """A model, its tokenizer and the worker thread that runs queued requests in batches."""
 
     def __init__(self, model, tokenizer, name: str, *, max_logprobs: int = 20, logprobs_mode: str = "raw",
@@ -236,13 +236,13 @@ class Engine:
 # ------------------------------------------------------------------------------------------- the app
 
 
-def _check_model(engine: Engine, name: str | None) -> None:
+def _check_model(engine: ServedModel, name: str | None) -> None:
     if name is not None and name != engine.name:
         raise ServeError(404, f"The model `{name}` does not exist; this server serves `{engine.name}`.", "model",
                          "model_not_found")
 
 
-def _check_logprobs(engine: Engine, value: int | None, param: str) -> int:
+def _check_logprobs(engine: ServedModel, value: int | None, param: str) -> int:
     if value is None:
         return 0
     if value < 0:
@@ -253,7 +253,7 @@ def _check_logprobs(engine: Engine, value: int | None, param: str) -> int:
     return value
 
 
-def _prompts(engine: Engine, prompt) -> list[list[int]]:
+def _prompts(engine: ServedModel, prompt) -> list[list[int]]:
     """A completions prompt (text, ids, or a list of either) as lists of token ids."""
     if isinstance(prompt, str):
         items: list = [prompt]
@@ -280,14 +280,14 @@ def _prompts(engine: Engine, prompt) -> list[list[int]]:
     return out
 
 
-def _check_length(engine: Engine, ids: list[int], max_tokens: int) -> None:
+def _check_length(engine: ServedModel, ids: list[int], max_tokens: int) -> None:
     if len(ids) + max_tokens > engine.max_len:
         raise ServeError(400, f"This model's maximum context length is {engine.max_len} tokens. However, you "
                               f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
                               "for the completion). Please reduce the prompt or max_tokens.", "prompt")
 
 
-def _token_str(engine: Engine, tid: int, as_ids: bool) -> str:
+def _token_str(engine: ServedModel, tid: int, as_ids: bool) -> str:
     return f"token_id:{tid}" if as_ids else engine.tokenizer.decode([tid])
 
 
@@ -335,7 +335,7 @@ class TokenizeRequest(Strict):
 
 
 
-def build_app(engine: Engine, api_key: str | None = None):
+def build_app(engine: ServedModel, api_key: str | None = None):
     """The FastAPI app of ``distill serve`` on ``engine``: errors in OpenAI's shape, the API key check (when
     ``api_key`` is set), the endpoints."""
     from fastapi import FastAPI
@@ -388,7 +388,7 @@ def _add_auth(app, api_key: str | None) -> None:
         return await call_next(request)
 
 
-def _add_routes(app, engine: Engine) -> None:
+def _add_routes(app, engine: ServedModel) -> None:
     """The endpoints (the module docstring lists them)."""
 
     @app.get("/health")
@@ -415,19 +415,19 @@ def _add_routes(app, engine: Engine) -> None:
         return await _chat(engine, req)
 
 
-async def _run(engine: Engine, job: _Job):
+async def _run(engine: ServedModel, job: _Job):
     """The job's result, once the engine's batch that holds it ran."""
     return await asyncio.wrap_future(engine.submit(job))
 
 
-def _chat_ids(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+def _chat_ids(engine: ServedModel, messages: list[ChatMessage]) -> list[int]:
     """The token ids of ``messages`` in the tokenizer's chat template, ready for the assistant's answer."""
     text = engine.tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
                                                 add_generation_prompt=True)
     return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _tokenize(engine: Engine, req: TokenizeRequest) -> dict:
+def _tokenize(engine: ServedModel, req: TokenizeRequest) -> dict:
     """``POST /tokenize``: a prompt's or chat's token ids."""
     _check_model(engine, req.model)
     if (req.prompt is None) == (req.messages is None):
@@ -439,7 +439,7 @@ def _tokenize(engine: Engine, req: TokenizeRequest) -> dict:
     return {"count": len(ids), "max_model_len": engine.max_len, "tokens": list(ids)}
 
 
-async def _completions(engine: Engine, req: CompletionRequest):
+async def _completions(engine: ServedModel, req: CompletionRequest):
     """``POST /v1/completions``: the prompts scored (``prompt_logprobs``, or ``echo`` with ``logprobs``), ``n``
     completions of each (none with ``max_tokens`` 0), and their top alternatives (``logprobs``) from one
     teacher-forced pass."""
@@ -472,7 +472,7 @@ async def _completions(engine: Engine, req: CompletionRequest):
                       "total_tokens": prompt_tokens + completion_tokens}})
 
 
-async def _generate_completions(engine: Engine, req: CompletionRequest, prompts: list[list[int]]) -> list[list[dict]]:
+async def _generate_completions(engine: ServedModel, req: CompletionRequest, prompts: list[list[int]]) -> list[list[dict]]:
     """``req.n`` completions of each prompt (empty ones when ``max_tokens`` is 0), each row with its own seed
     from the request's ``seed`` (or a random one)."""
     if req.max_tokens <= 0:
@@ -487,7 +487,7 @@ async def _generate_completions(engine: Engine, req: CompletionRequest, prompts:
     return [flat[i * req.n : (i + 1) * req.n] for i in range(len(prompts))]
 
 
-def _completion_choice(engine: Engine, req: CompletionRequest, index: int, ids: list[int], g: dict,
+def _completion_choice(engine: ServedModel, req: CompletionRequest, index: int, ids: list[int], g: dict,
                        prompt_scored: list | None, gen_scored: list | None, k_prompt: int, k_gen: int) -> dict:
     """One completion choice: its text (the prompt's first with ``echo``; the stop token left out), why it
     ended, its ``logprobs`` and ``prompt_logprobs`` when asked for. ``prompt_scored``: the prompt's scored
@@ -510,7 +510,7 @@ def _completion_choice(engine: Engine, req: CompletionRequest, index: int, ids: 
     return choice
 
 
-async def _chat(engine: Engine, req: ChatRequest):
+async def _chat(engine: ServedModel, req: ChatRequest):
     """``POST /v1/chat/completions``: ``n`` answers to the messages in the tokenizer's chat template, with the
     top alternatives at each written position (``logprobs``) from one teacher-forced pass."""
     _check_model(engine, req.model)
@@ -540,7 +540,7 @@ async def _chat(engine: Engine, req: ChatRequest):
                       "total_tokens": len(ids) + completion_tokens}})
 
 
-def _chat_choice(engine: Engine, index: int, g: dict, entries: list | None, k: int) -> dict:
+def _chat_choice(engine: ServedModel, index: int, g: dict, entries: list | None, k: int) -> dict:
     """One chat choice: the assistant's message (the stop token left out), why it ended, and with ``entries``
     (the scored positions of the answer) its ``logprobs`` content."""
     toks = g["tokens"]
@@ -554,7 +554,7 @@ def _chat_choice(engine: Engine, index: int, g: dict, entries: list | None, k: i
     return choice
 
 
-def _chat_logprobs(engine: Engine, toks: list[int], entries: list, lps: list[float], k: int) -> list[dict]:
+def _chat_logprobs(engine: ServedModel, toks: list[int], entries: list, lps: list[float], k: int) -> list[dict]:
     """OpenAI's chat ``logprobs.content``: per written token its log-prob and its top ``k`` alternatives."""
     content = []
     for pos, tid in enumerate(toks):
@@ -583,7 +583,7 @@ def _trim(entries: list[dict | None], seq: list[int], k: int) -> list[dict | Non
             for pos, entry in enumerate(entries)]
 
 
-def _completion_logprobs(engine: Engine, prompt_ids: list[int], prompt_scored, toks: list[int],
+def _completion_logprobs(engine: ServedModel, prompt_ids: list[int], prompt_scored, toks: list[int],
                          gen_entries: list[dict], gen_lps: list[float], k: int, as_ids: bool) -> dict:
     """OpenAI's legacy ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
@@ -627,8 +627,8 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, name: st
     resolve_vocab(model, len(tokenizer), "model", "truncate")  # every token scored, or refused before serving
     if has_accelerator() and torch.cuda.is_available():
         model.to("cuda")
-    engine = Engine(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)), max_logprobs=max_logprobs,
-                    logprobs_mode=logprobs_mode, max_batch_tokens=max_batch_tokens)
+    engine = ServedModel(model, tokenizer, name or os.path.basename(os.path.normpath(model_dir)),
+                         max_logprobs=max_logprobs, logprobs_mode=logprobs_mode, max_batch_tokens=max_batch_tokens)
     logger.info("serving %s as `%s` on http://%s:%d (max_logprobs=%d, logprobs_mode=%s%s)", model_dir, engine.name,
                 host, port, max_logprobs, logprobs_mode, ", API key required" if api_key else "")
     uvicorn.run(build_app(engine, api_key), host=host, port=port, log_level=log_level)

@@ -415,7 +415,7 @@ def _add_routes(app, engine: ServedModel) -> None:
         return await _chat(engine, req)
 
 
-async def _run(engine: ServedModel, job: _Job):
+async def _run_job(engine: ServedModel, job: _Job):
     """The job's result, once the engine's batch that holds it ran."""
     return await asyncio.wrap_future(engine.submit(job))
 
@@ -452,12 +452,13 @@ async def _completions(engine: ServedModel, req: CompletionRequest):
     want_prompt_lp = req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)
     scored = None
     if want_prompt_lp:
-        scored = await _run(engine, _Job("score", prompts, k=max(k_prompt, k_gen), temperature=req.temperature or 1.0))
+        scored = await _run_job(engine, _Job("score", prompts, k=max(k_prompt, k_gen),
+                                             temperature=req.temperature or 1.0))
     gens = await _generate_completions(engine, req, prompts)
     gen_scored = None
     if k_gen and req.max_tokens > 0:  # top alternatives at the written positions: one teacher-forced pass
         full = [p + g["tokens"] for p, row in zip(prompts, gens, strict=True) for g in row]
-        gen_scored = await _run(engine, _Job("score", full, k=k_gen, temperature=req.temperature or 1.0))
+        gen_scored = await _run_job(engine, _Job("score", full, k=k_gen, temperature=req.temperature or 1.0))
     choices, completion_tokens = [], 0
     for i, ids in enumerate(prompts):
         for j, g in enumerate(gens[i]):
@@ -483,7 +484,7 @@ async def _generate_completions(engine: ServedModel, req: CompletionRequest, pro
     base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
     rows = [p for p in prompts for _ in range(req.n)]
     seeds = [row_seed(base, j) for _ in prompts for j in range(req.n)]
-    flat = await _run(engine, _Job("generate", rows, params=params, seeds=seeds))
+    flat = await _run_job(engine, _Job("generate", rows, params=params, seeds=seeds))
     return [flat[i * req.n : (i + 1) * req.n] for i in range(len(prompts))]
 
 
@@ -525,11 +526,11 @@ async def _chat(engine: ServedModel, req: ChatRequest):
     params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
                             stop_ids=(eos,) if eos is not None else ())
     base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
-    gens = await _run(engine, _Job("generate", [ids] * req.n, params=params,
+    gens = await _run_job(engine, _Job("generate", [ids] * req.n, params=params,
                                    seeds=[row_seed(base, j) for j in range(req.n)]))
     scored = None
     if req.logprobs:
-        scored = await _run(engine, _Job("score", [ids + g["tokens"] for g in gens], k=k, temperature=1.0))
+        scored = await _run_job(engine, _Job("score", [ids + g["tokens"] for g in gens], k=k, temperature=1.0))
     choices, completion_tokens = [], 0
     for j, g in enumerate(gens):
         completion_tokens += len(g["tokens"])

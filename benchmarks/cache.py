@@ -1,7 +1,7 @@
 """Offline teacher cache: size, write/read throughput, and the bare teacher forward for comparison.
 
 For each mode and parameter (top-k k = 8, 32, 64; sampled N = 16, 50) the same examples are captured with
-:class:`distill.cache.capture.Capturer` + :func:`distill.cache.capture.capture_split` (teacher forward,
+:class:`distill.caching.capture.Capturer` + :func:`distill.caching.capture.capture_split` (teacher forward,
 targets, encoding and atomic shard writes, the writer thread included) into a fresh directory, then read
 back at random (batches of 8 random examples through :meth:`TeacherCache.batch_target`, hash checks and
 checksums included). ``teacher_forward_tokens_per_s`` is the bare teacher forward over the same rows and
@@ -46,8 +46,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from distill.cache import capture, codec, reader  # noqa: E402
-from distill.cache.capture import Capturer, build_manifest, capture_split  # noqa: E402
+from distill.caching import capture, codec, reader  # noqa: E402
+from distill.caching.capture import Capturer, build_manifest, capture_split  # noqa: E402
 from distill.data import collate  # noqa: E402
 from distill.engines import LocalEngine  # noqa: E402
 from distill.losses import chunked_kd_loss  # noqa: E402

@@ -17,9 +17,9 @@ import pytest
 import torch
 from conftest import REPO, SHARP_TEACHER, SMALL_CACHE, TINY_CACHE
 
-from distill.cache import capture, codec, reader
-from distill.cache.codec import CacheParams
-from distill.cache.reader import (
+from distill.caching import capture, codec, reader
+from distill.caching.codec import CacheParams
+from distill.caching.reader import (
     CacheMismatchError,
     CorruptShardError,
     IncompleteCacheError,

@@ -25,7 +25,7 @@ import yaml
 from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli
 
 from distill import training
-from distill.cache.reader import TeacherCache
+from distill.caching.reader import TeacherCache
 from distill.commands import cache as cache_recipe
 from distill.commands import generate as generate_recipe
 from distill.config import CacheConfig, GenerateConfig, TrainConfig, load_config

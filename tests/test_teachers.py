@@ -31,7 +31,7 @@ from distill.teachers import HiddenStates, Teacher, open_teacher
 from distill.tokenizer import byte_tokenizer
 
 KINDS = ["live", "cache_topk", "cache_sampled", "server", "mixture", "student_base", "self", "peers"]
-CAPABILITIES = ("states", "corrector", "names", "model", "diagnose")
+CAPABILITIES = ("states", "corrector", "names", "model", "diagnose", "check_data")
 V = 263  # the byte tokenizer's vocabulary
 
 
@@ -165,14 +165,15 @@ def check_signal(signal, rows: int, supervised: torch.Tensor, reference: torch.T
 def test_every_teacher_kind_keeps_the_contract(kind, setting, request):
     served_url = request.getfixturevalue("served") if kind in ("server",) else None
     teacher, hook, reference = open_kind(kind, setting, served_url)
-    for name in (*Teacher.__annotations__, "signal", "covers", "check_data", "describe"):
+    for name in (*Teacher.__annotations__, "signal", "covers", "describe"):
         assert hasattr(teacher, name), name
     for name in CAPABILITIES:  # a capability is there or None, never a stand-in that does nothing
         value = getattr(teacher, name)
         assert value is None or callable(value) or isinstance(value, (HiddenStates, list, torch.nn.Module)), name
     assert teacher.eval_estimates in ("exact", "topk_tail", "topk", "sampled") and teacher.eval_temperature > 0
     assert isinstance(teacher.describe(), str) and teacher.describe()
-    teacher.check_data(setting["train_ds"], setting["eval_ds"])
+    if teacher.check_data is not None:
+        teacher.check_data(setting["train_ds"], setting["eval_ds"])
     assert teacher.covers("train") and teacher.covers("eval")
     batch = setting["batch"]
     b, t = batch["input_ids"].shape

@@ -1,5 +1,6 @@
-"""The ``distill`` command: every sub-command is registered here (``PARSERS``), each a thin shell around a
-command module (:mod:`distill.commands`); errors are reported here, once, without a traceback."""
+"""The ``distill`` command: every sub-command is registered here (``PARSERS``), each a thin shell around the
+Python API (:mod:`distill.api`; ``quickstart`` and ``report`` around their command modules, ``serve`` around
+:mod:`distill.server.app`); errors are reported here, once, without a traceback."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import typing
 from huggingface_hub.errors import StrictDataclassError
 from pydantic import BaseModel
 
-from distill import __version__
-from distill.commands import cache, generate, prune, quickstart, report, train
-from distill.commands import eval as eval_command
-from distill.config import CacheConfig, EvalRunConfig, GenerateConfig, PruneConfig, TrainConfig, load_config
+from distill import __version__, api
+from distill.commands import quickstart, report
+from distill.config import CacheConfig, EvalRunConfig, GenerateConfig, PruneConfig, TrainConfig
 from distill.errors import NonFiniteLossError, TeacherServerError
 from distill.server.app import serve
 
@@ -86,8 +86,8 @@ def _describe(model: type[BaseModel], indent: str = "  ") -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    summary = train.main(cfg, resume=args.resume)
+    result = api.train(args.config, *args.overrides, resume=args.resume)
+    summary = {"steps": result.steps, "tokens": result.tokens, **result.metrics}
     logger.info("done: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in summary.items()))
     return 0
@@ -137,9 +137,8 @@ def _quickstart_parser(sub) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    cfg = load_config(CacheConfig, args.config, args.overrides)
-    summary = cache.main(cfg)
-    logger.info("done: %s", json.dumps(summary["splits"]))
+    result = api.cache(args.config, *args.overrides)
+    logger.info("done: %s", json.dumps(result.splits))
     return 0
 
 
@@ -158,11 +157,11 @@ def _cache_parser(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    cfg = load_config(GenerateConfig, args.config, args.overrides)
-    counts = generate.main(cfg)
+    result = api.generate(args.config, *args.overrides)
+    counts = result.counts
     logger.info("done: %s", ", ".join(f"{k}={v}" for k, v in counts.items()))
     if not counts.get("kept"):  # complete, but nothing to train on: a pipeline must not go on as if it had data
-        print(f"distill: error: no sample was kept, so {cfg.out_dir} holds no training data (the warning above and "
+        print(f"distill: error: no sample was kept, so {result.out_dir} holds no training data (the warning above and "
               "manifest.json's `warnings` say why)", file=sys.stderr)
         return 1
     return 0
@@ -217,7 +216,7 @@ def _serve_parser(sub) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    eval_command.main(load_config(EvalRunConfig, args.config, args.overrides))
+    api.evaluate(args.config, *args.overrides)
     return 0
 
 
@@ -260,11 +259,9 @@ def _report_parser(sub) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    cfg = load_config(PruneConfig, args.config, args.overrides)
-    result = prune.main(cfg)
-    chosen = result["plans"]["chosen"]
-    logger.info("done: %s parameters -> %s, calibration loss %.4f -> %.4f", f"{result['plans']['original']['params']:,}",
-                f"{chosen['params']:,}", result["plans"]["original"]["loss"], chosen["loss"])
+    result = api.prune(args.config, *args.overrides)
+    logger.info("done: %s parameters -> %s, calibration loss %.4f -> %.4f", f"{result.params[0]:,}",
+                f"{result.params[1]:,}", *result.calibration_loss)
     return 0
 
 

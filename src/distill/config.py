@@ -7,6 +7,7 @@ default.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -359,34 +360,53 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join([f"{origin}: {len(lines)} problem(s) in the config:", *lines])
 
 
-def load_config(model: type[BaseModel], path: str | Path | None, overrides: list[str] | None = None):
-    """Defaults < YAML file < ``key=value`` overrides, validated by ``model``; raises ConfigError."""
-    tree: dict = {}
-    origin = "config"
-    if path is not None:
-        path = Path(path)
-        origin = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
+def load_config(model: type[BaseModel], source: str | Path | dict | BaseModel | None,
+                overrides: list[str] | None = None, settings: dict | None = None):
+    """Defaults < ``source`` < ``key=value`` overrides < ``settings``, validated by ``model``; raises ConfigError.
+
+    ``source`` is a YAML file's path, the tree such a file holds (a dict), a config already built, or None (the
+    defaults). ``settings`` are keyword settings of the Python API: a key is a section or a dotted key
+    (``{"loss.temperature": 2}``), a dict value is merged into the section it names (``{"loss": {"alpha": 0.5}}``).
+    """
+    tree, origin = _source_tree(source)
     if overrides:
         # Applied in order onto the file's tree, so `teacher=null teacher.cache=DIR` replaces the section, and
         # `train.batches=skd train.batches.skd_top_k=5` gives the source named first a key.
         for item in overrides:
             tree = _merge(_batches_named(tree), parse_overrides([item]))
         origin += " + overrides"
+    for key, value in (settings or {}).items():
+        nested: dict = {}
+        _set_dotted(nested, key, value, origin=f"setting `{key}`")
+        tree = _merge(_batches_named(tree), nested)
+    if settings:
+        origin += " + settings"
     try:
         return model.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def _source_tree(source: str | Path | dict | BaseModel | None) -> tuple[dict, str]:
+    """The tree of settings ``source`` holds, and how an error names it."""
+    if source is None:
+        return {}, "config"
+    if isinstance(source, BaseModel):
+        return source.model_dump(mode="json"), "config"
+    if isinstance(source, dict):
+        return copy.deepcopy(source), "config"
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded, str(path)
 
 
 def _batches_named(tree: dict) -> dict:

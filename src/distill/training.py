@@ -270,11 +270,24 @@ class Window:
         return self.accelerator.reduce(local, "sum").tolist()
 
 
-class MetricsWriter:
-    """metrics.jsonl (always) and TensorBoard (through accelerate's tracker) on the main process."""
+Callback = Callable[[dict], object]
 
-    def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None):
-        self.accelerator, self.path = accelerator, path
+
+@dataclass(frozen=True)
+class Callbacks:
+    """What the caller of :func:`train` is told: each train-log record (``on_step``) and each evaluation
+    (``on_eval``), on the main process."""
+
+    on_step: Callback | None = None
+    on_eval: Callback | None = None
+
+
+class MetricsWriter:
+    """metrics.jsonl (always), TensorBoard (through accelerate's tracker) and the caller's callbacks, on the main
+    process."""
+
+    def __init__(self, accelerator: Accelerator, path: Path, resume_step: int | None, callbacks: Callbacks):
+        self.accelerator, self.path, self.callbacks = accelerator, path, callbacks
         if accelerator.is_main_process and resume_step is not None and path.exists():
             # Records past the checkpoint came from the interrupted run; the resumed run rewrites them.
             kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
@@ -290,6 +303,9 @@ class MetricsWriter:
         scalars = {f"{record['split']}/{k}": v for k, v in record.items()
                    if isinstance(v, (int, float)) and k not in ("step", "split")}
         self.accelerator.log(scalars, step=record["step"])
+        callback = self.callbacks.on_eval if record["split"] == "eval" else self.callbacks.on_step
+        if callback is not None:
+            callback(dict(record))
 
 
 def _source_file(accelerator: Accelerator) -> str:
@@ -466,16 +482,19 @@ def model_step(model, head_fn, optimizer, scheduler, batches: list[dict], teache
 # The run
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, on_step: Callback | None = None,
+          on_eval: Callback | None = None) -> dict:
     """Train ``cfg`` (``--resume``: from its latest checkpoint); returns the summary. The ``distill`` log goes to
-    the run's ``train.log`` while it runs, and only then: the handler is closed however the run ends."""
+    the run's ``train.log`` while it runs, and only then: the handler is closed however the run ends.
+    ``on_step`` and ``on_eval`` are called on the main process with each train-log record and each evaluation
+    record, as they are written to ``metrics.jsonl``."""
     try:
-        return _train(cfg, resume)
+        return _train(cfg, resume, Callbacks(on_step, on_eval))
     finally:
         _stop_logging_to_file(Path(cfg.out_dir) / "train.log")
 
 
-def _train(cfg: TrainConfig, resume: bool) -> dict:
+def _train(cfg: TrainConfig, resume: bool, callbacks: Callbacks) -> dict:
     sharding.check_supported(cfg)  # FSDP / DeepSpeed launches distill cannot run, before anything starts
     accelerator = make_accelerator(cfg)
     resume_from = _begin(cfg, accelerator, resume)
@@ -490,7 +509,8 @@ def _train(cfg: TrainConfig, resume: bool) -> dict:
         dump_config(cfg, Path(cfg.out_dir) / "config.yaml")
     if cfg.log.tensorboard:
         accelerator.init_trackers("distill", config=_flat_hparams(cfg))
-    metrics = MetricsWriter(accelerator, Path(cfg.out_dir) / "metrics.jsonl", start_step if resume_from else None)
+    metrics = MetricsWriter(accelerator, Path(cfg.out_dir) / "metrics.jsonl", start_step if resume_from else None,
+                            callbacks)
     tokens_seen, last_eval = _loop(run, optimizer, scheduler, hook, metrics, start_step, tokens_seen, resume_from)
     return _finish(run, hook, {"steps": cfg.train.max_steps, "tokens": tokens_seen, **last_eval})
 
@@ -545,7 +565,7 @@ def _read_data(cfg: TrainConfig, accelerator: Accelerator, tokenizer, student, t
     limits = [m for m in (max_positions(student), teacher and teacher.max_positions) if m]
     with accelerator.main_process_first():  # the main process fills the datasets cache first
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=min(limits) if limits else None)
-    if teacher is not None:
+    if teacher is not None and teacher.check_data is not None:
         teacher.check_data(train_ds, eval_ds)  # e.g. refuse cached targets of other data before training
     logger.info("data: %d train / %d eval examples of up to %d tokens", len(train_ds),
                 len(eval_ds) if eval_ds is not None else 0, cfg.data.seq_len)

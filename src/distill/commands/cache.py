@@ -7,7 +7,7 @@
 The data section is the one ``distill train`` uses, and the cache covers ``build_datasets``' train split
 and, when the data has one, its eval split (``splits`` chooses), example by example in dataset order;
 training from the cache reports KL to the teacher and agreement on the cached eval split. The format is
-described in :mod:`distill.cache.codec`; train from it with ``teacher: {cache: OUT}``.
+described in :mod:`distill.caching.codec`; train from it with ``teacher: {cache: OUT}``.
 
 Resume: running the same command again continues from the last complete shard (shards are written
 under a temporary name and renamed; each carries its own checksum, verified before it is skipped), and
@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
-from distill.cache import codec
-from distill.cache.capture import Capturer, build_manifest, capture_split
-from distill.cache.reader import identity_diff
+from distill.caching import codec
+from distill.caching.capture import Capturer, build_manifest, capture_split
+from distill.caching.reader import identity_diff
 from distill.checkpoint import atomic_write_text
 from distill.config import CacheConfig
 from distill.data import build_datasets
@@ -43,7 +44,9 @@ logger = logging.getLogger("distill")
 # --------------------------------------------------------------------------------------------- the command
 
 
-def main(cfg: CacheConfig) -> dict:
+def main(cfg: CacheConfig, on_step: Callable[[dict], object] | None = None) -> dict:
+    """Capture ``cfg.teacher``'s targets on ``cfg.data`` into ``cfg.out_dir`` (continuing a partial capture);
+    returns the summary. ``on_step`` is told of each shard this process writes, once it is on disk."""
     out_dir = Path(cfg.out_dir)
     accelerator = Accelerator(cpu=not has_accelerator())
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -87,7 +90,8 @@ def main(cfg: CacheConfig) -> dict:
     seconds = 0.0
     for split in splits:
         res = capture_split(capturer, datasets[split], split, out_dir, shard_examples=cfg.shard_examples,
-                            hashes=hashes[split], rank=rank, world=world, progress=cfg.progress and is_main)
+                            hashes=hashes[split], rank=rank, world=world, progress=cfg.progress and is_main,
+                            on_shard=on_step)
         written, tokens, seconds = written + res["written"], tokens + res["tokens"], seconds + res["seconds"]
         if res["skipped"]:
             logger.info("%s: %d complete shard(s) kept, %d written", split, res["skipped"], res["written"])

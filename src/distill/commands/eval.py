@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -67,7 +68,7 @@ def _data_metrics(cfg: EvalRunConfig, accelerator, tokenizer, models: dict, teac
     limits = [m for m in [max_positions(m) for m in models.values()] + [teacher and teacher.max_positions] if m]
     with accelerator.main_process_first():
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=min(limits) if limits else None)
-    if teacher is not None:
+    if teacher is not None and teacher.check_data is not None:
         teacher.check_data(train_ds, eval_ds)
     dataset = eval_ds if cfg.split == "eval" else train_ds
     if dataset is None:
@@ -104,7 +105,9 @@ def _data_metrics(cfg: EvalRunConfig, accelerator, tokenizer, models: dict, teac
     return dataset
 
 
-def main(cfg: EvalRunConfig) -> dict:
+def main(cfg: EvalRunConfig, on_eval: Callable[[str, dict], object] | None = None) -> dict:
+    """Evaluate ``cfg.models`` (and the teacher) as the module docstring says; writes ``cfg.out`` and returns
+    its results. ``on_eval`` is told of each model's metrics on the data, ``(name, metrics)``, once measured."""
     accelerator = Accelerator(cpu=not has_accelerator())
     names = list(cfg.models)
     tokenizer = load_tokenizer(cfg.models[names[0]], f"models.{names[0]}")
@@ -121,6 +124,9 @@ def main(cfg: EvalRunConfig) -> dict:
     results: dict = {"teacher": teacher.describe() if teacher else None, "models": {n: {} for n in names}}
     if cfg.data is not None:
         dataset = _data_metrics(cfg, accelerator, tokenizer, models, teacher, results)
+        if on_eval is not None and accelerator.is_main_process:
+            for name in names:
+                on_eval(name, dict(results["models"][name]))
     if cfg.speculative is not None:
         if teacher is None or teacher.model is None:  # no model in this process to draft for
             raise ValueError("speculative: each model drafts for the teacher, which must be a live model "

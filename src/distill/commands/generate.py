@@ -39,6 +39,7 @@ import numbers
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -231,7 +232,9 @@ def output_warnings(cfg: GenerateConfig, counts: dict, first_error: str | None) 
 # --------------------------------------------------------------------------------------------- the command
 
 
-def main(cfg: GenerateConfig) -> dict:
+def main(cfg: GenerateConfig, on_step: Callable[[dict], object] | None = None) -> dict:
+    """Sample, score and select ``cfg.n`` responses per prompt into ``cfg.out_dir`` (continuing a partial run);
+    returns the counts. ``on_step`` is told of each shard this process writes, once it is on disk."""
     out_dir = Path(cfg.out_dir)
     accelerator = Accelerator(cpu=not has_accelerator())
     is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -275,7 +278,7 @@ def main(cfg: GenerateConfig) -> dict:
     t0 = time.perf_counter()
     tokens = _write_shards(cfg, engine, params, rows, [s for s in range(rank, num_shards, world)
                                                       if not (out_dir / _counts_name(s)).is_file()],
-                           identity_hash, verifier, progress=cfg.progress and is_main)
+                           identity_hash, verifier, progress=cfg.progress and is_main, on_shard=on_step)
     accelerator.wait_for_everyone()
     manifest = None
     if is_main:
@@ -310,9 +313,10 @@ def _identity(cfg: GenerateConfig, params: SamplingParams, rows: list[dict], tok
 
 
 def _write_shards(cfg: GenerateConfig, engine, params: SamplingParams, rows: list[dict], todo: list[int],
-                  identity_hash: str, verifier, progress: bool) -> int:
-    """This process's missing shards, each written and then its counts (which mark it complete); returns the
-    new tokens sampled."""
+                  identity_hash: str, verifier, progress: bool,
+                  on_shard: Callable[[dict], object] | None = None) -> int:
+    """This process's missing shards, each written and then its counts (which mark it complete; ``on_shard`` is
+    told then); returns the new tokens sampled."""
     out_dir = Path(cfg.out_dir)
     bar = tqdm(total=sum(min(cfg.shard_prompts, len(rows) - s * cfg.shard_prompts) for s in todo), unit="prompt",
                desc="generate", disable=not progress, dynamic_ncols=True,
@@ -332,6 +336,9 @@ def _write_shards(cfg: GenerateConfig, engine, params: SamplingParams, rows: lis
         # The counts are written after the shard: their presence marks the shard complete.
         atomic_write_text(out_dir / _counts_name(s), json.dumps(counts, sort_keys=True) + "\n")
         bar.update(len(shard_rows))
+        if on_shard is not None:
+            on_shard({"shard": s, "prompts": [first, first + len(shard_rows)], "path": str(out_dir / shard_name(s)),
+                      **counts})
     bar.close()
     return tokens
 

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +121,10 @@ class Pruned:
     seconds: float  # planning and slicing
 
 
-def main(cfg: PruneConfig) -> dict:
+def main(cfg: PruneConfig, on_eval: Callable[[str, dict], object] | None = None) -> dict:
     """Prune ``cfg.model`` to ``cfg.target`` and write ``cfg.out_dir``: the steps of the module docstring, in
-    order. Returns the report."""
+    order. Returns the report. ``on_eval`` is told of each plan's calibration loss and parameters, ``(name,
+    row)``, as it is measured (the original, the chosen plan, then the comparison plans)."""
     family = check_family(model_type(cfg))
     out = check_out_dir(cfg)
     tokenizer, model, orig = load(cfg, family)  # 1
@@ -130,7 +132,7 @@ def main(cfg: PruneConfig) -> dict:
     vocab = len(tokenizer)
     cal = calibrate(cfg, tokenizer, model, vocab, sizes["num_hidden_layers"] < orig["num_hidden_layers"])  # 3
     pruned = prune(cfg, model, cal.imp, sizes)  # 4
-    plans, report_seconds = compare_plans(cfg, model, orig, sizes, family, vocab, cal, pruned)  # 5
+    plans, report_seconds = compare_plans(cfg, model, orig, sizes, family, vocab, cal, pruned, on_eval)  # 5
     report = build_report(cfg, family, cal, pruned, plans, report_seconds)
     write_output(out, cfg, pruned.model, tokenizer, report)  # 6
     return report
@@ -198,7 +200,8 @@ def prune(cfg: PruneConfig, model, imp: Importance, sizes: dict[str, int]) -> Pr
 
 
 def compare_plans(cfg: PruneConfig, model, orig: dict[str, int], sizes: dict[str, int], family: str, vocab: int,
-                  cal: Calibration, pruned: Pruned) -> tuple[dict, float]:
+                  cal: Calibration, pruned: Pruned, on_eval: Callable[[str, dict], object] | None = None
+                  ) -> tuple[dict, float]:
     """Step 5: the calibration loss and parameters of the original, the chosen plan and (``cfg.report``)
     width-only and depth-only plans of about the same parameter count; and the seconds they took."""
     plans: dict = {"original": {"sizes": orig, "params": count_parameters(model), "loss": cal.loss, "note": ""}}
@@ -207,12 +210,20 @@ def compare_plans(cfg: PruneConfig, model, orig: dict[str, int], sizes: dict[str
     plans["chosen"] = {"sizes": sizes, "params": count_parameters(pruned.model), "loss": chosen_loss,
                        "note": f"target; layers ranked by {pruned.metric}"}
     logger.info("calibration loss: original %.4f, pruned %.4f", cal.loss, chosen_loss)
+
+    def tell(name: str, row: dict) -> None:
+        if on_eval is not None:
+            on_eval(name, dict(row))
+
+    tell("original", plans["original"])
+    tell("chosen", plans["chosen"])
     if cfg.report:
+        def on_plan(name: str, row: dict) -> None:
+            logger.info("calibration loss, %s: %.4f (%s parameters)", name, row["loss"], f"{row['params']:,}")
+            tell(name, row)
+
         others = comparison_plans(model, cal.imp, sizes, family, cfg.target.multiple_of)
-        plans.update(evaluate_plans(
-            model, others, cal.batches, vocab,
-            on_plan=lambda name, row: logger.info("calibration loss, %s: %.4f (%s parameters)", name, row["loss"],
-                                                  f"{row['params']:,}")))
+        plans.update(evaluate_plans(model, others, cal.batches, vocab, on_plan=on_plan))
     return plans, time.perf_counter() - t0
 
 

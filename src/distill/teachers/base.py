@@ -6,7 +6,6 @@ The core, which every teacher has:
   ``B * (T - 1)`` rows): :class:`~distill.losses.DenseSignal`, :class:`~distill.losses.SparseTarget`,
   :class:`~distill.losses.MixtureSignal`, or None (plain CE for this batch: a teacher not speaking yet);
 * ``covers(split)``: whether it can score that split (``train``, ``eval``);
-* ``check_data(train_ds, eval_ds)``: refuse data it cannot score, before training on it;
 * ``describe()``: one line for the start-up log;
 * ``kind``: its name in messages; ``eval_estimates``: what evaluation can say about the student's distance to
   it (``exact``, ``topk_tail``, ``topk``, ``sampled``: :mod:`distill.teachers`); ``eval_temperature``: the
@@ -20,7 +19,9 @@ The capabilities, each None where the teacher does not have it (never a method t
   (:mod:`distill.engines.base`);
 * ``names``: the names of the teachers whose signal it mixes (their KLs are logged as ``kl_<name>``);
 * ``model``: its model in this process (speculative decoding drafts for it);
-* ``diagnose``: ``diagnose(batch) -> str | None``, a cause for a non-finite loss that lies with the teacher.
+* ``diagnose``: ``diagnose(batch) -> str | None``, a cause for a non-finite loss that lies with the teacher;
+* ``check_data``: ``check_data(train_ds, eval_ds)``, refuse data it cannot score, before training on it (a
+  cache of other data); None for a teacher that scores whatever it is sent.
 """
 
 from __future__ import annotations
@@ -58,15 +59,13 @@ class Teacher(Protocol):
     names: list[str] | None
     model: torch.nn.Module | None
     diagnose: Callable[[dict], str | None] | None
+    check_data: Callable[[object, object], None] | None
 
     def signal(self, batch: dict):
         """Its signal for the batch (module docstring)."""
 
     def covers(self, split: str) -> bool:
         """Whether it can score ``split``."""
-
-    def check_data(self, train_ds, eval_ds) -> None:
-        """Refuse data it cannot score."""
 
     def describe(self) -> str:
         """One line for the start-up log."""

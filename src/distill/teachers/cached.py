@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from distill.cache.codec import data_fingerprint
-from distill.cache.reader import TeacherCache
+from distill.caching.codec import data_fingerprint
+from distill.caching.reader import TeacherCache
 from distill.config import TeacherCacheSpec
 from distill.losses import LossSpec, SparseTarget
 from distill.tokenizer import tokenizer_fingerprint
 
 
 class CachedTeacher:
-    """Targets from ``distill cache``, one :class:`~distill.cache.reader.TeacherCache` per captured split; sparse
+    """Targets from ``distill cache``, one :class:`~distill.caching.reader.TeacherCache` per captured split; sparse
     signal. Batches must be dataset examples (``batch["index"]``, ``batch["split"]``): each example is
     checked against the hash the cache stored for it."""
 

@@ -21,6 +21,7 @@ class EngineTeacher:
     the start-up log."""
 
     names = None
+    check_data = None  # an engine scores whatever it is sent
     scores_any_text = True  # an engine scores any text it is sent
 
     def __init__(self, engine, kind: str, *, description: str | None = None, ready: Callable[[], bool] | None = None):
@@ -38,9 +39,6 @@ class EngineTeacher:
 
     def describe(self) -> str:
         return self.description or self.engine.describe()
-
-    def check_data(self, train_ds, eval_ds) -> None:
-        """Nothing to refuse: an engine scores whatever it is sent."""
 
     def covers(self, split: str) -> bool:
         return self.ready()

@@ -35,15 +35,17 @@ class MixtureTeacher:
         self.eval_estimates = kinds.pop() if len(kinds) == 1 else ("sampled" if "sampled" in kinds else "topk_tail")
         self.eval_temperature = loss.temperature  # the mixture as trained (members at their own temperatures)
         self.diagnose = self._diagnose if any(m.diagnose is not None for m in members) else None
+        self.check_data = self._check_data if any(m.check_data is not None for m in members) else None
 
     def describe(self) -> str:
         parts = [f"{n} (weight {w:.3g}, T={t:g}): {m.describe()}"
                  for n, w, t, m in zip(self.names, self.weights, self.temperatures, self.members, strict=True)]
         return f"{len(self.members)} teachers mixed in {self.spec.mix} space: " + "; ".join(parts)
 
-    def check_data(self, train_ds, eval_ds) -> None:
+    def _check_data(self, train_ds, eval_ds) -> None:
         for m in self.members:
-            m.check_data(train_ds, eval_ds)
+            if m.check_data is not None:
+                m.check_data(train_ds, eval_ds)
 
     def covers(self, split: str) -> bool:
         return all(m.covers(split) for m in self.members)

@@ -25,7 +25,7 @@ class PeersTeacher:
     eval_estimates = "exact"
     eval_temperature = 1.0
     scores_any_text = True
-    states = corrector = model = None
+    states = corrector = model = check_data = None  # the peers score whatever they are given
 
     def __init__(self, spec: PeersTeacherSpec, hook: PeersHook):
         self.spec, self.hook, self.names = spec, hook, hook.names
@@ -36,9 +36,6 @@ class PeersTeacher:
         sizes = ", ".join(f"{count_parameters(m) / 1e6:.2f}M" for m in self.hook.models)
         return (f"co-distillation with {len(self.hook.models)} peer(s) ({sizes} parameters)"
                 + (f", plain CE for {self.spec.burn_in} steps" if self.spec.burn_in else ""))
-
-    def check_data(self, train_ds, eval_ds) -> None:
-        """Nothing to refuse: the peers score whatever they are given."""
 
     def covers(self, split: str) -> bool:
         return True

@@ -1,7 +1,7 @@
 """Capture: a teacher's targets computed and written as cache shards (what ``distill cache`` runs).
 
 From the teacher's logits (divided by the capture temperature), :func:`topk_targets` and
-:func:`sampled_targets` give the codes the shards store (:mod:`distill.cache.codec`); :class:`Capturer` turns a
+:func:`sampled_targets` give the codes the shards store (:mod:`distill.caching.codec`); :class:`Capturer` turns a
 shard's examples into those codes with the teacher's engine (:mod:`distill.engines`): from full logits, a chunk
 of rows at a time, for a dense one (a model in this process), from its top-k log-probabilities for a sparse one
 (a server); :func:`capture_split` writes one process's shards of a split (skipping complete ones) and
@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
-from distill.cache.codec import (
+from distill.caching.codec import (
     encode_shard,
     encode_tail,
     example_hash,
@@ -357,8 +358,10 @@ def capture_split(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    on_shard: Callable[[dict], object] | None = None,
 ) -> dict:
-    """Write this process's shards of one split (shards ``s % world == rank``), skipping complete ones.
+    """Write this process's shards of one split (shards ``s % world == rank``), skipping complete ones;
+    ``on_shard`` is told of each shard once it is on disk (split, shard, examples, path).
 
     Returns counts: ``written`` and ``skipped`` shards, ``tokens`` forwarded, ``seconds``.
     """
@@ -393,11 +396,17 @@ def capture_split(
     t0 = time.perf_counter()
     pending = None
 
-    def write(s: int, a: int, shard_hashes, shard_lengths, out) -> None:
+    def write(s: int, a: int, b: int, shard_hashes, shard_lengths, out) -> dict:
         blob = encode_shard(
             capturer.params, split, s, a, shard_hashes, shard_lengths, out["positions"], out["arrays"]
         )
         write_file_atomic(out_dir / shard_name(split, s), blob)
+        return {"split": split, "shard": s, "examples": [a, b], "path": str(out_dir / shard_name(split, s))}
+
+    def finish(job) -> None:
+        written = job.result()
+        if on_shard is not None:
+            on_shard(written)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         for s, a, b in todo:
@@ -409,11 +418,11 @@ def capture_split(
             )
             out = capturer.capture(examples, a, split, on_batch=bar.update)
             if pending is not None:
-                pending.result()  # at most one shard being encoded/written while the next is captured
-            pending = pool.submit(write, s, a, shard_hashes, lengths[a:b], out)
+                finish(pending)  # at most one shard being encoded/written while the next is captured
+            pending = pool.submit(write, s, a, b, shard_hashes, lengths[a:b], out)
             bar.set_postfix(shards=f"{s + 1}/{num_shards}")
         if pending is not None:
-            pending.result()
+            finish(pending)
     bar.close()
     seconds = time.perf_counter() - t0
     return {"written": len(todo), "skipped": skipped, "tokens": total, "seconds": seconds}

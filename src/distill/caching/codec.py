@@ -1,6 +1,6 @@
 """The teacher cache's format: sparse per-token teacher targets on disk, written once, read by training.
 
-``distill cache`` (:mod:`distill.commands.cache`, through :mod:`distill.cache.capture`) runs a teacher over a
+``distill cache`` (:mod:`distill.commands.cache`, through :mod:`distill.caching.capture`) runs a teacher over a
 tokenized dataset and stores, for every position whose next token is supervised, one of (docs/methods.md §2):
 
 * ``topk``: the k most probable ids, their probabilities and the tail mass ``1 - sum(top-k p)``;
@@ -8,7 +8,7 @@ tokenized dataset and stores, for every position whose next token is supervised,
 
 Probabilities are at the capture temperature ``T``: ``p = softmax(z / T)``. This module is the format (bit
 packing, Rice codes, quantization, hashes, the shard files, the manifest's constants);
-:mod:`distill.cache.capture` computes the targets and writes the shards, :mod:`distill.cache.reader` reads
+:mod:`distill.caching.capture` computes the targets and writes the shards, :mod:`distill.caching.reader` reads
 them back.
 
 Positions

@@ -1,7 +1,7 @@
 """Reading a teacher cache (:class:`TeacherCache`): the manifest checked (present, a supported version, the
 run's tokenizer, vocabulary, sequence length and data), shards opened and verified against their sha256 on first
 use, and each example's stored rows put back in place as a :class:`~distill.losses.SparseTarget` after its
-tokens are checked against the hash the cache stored for it. The format: :mod:`distill.cache.codec`.
+tokens are checked against the hash the cache stored for it. The format: :mod:`distill.caching.codec`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.cache.codec import (
+from distill.caching.codec import (
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_DTYPE,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
@@ -110,3 +111,48 @@ def test_teacher_cache_is_reused_and_never_used_half_written(tmp_path, monkeypat
     _, _, trained = fetch()
     assert trained and (teacher_dir.parent / "teacher.json").is_file()
     AutoModelForCausalLM.from_pretrained(teacher_dir)  # a whole checkpoint again
+
+
+def readme_headline(results: dict) -> str:
+    """The README's quickstart paragraph and table, written from a quickstart's results.json."""
+    s, phases = results["settings"], results["settings"]["phase_seconds"]
+    minutes, seconds = divmod(round(s["seconds"]), 60)
+    lines = [
+        "Measured with `bash scripts/quickstart.sh` on the 2-core development machine (no GPU, otherwise idle,",
+        f"empty teacher cache; `benchmarks/results/quickstart.json`): **{minutes} min {seconds} s** in all (teacher "
+        f"{phases['teacher']:.0f} s,",
+        f"scratch student {phases['student scratch']:.0f} s, distilled student {phases['student distilled']:.0f} s, "
+        f"evaluation of all three on every",
+        f"validation file {phases['evaluation']:.0f} s). On the validation files ({results['teacher']['val_tokens']:,} "
+        "tokens):",
+        "",
+        "| model | val loss | val ppl | bits/byte | KL to teacher | top-1 agreement | steps | tokens |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, label, size in (("teacher", "teacher", s["teacher"]), ("scratch", "scratch student", s["student"]),
+                              ("distilled", "distilled student", s["student"])):
+        r = results[name]
+        cells = [f"{r['val_loss']:.3f}", f"{r['val_ppl']:.2f}", f"{r['bits_per_byte']:.3f}",
+                 f"{r['kl_to_teacher']:.3f}", f"{r['top1_agreement']:.1%}"]
+        if name == "distilled":
+            cells = [f"**{c}**" for c in cells]
+        lines.append(f"| {label} (hidden {size['hidden_size']}, {size['num_hidden_layers']} layers) | "
+                     + " | ".join(cells) + f" | {r['steps']} | {r['tokens']:,} |")
+    gain = results["scratch"]["val_loss"] - results["distilled"]["val_loss"]
+    cached = (s["seconds"] - phases["teacher"]) / 60
+    lines += [
+        "",
+        f"Same architecture, seed, data order, steps and tokens; the distilled student (forward KL, T=1) is {gain:.2f}",
+        f"nats/token better. With a teacher already cached the run takes about {cached:.0f} minutes.",
+    ]
+    return "\n".join(lines)
+
+
+def test_the_readme_headline_is_the_quickstart_json():
+    """Every number of the README's quickstart paragraph and table comes from the JSON a quickstart run wrote
+    (copied from runs/quickstart/results.json to benchmarks/results/quickstart.json)."""
+    repo = Path(__file__).resolve().parents[1]
+    results = json.loads((repo / "benchmarks" / "results" / "quickstart.json").read_text())
+    assert results["settings"]["preset"] == "default"
+    want = readme_headline(results)
+    assert want in (repo / "README.md").read_text(), f"the README's quickstart block should read:\n{want}"

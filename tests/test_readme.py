@@ -1,7 +1,9 @@
-"""The README as a script: every command line of its code blocks is either run here, in order, in a fresh
-directory holding a copy of `configs/` (so `runs/` starts empty, as in a fresh clone), or listed with the
-reason it is not run (a placeholder for the user's own config, minutes of work, several GPUs). A new README
-command fails `test_every_readme_command_is_classified` until it is put in one of the two classes."""
+"""The README and the docs pages it links, as a script: every command line of their code blocks is either run
+here, in reading order (the README, then each page in the order the README links it), in a fresh directory
+holding a copy of `configs/` (so `runs/` starts empty, as in a fresh clone), or listed with the reason it is not
+run (a placeholder for the user's own config, minutes of work, several GPUs); then the README's Python blocks
+run there too. A new command fails `test_every_readme_command_is_classified` until it is put in one of the two
+classes."""
 
 from __future__ import annotations
 
@@ -24,13 +26,28 @@ import pytest
 from conftest import REPO, run_cli_here
 
 README = REPO / "README.md"
+
+
+def documents() -> list[Path]:
+    """The README, then the docs pages it links, in the order it first links them."""
+    pages = dict.fromkeys(re.findall(r"\]\((docs/[\w-]+\.md)\)", README.read_text()))
+    return [README, *(REPO / page for page in pages)]
+
+
+def documented_commands() -> list[str]:
+    return [cmd for doc in documents() for cmd in readme_commands(doc.read_text())]
+
+
+def python_blocks(text: str) -> list[str]:
+    """The code of the ```python fences."""
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 TINY = REPO / "configs" / "tiny"
 PREFIXES = ("distill ", "python ", "bash ", "curl ", "accelerate ", "taskset ")
 
 # README command -> why this test does not run it.
 MY = "placeholder config my.yaml (the user's own models and data)"
 NOT_RUN = {
-    "bash scripts/quickstart.sh": "takes ~12 minutes and installs into .venv: the full quickstart",
+    "bash scripts/quickstart.sh": "takes ~9 minutes and installs into .venv: the full quickstart",
     "bash scripts/test.sh": "the test suite itself, this test included",
     "distill train my.yaml loss.divergence=jsd loss.beta=0.9": MY,
     "distill train my.yaml --resume": MY,
@@ -159,7 +176,8 @@ def test_readme_commands_are_extracted():
 
 
 def test_every_readme_command_is_classified():
-    commands = readme_commands(README.read_text())
+    assert len(documents()) > 5 and all(doc.is_file() for doc in documents())
+    commands = documented_commands()
     assert len(commands) == len(set(commands)), "a README command appears twice; give the second its own out_dir"
     unclassified = [c for c in commands if c not in RUN and c not in NOT_RUN]
     assert not unclassified, ("README commands neither run by test_readme_runs_as_written (RUN) nor listed with a "
@@ -275,7 +293,7 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     servers: list[subprocess.Popen] = []
     t_all = time.perf_counter()
     try:
-        for cmd in readme_commands(README.read_text()):
+        for cmd in documented_commands():
             if cmd in NOT_RUN:
                 print(f"[not run] {cmd}\n         ({NOT_RUN[cmd]})")
                 continue
@@ -292,3 +310,10 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
             proc.terminate()
             proc.wait(timeout=30)
     print(f"README commands: {time.perf_counter() - t_all:.1f} s")
+    blocks = python_blocks(README.read_text())
+    assert blocks, "the README's Python API example is gone"
+    for code in blocks:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, "README.md (python block)", "exec"), {"__name__": "__readme__"})
+        assert "| student |" in out.getvalue() and (work / "runs/api/student/config.json").is_file()

@@ -201,13 +201,10 @@ def flat_positions(hidden_BTH: torch.Tensor) -> torch.Tensor:
     return hidden_BTH[:, :-1].reshape(-1, hidden_BTH.shape[-1])
 
 
-def model_identity(spec) -> dict:
+def model_identity(spec: ModelSpec) -> dict:
     """What identifies a model for the artifacts made from it (caches, generations): its path (+ the
-    config.json hash and the weight files' sizes) or its config and seed."""
-    if hasattr(spec, "server"):  # a server: its address and model name (the weights are out of reach)
-        ident = {"server": spec.server.rstrip("/"), "model": spec.model, "tokenizer": spec.tokenizer}
-        ident["sha256"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        return ident
+    config.json hash and the weight files' sizes) or its config and seed. A server's:
+    :func:`distill.engines.engine_identity`."""
     ident: dict = {"dtype": spec.dtype, "tokenizer": spec.tokenizer}
     if spec.path is not None:
         ident["path"] = spec.path

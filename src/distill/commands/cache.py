@@ -34,8 +34,8 @@ from distill.caching.reader import identity_diff
 from distill.checkpoint import atomic_write_text
 from distill.config import CacheConfig
 from distill.data import build_datasets
-from distill.engines import open_engine
-from distill.models import has_accelerator, load_tokenizer, model_identity
+from distill.engines import engine_identity, open_engine
+from distill.models import has_accelerator, load_tokenizer
 from distill.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("distill")
@@ -117,7 +117,7 @@ def _identity(cfg: CacheConfig, tokenizer, params, sizes: dict[str, int], hashes
     return {
         "format": codec.FORMAT_NAME,
         "version": codec.FORMAT_VERSION,
-        "teacher": model_identity(cfg.teacher),
+        "teacher": engine_identity(cfg.teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "params": params.to_json(),
         "temperature": cfg.temperature,

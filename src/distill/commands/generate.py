@@ -48,9 +48,9 @@ from tqdm.auto import tqdm
 from distill.checkpoint import atomic_write_text
 from distill.config import GenerateConfig
 from distill.data import GENERATIONS_FORMAT, load_raw
-from distill.engines import engine_tokenizer, open_engine
+from distill.engines import engine_identity, engine_tokenizer, open_engine
 from distill.generation.sampling import SamplingParams
-from distill.models import has_accelerator, model_identity
+from distill.models import has_accelerator
 from distill.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("distill")
@@ -299,7 +299,7 @@ def _identity(cfg: GenerateConfig, params: SamplingParams, rows: list[dict], tok
     return {
         "format": GENERATIONS_FORMAT,
         "version": FORMAT_VERSION,
-        "teacher": model_identity(cfg.teacher),
+        "teacher": engine_identity(cfg.teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "sampling": params.to_json(),
         "n": cfg.n, "seed": cfg.seed,

@@ -9,14 +9,17 @@ engine what it can do (``dense``, ``hidden_states``, ``max_top_k``, ``max_positi
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from distill import sharding
 from distill.config import ModelSpec, ServerTeacherSpec
 from distill.engines.base import Corrector, Engine
 from distill.engines.local import LocalEngine, layer_states
 from distill.engines.server import ServerEngine
-from distill.models import load_model, load_tokenizer, resolve_vocab
+from distill.models import load_model, load_tokenizer, model_identity, resolve_vocab
 
-__all__ = ["Corrector", "Engine", "LocalEngine", "ServerEngine", "engine_tokenizer", "layer_states", "open_engine"]
+__all__ = ["Corrector", "Engine", "LocalEngine", "ServerEngine", "engine_identity", "engine_tokenizer", "layer_states", "open_engine"]
 
 
 def open_engine(spec: ModelSpec | ServerTeacherSpec, tokenizer, *, field: str = "teacher",
@@ -36,6 +39,17 @@ def open_engine(spec: ModelSpec | ServerTeacherSpec, tokenizer, *, field: str = 
     if sharded:  # an FSDP run: the model is sharded too, never whole on one process
         model = sharding.shard_for_inference(model.requires_grad_(False))
     return LocalEngine(model, tokenizer, device=device)
+
+
+def engine_identity(spec: ModelSpec | ServerTeacherSpec) -> dict:
+    """What identifies the model behind an engine for the artifacts made from it (caches, generations): a
+    local model's path or config (:func:`distill.models.model_identity`); a server's address and model name
+    (its weights are out of reach)."""
+    if isinstance(spec, ServerTeacherSpec):
+        ident = {"server": spec.server.rstrip("/"), "model": spec.model, "tokenizer": spec.tokenizer}
+        ident["sha256"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        return ident
+    return model_identity(spec)
 
 
 def engine_tokenizer(spec: ModelSpec | ServerTeacherSpec, field: str = "teacher"):

@@ -13,7 +13,24 @@ from distill.config import ServerTeacherSpec
 from distill.errors import TeacherServerError
 from distill.generation.sampling import SamplingParams, row_seed
 from distill.losses import SparseTarget
-from distill.server.client import Client, NoPromptLogprobs, PositionLogprobs, Scorer, max_abs_difference
+from distill.server.client import (
+    SCORING_FIELDS,
+    Client,
+    NoPromptLogprobs,
+    PositionLogprobs,
+    Scorer,
+    ServerRefusal,
+    explain,
+    max_abs_difference,
+)
+
+# The settings behind each request, named when a server refuses it (client.explain).
+CACHE_FIELDS = {**SCORING_FIELDS, "logprobs": "k", "temperature": "temperature"}
+GENERATE_FIELDS = {"logprobs": "logprobs (distill generate asks for each sampled token's log-prob)",
+                   "length": "sampling.max_new_tokens or the prompts' length", "temperature": "sampling.temperature",
+                   "n": "n"}
+SKD_FIELDS = {"logprobs": "train.batches.skd_top_k", "length": "data.seq_len or train.batches.max_new_tokens",
+              "temperature": "train.batches.skd_teacher_temperature (default: loss.temperature)"}
 
 
 class ServerEngine:
@@ -45,8 +62,10 @@ class ServerEngine:
         self.served = spec.model  # the model name requests carry (the server's only one when not given)
         if temperature is not None and spec.api != "sglang":
             self._check_model()
+        # top_k given: distill cache's k; else the teacher spec's top_k (training, evaluation).
         self.scorer = Scorer(self.client, self.served, api="sglang" if spec.api == "sglang" else "vllm",
-                             max_in_flight=spec.max_in_flight)
+                             max_in_flight=spec.max_in_flight, fields=dict(SCORING_FIELDS if top_k is None else
+                                                                           CACHE_FIELDS))
         if temperature is not None:
             self._check_scoring(tokenizer)
 
@@ -180,13 +199,13 @@ class ServerEngine:
             body["top_k"] = p.top_k
         if row["ids"] is None and row["format"] == "messages":
             body.update(messages=row["value"], logprobs=logprobs)
-            resp = self.client.request("POST", "/v1/chat/completions", body)
+            resp = self._request("/v1/chat/completions", body)
         else:
             body.update(prompt=row["ids"] if row["ids"] is not None else row["value"],
                         stop_token_ids=list(p.stop_ids) if row["ids"] is not None else [])
             if logprobs:
                 body["logprobs"] = 1
-            resp = self.client.request("POST", "/v1/completions", body)
+            resp = self._request("/v1/completions", body)
         out = []
         for j, choice in enumerate(sorted(resp.get("choices", []), key=lambda c: c.get("index", 0))):
             if "message" in choice:
@@ -202,6 +221,12 @@ class ServerEngine:
             raise TeacherServerError(f"teacher server {self.spec.server} returned {len(out)} samples, not n={n}")
         return out
 
+    def _request(self, path: str, body: dict) -> dict:
+        try:
+            return self.client.request("POST", path, body)
+        except ServerRefusal as exc:
+            raise explain(exc, GENERATE_FIELDS) from None
+
     def corrector(self, temperature: float) -> Correction:
         return Correction(self.client, self.served, temperature, self.spec.max_in_flight)
 
@@ -210,7 +235,9 @@ class Correction:
     """Speculative KD's teacher side behind a server (:class:`~distill.engines.base.Corrector`): for each
     sequence still being written, one request per token (the prefix as ids, ``max_tokens: 1``, ``logprobs: K``)
     gives the teacher's top-K at the next position and a sample of its own (seeded from the row's uniform).
-    Requests run ``max_in_flight`` at a time. Needs ``return_tokens_as_token_ids`` (vLLM, distill serve)."""
+    The answer's ``top_logprobs`` hold the top K and the sampled token (vLLM adds it, ranked K + 1, when it is
+    outside them): the K most probable of them are the top K. Requests run ``max_in_flight`` at a time. Needs
+    ``return_tokens_as_token_ids`` (vLLM, distill serve)."""
 
     def __init__(self, client: Client, model: str | None, temperature: float, max_in_flight: int = 8):
         self.client, self.model, self.temperature, self.max_in_flight = client, model, temperature, max_in_flight
@@ -222,14 +249,18 @@ class Correction:
     def _one(self, prefix: list[int], k: int, seed: int) -> tuple[set[int], int]:
         body = {"prompt": prefix, "max_tokens": 1, "temperature": self.temperature, "logprobs": k, "seed": seed,
                 "return_tokens_as_token_ids": True, "ignore_eos": True, **({"model": self.model} if self.model else {})}
-        choice = self.client.request("POST", "/v1/completions", body)["choices"][0]
+        try:
+            choice = self.client.request("POST", "/v1/completions", body)["choices"][0]
+        except ServerRefusal as exc:
+            raise explain(exc, SKD_FIELDS) from None
         lp = choice.get("logprobs") or {}
         tokens, tops = lp.get("tokens") or [], lp.get("top_logprobs") or []
         if not tokens or not tops or tops[0] is None:
             raise TeacherServerError(f"teacher server {self.client.url}: no token ids / top log-probs in the answer "
                                      "(it needs return_tokens_as_token_ids and logprobs)")
         as_id = lambda t: int(str(t).rsplit(":", 1)[-1])  # noqa: E731  "token_id:123"
-        return {as_id(t) for t in tops[0]}, as_id(tokens[0])
+        top_k = sorted(tops[0].items(), key=lambda kv: -kv[1])[:k]
+        return {as_id(t) for t, _ in top_k}, as_id(tokens[0])
 
     def check(self, proposed_B, k: int, u_B, active_B=None):
         b = len(self.prefixes)

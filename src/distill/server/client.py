@@ -4,8 +4,9 @@ A server teacher is scored on **token ids, never text**: each sequence is sent a
 new tokens and asks for the prompt log-probabilities (the log-probability of every token given the ones
 before it, plus the top-k alternatives at each position). Three shapes are understood:
 
-* vLLM ``/v1/completions`` with ``prompt_logprobs: K`` (and ``distill serve``, which answers in vLLM's
-  shape): ``choices[0].prompt_logprobs`` is a list over positions, ``null`` first, then
+* vLLM ``/v1/completions`` with ``echo: true, max_tokens: 0, prompt_logprobs: K`` (vLLM takes
+  ``max_tokens: 0`` only with ``echo``; ``distill serve`` answers in vLLM's shape and refuses what vLLM
+  refuses): ``choices[0].prompt_logprobs`` is a list over positions, ``null`` first, then
   ``{token_id: {"logprob", "rank", "decoded_token"}}`` holding the top K and always the realized token
   (JSON object keys are strings of the ids).
 * SGLang ``/generate`` with ``input_ids``, ``return_logprob``, ``logprob_start_len: 0`` and
@@ -17,8 +18,10 @@ before it, plus the top-k alternatives at each position). Three shapes are under
 
 Requests run on a bounded pool of threads (``max_in_flight``), are retried with exponential backoff on
 timeouts, refused connections and 5xx answers, and fail with :class:`~distill.errors.TeacherServerError`
-naming the URL. A 4xx answer is the request's fault: it is raised at once as a ``ValueError`` with the
-server's own message.
+naming the URL. A 4xx answer is the request's fault: it is raised at once as a :class:`ServerRefusal` (a
+``ValueError``) with the server's own message, and :func:`explain` turns the refusals a user can cause (a
+log-probs cap, the context length, a temperature above vLLM's 2, greedy ``n > 1``) into what to change: the
+distill setting the caller names, or the server's flag.
 """
 
 from __future__ import annotations
@@ -31,11 +34,15 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from distill.errors import TeacherServerError
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+# The settings behind a scoring request, named when the server refuses one (distill train and eval's teacher;
+# distill cache names its own ``k``).
+SCORING_FIELDS = {"logprobs": "teacher.top_k", "length": "data.seq_len", "temperature": "loss.temperature"}
 
 
 @dataclass
@@ -71,8 +78,7 @@ class Client:
                 if exc.code in RETRYABLE_STATUS:
                     last = f"HTTP {exc.code}: {server_message(text)}"
                     continue
-                raise ValueError(f"teacher server {self.url}{path} refused the request (HTTP {exc.code}): "
-                                 f"{server_message(text)}") from None
+                raise ServerRefusal(self.url, path, exc.code, server_message(text)) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
                 # HTTPException: the connection broke mid-response (IncompleteRead, a server killed while
                 # writing): as retryable as a refused connection.
@@ -90,6 +96,51 @@ class Client:
             "Check that it is running and reachable; a training run stops here with its last checkpoint intact "
             "(start the server again and rerun with --resume)"
         )
+
+
+class ServerRefusal(ValueError):
+    """A 4xx answer: the request's fault. ``message`` is the server's own text."""
+
+    def __init__(self, url: str, path: str, status: int, message: str):
+        super().__init__(f"teacher server {url}{path} refused the request (HTTP {status}): {message}")
+        self.url, self.path, self.status, self.message = url, path, status, message
+
+
+# The refusals a user's settings can cause, as vLLM and SGLang word them (tests/test_engine_contract.py cites
+# where each message comes from).
+_LOGPROBS_CAP = re.compile(r"(?:logprobs|top_logprobs_num)[^0-9]*? of (\d+),? which is greater than max allowed:? *(\d+)",
+                           re.IGNORECASE)
+_CONTEXT = (re.compile(r"context length is only (\d+) tokens"), re.compile(r"maximum context length is (\d+)"),
+            re.compile(r"model's context length \((\d+) tokens\)"))
+_TEMPERATURE = re.compile(r"temperature must be in \[0, 2\]")
+_GREEDY_N = re.compile(r"n must be 1 when using greedy sampling")
+
+
+def explain(exc: ValueError, fields: dict[str, str]) -> ValueError:
+    """``exc`` (a server's refusal) as what to change, when it is a cap a user's settings hit; else ``exc``.
+    ``fields``: the distill setting behind each part of the request (``logprobs``, ``length``,
+    ``temperature``, ``n``), as this path's config spells it."""
+    if not isinstance(exc, ServerRefusal):
+        return exc
+    msg, url = exc.message, exc.url
+    if (cap := _LOGPROBS_CAP.search(msg)) and "logprobs" in fields:
+        want, most = cap.groups()
+        return ValueError(
+            f"{fields['logprobs']}={want} is above the server's cap of {most} log-probs per position ({url}); lower "
+            f"{fields['logprobs']} to {most} or less, or restart the server with --max-logprobs {want} (vLLM and "
+            "distill serve: its default is 20)")
+    if (ctx := next((m for r in _CONTEXT if (m := r.search(msg))), None)) and "length" in fields:
+        return ValueError(
+            f"a request does not fit the server's context of {ctx.group(1)} tokens ({url}): lower {fields['length']}, "
+            f"or restart the server with a longer context (vLLM: --max-model-len; SGLang: --context-length). The "
+            f"server said: {msg}")
+    if _TEMPERATURE.search(msg) and "temperature" in fields:
+        return ValueError(f"{fields['temperature']} is above 2, which vLLM refuses ({url}): set "
+                          f"{fields['temperature']} in [0, 2]")
+    if _GREEDY_N.search(msg) and "n" in fields:
+        return ValueError(f"{fields['n']} > 1 at temperature 0 asks for identical samples, which vLLM refuses ({url}): "
+                          f"set {fields['n']}=1 or a temperature above 0")
+    return exc
 
 
 def server_message(text: str) -> str:
@@ -165,30 +216,32 @@ class NoPromptLogprobs(TeacherServerError):
 @dataclass
 class Scorer:
     """Scores token sequences on a server: ``api`` is ``vllm`` (vLLM, distill serve: /v1/completions) or
-    ``sglang`` (/generate)."""
+    ``sglang`` (/generate). ``fields``: the settings behind the request, named in a refusal (:func:`explain`)."""
 
     client: Client
     model: str | None
     api: str = "vllm"
     max_in_flight: int = 8
+    fields: dict[str, str] = field(default_factory=lambda: dict(SCORING_FIELDS))
 
     def score_one(self, seq: list[int], k: int, temperature: float) -> list[PositionLogprobs]:
         if self.api == "sglang":
             body = {"input_ids": seq, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": k,
                     "sampling_params": {"max_new_tokens": 0, "temperature": temperature}}
-            return parse_sglang(self.client.request("POST", "/generate", body), seq)
-        body = {"prompt": seq, "max_tokens": 0, "echo": False, "prompt_logprobs": k, "temperature": temperature}
+            try:
+                return parse_sglang(self.client.request("POST", "/generate", body), seq)
+            except ServerRefusal as exc:
+                raise explain(exc, self.fields) from None
+        # vLLM takes max_tokens 0 only with echo (CompletionRequest.to_sampling_params' echo_without_generation;
+        # SamplingParams refuses max_tokens < 1 otherwise): the choice then holds the prompt's text and
+        # prompt_logprobs, and no generated token.
+        body = {"prompt": seq, "max_tokens": 0, "echo": True, "prompt_logprobs": k, "temperature": temperature}
         if self.model:
             body["model"] = self.model
         try:
             resp = self.client.request("POST", "/v1/completions", body)
-        except ValueError as exc:
-            cap = re.search(r"max(?:imum)? allowed:? *(\d+)", str(exc))
-            if cap and "logprob" in str(exc):
-                raise ValueError(f"teacher.top_k={k} is above the server's cap of {cap.group(1)} log-probs per "
-                                 f"position ({self.client.url}); lower teacher.top_k or raise the server's "
-                                 "--max-logprobs") from None
-            raise
+        except ServerRefusal as exc:
+            raise explain(exc, self.fields) from None
         choices = resp.get("choices") or []
         if not choices:
             raise TeacherServerError(f"teacher server {self.client.url}: a completion with no choices")

@@ -112,7 +112,7 @@ def test_prompt_logprobs_are_the_models(server, teacher_dir):
 
     seq = [256, *b"def f(x): return x", 257]
     status, resp = http(f"{server}/v1/completions", {"model": "tiny-teacher", "prompt": seq, "max_tokens": 0,
-                                                     "prompt_logprobs": 5})
+                                                     "echo": True, "prompt_logprobs": 5})
     assert status == 200
     entries = resp["choices"][0]["prompt_logprobs"]
     assert len(entries) == len(seq) and entries[0] is None
@@ -142,7 +142,8 @@ def test_generation_is_seeded_and_concurrent_requests_share_batches(server):
     seq = [256, *b"Return the number of bytes"]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: http(f"{server}/v1/completions",
-                                               {"prompt": seq, "max_tokens": 0, "prompt_logprobs": 3}), range(32)))
+                                               {"prompt": seq, "max_tokens": 0, "echo": True,
+                                                "prompt_logprobs": 3}), range(32)))
     assert all(status == 200 for status, _ in results)
     after = http(f"{server}/health")[1]
     jobs, batches = after["jobs"] - before["jobs"], after["batches"] - before["batches"]
@@ -164,16 +165,18 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     cases = [
         ('{"prompt": "x", ', 400, "malformed JSON"),
         ({"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
-        ({"prompt": [256, 72], "max_tokens": 0, "prompt_logprobs": 301}, 400, "greater than max allowed: 300"),
-        ({"prompt": "x" * 300, "max_tokens": 1}, 400, "maximum context length is 256"),
-        ({"prompt": [256, 99999], "max_tokens": 0}, 400, "outside the vocabulary"),
+        ({"prompt": [256, 72], "max_tokens": 0, "echo": True, "prompt_logprobs": 301}, 400,
+         "greater than max allowed: 300"),
+        ({"prompt": "x" * 300, "max_tokens": 1}, 400, "context length is only 256"),
+        ({"prompt": [256, 99999], "max_tokens": 1}, 400, "outside the vocabulary"),
         ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
-        ({"prompt": "x", "n": 0}, 400, "n"),
+        ({"prompt": "x", "n": 0}, 400, "n must be at least 1"),
     ]
     for body, status, message in cases:
         got, resp = http(f"{server}/v1/completions", body)
         assert got == status, (body, resp)
         assert set(resp["error"]) == {"message", "type", "param", "code"} and message in resp["error"]["message"]
+        assert resp["error"]["code"] == status
     assert http(f"{server}/health")[0] == 200
     assert http(f"{server}/v1/completions", {"prompt": "fine", "max_tokens": 2})[0] == 200
 

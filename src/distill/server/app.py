@@ -5,10 +5,17 @@ its answers have vLLM's shape, so the same client (``teacher: {server: URL}``) t
 vLLM and SGLang alike.
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /tokenize``, ``POST /v1/completions`` (prompt as
-text or token ids, one or several; ``max_tokens`` (0 scores only), ``temperature``, ``top_p``, ``top_k``,
-``n``, ``seed``, ``logprobs``, ``echo``, and vLLM's extensions ``prompt_logprobs`` and
-``return_tokens_as_token_ids``), ``POST /v1/chat/completions`` (``messages``, ``logprobs``, ``top_logprobs``).
+text or token ids, one or several; ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``n``, ``seed``,
+``logprobs``, ``echo``, and vLLM's extensions ``prompt_logprobs``, ``return_tokens_as_token_ids`` and
+``return_token_ids``), ``POST /v1/chat/completions`` (``messages``, ``logprobs``, ``top_logprobs``).
 
+* **vLLM's rules.** A request is checked as vLLM checks it, and refused with vLLM's status and error body, so
+  that a client that works with ``distill serve`` works with vLLM: ``max_tokens`` is at least 1, except
+  ``max_tokens: 0`` with ``echo: true`` (score the prompt only: the choice holds the prompt's text and its
+  ``prompt_logprobs``); temperature in [0, 2]; top_p in (0, 1]; ``n`` 1 when greedy; log-prob counts >= 0 or
+  -1 (the vocabulary) and at most ``--max-logprobs``; the prompt plus ``max_tokens`` within the context.
+  Each rule names the vLLM source it follows where it is checked; ``tests/test_engine_contract.py`` holds one
+  request per rule.
 * **Log-probabilities.** ``prompt_logprobs: K`` gives, for every prompt position after the first, the K
   most probable tokens, and always the prompt's own token, as ``{token_id: {logprob, rank, decoded_token}}``
   (the first position is ``null``), like vLLM. With ``--logprobs-mode raw`` (the default, vLLM's default too)
@@ -18,9 +25,10 @@ text or token ids, one or several; ``max_tokens`` (0 scores only), ``temperature
   waiting joins one forward pass, every generation request with the same sampling settings joins one
   decoding batch (``distill.generation.sampling.sample``, per-sequence seeds: a request with ``seed`` gets the same
   samples whoever else is in its batch).
-* **Errors** come back in OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) with a 4xx:
-  malformed JSON, unknown fields' types, an unknown model name, too many log-probs, a prompt longer than the
-  model allows, a missing or wrong API key. The server keeps serving.
+* **Errors** come back in vLLM's shape (``{"error": {"message", "type", "param", "code"}}``, ``code`` the
+  HTTP status) with a 4xx: malformed JSON, unknown fields' types, an unknown model name (404), a request vLLM
+  refuses (400, the parameter and value after the message, as vLLM writes them), a missing or wrong API key
+  (401). The server keeps serving.
 
 Binds to 127.0.0.1 unless ``--host`` says otherwise; ``--api-key-env VAR`` requires ``Authorization: Bearer
 $VAR``. Built on FastAPI + uvicorn (the ``serve`` extra).
@@ -41,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.config import ModelSpec
 from distill.generation.sampling import SamplingParams, row_seed, sample
@@ -59,15 +67,28 @@ logger = logging.getLogger("distill")
 
 
 class ServeError(Exception):
-    """A request the server refuses: HTTP status and OpenAI's error fields."""
+    """A request the server refuses, answered as vLLM answers: the HTTP status and ``{"error": {"message",
+    "type", "param", "code"}}`` with the status as ``code`` and vLLM's type for it (``BadRequestError``, ...;
+    vllm/entrypoints/serve/exception_handling/error_response.py, ``create_error_response``)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | int | None = None,
+                 kind: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.status, self.message, self.param = status, message, param
+        self.code = status if code is None else code
+        self.kind = kind or self.TYPES.get(status, "BadRequestError")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _invalid(message: str, param: str, value: Any = None) -> ServeError:
+    """vLLM's ``VLLMValidationError`` as it reaches the client: 400, the parameter and value after the message
+    (vllm/exceptions.py, ``VLLMValidationError.__str__``)."""
+    extras = [f"parameter={param}", *([f"value={value}"] if value is not None else [])]
+    return ServeError(400, f"{message} ({', '.join(extras)})", param)
 
 
 # ------------------------------------------------------------------------------------------- the engine
@@ -236,21 +257,91 @@ class ServedModel:
 # ------------------------------------------------------------------------------------------- the app
 
 
+# vLLM's request rules, each where vLLM has it (tests/test_engine_contract.py sends a request against each):
+# distill serve refuses what vLLM refuses, so that a client request vLLM would reject fails the suite.
+
+
 def _check_model(engine: ServedModel, name: str | None) -> None:
+    # vllm/entrypoints/openai/engine/serving.py, OpenAIServing._check_model: 404 NotFoundError.
     if name is not None and name != engine.name:
-        raise ServeError(404, f"The model `{name}` does not exist; this server serves `{engine.name}`.", "model",
-                         "model_not_found")
+        raise ServeError(404, f"The model `{name}` does not exist.", "model")
 
 
-def _check_logprobs(engine: ServedModel, value: int | None, param: str) -> int:
-    if value is None:
+def _check_count(value: int | None, param: str) -> None:
+    """A log-probs count is an integer >= 0 or -1 (the whole vocabulary): CompletionRequest.check_logprobs and
+    ChatCompletionRequest.check_logprobs (vllm/entrypoints/openai/{completion,chat_completion}/protocol.py)."""
+    if value is not None and value < 0 and value != -1:
+        raise _invalid(f"`{param}` must be a positive value or -1.", param, value)
+
+
+def _check_logprobs(engine: ServedModel, value: int | None, kind: str = "sample") -> int:
+    """The count to return, -1 as the vocabulary, at most the server's cap (vllm/sampling_params.py,
+    SamplingParams._validate_logprobs; the cap is --max-logprobs)."""
+    if not value:
         return 0
-    if value < 0:
-        raise ServeError(400, f"{param} must be >= 0, got {value}", param)
-    if value > engine.max_logprobs:
-        raise ServeError(400, f"Requested {param} of {value}, which is greater than max allowed: "
-                              f"{engine.max_logprobs} (start the server with a larger --max-logprobs)", param)
-    return value
+    count = engine.vocab if value == -1 else value
+    if count > engine.max_logprobs:
+        raise _invalid(f"Requested {kind} logprobs of {count}, which is greater than max allowed: "
+                       f"{engine.max_logprobs}", "prompt_logprobs" if kind == "prompt" else "logprobs", count)
+    return count
+
+
+def _check_sampling(engine: ServedModel, *, n: int, temperature: float, top_p: float, top_k: int,
+                    max_tokens: int) -> None:
+    """vllm/sampling_params.py, SamplingParams._verify_args and _verify_greedy_sampling."""
+    if n < 1:
+        raise _invalid(f"n must be at least 1, got {n}.", "n", n)
+    if temperature < 0.0:
+        raise _invalid(f"temperature must be non-negative, got {temperature}.", "temperature", temperature)
+    if temperature > 2.0:
+        raise _invalid(f"temperature must be in [0, 2], got {temperature}.", "temperature", temperature)
+    if not 0.0 < top_p <= 1.0:
+        raise _invalid(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p)
+    if top_k < -1:
+        raise _invalid(f"top_k must be 0 (disable), or at least 1, got {top_k}.", "top_k", top_k)
+    if max_tokens < 1:
+        raise _invalid(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens", max_tokens)
+    if temperature < 1e-5 and n > 1:
+        raise _invalid(f"n must be 1 when using greedy sampling, got {n}.", "n", n)
+
+
+def _check_length(engine: ServedModel, ids: list[int], max_tokens: int) -> None:
+    """The prompt and the tokens asked for fit the context (vllm/renderers/params.py, TokenizeParams:
+    __post_init__ and _token_len_check)."""
+    if max_tokens > engine.max_len:
+        raise _invalid(f"max_tokens={max_tokens} cannot be greater than max_model_len={engine.max_len}. Please "
+                       "request fewer output tokens.", "max_tokens", max_tokens)
+    if len(ids) > engine.max_len - max_tokens:
+        raise _invalid(f"You passed {len(ids)} input tokens and requested {max_tokens} output tokens. However, the "
+                       f"model's context length is only {engine.max_len} tokens, resulting in a maximum input "
+                       f"length of {engine.max_len - max_tokens} tokens. Please reduce the length of the input "
+                       "prompt.", "input_tokens", len(ids))
+
+
+def _check_completion(engine: ServedModel, req: CompletionRequest) -> tuple[int, int]:
+    """A completions request checked as vLLM checks it; the prompt's and the written tokens' top-log-probs
+    counts. ``max_tokens: 0`` is allowed only with ``echo`` (vllm/entrypoints/openai/completion/protocol.py,
+    CompletionRequest.to_sampling_params: ``echo_without_generation`` samples 1 token it does not return);
+    with ``echo``, ``prompt_logprobs`` defaults to ``logprobs`` there too."""
+    if req.stream:
+        raise ServeError(400, "distill serve does not stream; send stream: false", "stream")
+    _check_count(req.prompt_logprobs, "prompt_logprobs")
+    _check_count(req.logprobs, "logprobs")
+    echo_only = bool(req.echo) and req.max_tokens == 0
+    _check_sampling(engine, n=req.n, temperature=_temperature(req.temperature), top_p=_or(req.top_p, 1.0),
+                    top_k=_or(req.top_k, 0), max_tokens=1 if echo_only else req.max_tokens)
+    k_gen = _check_logprobs(engine, req.logprobs)
+    prompt_lp = req.prompt_logprobs if req.prompt_logprobs is not None else (req.logprobs if req.echo else None)
+    k_prompt = _check_logprobs(engine, prompt_lp, kind="prompt")
+    return k_prompt, k_gen
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _temperature(value: float | None) -> float:
+    return 1.0 if value is None else value
 
 
 def _prompts(engine: ServedModel, prompt) -> list[list[int]]:
@@ -280,13 +371,6 @@ def _prompts(engine: ServedModel, prompt) -> list[list[int]]:
     return out
 
 
-def _check_length(engine: ServedModel, ids: list[int], max_tokens: int) -> None:
-    if len(ids) + max_tokens > engine.max_len:
-        raise ServeError(400, f"This model's maximum context length is {engine.max_len} tokens. However, you "
-                              f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
-                              "for the completion). Please reduce the prompt or max_tokens.", "prompt")
-
-
 def _token_str(engine: ServedModel, tid: int, as_ids: bool) -> str:
     return f"token_id:{tid}" if as_ids else engine.tokenizer.decode([tid])
 
@@ -296,20 +380,32 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
 
 class CompletionRequest(Strict):
+    # vllm/entrypoints/openai/completion/protocol.py, CompletionRequest: the fields distill serve reads, with
+    # vLLM's types and defaults (the ranges are checked as vLLM checks them, _check_completion).
     model: str | None = None
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int = Field(16, ge=0)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    n: int = Field(1, ge=1, le=128)
+    max_tokens: int = 16
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
     seed: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    stream: bool = False
     prompt_logprobs: int | None = None
-    return_tokens_as_token_ids: bool = False
-    stop_token_ids: list[int] = Field(default_factory=list)
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_max_tokens(cls, data):
+        # CompletionRequest.normalize_null_max_tokens: null means the default, 16.
+        if isinstance(data, dict) and data.get("max_tokens", 16) is None:
+            data = {**data, "max_tokens": 16}
+        return data
 
 class ChatMessage(BaseModel):
     role: str
@@ -318,11 +414,11 @@ class ChatMessage(BaseModel):
 class ChatRequest(Strict):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -360,16 +456,18 @@ def _add_error_handlers(app) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
+        # vLLM's validation_exception_handler (vllm/entrypoints/serve/exception_handling/handlers/validation.py):
+        # 400, type "Bad Request", param the error's location.
         err = exc.errors()[0] if exc.errors() else {"msg": "invalid request", "loc": ()}
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
+        where = ".".join(str(x) for x in err.get("loc", ())) or None
         message = "malformed JSON in the request body" if err.get("type") == "json_invalid" else (
             f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse(ServeError(400, message, where).body(), status_code=400)
+        return JSONResponse(ServeError(400, message, where, kind="Bad Request").body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def _crash(_: Request, exc: Exception):
         logger.exception("request failed")
-        return JSONResponse(ServeError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").body(),
+        return JSONResponse(ServeError(500, f"internal error: {type(exc).__name__}: {exc}").body(),
                             status_code=500)
 
 
@@ -444,8 +542,7 @@ async def _completions(engine: ServedModel, req: CompletionRequest):
     completions of each (none with ``max_tokens`` 0), and their top alternatives (``logprobs``) from one
     teacher-forced pass."""
     _check_model(engine, req.model)
-    k_prompt = _check_logprobs(engine, req.prompt_logprobs, "prompt_logprobs")
-    k_gen = _check_logprobs(engine, req.logprobs, "logprobs")
+    k_prompt, k_gen = _check_completion(engine, req)
     prompts = _prompts(engine, req.prompt)
     for ids in prompts:
         _check_length(engine, ids, req.max_tokens)
@@ -479,8 +576,9 @@ async def _generate_completions(engine: ServedModel, req: CompletionRequest, pro
     if req.max_tokens <= 0:
         return [[{"tokens": [], "finished": False, "logprobs": []}] * req.n for _ in prompts]
     eos = [] if req.ignore_eos or engine.tokenizer.eos_token_id is None else [engine.tokenizer.eos_token_id]
-    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
-                            max_new_tokens=req.max_tokens, stop_ids=tuple(sorted({*eos, *req.stop_token_ids})))
+    params = SamplingParams(temperature=_temperature(req.temperature), top_p=_or(req.top_p, 1.0),
+                            top_k=max(_or(req.top_k, 0), 0), max_new_tokens=req.max_tokens,
+                            stop_ids=tuple(sorted({*eos, *(req.stop_token_ids or [])})))
     base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
     rows = [p for p in prompts for _ in range(req.n)]
     seeds = [row_seed(base, j) for _ in prompts for j in range(req.n)]
@@ -507,7 +605,8 @@ def _completion_choice(engine: ServedModel, req: CompletionRequest, index: int, 
             k_gen, req.return_tokens_as_token_ids)
     if req.prompt_logprobs is not None:
         choice["prompt_logprobs"] = _trim(prompt_scored, ids, k_prompt)
-    choice["prompt_token_ids"] = ids
+    if req.return_token_ids:  # CompletionResponseChoice's prompt_token_ids / token_ids, only when asked for
+        choice.update(prompt_token_ids=ids, token_ids=toks)
     return choice
 
 
@@ -518,13 +617,20 @@ async def _chat(engine: ServedModel, req: ChatRequest):
     if engine.tokenizer.chat_template is None:
         raise ServeError(400, f"the tokenizer of `{engine.name}` has no chat template; use /v1/completions",
                          "messages")
-    k = _check_logprobs(engine, req.top_logprobs, "top_logprobs") if req.logprobs else 0
+    _check_count(req.top_logprobs, "top_logprobs")
+    if req.top_logprobs is not None and req.top_logprobs != 0 and not req.logprobs:
+        # ChatCompletionRequest.check_logprobs (vllm/entrypoints/openai/chat_completion/protocol.py)
+        raise _invalid("when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    k = _check_logprobs(engine, req.top_logprobs) if req.logprobs else 0
     ids = _chat_ids(engine, req.messages)
-    max_tokens = req.max_completion_tokens or req.max_tokens or max(1, min(1024, engine.max_len - len(ids)))
+    max_tokens = _or(req.max_completion_tokens, req.max_tokens)
+    max_tokens = max(1, min(1024, engine.max_len - len(ids))) if max_tokens is None else max_tokens
+    _check_sampling(engine, n=req.n, temperature=_temperature(req.temperature), top_p=_or(req.top_p, 1.0), top_k=0,
+                    max_tokens=max_tokens)
     _check_length(engine, ids, max_tokens)
     eos = engine.tokenizer.eos_token_id
-    params = SamplingParams(temperature=req.temperature, top_p=req.top_p, max_new_tokens=max_tokens,
-                            stop_ids=(eos,) if eos is not None else ())
+    params = SamplingParams(temperature=_temperature(req.temperature), top_p=_or(req.top_p, 1.0),
+                            max_new_tokens=max_tokens, stop_ids=(eos,) if eos is not None else ())
     base = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
     gens = await _run_job(engine, _Job("generate", [ids] * req.n, params=params,
                                    seeds=[row_seed(base, j) for j in range(req.n)]))
@@ -586,7 +692,9 @@ def _trim(entries: list[dict | None], seq: list[int], k: int) -> list[dict | Non
 
 def _completion_logprobs(engine: ServedModel, prompt_ids: list[int], prompt_scored, toks: list[int],
                          gen_entries: list[dict], gen_lps: list[float], k: int, as_ids: bool) -> dict:
-    """OpenAI's legacy ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    """OpenAI's legacy ``logprobs`` object: tokens, token_logprobs, top_logprobs, text_offset. A position's
+    top_logprobs hold its top ``k`` and its own token (ranked k + 1 when outside them), as vLLM's (the sampled
+    or prompt token comes first from the sampler: vllm/v1/engine/logprobs.py, LogprobsProcessor)."""
     tokens, token_lps, tops, offsets, offset = [], [], [], [], 0
     for pos, tid in enumerate(prompt_ids):
         entry = prompt_scored[pos] if prompt_scored else None
@@ -594,7 +702,7 @@ def _completion_logprobs(engine: ServedModel, prompt_ids: list[int], prompt_scor
         tokens.append(s)
         token_lps.append(None if entry is None else entry[tid]["logprob"])
         tops.append(None if entry is None else {_token_str(engine, t, as_ids): v["logprob"]
-                                                 for t, v in entry.items() if v["rank"] <= k})
+                                                 for t, v in entry.items() if v["rank"] <= k or t == tid})
         offsets.append(offset)
         offset += len(engine.tokenizer.decode([tid]))
     for pos, tid in enumerate(toks):
@@ -602,7 +710,8 @@ def _completion_logprobs(engine: ServedModel, prompt_ids: list[int], prompt_scor
         tokens.append(s)
         token_lps.append(gen_lps[pos])
         entry = gen_entries[pos] if pos < len(gen_entries) and gen_entries[pos] else {}
-        tops.append({_token_str(engine, t, as_ids): v["logprob"] for t, v in entry.items() if v["rank"] <= k})
+        tops.append({_token_str(engine, t, as_ids): v["logprob"] for t, v in entry.items()
+                     if v["rank"] <= k or t == tid})
         offsets.append(offset)
         offset += len(engine.tokenizer.decode([tid]))
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

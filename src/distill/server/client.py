@@ -111,7 +111,7 @@ class ServerRefusal(ValueError):
 _LOGPROBS_CAP = re.compile(r"(?:logprobs|top_logprobs_num)[^0-9]*? of (\d+),? which is greater than max allowed:? *(\d+)",
                            re.IGNORECASE)
 _CONTEXT = (re.compile(r"context length is only (\d+) tokens"), re.compile(r"maximum context length is (\d+)"),
-            re.compile(r"model's context length \((\d+) tokens\)"))
+            re.compile(r"model's context length \((\d+) tokens\)"), re.compile(r"max_model_len=(\d+)"))
 _TEMPERATURE = re.compile(r"temperature must be in \[0, 2\]")
 _GREEDY_N = re.compile(r"n must be 1 when using greedy sampling")
 

@@ -70,7 +70,7 @@ NOT_RUN = {
 
 SERVE = "distill serve runs/tiny-corrected/student --port 8000 --max-logprobs 64 &"
 CURL = ("curl -s http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' "
-        "-d '{\"prompt\": \"def add(a, b):\", \"max_tokens\": 0, \"prompt_logprobs\": 3}'")
+        "-d '{\"prompt\": \"def add(a, b):\", \"max_tokens\": 0, \"echo\": true, \"prompt_logprobs\": 3}'")
 SERVED = "distill train configs/tiny/serve_teacher.yaml"
 ARITH_PREPARE = "python -m distill.tasks.arithmetic prepare runs/arith"
 

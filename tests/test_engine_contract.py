@@ -155,7 +155,8 @@ def test_what_vllm_accepts_is_answered_in_its_shape(url, model):
                                                   "prompt_logprobs": MAX_LOGPROBS})
     assert status == 200
     choice = resp["choices"][0]
-    assert choice["text"] == byte_tokenizer().decode(SEQ) and resp["usage"]["completion_tokens"] == 0
+    # Only the prompt's text (vLLM samples one token it does not return, and counts it in usage: not compared).
+    assert choice["text"] == byte_tokenizer().decode(SEQ)
     entries = choice["prompt_logprobs"]
     assert len(entries) == len(SEQ) and entries[0] is None and "prompt_token_ids" not in choice
     assert all(len(e) in (MAX_LOGPROBS, MAX_LOGPROBS + 1) and str(t) in e for e, t in zip(entries[1:], SEQ[1:],

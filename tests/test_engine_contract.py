@@ -239,3 +239,78 @@ def test_every_cap_names_what_to_change(url):
     with pytest.raises(ValueError, match=r"context of 256 tokens .*sampling.max_new_tokens"):
         sampler.sample(rows, ["a"], SamplingParams(temperature=1.0, max_new_tokens=300), n=1, seed=0,
                        logprobs=False, batch_size=1)
+
+
+# ------------------------------------------------------------------------------------------- SGLang's /generate
+# The client's SGLang path (``teacher.api: sglang``) scores through SGLang's native ``/generate``, which
+# ``distill serve`` also answers: the request as python/sglang/srt/managers/io_struct.py, GenerateReqInput reads
+# it (defaults from _normalize_single_inputs: return_logprob False, logprob_start_len -1, top_logprobs_num 0), the
+# answer as python/sglang/srt/entrypoints/http_server.py, generate_request returns it (one object per prompt, a
+# list for a batch), its meta_info as python/sglang/srt/managers/tokenizer_manager.py,
+# TokenizerManager.add_logprob_to_meta_info / detokenize_logprob_tokens / detokenize_top_logprobs_tokens write
+# it: ``[logprob, token_id, text]`` triples, text null unless return_text_in_logprobs, a position without top
+# log-probs null.
+
+
+def test_sglang_generate_scores_in_sglangs_shape(url, model):
+    body = {"input_ids": SEQ, "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 5,
+            "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}}
+    status, resp = http(url + "/generate", body)
+    assert status == 200 and resp["text"] == "" and resp["output_ids"] == []
+    meta = resp["meta_info"]
+    assert meta["prompt_tokens"] == len(SEQ) and meta["completion_tokens"] == 0
+    realized, tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+    assert [t[1] for t in realized] == SEQ and realized[0][0] is None and tops[0] is None
+    assert all(t[2] is None for t in realized)
+    with torch.no_grad():  # the reference: the model's log-softmax, position p - 1 predicting token p
+        lp = torch.log_softmax(model(input_ids=torch.tensor([SEQ])).logits[0, :, :V].double(), -1)
+    for pos in range(1, len(SEQ)):
+        assert realized[pos][0] == pytest.approx(float(lp[pos - 1, SEQ[pos]]), abs=1e-5)
+        want_v, want_i = lp[pos - 1].topk(5)
+        assert [t[1] for t in tops[pos]] == want_i.tolist()
+        assert [t[0] for t in tops[pos]] == pytest.approx(want_v.tolist(), abs=1e-5)
+    # SGLang's defaults: no return_logprob, no log-probs; top_logprobs_num 0, no input_top_logprobs; a batch of
+    # input_ids, a list of answers; logprob_start_len s, the positions from s on (s > 0: the first is scored).
+    status, resp = http(url + "/generate", {"input_ids": SEQ, "sampling_params": {"max_new_tokens": 0}})
+    assert status == 200 and "input_token_logprobs" not in resp["meta_info"]
+    status, resp = http(url + "/generate", {**body, "top_logprobs_num": 0, "logprob_start_len": 3,
+                                            "input_ids": [SEQ, SEQ[:6]], "return_text_in_logprobs": True})
+    assert status == 200 and isinstance(resp, list) and len(resp) == 2
+    assert all("input_top_logprobs" not in r["meta_info"] for r in resp)
+    short = resp[1]["meta_info"]["input_token_logprobs"]
+    assert [t[1] for t in short] == SEQ[3:6] and short[0][0] == pytest.approx(float(lp[2, SEQ[3]]), abs=1e-5)
+    assert short[0][2] == byte_tokenizer().decode([SEQ[3]])
+    for bad, param in [({"max_new_tokens": -1}, "max_new_tokens"), ({"temperature": -0.5}, "temperature")]:
+        status, resp = http(url + "/generate", {**body, "sampling_params": bad})
+        assert status == 400 and resp["error"]["param"] == param and resp["error"]["message"]
+    status, resp = http(url + "/generate", {**body, "input_ids": [256] * MAX_LEN})
+    assert status == 400 and "model's context length (256 tokens)" in resp["error"]["message"]
+
+
+def _sglang_engine(url: str, **kw) -> ServerEngine:
+    return ServerEngine(ServerTeacherSpec(server=url, api="sglang", top_k=kw.pop("spec_top_k", 20)),
+                        byte_tokenizer(), **kw)
+
+
+def test_the_clients_sglang_path_scores_like_its_vllm_path(url):
+    """The same model and sequences through the client's SGLang path (/generate) and its vLLM path
+    (/v1/completions): the start-up checks pass, and each position has the same ids and log-probs."""
+    seqs = [SEQ, [256, *b"print(1 + 2)"], [256, *b"x"]]
+    sglang, vllm = _sglang_engine(url, temperature=1.0), _engine(url, temperature=1.0)  # the start-up checks
+    for temperature in (1.0, 0.7):
+        a, b = sglang.top_logprobs(seqs, 20, temperature), vllm.top_logprobs(seqs, 20, temperature)
+        for rows_a, rows_b, seq in zip(a, b, seqs, strict=True):
+            assert len(rows_a) == len(seq) and rows_a[0] is None and rows_b[0] is None
+            for x, y in zip(rows_a[1:], rows_b[1:], strict=True):
+                assert sorted(x[0]) == sorted(y[0])
+                ya = dict(zip(*y, strict=True))
+                assert all(abs(lp - ya[t]) < 1e-6 for t, lp in zip(*x, strict=True))
+    batch = {"input_ids": torch.tensor([SEQ, SEQ[:10] + [0] * (len(SEQ) - 10)]),
+             "attention_mask": torch.tensor([[1] * len(SEQ), [1] * 10 + [0] * (len(SEQ) - 10)])}
+    ta, tb = sglang.score(batch), vllm.score(batch)  # the training signal: top-20 + realized token + tail
+    assert torch.equal(ta.ids, tb.ids)
+    torch.testing.assert_close(ta.probs, tb.probs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ta.tail, tb.tail, rtol=0, atol=1e-6)
+    assert float(ta.probs.sum()) > 0
+    with pytest.raises(ValueError, match=r"teacher.top_k=25 is above the server's cap of 20"):
+        _sglang_engine(url, temperature=1.0, spec_top_k=25)

@@ -7,7 +7,10 @@ vLLM and SGLang alike.
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /tokenize``, ``POST /v1/completions`` (prompt as
 text or token ids, one or several; ``max_tokens``, ``temperature``, ``top_p``, ``top_k``, ``n``, ``seed``,
 ``logprobs``, ``echo``, and vLLM's extensions ``prompt_logprobs``, ``return_tokens_as_token_ids`` and
-``return_token_ids``), ``POST /v1/chat/completions`` (``messages``, ``logprobs``, ``top_logprobs``).
+``return_token_ids``), ``POST /v1/chat/completions`` (``messages``, ``logprobs``, ``top_logprobs``), and
+SGLang's native ``POST /generate`` for scoring (``input_ids`` or ``text``, ``return_logprob``,
+``logprob_start_len``, ``top_logprobs_num``, ``sampling_params: {max_new_tokens: 0}``; the answer's
+``meta_info`` in SGLang's shape), what the client's SGLang path (``teacher.api: sglang``) sends.
 
 * **vLLM's rules.** A request is checked as vLLM checks it, and refused with vLLM's status and error body, so
   that a client that works with ``distill serve`` works with vLLM: ``max_tokens`` is at least 1, except
@@ -423,6 +426,20 @@ class ChatRequest(Strict):
     logprobs: bool = False
     top_logprobs: int | None = None
 
+class GenerateRequest(Strict):
+    # SGLang's native request (python/sglang/srt/managers/io_struct.py, GenerateReqInput): the fields distill
+    # serve reads, with SGLang's types; None takes the default of GenerateReqInput._normalize_single_inputs /
+    # _normalize_logprob_params (return_logprob False, logprob_start_len -1, top_logprobs_num 0).
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | None = None
+    return_logprob: bool | None = None
+    logprob_start_len: int | None = None
+    top_logprobs_num: int | None = None
+    return_text_in_logprobs: bool = False
+    stream: bool = False
+    rid: str | None = None
+
 class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None
@@ -511,6 +528,10 @@ def _add_routes(app, engine: ServedModel) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
         return await _chat(engine, req)
+
+    @app.post("/generate")
+    async def generate(req: GenerateRequest):
+        return await _sglang_generate(engine, req)
 
 
 async def _run_job(engine: ServedModel, job: _Job):
@@ -645,6 +666,78 @@ async def _chat(engine: ServedModel, req: ChatRequest):
             "model": engine.name, "choices": choices,
             "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                       "total_tokens": len(ids) + completion_tokens}})
+
+
+async def _sglang_generate(engine: ServedModel, req: GenerateRequest):
+    """``POST /generate``, SGLang's native API, for scoring (``max_new_tokens: 0``): each prompt's log-probs
+    from ``logprob_start_len`` on, in SGLang's ``meta_info`` (python/sglang/srt/entrypoints/http_server.py,
+    generate_request: one object for a single prompt, a list for a batch; a ValueError is a 400 with
+    ``{"error": {"message"}}``). Its scoring runs in the same batched job as /v1/completions'."""
+    if req.stream:
+        raise ServeError(400, "distill serve does not stream; send stream: false", "stream")
+    if (req.text is None) == (req.input_ids is None):
+        # GenerateReqInput._validate_inputs (distill serve takes no input_embeds)
+        raise ServeError(400, "Either text, input_ids or input_embeds should be provided.", "input_ids")
+    single = isinstance(req.text, str) or (req.input_ids is not None and bool(req.input_ids)
+                                           and isinstance(req.input_ids[0], int))
+    prompts = _prompts(engine, [req.text] if isinstance(req.text, str) else req.text or
+                       ([req.input_ids] if single else req.input_ids))
+    sp = req.sampling_params or {}
+    # python/sglang/srt/sampling/sampling_params.py, SamplingParams: max_new_tokens 128 and temperature 1.0 by
+    # default; verify() refuses a negative temperature and max_new_tokens < 0; a temperature under its
+    # _SAMPLING_EPS is greedy decoding, and the log-probs are then those at T = 1.
+    max_new, temperature = sp.get("max_new_tokens", 128), sp.get("temperature", 1.0)
+    if temperature is None or temperature < 0:
+        raise ServeError(400, f"temperature must be non-negative, got {temperature}.", "temperature")
+    if max_new is None or max_new < 0:
+        raise ServeError(400, f"max_new_tokens must be at least 0, got {max_new}.", "max_new_tokens")
+    if max_new > 0:
+        raise ServeError(400, "distill serve's /generate only scores (max_new_tokens: 0); sample through "
+                         "/v1/completions", "max_new_tokens")
+    want_lp = bool(req.return_logprob)
+    start, k = _or(req.logprob_start_len, -1), _or(req.top_logprobs_num, 0)
+    if k < 0:
+        raise ServeError(400, f"top_logprobs_num must be >= 0, got {k}.", "top_logprobs_num")
+    if want_lp and k > engine.max_logprobs:  # distill serve's own --max-logprobs (SGLang has no such cap)
+        raise ServeError(400, f"Requested top_logprobs_num of {k}, which is greater than max allowed: "
+                         f"{engine.max_logprobs}", "top_logprobs_num")
+    for ids in prompts:
+        # TokenizerManager._validate_one_request (python/sglang/srt/managers/tokenizer_manager.py)
+        if len(ids) >= engine.max_len:
+            raise ServeError(400, f"The input ({len(ids)} tokens) is longer than the model's context length "
+                             f"({engine.max_len} tokens).", "input_ids")
+        if want_lp and start >= len(ids):
+            raise ServeError(400, f"logprob_start_len ({start}) is not smaller than the input length "
+                             f"({len(ids)} tokens).", "logprob_start_len")
+    scored = None
+    if want_lp and start >= 0:
+        scored = await _run_job(engine, _Job("score", prompts, k=k, temperature=temperature or 1.0))
+    outs = [_sglang_output(engine, req, ids, scored[i] if scored else None, start, k)
+            for i, ids in enumerate(prompts)]
+    return _json(outs[0] if single else outs)
+
+
+def _sglang_output(engine: ServedModel, req: GenerateRequest, ids: list[int], entries: list | None, start: int,
+                   k: int) -> dict:
+    """One prompt's answer: no new text, and ``meta_info`` as TokenizerManager.add_logprob_to_meta_info writes
+    it (python/sglang/srt/managers/tokenizer_manager.py): ``input_token_logprobs`` a list of ``[logprob,
+    token_id, text]`` from ``logprob_start_len`` on (the first token's logprob null), ``input_top_logprobs``
+    (only with ``top_logprobs_num > 0``) the top-k of each position as such lists, null where a position has
+    none (detokenize_top_logprobs_tokens); text is null unless ``return_text_in_logprobs``."""
+    meta: dict[str, Any] = {"id": req.rid or uuid.uuid4().hex, "finish_reason": {"type": "length", "length": 0},
+                            "prompt_tokens": len(ids), "completion_tokens": 0, "cached_tokens": 0}
+    if req.return_logprob:
+        decoded = engine._decoded_tokens() if req.return_text_in_logprobs else None
+        tokens, tops = [], []
+        for pos in range(max(start, 0), len(ids)) if entries is not None else ():
+            tid, entry = ids[pos], entries[pos]
+            tokens.append([None if entry is None else entry[tid]["logprob"], tid, decoded and decoded[tid]])
+            ranked = list((entry or {}).items())[:k]  # the scoring job puts the top-k first, in rank order
+            tops.append([[v["logprob"], t, decoded and decoded[t]] for t, v in ranked] or None)
+        meta.update(input_token_logprobs=tokens, output_token_logprobs=[])
+        if k > 0:
+            meta.update(input_top_logprobs=tops, output_top_logprobs=[])
+    return {"text": "", "output_ids": [], "meta_info": meta}
 
 
 def _chat_choice(engine: ServedModel, index: int, g: dict, entries: list | None, k: int) -> dict:

@@ -506,3 +506,17 @@ def test_client_retries_a_response_cut_mid_body():
         assert len(calls) == 2
     finally:
         server.shutdown()
+
+
+def test_a_teacher_through_sglangs_api_trains_like_through_vllms(tmp_path, server):
+    """``teacher.api: sglang`` scores through SGLang's native /generate (distill serve answers it in SGLang's
+    shape, tests/test_engine_contract.py): a run from it trains as the one through /v1/completions, step by
+    step, on the same server and model."""
+    common = [*SMALL_DATA, "train.max_steps=3", "log.every=1", "eval.every=0", "checkpoint.every=0",
+              "log.progress=false", f"teacher.server={server}", "teacher.top_k=20"]
+    for api in ("sglang", "vllm"):
+        training.train(load_config(TrainConfig, TINY_SERVE, [f"out_dir={tmp_path / api}", f"teacher.api={api}",
+                                                             *common]))
+    for key in ("loss", "kl", "ce"):
+        a, b = losses_of(tmp_path / "sglang", key), losses_of(tmp_path / "vllm", key)
+        assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6, (key, a, b)

@@ -1,7 +1,7 @@
-"""What an on-policy step costs: a GKD step (lambda = 1) of the train recipe against its parts timed apart.
+"""What an on-policy step costs: a GKD step (lambda = 1) of the training run against its parts timed apart.
 
 On the arithmetic task's `student32` preset (:mod:`distill.tasks.arithmetic`: teacher 148k parameters, student
-29k, batches of 64 prompts, answers of 5 tokens), the train recipe runs GKD with lambda = 1 (every step's
+29k, batches of 64 prompts, answers of 5 tokens), the training run (distill.training) runs GKD with lambda = 1 (every step's
 completions are the student's samples, T = 1; generalized JSD, beta = 0.5) twice, for ``--steps`` and for
 ``--steps`` + ``--extra`` steps: the difference of the two runs' CPU time over ``--extra`` is the cost of one
 step without the setup and the final save. Then, in the same process, on the run's final student, the parts
@@ -11,9 +11,9 @@ of one step are timed apart, round robin, medians of ``--reps``:
 * ``teacher``: the live teacher's signal for those sequences (its forward, no gradient);
 * ``train``: the student's forward, the memory-efficient loss against that signal, backward and AdamW.
 
-Reports the recipe's step against the sum of the parts (target <= 1.1x) and where the time goes. Everything
+Reports the training run's step against the sum of the parts (target <= 1.1x) and where the time goes. Everything
 is measured in CPU time of this process (one intra-op thread), which other jobs on the machine do not
-change; the recipe's own wall-clock log (generation / teacher / rest per step) is reported beside it.
+change; the run's own wall-clock log (generation / teacher / rest per step) is reported beside it.
 
     python benchmarks/onpolicy_cost.py [--teacher DIR] [--steps 60] [--reps 20]
 
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
         teacher_dir = args.work / "teacher" / "student"
     answer_tokens = max(len(p.response) for p in arithmetic.read_problems(data_dir / "test.jsonl")) + 1
 
-    # 1. The recipe: GKD with lambda = 1, one log record per step, for two lengths.
+    # 1. The training run: GKD with lambda = 1, one log record per step, for two lengths.
     def gkd_run(name: str, steps: int):
         run_dir = args.work / name
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     step_cpu = (cpu_long - cpu_short) / args.extra
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     records = [r for r in records if r.get("split") == "train"][5:]  # the first steps warm up
-    recipe = {k: statistics.median(r[k] for r in records)
+    logged = {k: statistics.median(r[k] for r in records)
               for k in ("step_seconds", "gen_seconds", "teacher_seconds", "train_seconds")}
 
     # 2. The parts, apart, on the run's final student and the same teacher.
@@ -142,8 +142,8 @@ def main(argv=None) -> dict:
     total = sum(parts.values())
     record = {
         "preset": "student32", "student": preset.student, "teacher": preset.teacher, "batch": preset.batch_size, "answer_tokens": answer_tokens,
-        "steps": [args.steps, args.steps + args.extra], "recipe_step_cpu_seconds": step_cpu,
-        "recipe_wall_clock_median_seconds": recipe, "parts_median_cpu_seconds": parts, "sum_of_parts": total,
+        "steps": [args.steps, args.steps + args.extra], "training_step_cpu_seconds": step_cpu,
+        "training_wall_clock_median_seconds": logged, "parts_median_cpu_seconds": parts, "sum_of_parts": total,
         "ratio_step_to_parts": step_cpu / total,
         "share_of_parts": {k: v / total for k, v in parts.items()},
         "threads": torch.get_num_threads(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -151,9 +151,9 @@ def main(argv=None) -> dict:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, record)
-    print(f"recipe step: {1e3 * step_cpu:.1f} ms CPU; its wall-clock log (median): {1e3 * recipe['step_seconds']:.1f} "
-          f"ms (generation {1e3 * recipe['gen_seconds']:.1f}, teacher {1e3 * recipe['teacher_seconds']:.1f}, "
-          f"rest {1e3 * recipe['train_seconds']:.1f})")
+    print(f"training step: {1e3 * step_cpu:.1f} ms CPU; its wall-clock log (median): {1e3 * logged['step_seconds']:.1f} "
+          f"ms (generation {1e3 * logged['gen_seconds']:.1f}, teacher {1e3 * logged['teacher_seconds']:.1f}, "
+          f"rest {1e3 * logged['train_seconds']:.1f})")
     print("parts apart (median CPU): " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in parts.items())
           + f"; sum {1e3 * total:.1f} ms")
     print(f"step / sum of parts: {record['ratio_step_to_parts']:.3f}")

@@ -503,6 +503,21 @@ class DatasetBatches(Section):
     source: Literal["dataset"] = Field("dataset", description="the batch source")
 
 
+class SamplerSpec(Section):
+    """``train.batches.sampler``: the student samples on a server (``distill serve``, SGLang) instead of in the
+    training process. Every ``sync_every`` optimizer steps (and before the first sample) the run writes the
+    student's weights under ``out_dir/sampler/`` and asks the server to load them (SGLang's
+    ``/update_weights_from_disk``); docs/onpolicy.md."""
+
+    server: str = Field(description="base URL of the server running the student, e.g. http://127.0.0.1:8001")
+    sync_every: int = Field(1, gt=0, description="optimizer steps between two publications of the student's weights")
+    model: str | None = Field(None, description="the model name requests carry (default: the server's only one)")
+    api_key_env: str | None = Field(None, description="environment variable holding the server's API key")
+    max_in_flight: int = Field(8, gt=0, description="concurrent sampling requests")
+    timeout: float = Field(120.0, gt=0, description="seconds per request (a weight update included)")
+    retries: int = Field(5, ge=0, description="retries (exponential backoff) on timeouts, refused connections, 5xx")
+
+
 class OnPolicyBatches(Section):
     """What the on-policy sources share: the student writes the completions of the step's examples' prompts
     with its current weights, and the teacher scores every token of them."""
@@ -511,6 +526,9 @@ class OnPolicyBatches(Section):
     temperature: float = Field(1.0, ge=0.0, description="the student's sampling temperature (0 = greedy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="the student's nucleus (1 = its whole distribution)")
     max_new_tokens: int = Field(128, gt=0, description="the longest completion the student writes")
+    sampler: SamplerSpec | None = Field(
+        None, description="sample the student on a server ({server: URL, sync_every: N}); absent: in this process"
+    )
 
 
 class GkdBatches(OnPolicyBatches):
@@ -534,6 +552,14 @@ class SkdBatches(OnPolicyBatches):
     skd_teacher_temperature: float | None = Field(
         None, ge=0.0, description="the temperature of the teacher's replacement samples (default: the loss's; 0 = argmax)"
     )
+
+    @model_validator(mode="after")
+    def _no_sampler(self) -> SkdBatches:
+        if self.sampler is not None:
+            raise ValueError("train.batches.sampler: skd's student proposes each token against the teacher's "
+                             "corrections in this process, which a sampling server cannot do; remove "
+                             "train.batches.sampler (or use gkd / distillm)")
+        return self
 
 
 class DistillmBatches(OnPolicyBatches):
@@ -652,7 +678,9 @@ class TeacherCacheSpec(Section):
 
 class ServerTeacherSpec(Section):
     """A teacher behind an HTTP server (``distill serve``, vLLM, SGLang): scored on token ids through its
-    prompt log-probabilities (top-k + the realized token + the tail mass)."""
+    prompt log-probabilities (top-k + the realized token + the tail mass; ``top_k: all``, the whole vocabulary
+    and no tail), or (``signal: hidden``, ``distill serve`` only) through its final hidden states and its
+    output layer, downloaded once: the dense signal of a teacher in this process."""
 
     server: str = Field(description="base URL, e.g. http://127.0.0.1:8000")
     model: str | None = Field(None, description="the model name the server serves (default: the server's only one)")
@@ -663,7 +691,15 @@ class ServerTeacherSpec(Section):
     api: Literal["auto", "vllm", "sglang"] = Field(
         "auto", description="vllm: /v1/completions with prompt_logprobs (also distill serve); sglang: /generate"
     )
-    top_k: int = Field(20, gt=0, description="log-probs per position (servers cap it: vLLM's --max-logprobs)")
+    top_k: Annotated[int, Field(gt=0)] | Literal["all"] = Field(
+        20, description="log-probs per position (servers cap it: vLLM's --max-logprobs); all: the whole vocabulary "
+        "(prompt_logprobs: -1; the server needs --max-logprobs -1), no tail"
+    )
+    signal: Literal["logprobs", "hidden"] = Field(
+        "logprobs", description="logprobs: the server's prompt log-probs (top_k); hidden: its final hidden states "
+        "(distill serve's return_hidden_states) and its output layer (GET /v1/output_head, once), the exact dense "
+        "signal"
+    )
     realized_token: bool = Field(
         True, description="keep the sequence's own token as a class when it is outside the top-k (false: top-k + tail)"
     )
@@ -673,6 +709,21 @@ class ServerTeacherSpec(Section):
     @classmethod
     def _a_tokenizer(cls, ref: str | None) -> str | None:
         return None if ref is None else check_reference(ref, "a tokenizer directory, hub id, or 'byte'")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _a_count_or_all(cls, value: Any) -> Any:
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            return value
+        raise ValueError(f"top_k={value!r}: give a count > 0 of log-probs per position, or all for the whole "
+                         "vocabulary (what a server sends as prompt_logprobs: -1)")
+
+    @model_validator(mode="after")
+    def _hidden_through_completions(self) -> ServerTeacherSpec:
+        if self.signal == "hidden" and self.api == "sglang":
+            raise ValueError("signal: hidden reads distill serve's /v1/completions (return_hidden_states); set "
+                             "api: auto or vllm, or signal: logprobs for SGLang's /generate")
+        return self
 
     max_in_flight: int = Field(8, gt=0, description="concurrent requests")
     timeout: float = Field(60.0, gt=0, description="seconds per request")

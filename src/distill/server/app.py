@@ -23,7 +23,14 @@ SGLang's native ``POST /generate`` for scoring (``input_ids`` or ``text``, ``ret
   most probable tokens, and always the prompt's own token, as ``{token_id: {logprob, rank, decoded_token}}``
   (the first position is ``null``), like vLLM. With ``--logprobs-mode raw`` (the default, vLLM's default too)
   they are the model's at T = 1 whatever the request's temperature; with ``processed`` they are at the
-  request's ``temperature``. ``K`` and ``logprobs`` are capped by ``--max-logprobs`` (20 by default, as vLLM).
+  request's ``temperature``. ``K`` and ``logprobs`` are capped by ``--max-logprobs`` (20 by default, as vLLM;
+  -1, as vLLM's, lifts the cap: ``prompt_logprobs: -1`` then returns the whole vocabulary).
+* **Hidden states** (distill serve's own, not vLLM's): ``return_hidden_states: true`` on ``/v1/completions``
+  adds ``hidden_states`` to each choice, the prompt's final (post-norm) hidden states (T, H) in the model's
+  dtype, packed by :func:`distill.server.client.encode_array` (base64 of the little-endian bytes, with dtype
+  and shape); ``GET /v1/output_head`` returns the output layer once (``weight``, ``bias``, ``logit_scale``,
+  ``softcap``, ``vocab_size``), so a client forms every logit itself (``teacher: {server: URL, signal:
+  hidden}``).
 * **Batching.** Requests from many clients are queued and run together on the model: every scoring request
   waiting joins one forward pass, every generation request with the same sampling settings joins one
   decoding batch (``distill.generation.sampling.sample``, per-sequence seeds: a request with ``seed`` gets the same
@@ -65,6 +72,7 @@ from distill.models import (
     output_head,
     resolve_vocab,
 )
+from distill.server.client import encode_array
 
 logger = logging.getLogger("distill")
 
@@ -99,7 +107,7 @@ def _invalid(message: str, param: str, value: Any = None) -> ServeError:
 
 @dataclass
 class _Job:
-    kind: Literal["score", "generate"]
+    kind: Literal["score", "hidden", "generate"]  # hidden: each sequence's final hidden states (T, H), on the CPU
     sequences: list[list[int]]
     k: int = 0  # top log-probs per position (score)
     temperature: float = 1.0  # score: the temperature of the returned log-probs
@@ -117,7 +125,9 @@ class ServedModel:
         self.vocab = len(tokenizer)
         self.head = output_head(model, self.vocab)
         self.max_len = max_positions(model) or 2**31
-        self.max_logprobs, self.logprobs_mode = max_logprobs, logprobs_mode
+        # -1: no cap, the vocabulary (vllm/sampling_params.py, SamplingParams._validate_logprobs).
+        self.max_logprobs = self.vocab if max_logprobs == -1 else max_logprobs
+        self.logprobs_mode = logprobs_mode
         self.max_batch_tokens, self.max_batch_sequences = max_batch_tokens, max_batch_sequences
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.device = next(model.parameters()).device
@@ -154,7 +164,7 @@ class ServedModel:
                 jobs.append(nxt)
             self.stats["batches"] += 1
             self.stats["jobs"] += len(jobs)
-            scoring = [j for j in jobs if j.kind == "score"]
+            scoring = [j for j in jobs if j.kind in ("score", "hidden")]
             groups: dict[SamplingParams, list[_Job]] = {}
             for j in jobs:
                 if j.kind == "generate":
@@ -205,7 +215,10 @@ class ServedModel:
         for j in jobs:
             per_job = []
             for s in j.sequences:
-                per_job.append(self._position_logprobs(hidden[row, : len(s) - 1], s, j.k, j.temperature))
+                if j.kind == "hidden":
+                    per_job.append(hidden[row, : len(s)].cpu())
+                else:
+                    per_job.append(self._position_logprobs(hidden[row, : len(s) - 1], s, j.k, j.temperature))
                 row += 1
             out.append(per_job)
         return out
@@ -399,6 +412,7 @@ class CompletionRequest(Strict):
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
+    return_hidden_states: bool = False  # distill serve's own: the prompt's final hidden states, packed
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
 
@@ -517,6 +531,11 @@ def _add_routes(app, engine: ServedModel) -> None:
                                             "max_model_len": engine.max_len, "max_logprobs": engine.max_logprobs,
                                             "logprobs_mode": engine.logprobs_mode}]}
 
+    @app.get("/v1/output_head")
+    async def head(model: str | None = None):
+        _check_model(engine, model)
+        return _json(_output_head(engine))
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         return _tokenize(engine, req)
@@ -572,6 +591,7 @@ async def _completions(engine: ServedModel, req: CompletionRequest):
     if want_prompt_lp:
         scored = await _run_job(engine, _Job("score", prompts, k=max(k_prompt, k_gen),
                                              temperature=req.temperature or 1.0))
+    states = await _run_job(engine, _Job("hidden", prompts)) if req.return_hidden_states else None
     gens = await _generate_completions(engine, req, prompts)
     gen_scored = None
     if k_gen and req.max_tokens > 0:  # top alternatives at the written positions: one teacher-forced pass
@@ -584,6 +604,8 @@ async def _completions(engine: ServedModel, req: CompletionRequest):
             choices.append(_completion_choice(engine, req, i * req.n + j, ids, g,
                                               scored[i] if scored is not None else None,
                                               gen_scored[i * req.n + j] if gen_scored else None, k_prompt, k_gen))
+            if states is not None:
+                choices[-1]["hidden_states"] = encode_array(states[i])
     prompt_tokens = sum(len(p) for p in prompts)
     return _json({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": engine.name, "choices": choices,
@@ -777,6 +799,15 @@ def _json(body: dict):
                     media_type="application/json")
 
 
+def _output_head(engine: ServedModel) -> dict:
+    """``GET /v1/output_head``: the output layer the scores come from, its first ``vocab_size`` rows (the
+    tokenizer's ids), packed as the hidden states are."""
+    weight, bias = engine.head.sliced()
+    return {"model": engine.name, "vocab_size": engine.vocab, "hidden_size": int(weight.shape[1]),
+            "logit_scale": engine.head.logit_scale, "softcap": engine.head.softcap, "weight": encode_array(weight),
+            "bias": None if bias is None else encode_array(bias)}
+
+
 def _trim(entries: list[dict | None], seq: list[int], k: int) -> list[dict | None]:
     """Keep the top ``k`` entries of each position and the sequence's own token there."""
     return [None if entry is None else {tid: v for tid, v in entry.items() if v["rank"] <= k or tid == seq[pos]}
@@ -819,6 +850,8 @@ def serve(model_dir: str, *, host: str = "127.0.0.1", port: int = 8000, name: st
     except ImportError:
         raise ValueError("distill serve needs FastAPI and uvicorn: pip install 'distill[serve]'") from None
 
+    if max_logprobs < -1:  # vllm/config/model.py, ModelConfig: max_logprobs >= -1
+        raise ValueError(f"--max-logprobs {max_logprobs}: give a count >= 0, or -1 for no cap (the whole vocabulary)")
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)

@@ -16,6 +16,12 @@ before it, plus the top-k alternatives at each position). Three shapes are under
 * Endpoints that return no prompt log-probabilities (the OpenAI API, llama.cpp) are recognized and refused
   for token-level distillation: they can still generate text (``distill generate``).
 
+``prompt_logprobs: -1`` asks for the whole vocabulary (vLLM and ``distill serve`` started with
+``--max-logprobs -1``). ``distill serve`` also returns a prompt's final hidden states
+(``return_hidden_states: true``: ``choices[0].hidden_states``) and its output layer (``GET /v1/output_head``),
+each array packed by :func:`encode_array` (base64 of the little-endian bytes, with dtype and shape);
+:meth:`Scorer.hidden` and :func:`fetch_output_head` read them back.
+
 Requests run on a bounded pool of threads (``max_in_flight``), are retried with exponential backoff on
 timeouts, refused connections and 5xx answers, and fail with :class:`~distill.errors.TeacherServerError`
 naming the URL. A 4xx answer is the request's fault: it is raised at once as a :class:`ServerRefusal` (a
@@ -26,15 +32,20 @@ distill setting the caller names, or the server's flag.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import math
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
 
 from distill.errors import TeacherServerError
 
@@ -125,6 +136,11 @@ def explain(exc: ValueError, fields: dict[str, str]) -> ValueError:
     msg, url = exc.message, exc.url
     if (cap := _LOGPROBS_CAP.search(msg)) and "logprobs" in fields:
         want, most = cap.groups()
+        if fields.get("whole_vocabulary"):
+            return ValueError(
+                f"{fields['logprobs']}=all asks for the whole vocabulary ({want} log-probs per position), above the "
+                f"server's cap of {most} ({url}); restart the server with --max-logprobs -1 (vLLM and distill "
+                f"serve: no cap), or set {fields['logprobs']} to {most} or less")
         return ValueError(
             f"{fields['logprobs']}={want} is above the server's cap of {most} log-probs per position ({url}); lower "
             f"{fields['logprobs']} to {most} or less, or restart the server with --max-logprobs {want} (vLLM and "
@@ -210,6 +226,45 @@ class NoPromptLogprobs(TeacherServerError):
     """The endpoint does not return prompt log-probabilities."""
 
 
+class NoHiddenStates(TeacherServerError):
+    """The endpoint does not return hidden states (vLLM, SGLang's OpenAI API; ``distill serve`` does)."""
+
+
+# ------------------------------------------------------------------------------------------- packed arrays
+
+# The dtypes an array travels in, by name: float32 as is, bfloat16 / float16 as their 2-byte patterns.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def encode_array(t: torch.Tensor) -> dict:
+    """A tensor as ``{"dtype", "shape", "byteorder": "little", "data": base64}`` (its bytes, not a list of
+    floats: 4 or 2 bytes a value, a third more as base64, against ~10 as JSON text)."""
+    name = next((n for n, d in _DTYPES.items() if d == t.dtype), None)
+    if name is None:
+        t, name = t.float(), "float32"
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    bits = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32).numpy()
+    little = bits.astype(bits.dtype.newbyteorder("<"), copy=False)
+    return {"dtype": name, "shape": list(t.shape), "byteorder": "little",
+            "data": base64.b64encode(little.tobytes()).decode("ascii")}
+
+
+def decode_array(packed: dict) -> torch.Tensor:
+    """:func:`encode_array`'s tensor back (in its own dtype)."""
+    dtype = _DTYPES.get(packed.get("dtype"))
+    if dtype is None or packed.get("byteorder") != "little":
+        raise TeacherServerError(f"an array in dtype {packed.get('dtype')!r}, byte order {packed.get('byteorder')!r}: "
+                                 f"the client reads {', '.join(_DTYPES)} in little-endian order")
+    raw = base64.b64decode(packed["data"])
+    shape = [int(x) for x in packed["shape"]]
+    width = 4 if dtype == torch.float32 else 2
+    if len(raw) != math.prod(shape) * width:
+        raise TeacherServerError(f"an array of shape {shape} in {packed['dtype']} has {len(raw)} bytes, not "
+                                 f"{math.prod(shape) * width}")
+    bits = np.frombuffer(raw, dtype="<i4" if width == 4 else "<i2").astype(np.int32 if width == 4 else np.int16)
+    return torch.from_numpy(bits).view(dtype).reshape(shape)
+
+
 # ------------------------------------------------------------------------------------------- scoring
 
 
@@ -248,10 +303,49 @@ class Scorer:
         return parse_vllm(choices[0], seq)
 
     def score(self, seqs: list[list[int]], k: int, temperature: float) -> list[list[PositionLogprobs]]:
+        return self._each(seqs, lambda s: self.score_one(s, k, temperature))
+
+    def hidden_one(self, seq: list[int]) -> torch.Tensor:
+        """The final hidden states (T, H) of one sequence (``distill serve``'s ``return_hidden_states``)."""
+        body = {"prompt": seq, "max_tokens": 0, "echo": True, "return_hidden_states": True,
+                **({"model": self.model} if self.model else {})}
+        try:
+            resp = self.client.request("POST", "/v1/completions", body)
+        except ServerRefusal as exc:
+            raise explain(exc, self.fields) from None
+        packed = ((resp.get("choices") or [{}])[0]).get("hidden_states")
+        if packed is None:
+            raise NoHiddenStates("the response has no choices[0].hidden_states")
+        states = decode_array(packed)
+        if states.dim() != 2 or states.shape[0] != len(seq):
+            raise TeacherServerError(f"teacher server {self.client.url} returned hidden states of shape "
+                                     f"{list(states.shape)} for a sequence of {len(seq)} tokens")
+        return states
+
+    def hidden(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        return self._each(seqs, self.hidden_one)
+
+    def _each(self, seqs: list, fn) -> list:
+        """``fn`` of every sequence, ``max_in_flight`` requests at a time."""
         if len(seqs) == 1:
-            return [self.score_one(seqs[0], k, temperature)]
+            return [fn(seqs[0])]
         with ThreadPoolExecutor(max_workers=min(self.max_in_flight, len(seqs))) as pool:
-            return list(pool.map(lambda s: self.score_one(s, k, temperature), seqs))
+            return list(pool.map(fn, seqs))
+
+
+def fetch_output_head(client: Client, model: str | None) -> dict:
+    """``distill serve``'s ``GET /v1/output_head``: the output layer's ``weight`` (V, H) and ``bias`` (V,) or
+    None as tensors, with ``logit_scale``, ``softcap`` and ``vocab_size``."""
+    try:
+        body = client.request("GET", "/v1/output_head" + (f"?model={urllib.parse.quote(model)}" if model else ""))
+    except ServerRefusal as exc:
+        if exc.status in (404, 405):
+            raise NoHiddenStates(f"{client.url} has no /v1/output_head (HTTP {exc.status})") from None
+        raise
+    return {"weight": decode_array(body["weight"]),
+            "bias": None if body.get("bias") is None else decode_array(body["bias"]),
+            "logit_scale": float(body.get("logit_scale", 1.0)), "softcap": body.get("softcap"),
+            "vocab_size": int(body["vocab_size"])}
 
 
 def max_abs_difference(a: list[PositionLogprobs], b: list[PositionLogprobs]) -> float:

@@ -1,6 +1,8 @@
 """An engine behind an OpenAI-compatible server (vLLM, SGLang, ``distill serve``), through
-:mod:`distill.server.client`: scored on token ids (sparse: top-k + the realized token + the tail mass),
-sampled with ``/v1/completions`` or ``/v1/chat/completions``, and SKD's corrections one request per token."""
+:mod:`distill.server.client`: scored on token ids (sparse: top-k + the realized token + the tail mass; with
+``top_k: all`` every id and no tail; with ``signal: hidden``, ``distill serve``'s final hidden states and its
+output layer, the dense signal of a teacher in this process), sampled with ``/v1/completions`` or
+``/v1/chat/completions``, and SKD's corrections one request per token."""
 
 from __future__ import annotations
 
@@ -12,15 +14,18 @@ import torch
 from distill.config import ServerTeacherSpec
 from distill.errors import TeacherServerError
 from distill.generation.sampling import SamplingParams, row_seed
-from distill.losses import SparseTarget
+from distill.losses import DenseSignal, LinearHead, SparseTarget
+from distill.models import flat_positions
 from distill.server.client import (
     SCORING_FIELDS,
     Client,
+    NoHiddenStates,
     NoPromptLogprobs,
     PositionLogprobs,
     Scorer,
     ServerRefusal,
     explain,
+    fetch_output_head,
     max_abs_difference,
 )
 
@@ -39,10 +44,15 @@ class ServerEngine:
     llama.cpp: use ``distill generate`` for those), another tokenizer than ``tokenizer`` (``/tokenize`` on
     probe texts), scores that differ between two requests for the same sequence (prefix caching, replicas),
     or log-probabilities that ignore a temperature other than 1 (vLLM's raw mode). Opened to sample only
-    (``temperature=None``), it checks nothing: an API without prompt log-probabilities still generates."""
+    (``temperature=None``), it checks nothing: an API without prompt log-probabilities still generates.
 
-    dense = False
-    hidden_states = False
+    ``top_k: all`` asks for every id (``prompt_logprobs: -1``; SGLang: the vocabulary's size): the signal is
+    then the whole distribution at the engine's temperature, with no tail. ``signal: hidden`` (``distill
+    serve`` only) makes it dense: the output layer is downloaded once at start (``GET /v1/output_head``,
+    checked against the student's vocabulary) and each batch's final hidden states come back packed
+    (``return_hidden_states``), so the loss forms the logits chunk by chunk as for a teacher in this process."""
+
+    hidden_states = False  # only the final ones: no hidden-state loss
     model = None  # nothing in this process
 
     PROBES = ("def distill(teacher, student):\n    return student", "The quick brown fox, 1234 + 5678 = 6912.",
@@ -55,17 +65,23 @@ class ServerEngine:
             raise ValueError(f"teacher.api_key_env={spec.api_key_env}: that environment variable is not set")
         self.spec, self.url = spec, spec.server.rstrip("/")
         self.vocab_size = len(tokenizer) if tokenizer is not None else None
-        self.top_k = self.max_top_k = top_k if top_k is not None else spec.top_k
+        # top_k given: distill cache's k; else the teacher spec's top_k (training, evaluation).
+        self.whole = top_k is None and spec.top_k == "all"
+        self.top_k = top_k if top_k is not None else (self.vocab_size if self.whole else spec.top_k)
+        self.dense = temperature is not None and spec.signal == "hidden"
+        self.max_top_k = self.vocab_size if self.dense else self.top_k
+        # The whole vocabulary is prompt_logprobs -1 (vLLM, distill serve); SGLang takes a count.
+        self.request_k = -1 if self.whole and spec.api != "sglang" else self.top_k
         self.temperature = temperature
+        self._head: LinearHead | None = None
         self.client = Client(self.url, api_key=key, timeout=spec.timeout, retries=spec.retries)
         self.max_positions = None
         self.served = spec.model  # the model name requests carry (the server's only one when not given)
         if temperature is not None and spec.api != "sglang":
             self._check_model()
-        # top_k given: distill cache's k; else the teacher spec's top_k (training, evaluation).
+        fields = dict(SCORING_FIELDS if top_k is None else CACHE_FIELDS, whole_vocabulary=self.whole)
         self.scorer = Scorer(self.client, self.served, api="sglang" if spec.api == "sglang" else "vllm",
-                             max_in_flight=spec.max_in_flight, fields=dict(SCORING_FIELDS if top_k is None else
-                                                                           CACHE_FIELDS))
+                             max_in_flight=spec.max_in_flight, fields=fields)
         if temperature is not None:
             self._check_scoring(tokenizer)
 
@@ -93,16 +109,30 @@ class ServerEngine:
         probe = list(tokenizer(" ".join(self.PROBES), add_special_tokens=False)["input_ids"])[:64]
         if tokenizer.bos_token_id is not None:
             probe = [tokenizer.bos_token_id, *probe]
+        if self.dense:
+            self._check_hidden(probe)
+            return
         try:
-            first = self.scorer.score_one(probe, self.top_k, self.temperature)
+            first = self.scorer.score_one(probe, self.request_k, self.temperature)
         except NoPromptLogprobs:
             raise ValueError(
                 f"teacher.server={self.url} returns no prompt log-probabilities (the OpenAI API and llama.cpp do "
                 "not), which token-level distillation needs. Distill from its text instead: `distill generate` "
                 "with this server, then train on the output (sequence-level KD)"
             ) from None
-        second = self.scorer.score_one(probe, self.top_k, self.temperature)
-        drift, tolerance = max_abs_difference(first, second), self.spec.determinism_tolerance
+        second = self.scorer.score_one(probe, self.request_k, self.temperature)
+        self._check_drift(max_abs_difference(first, second))
+        if self.temperature != 1.0:
+            at_one = self.scorer.score_one(probe, self.request_k, 1.0)
+            if max_abs_difference(first, at_one) < 1e-6:
+                raise ValueError(
+                    f"teacher.server={self.url} returns log-probs at T=1 whatever the request's temperature (vLLM's "
+                    f"default raw mode), but loss.temperature={self.temperature:g}. Start vLLM with --logprobs-mode "
+                    "processed_logprobs (distill serve --logprobs-mode processed), or set loss.temperature=1"
+                )
+
+    def _check_drift(self, drift: float) -> None:
+        tolerance = self.spec.determinism_tolerance
         if drift > tolerance:
             raise ValueError(
                 f"teacher.server={self.url} scored the same sequence twice and the log-probs differ by up to {drift:.3g} "
@@ -110,14 +140,31 @@ class ServerEngine:
                 "disagree by more than the distillation signal. Disable prefix caching / pin one replica, or raise "
                 "the tolerance if you accept the noise"
             )
-        if self.temperature != 1.0:
-            at_one = self.scorer.score_one(probe, self.top_k, 1.0)
-            if max_abs_difference(first, at_one) < 1e-6:
-                raise ValueError(
-                    f"teacher.server={self.url} returns log-probs at T=1 whatever the request's temperature (vLLM's "
-                    f"default raw mode), but loss.temperature={self.temperature:g}. Start vLLM with --logprobs-mode "
-                    "processed_logprobs (distill serve --logprobs-mode processed), or set loss.temperature=1"
-                )
+
+    def _check_hidden(self, probe: list[int]) -> None:
+        """``signal: hidden``: the output layer (downloaded once, its classes the student's vocabulary), then two
+        scorings of the probe whose log-probs through it agree within the tolerance."""
+        try:
+            got = fetch_output_head(self.client, self.served)
+            first = self.scorer.hidden_one(probe)
+        except NoHiddenStates:
+            raise ValueError(
+                f"teacher.server={self.url} returns no hidden states or output layer (vLLM and SGLang do not; distill "
+                "serve does): set teacher.signal=logprobs, with teacher.top_k=all for the whole vocabulary (the "
+                "server started with --max-logprobs -1)") from None
+        if got["vocab_size"] != self.vocab_size:
+            raise ValueError(
+                f"teacher.server={self.url} has an output layer of {got['vocab_size']} classes, the student's "
+                f"tokenizer {self.vocab_size} ids: token-level distillation needs one vocabulary; use the teacher's "
+                "tokenizer for the student")
+        self._head = LinearHead(got["weight"], got["bias"], logit_scale=got["logit_scale"], softcap=got["softcap"],
+                                vocab_size=got["vocab_size"])
+        if first.shape[-1] != got["weight"].shape[1]:
+            raise TeacherServerError(f"teacher server {self.url}: hidden states of width {first.shape[-1]} for an "
+                                     f"output layer of width {got['weight'].shape[1]}")
+        second = self.scorer.hidden_one(probe)
+        lp_a, lp_b = (torch.log_softmax(self._head.logits(h).float(), -1) for h in (first, second))
+        self._check_drift(float((lp_a - lp_b).abs().max()))
 
     def _check_tokenizer(self, tokenizer) -> None:
         for text in self.PROBES:
@@ -143,22 +190,51 @@ class ServerEngine:
         what = f"server {self.url} ({self.served or 'default model'})"
         if self.temperature is None:  # it only samples
             return what
+        if self.dense:
+            return what + f", final hidden states + output layer ({self.vocab_size} classes, exact)"
+        if self.whole:
+            return what + f", whole vocabulary ({self.vocab_size} log-probs per position, no tail)"
         return what + f", top-{self.top_k}{' + realized token' if self.spec.realized_token else ''} + tail"
+
+    @property
+    def head(self) -> LinearHead:
+        """The teacher's output layer (``signal: hidden``), as downloaded at start."""
+        return self._head
+
+    def hidden(self, batch: dict) -> torch.Tensor:
+        """The final hidden states (B, T, H) of the batch from the server (zeros past each row's length)."""
+        ids = batch["input_ids"].cpu()
+        lengths = batch["attention_mask"].sum(1).tolist()  # right-padded (data.collate)
+        states = self.scorer.hidden([ids[i, :n].tolist() for i, n in enumerate(lengths)])
+        out = torch.zeros(*ids.shape, states[0].shape[-1], dtype=states[0].dtype)
+        for i, (row, n) in enumerate(zip(states, lengths, strict=True)):
+            out[i, :n] = row
+        return out.to(batch["input_ids"].device)
 
     def top_logprobs(self, seqs: list[list[int]], k: int, temperature: float) -> list[list[PositionLogprobs]]:
         """Per sequence and position: the top-``k`` ids and the realized token with their log-probs at
         ``temperature`` (None at the first position)."""
         return self.scorer.score(seqs, k, temperature)
 
-    def score(self, batch: dict) -> SparseTarget:
-        """The top-k and the realized token with their probabilities at the engine's temperature, and the tail."""
+    def score(self, batch: dict) -> SparseTarget | DenseSignal:
+        """The top-k and the realized token with their probabilities at the engine's temperature, and the tail
+        (none with every id); ``signal: hidden``: the hidden states and the output layer."""
+        if self.dense:
+            device = batch["input_ids"].device
+            if self._head.weight.device != device:
+                self._head = LinearHead(self._head.weight.to(device), None if self._head.bias is None else
+                                        self._head.bias.to(device), self._head.logit_scale, self._head.softcap,
+                                        self._head.vocab_size)
+            return DenseSignal(flat_positions(self.hidden(batch)), self._head)
         ids = batch["input_ids"].cpu()
         lengths = batch["attention_mask"].sum(1).tolist()  # right-padded (data.collate)
-        scored = self.top_logprobs([ids[i, :n].tolist() for i, n in enumerate(lengths)], self.top_k, self.temperature)
+        scored = self.top_logprobs([ids[i, :n].tolist() for i, n in enumerate(lengths)], self.request_k,
+                                   self.temperature)
         b, t = ids.shape
         width = max((len(e[0]) for rows in scored for e in rows if e is not None), default=1)
         out_ids = torch.zeros(b, t - 1, width, dtype=torch.long)
         out_probs = torch.zeros(b, t - 1, width, dtype=torch.float32)
+        counts = torch.zeros(b, t - 1, dtype=torch.long)
         k = self.top_k
         for i, rows in enumerate(scored):
             for pos, entry in enumerate(rows[1:]):  # entry pos + 1 scores token pos + 1: position pos predicts it
@@ -170,9 +246,10 @@ class ServerEngine:
                     tid, lp = [tid[j] for j in keep], [lp[j] for j in keep]
                 out_ids[i, pos, : len(tid)] = torch.as_tensor(tid)
                 out_probs[i, pos, : len(lp)] = torch.as_tensor(lp, dtype=torch.float64).exp().float()
+                counts[i, pos] = len(tid)
         # The tail is what the server's entries leave; none when they cover the vocabulary (rounding aside).
         tail = (1.0 - out_probs.double().sum(-1)).clamp_min(0.0)
-        tail = tail.masked_fill((out_probs > 0).sum(-1) >= self.vocab_size, 0.0).float()
+        tail = tail.masked_fill(counts >= self.vocab_size, 0.0).float()
         return SparseTarget(out_ids.reshape(-1, width), out_probs.reshape(-1, width), tail.reshape(-1)).to(
             batch["input_ids"].device)
 

@@ -124,7 +124,7 @@ class Run:
             teacher=TeacherView.of(self.teacher), loss=cfg.loss, train_ds=self.train_ds, collate=self.collate,
             seq_len=cfg.data.seq_len, seed=cfg.train.seed, max_steps=cfg.train.max_steps,
             batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, rank=acc.process_index,
-            world=acc.num_processes, device=acc.device)
+            world=acc.num_processes, device=acc.device, out_dir=cfg.out_dir)
 
 
 def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, num_tokens: int, loss: LossConfig,

@@ -73,6 +73,7 @@ from distill.models import (
     resolve_vocab,
 )
 from distill.server.client import encode_array
+from distill.server.weights import add_weight_routes
 
 logger = logging.getLogger("distill")
 
@@ -471,6 +472,7 @@ def build_app(engine: ServedModel, api_key: str | None = None):
     _add_error_handlers(app)
     _add_auth(app, api_key)
     _add_routes(app, engine)
+    add_weight_routes(app, engine)  # POST /update_weights_from_disk (SGLang's), server/weights.py
     return app
 
 

@@ -67,6 +67,7 @@ class SourceContext:
     rank: int  # this process among `world`
     world: int
     device: torch.device
+    out_dir: str  # the run's directory (a sampling server's published weights go under it)
 
     def indices(self, step: int, micro: int) -> list[int]:
         """The dataset rows of micro-batch ``micro`` of ``step`` on this process (:func:`example_indices`)."""

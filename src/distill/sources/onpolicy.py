@@ -16,8 +16,9 @@ replay buffer, skd's corrected completions) use no baseline: for tokens not draw
 E[grad log q(x)] is not 0 and a baseline would bias the gradient. The baseline is part of the source's state,
 which checkpoints carry.
 
-Student generation is one method (:meth:`OnPolicy.completions`): a generation engine fed the current weights
-(vLLM) can take its place.
+Student generation is one method (:meth:`OnPolicy.completions`): with ``train.batches.sampler`` a server
+running the student (``distill serve``, SGLang) takes its place, fed the student's weights every ``sync_every``
+optimizer steps (:mod:`distill.sources.served`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from distill.config import LossConfig, OnPolicyBatches
 from distill.generation.sampling import SamplingParams, row_seed, sample, uniforms
 from distill.losses import IGNORE_INDEX
 from distill.sources.context import SourceContext, TeacherView
+from distill.sources.served import ServedStudent
 
 
 def coin(seed: int, step: int, salt: str) -> float:
@@ -115,7 +117,9 @@ class OnPolicy:
                 "or data.seq_len"
             )
         self.baseline = running_baseline(ctx.loss, settings, own_samples)
-        self.names = (*self.COUNTERS, *counters, *(("baseline",) if self.baseline is not None else ()))
+        self.served = ServedStudent(settings.sampler, ctx, self.name) if settings.sampler is not None else None
+        served = ("staleness", "sampled_steps") if self.served is not None else ()
+        self.names = (*self.COUNTERS, *counters, *served, *(("baseline",) if self.baseline is not None else ()))
         self.sums = dict.fromkeys(self.names, 0.0)
 
     def count(self, key: str, value: float) -> None:
@@ -135,19 +139,28 @@ class OnPolicy:
         way (skd: corrected by the teacher as they are written); by default the student samples them."""
         prompts = [example_prompt(ex, self.name, ctx.tokenizer.bos_token_id) for ex in examples]
         t0 = time.perf_counter()
-        if write is None:
-            gen = sample(ctx.student, prompts, self.params, pad_id=ctx.pad_id, seeds=seeds, model_logprobs=False)
+        if write is None and self.served is not None:
+            batch, tokens = self.served.sample(ctx, prompts, seeds, self.params)
         else:
-            gen = write(prompts, seeds)
+            if write is None:
+                gen = sample(ctx.student, prompts, self.params, pad_id=ctx.pad_id, seeds=seeds, model_logprobs=False)
+            else:
+                gen = write(prompts, seeds)
+            batch, tokens = gen.to_batch(ctx.pad_id), float(gen.completion_mask.sum())
         self.count("gen_seconds", time.perf_counter() - t0)
-        self.count("gen_tokens", float(gen.completion_mask.sum()))
+        self.count("gen_tokens", float(tokens))
         self.count("gen_sequences", len(prompts))
-        batch = gen.to_batch(ctx.pad_id)
         return {k: v.to(ctx.device) for k, v in batch.items()}
 
     def student_batches(self, ctx: SourceContext, step: int, write: Callable | None = None) -> list[dict]:
         """The step's micro-batches written by the student: the completions of each micro-batch's examples,
-        row ``i`` seeded from (seed, source, step, i)."""
+        row ``i`` seeded from (seed, source, step, i). A sampling server first gets the weights due."""
+        if self.served is not None and write is None:
+            t0 = time.perf_counter()
+            self.served.sync(ctx, step)
+            self.count("gen_seconds", time.perf_counter() - t0)  # publishing is part of sampling's cost
+            self.count("staleness", float(self.served.staleness(step)))
+            self.count("sampled_steps", 1.0)
         rows = [ctx.indices(step, m) for m in range(ctx.grad_accum)]
         examples = [[ctx.train_ds[i] for i in idx] for idx in rows]
         return [self.completions(ctx, exs, [row_seed(ctx.seed, self.name, step, i) for i in idx], write)
@@ -164,12 +177,15 @@ class OnPolicy:
         return totals
 
     def log_fields(self, sums: dict[str, float], steps: int) -> dict:
-        """``gen_seconds`` (per step and process), ``on_policy`` (the share of steps the student wrote) and
-        ``gen_length`` (tokens per completion)."""
+        """``gen_seconds`` (per step and process), ``on_policy`` (the share of steps the student wrote),
+        ``gen_length`` (tokens per completion) and, with a sampling server, ``sampler_staleness`` (optimizer steps
+        between the weights that sampled and the weights trained, the mean over the steps that sampled)."""
         out = {"gen_seconds": sums["gen_seconds"] / self.world / steps,
                "on_policy": sums["on_policy_steps"] / self.world / steps}
         if sums["gen_sequences"]:
             out["gen_length"] = sums["gen_tokens"] / sums["gen_sequences"]
+        if self.served is not None and sums["sampled_steps"]:
+            out["sampler_staleness"] = sums["staleness"] / sums["sampled_steps"]
         return out
 
     def baseline_field(self, sums: dict[str, float], steps: int) -> dict:
@@ -177,11 +193,14 @@ class OnPolicy:
         return {"baseline": sums["baseline"] / self.world / steps} if self.baseline is not None else {}
 
     def state_dict(self) -> dict:
-        return {"reward_mean": self.baseline.mean} if self.baseline is not None else {}
+        out = {"reward_mean": self.baseline.mean} if self.baseline is not None else {}
+        return {**out, **(self.served.state_dict() if self.served is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         if self.baseline is not None:
             self.baseline.mean = state.get("reward_mean")  # absent in checkpoints written before the baseline
+        if self.served is not None:
+            self.served.load_state_dict(state)
 
 
 def running_baseline(loss: LossConfig, settings: OnPolicyBatches, own_samples: bool) -> RunningBaseline | None:

@@ -19,6 +19,16 @@ JSON), so its ratio to the in-process forward grows with the teacher's size.
 Writes ``--out`` (default ``runs/benchmarks/serve.json``; the committed record: ``--out benchmarks/results/serve.json``). The server, the client and the in-process forward
 each run with one intra-op thread: the same compute on both paths, and the server and its client do not
 fight for the 2 cores.
+
+``--signals`` measures instead what each server signal costs on the wire, against a ``distill serve
+--max-logprobs -1`` subprocess: the response bytes per scored token of ``top_k: 20`` (JSON), ``top_k: all``
+(JSON, every id at every position) and ``signal: hidden`` (the final hidden states as base64 of float32),
+the one-time download of the output layer, and the client's scored tokens/s for each. Every mode scores the
+same batch, except ``top_k: all``, which scores its first sequence cut to ``1 + 2**19 // V`` tokens (half a
+million entries: the bytes per token do not depend on the count, the client's memory does). Default
+``--out``: ``runs/benchmarks/serve_signals.json``.
+
+    python benchmarks/serve.py --signals [--out benchmarks/results/serve_signals.json]
 """
 
 from __future__ import annotations
@@ -45,10 +55,12 @@ from distill.config import ModelSpec, ServerTeacherSpec  # noqa: E402
 from distill.engines import open_engine  # noqa: E402
 from distill.losses import LossSpec  # noqa: E402
 from distill.models import final_hidden, load_model, load_tokenizer, output_head  # noqa: E402
+from distill.server.client import Client  # noqa: E402
 from distill.teachers.engine import EngineTeacher  # noqa: E402
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/serve.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "serve.json"
+SIGNALS_OUT = ROOT / "runs" / "benchmarks" / "serve_signals.json"
 
 
 def free_port() -> int:
@@ -81,6 +93,58 @@ def make_teacher(work: Path, size: str) -> Path:
     return out
 
 
+def start_server(teacher_dir: Path, max_logprobs: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(teacher_dir), "--port", str(port),
+                               "--max-logprobs", str(max_logprobs)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    return server, url
+
+
+def measure_signals(teacher_dir: Path, args) -> dict:
+    """Response bytes and scored tokens/s of each server signal (module docstring, ``--signals``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(ModelSpec(path=str(teacher_dir)), "teacher")
+    v = len(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, v - 3, (args.batch, args.seq_len), generator=g)
+    short = ids[:1, : min(args.seq_len, 1 + 2**19 // v)]
+    modes = {"top_20_json": ({"top_k": 20}, ids), "whole_vocabulary_json": ({"top_k": "all"}, short),
+             "hidden_float32": ({"signal": "hidden"}, ids)}
+    server, url = start_server(teacher_dir, -1)
+    record: dict = {"vocab": v, "modes": {}}
+    try:
+        head_client = Client(url)
+        head_client.request("GET", "/v1/output_head")
+        record["output_head_bytes"] = head_client.received_bytes  # once per run (signal: hidden)
+        for name, (settings, batch_ids) in modes.items():
+            spec = ServerTeacherSpec(server=url, check_tokenizer=False, **settings)
+            engine = open_engine(spec, tokenizer, temperature=LossSpec().temperature)
+            batch = {"input_ids": batch_ids, "attention_mask": torch.ones_like(batch_ids)}
+            tokens = batch_ids.shape[0] * (batch_ids.shape[1] - 1)
+            start = engine.client.received_bytes
+            t0 = time.perf_counter()
+            engine.score(batch)
+            seconds = time.perf_counter() - t0
+            record["modes"][name] = {"sequences": batch_ids.shape[0], "seq_len": batch_ids.shape[1],
+                                     "scored_tokens": tokens,
+                                     "response_bytes_per_token": (engine.client.received_bytes - start) / tokens,
+                                     "tokens_per_s": tokens / seconds}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    torch.set_num_threads(threads)
+    return record
+
+
 def measure(teacher_dir: Path, args, reps: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the server's forward runs on one thread too: the same compute on both paths
@@ -100,18 +164,8 @@ def measure(teacher_dir: Path, args, reps: int) -> dict:
             lp.topk(args.top_k, -1)
             lp.gather(-1, ids[:, 1:].reshape(-1, 1)[c0 : c0 + 512])
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(teacher_dir), "--port", str(port),
-                               "--max-logprobs", str(max(args.top_k, 20))], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(teacher_dir, max(args.top_k, 20))
     try:
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
         results = {"in_process": []}
         in_process()
         for _ in range(reps):
@@ -155,8 +209,13 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--signals", action="store_true",
+                   help="bytes per scored token of top-20 JSON, whole-vocabulary JSON and hidden states")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.signals:
+        return signals_main(args)
+    args.out = args.out or DEFAULT_OUT
     reps = args.reps or (2 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="distill-serve-bench-"))
     teachers = {"given": args.teacher} if args.teacher else {size: None for size in args.sizes}
@@ -171,6 +230,24 @@ def main(argv=None) -> dict:
         for k, v in r["tokens_per_s"].items():
             print(f"  {k:22s} {v:9.0f} tok/s  {r['ratio_to_in_process'].get(k, 1.0):.3f}x")
         print(f"  response: {r['response_bytes_per_token']:.0f} bytes per scored token (JSON, top-{args.top_k})")
+    return record
+
+
+def signals_main(args) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="distill-serve-bench-"))
+    teachers = {"given": args.teacher} if args.teacher else {size: None for size in args.sizes}
+    records = {size: measure_signals(teacher_dir or make_teacher(work, size), args)
+               for size, teacher_dir in teachers.items()}
+    record = {"sizes": records, "batch": args.batch, "seq_len": args.seq_len,
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__}
+    out = args.out or SIGNALS_OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, record)
+    for size, r in records.items():
+        print(f"{size}: V = {r['vocab']}, output layer {r['output_head_bytes'] / 1e6:.1f} MB once")
+        for name, m in r["modes"].items():
+            print(f"  {name:22s} {m['response_bytes_per_token']:12.0f} bytes per scored token  "
+                  f"{m['tokens_per_s']:9.0f} tok/s")
     return record
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from distill.config import ModelSpec, ServerTeacherSpec
 from distill.engines import ServerEngine
 from distill.generation.sampling import SamplingParams
 from distill.models import load_model
+from distill.server.client import encode_array
 from distill.tokenizer import byte_tokenizer
 
 V = 263  # the byte tokenizer's vocabulary
@@ -314,3 +316,52 @@ def test_the_clients_sglang_path_scores_like_its_vllm_path(url):
     assert float(ta.probs.sum()) > 0
     with pytest.raises(ValueError, match=r"teacher.top_k=25 is above the server's cap of 20"):
         _sglang_engine(url, temperature=1.0, spec_top_k=25)
+
+
+# ------------------------------------------------------------------------------------------- signal: hidden
+# ``return_hidden_states`` and ``GET /v1/output_head`` are distill serve's own. vLLM keeps a request's unknown
+# fields and ignores them, logging "The following fields were present in the request but ignored"
+# (vllm/entrypoints/openai/engine/protocol.py, OpenAIBaseModel: extra="allow", __log_extra_fields__), and has no
+# such route (FastAPI's 404). A server answering so is what a teacher with ``signal: hidden`` meets on vLLM.
+
+
+class _LikeVLLM(BaseHTTPRequestHandler):
+    """No /v1/output_head (404), and completions that ignore ``return_hidden_states``; ``head``: a server that
+    has the route (the refusal then comes from the completions)."""
+
+    head = False
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802 (the standard library's name)
+        if self.path == "/v1/output_head" and self.head:
+            return self._send(200, {"vocab_size": V, "weight": encode_array(torch.zeros(V, 4)), "bias": None})
+        self._send(404, {"detail": "Not Found"})
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._send(200, {"choices": [{"index": 0, "text": "", "prompt_logprobs": [None] * len(body["prompt"])}]})
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_hidden_states_from_a_server_without_them_name_the_setting(head):
+    handler = type("Handler", (_LikeVLLM,), {"head": head})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        spec = ServerTeacherSpec(server=f"http://127.0.0.1:{httpd.server_address[1]}", signal="hidden",
+                                 check_tokenizer=False, retries=0)
+        with pytest.raises(ValueError, match=r"returns no hidden states or output layer .*set "
+                                             r"teacher.signal=logprobs, with teacher.top_k=all .*--max-logprobs -1"):
+            ServerEngine(spec, byte_tokenizer(), temperature=1.0)
+    finally:
+        httpd.shutdown()

@@ -22,8 +22,9 @@ fight for the 2 cores.
 
 ``--signals`` measures instead what each server signal costs on the wire, against a ``distill serve
 --max-logprobs -1`` subprocess: the response bytes per scored token of ``top_k: 20`` (JSON), ``top_k: all``
-(JSON, every id at every position) and ``signal: hidden`` (the final hidden states as base64 of float32),
-the one-time download of the output layer, and the client's scored tokens/s for each. Every mode scores the
+(JSON, every id at every position) and ``signal: hidden`` (the final hidden states as base64 of float32,
+and of bfloat16 from a second server started with ``--dtype bfloat16``), the one-time download of the output
+layer, and the client's scored tokens/s for each (one scoring each: indicative). Every mode scores the
 same batch, except ``top_k: all``, which scores its first sequence cut to ``1 + 2**19 // V`` tokens (half a
 million entries: the bytes per token do not depend on the count, the client's memory does). Default
 ``--out``: ``runs/benchmarks/serve_signals.json``.
@@ -93,10 +94,11 @@ def make_teacher(work: Path, size: str) -> Path:
     return out
 
 
-def start_server(teacher_dir: Path, max_logprobs: int) -> tuple[subprocess.Popen, str]:
+def start_server(teacher_dir: Path, max_logprobs: int, dtype: str = "float32") -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(teacher_dir), "--port", str(port),
-                               "--max-logprobs", str(max_logprobs)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               "--max-logprobs", str(max_logprobs), "--dtype", dtype],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -117,32 +119,40 @@ def measure_signals(teacher_dir: Path, args) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, v - 3, (args.batch, args.seq_len), generator=g)
     short = ids[:1, : min(args.seq_len, 1 + 2**19 // v)]
-    modes = {"top_20_json": ({"top_k": 20}, ids), "whole_vocabulary_json": ({"top_k": "all"}, short),
-             "hidden_float32": ({"signal": "hidden"}, ids)}
-    server, url = start_server(teacher_dir, -1)
-    record: dict = {"vocab": v, "modes": {}}
-    try:
-        head_client = Client(url)
-        head_client.request("GET", "/v1/output_head")
-        record["output_head_bytes"] = head_client.received_bytes  # once per run (signal: hidden)
-        for name, (settings, batch_ids) in modes.items():
-            spec = ServerTeacherSpec(server=url, check_tokenizer=False, **settings)
-            engine = open_engine(spec, tokenizer, temperature=LossSpec().temperature)
-            batch = {"input_ids": batch_ids, "attention_mask": torch.ones_like(batch_ids)}
-            tokens = batch_ids.shape[0] * (batch_ids.shape[1] - 1)
-            start = engine.client.received_bytes
-            t0 = time.perf_counter()
-            engine.score(batch)
-            seconds = time.perf_counter() - t0
-            record["modes"][name] = {"sequences": batch_ids.shape[0], "seq_len": batch_ids.shape[1],
-                                     "scored_tokens": tokens,
-                                     "response_bytes_per_token": (engine.client.received_bytes - start) / tokens,
-                                     "tokens_per_s": tokens / seconds}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    # (server dtype, settings, batch): the bf16 server sends its hidden states as bf16, 2 bytes a value.
+    modes = {"top_20_json": ("float32", {"top_k": 20}, ids),
+             "whole_vocabulary_json": ("float32", {"top_k": "all"}, short),
+             "hidden_float32": ("float32", {"signal": "hidden"}, ids),
+             "hidden_bfloat16": ("bfloat16", {"signal": "hidden"}, ids)}
+    record: dict = {"vocab": v, "modes": {}, "output_head_bytes": {}}
+    for dtype in ("float32", "bfloat16"):
+        server, url = start_server(teacher_dir, -1, dtype)
+        try:
+            head_client = Client(url)
+            head_client.request("GET", "/v1/output_head")
+            record["output_head_bytes"][dtype] = head_client.received_bytes  # once per run (signal: hidden)
+            for name, (_, settings, batch_ids) in ((n, m) for n, m in modes.items() if m[0] == dtype):
+                record["modes"][name] = score_once(url, tokenizer, settings, batch_ids)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     torch.set_num_threads(threads)
     return record
+
+
+def score_once(url: str, tokenizer, settings: dict, batch_ids: torch.Tensor) -> dict:
+    """One scoring of ``batch_ids`` by a server teacher with ``settings``: its bytes and tokens/s."""
+    spec = ServerTeacherSpec(server=url, check_tokenizer=False, **settings)
+    engine = open_engine(spec, tokenizer, temperature=LossSpec().temperature)
+    batch = {"input_ids": batch_ids, "attention_mask": torch.ones_like(batch_ids)}
+    tokens = batch_ids.shape[0] * (batch_ids.shape[1] - 1)
+    start = engine.client.received_bytes
+    t0 = time.perf_counter()
+    engine.score(batch)
+    seconds = time.perf_counter() - t0
+    return {"sequences": batch_ids.shape[0], "seq_len": batch_ids.shape[1], "scored_tokens": tokens,
+            "response_bytes_per_token": (engine.client.received_bytes - start) / tokens,
+            "tokens_per_s": tokens / seconds}
 
 
 def measure(teacher_dir: Path, args, reps: int) -> dict:
@@ -244,7 +254,8 @@ def signals_main(args) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, record)
     for size, r in records.items():
-        print(f"{size}: V = {r['vocab']}, output layer {r['output_head_bytes'] / 1e6:.1f} MB once")
+        heads = ", ".join(f"{d} {b / 1e6:.1f} MB" for d, b in r["output_head_bytes"].items())
+        print(f"{size}: V = {r['vocab']}, output layer once: {heads}")
         for name, m in r["modes"].items():
             print(f"  {name:22s} {m['response_bytes_per_token']:12.0f} bytes per scored token  "
                   f"{m['tokens_per_s']:9.0f} tok/s")

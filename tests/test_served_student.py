@@ -171,6 +171,21 @@ def test_the_served_run_equals_the_in_process_run(server, tmp_path):
     assert kept == ["step_00000002", "step_00000005"]
 
 
+def test_a_lora_student_is_published_merged_and_its_served_run_equals_the_in_process_one(server, tmp_path):
+    pytest.importorskip("peft")
+    lora = ["student.lora.r=4", "student.lora.alpha=8", "student.lora.dropout=0", "train.max_steps=3",
+            "checkpoint.every=0", "eval.every=0"]
+    served = served_cfg(tmp_path / "served", server, *lora)
+    assert served.student.lora is not None
+    training.train(served)
+    training.train(served_cfg(tmp_path / "local", server, *lora, "train.batches.sampler=null"))
+    a, b = records(tmp_path / "served"), records(tmp_path / "local")
+    assert [r.pop("sampler_staleness") for r in a] == [0.0] * 3
+    assert_same_records(a, b)
+    published = load_file(str(tmp_path / "served" / "sampler" / "step_00000002" / "model.safetensors"))
+    assert not any("lora" in name for name in published)  # an ordinary checkpoint: the adapters merged in
+
+
 def test_staleness_is_the_steps_since_the_weights_that_sampled(server, tmp_path):
     cfg = served_cfg(tmp_path / "run", server, "train.batches.sampler.sync_every=3", "train.max_steps=5",
                      "checkpoint.every=0")

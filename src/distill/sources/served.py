@@ -3,7 +3,7 @@ uses in place of distill's own sampling loop when its section names a server.
 
 Before a step's first sample, when no weights were published yet or ``sync_every`` optimizer steps passed since
 the last publication, the student's current weights are written to ``out_dir/sampler/step_XXXXXXXX/`` (an
-ordinary Hugging Face checkpoint) and the server loads them (:mod:`distill.server.publish`). A step then samples
+ordinary Hugging Face checkpoint; a LoRA student's adapters merged in) and the server loads them (:mod:`distill.server.publish`). A step then samples
 from the weights of step ``p <= step``: its **staleness** is ``step - p`` optimizer steps, logged as
 ``sampler_staleness`` (the mean over the steps that sampled). ``sync_every: 1`` samples from the current weights,
 as the in-process loop does; above 1 the samples come from an older policy, a bias this source does not correct
@@ -16,6 +16,7 @@ uninterrupted run draws.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -55,10 +56,6 @@ class ServedStudent:
         if ctx.world > 1:
             raise ValueError(f"train.batches.sampler: a sampling server runs with one training process (this run "
                              f"has {ctx.world}); launch one process, or remove train.batches.sampler")
-        if lora.is_lora(ctx.student):
-            raise ValueError("train.batches.sampler: a LoRA student would be published through vLLM's "
-                             "/v1/load_lora_adapter, which distill does not send yet; remove student.lora or "
-                             "train.batches.sampler")
         key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.api_key_env and not key:
             raise ValueError(f"train.batches.sampler.api_key_env={spec.api_key_env}: that environment variable "
@@ -92,7 +89,9 @@ class ServedStudent:
             self.publish(ctx, step)
 
     def publish(self, ctx: SourceContext, step: int) -> None:
-        directory = write_weights(ctx.student, ctx.tokenizer, ckpt.step_dir(self.root, step))
+        # A LoRA student is published with its adapters merged into a copy (the trained model keeps them).
+        model = lora.merged(copy.deepcopy(ctx.student)) if lora.is_lora(ctx.student) else ctx.student
+        directory = write_weights(model, ctx.tokenizer, ckpt.step_dir(self.root, step))
         self.server.load(directory, str(step))
         old, self.published, self.loaded = self.published, step, True
         if old is not None and old != step and old not in self.kept:

@@ -90,8 +90,10 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(teacher_dir):
+    """``distill serve --max-logprobs -1``: no cap but the vocabulary's size, V = 263 (vllm/sampling_params.py,
+    SamplingParams._validate_logprobs reads -1 so)."""
     port = free_port()
-    proc = start_server(teacher_dir, port, "--max-logprobs", "300")
+    proc = start_server(teacher_dir, port, "--max-logprobs", "-1")
     yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
@@ -166,7 +168,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         ('{"prompt": "x", ', 400, "malformed JSON"),
         ({"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
         ({"prompt": [256, 72], "max_tokens": 0, "echo": True, "prompt_logprobs": 301}, 400,
-         "greater than max allowed: 300"),
+         f"greater than max allowed: {V}"),
         ({"prompt": "x" * 300, "max_tokens": 1}, 400, "context length is only 256"),
         ({"prompt": [256, 99999], "max_tokens": 1}, 400, "outside the vocabulary"),
         ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
@@ -224,10 +226,12 @@ def losses_of(out: Path, key: str = "loss") -> list[float]:
 
 
 def test_tiny_serve_teacher_config_trains_like_the_teacher_in_process(tmp_path, server, teacher_dir):
+    """``teacher.top_k: all`` from ``distill serve --max-logprobs -1``: the whole vocabulary, no tail, the
+    in-process teacher's run step for step."""
     common = [*SMALL_DATA, "train.max_steps=4", "log.every=1", "eval.every=4", "checkpoint.every=0",
               "log.progress=false"]
     remote = load_config(TrainConfig, TINY_SERVE, [f"out_dir={tmp_path / 'remote'}", f"teacher.server={server}",
-                                                   f"teacher.top_k={V}", *common])
+                                                   "teacher.top_k=all", *common])
     local = load_config(TrainConfig, TINY_TRAIN, [f"out_dir={tmp_path / 'local'}", "teacher.config=null",
                                                   "teacher.tokenizer=null", f"teacher.path={teacher_dir}", *common])
     remote_summary, local_summary = training.train(remote), training.train(local)
@@ -290,7 +294,7 @@ def test_generate_with_the_server_teacher_trains(tmp_path, server):
 
 def test_unusable_servers_are_refused_with_the_reason(tmp_path, server):
     base = [f"out_dir={tmp_path / 'x'}", *SMALL_DATA, "train.max_steps=1", "log.progress=false"]
-    with pytest.raises(ValueError, match=r"teacher.top_k=400 is above the server's cap of 300"):
+    with pytest.raises(ValueError, match=rf"teacher.top_k=400 is above the server's cap of {V}"):
         training.train(load_config(TrainConfig, TINY_TRAIN, [*base, *with_teacher(f"teacher.server={server}",
                                                                               "teacher.top_k=400")]))
     with pytest.raises(ValueError, match="returns log-probs at T=1 whatever the request's temperature"):

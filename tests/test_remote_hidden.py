@@ -150,13 +150,20 @@ def test_hidden_states_and_output_layer_are_the_models(url, model):
 
 
 def test_both_modes_give_the_in_process_signal(url, model):
-    """The same batch (one row padded): ``top_k: all`` gives every id's probability and no tail; ``signal:
-    hidden`` the in-process teacher's hidden states and output layer."""
+    """The same batch (one row padded): ``top_k: all`` gives every id's probability and no tail (through
+    /v1/completions and SGLang's /generate alike); ``signal: hidden`` the in-process teacher's hidden states and
+    output layer."""
     batch = {"input_ids": torch.tensor([SEQ, SEQ[:10] + [0] * (len(SEQ) - 10)]),
              "attention_mask": torch.tensor([[1] * len(SEQ), [1] * 10 + [0] * (len(SEQ) - 10)])}
     whole = ServerEngine(ServerTeacherSpec(server=url, top_k="all"), byte_tokenizer(), temperature=1.0)
     target = whole.score(batch)
     assert target.ids.shape[-1] == V
+    # SGLang's /generate takes a count, not -1: the client asks for the vocabulary's size, the same signal.
+    sglang = ServerEngine(ServerTeacherSpec(server=url, top_k="all", api="sglang"), byte_tokenizer(), temperature=1.0)
+    other = sglang.score(batch)
+    torch.testing.assert_close(torch.zeros(other.ids.shape[0], V).scatter_(1, other.ids, other.probs),
+                               torch.zeros(target.ids.shape[0], V).scatter_(1, target.ids, target.probs), rtol=0,
+                               atol=1e-6)
     dense = ServerEngine(ServerTeacherSpec(server=url, signal="hidden"), byte_tokenizer(), temperature=1.0)
     signal = dense.score(batch)
     assert isinstance(signal, DenseSignal) and dense.dense and "exact" in dense.describe()

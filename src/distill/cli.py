@@ -208,7 +208,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--api-key-env", default=None, metavar="VAR",
                    help="require `Authorization: Bearer $VAR` (the key is read from this environment variable)")
     p.add_argument("--max-logprobs", type=int, default=20,
-                   help="the most top log-probs a request may ask for (default 20, as vLLM)")
+                   help="the most top log-probs a request may ask for (default 20, as vLLM; -1: no cap, the whole vocabulary)")
     p.add_argument("--logprobs-mode", choices=["raw", "processed"], default="raw",
                    help="raw: log-probs at T=1 whatever the request (vLLM's default); processed: at its temperature")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

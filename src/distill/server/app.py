@@ -134,6 +134,8 @@ class ServedModel:
         self.device = next(model.parameters()).device
         self.stats = {"batches": 0, "jobs": 0, "sequences": 0}
         self._decoded: list[str] | None = None
+        # Held while a batch runs: what changes the model (a weight swap) takes it to wait for the batch's end.
+        self.weights_lock = threading.Lock()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="distill-serve-engine", daemon=True)
         self._worker.start()
@@ -189,10 +191,10 @@ class ServedModel:
             out.append(cur)
         return out
 
-    @staticmethod
-    def _guard(batch: list[_Job], fn) -> None:
+    def _guard(self, batch: list[_Job], fn) -> None:
         try:
-            results = fn(batch)
+            with self.weights_lock:
+                results = fn(batch)
             for job, res in zip(batch, results, strict=True):
                 job.future.set_result(res)
         except Exception as exc:  # a failing batch answers its requests with the error; the worker goes on

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +50,12 @@ class UpdateWeightFromDiskRequest(BaseModel):
 
 
 class WeightSwap:
-    """The served model's weights, replaced between batches: the engine's batch functions run under
-    :attr:`lock`, and a swap copies the new tensors in under it."""
+    """The served model's weights, replaced between batches: the engine runs each batch under its
+    ``weights_lock``, and a swap copies the new tensors in under it."""
 
     def __init__(self, engine):
-        self.engine, self.lock = engine, threading.Lock()
+        self.engine, self.lock = engine, engine.weights_lock
         self.version: str | None = None
-        # The engine's worker looks its batch functions up on the instance: running them under the lock
-        # keeps a swap out of a running batch.
-        for name in ("_score_jobs", "_generate_jobs"):
-            setattr(engine, name, self._locked(getattr(engine, name)))
-
-    def _locked(self, fn):
-        def run(*args, **kwargs):
-            with self.lock:
-                return fn(*args, **kwargs)
-        return run
 
     def load(self, req: UpdateWeightFromDiskRequest) -> tuple[bool, str]:
         """(success, message): the weights of ``req.model_path`` in the served model, or why not."""

@@ -35,6 +35,7 @@ million entries: the bytes per token do not depend on the count, the client's me
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import socket
@@ -46,6 +47,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import orjson
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +157,26 @@ def score_once(url: str, tokenizer, settings: dict, batch_ids: torch.Tensor) -> 
             "tokens_per_s": tokens / seconds}
 
 
+def json_codec(client: Client, seq: list[int], k: int, reps: int = 5) -> dict:
+    """Seconds per MB to encode and to decode one scoring response (a sequence's top-k prompt log-probs),
+    with the standard library's json and with orjson (what the server and the client use)."""
+    body = client.request("POST", "/v1/completions", {"prompt": seq, "max_tokens": 0, "echo": True,
+                                                      "prompt_logprobs": k})
+    text = json.dumps(body, separators=(",", ":"))
+    mb = len(text) / 1e6
+    timings = {"json_dumps": lambda: json.dumps(body, separators=(",", ":")), "json_loads": lambda: json.loads(text),
+               "orjson_dumps": lambda: orjson.dumps(body), "orjson_loads": lambda: orjson.loads(text)}
+    out = {"megabytes": mb}
+    for name, fn in timings.items():
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_seconds_per_mb"] = statistics.median(times) / mb
+    return out
+
+
 def measure(teacher_dir: Path, args, reps: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the server's forward runs on one thread too: the same compute on both paths
@@ -174,34 +196,48 @@ def measure(teacher_dir: Path, args, reps: int) -> dict:
             lp.topk(args.top_k, -1)
             lp.gather(-1, ids[:, 1:].reshape(-1, 1)[c0 : c0 + 512])
 
+    @torch.no_grad()
+    def in_process_hidden():  # what a live teacher's dense signal costs before the loss: the forward
+        final_hidden(model, batch)
+
     server, url = start_server(teacher_dir, max(args.top_k, 20))
     try:
-        results = {"in_process": []}
-        in_process()
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            in_process()
-            results["in_process"].append(time.perf_counter() - t0)
-        for flight in (1, 4, 16):
-            spec = ServerTeacherSpec(server=url, top_k=args.top_k, max_in_flight=flight, check_tokenizer=False)
+        results = {"in_process": [], "in_process_hidden": []}
+        for key, fn in (("in_process", in_process), ("in_process_hidden", in_process_hidden)):
+            fn()
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                results[key].append(time.perf_counter() - t0)
+        per_token: dict[str, float] = {}
+        for flight, signal in ((1, "logprobs"), (4, "logprobs"), (16, "logprobs"), (4, "hidden"), (16, "hidden")):
+            spec = ServerTeacherSpec(server=url, top_k=args.top_k, max_in_flight=flight, check_tokenizer=False,
+                                     signal=signal)
             teacher = EngineTeacher(open_engine(spec, tokenizer, temperature=LossSpec().temperature), "server")
             teacher.signal(batch)
-            key = f"server_in_flight_{flight}"
+            key = f"server_in_flight_{flight}" + ("_hidden" if signal == "hidden" else "")
             results[key] = []
             start_bytes = teacher.engine.client.received_bytes
             for _ in range(reps):
                 t0 = time.perf_counter()
                 teacher.signal(batch)
                 results[key].append(time.perf_counter() - t0)
-            bytes_per_token = (teacher.engine.client.received_bytes - start_bytes) / (reps * tokens)
+            per_token[signal] = (teacher.engine.client.received_bytes - start_bytes) / (reps * tokens)
+        codec = json_codec(Client(url), ids[0].tolist(), args.top_k)
         record = {
             "batch": args.batch, "seq_len": args.seq_len, "top_k": args.top_k, "vocab": len(tokenizer),
             "parameters": sum(p.numel() for p in model.parameters()),
             "tokens_per_s": {k: tokens / statistics.median(v) for k, v in results.items()},
-            "response_bytes_per_token": bytes_per_token,
+            "response_bytes_per_token": per_token["logprobs"], "hidden_response_bytes_per_token": per_token["hidden"],
+            "json_codec": codec,
         }
         tps = record["tokens_per_s"]
-        record["ratio_to_in_process"] = {k: v / tps["in_process"] for k, v in tps.items() if k != "in_process"}
+        # Each server signal against what the same signal costs in process: top-k log-probs against the forward,
+        # head, log-softmax and top-k; hidden states against the forward (the output layer runs in the loss, in
+        # both cases).
+        record["ratio_to_in_process"] = {
+            k: v / tps["in_process_hidden" if k.endswith("_hidden") else "in_process"]
+            for k, v in tps.items() if not k.startswith("in_process")}
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -239,7 +275,11 @@ def main(argv=None) -> dict:
         print(f"{size}: {r['parameters'] / 1e6:.1f}M parameters, V = {r['vocab']}")
         for k, v in r["tokens_per_s"].items():
             print(f"  {k:22s} {v:9.0f} tok/s  {r['ratio_to_in_process'].get(k, 1.0):.3f}x")
-        print(f"  response: {r['response_bytes_per_token']:.0f} bytes per scored token (JSON, top-{args.top_k})")
+        print(f"  response: {r['response_bytes_per_token']:.0f} bytes per scored token (JSON, top-{args.top_k}), "
+              f"{r['hidden_response_bytes_per_token']:.0f} (hidden states)")
+        c = r["json_codec"]
+        print("  JSON, seconds per MB: " + ", ".join(f"{n} {c[n + '_seconds_per_mb']:.4f}" for n in
+                                                       ("json_dumps", "orjson_dumps", "json_loads", "orjson_loads")))
     return record
 
 

@@ -45,6 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 import torch
 
 from distill.errors import TeacherServerError
@@ -71,7 +72,7 @@ class Client:
         self.received_bytes = 0  # response bodies read, for measurements
 
     def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
+        data = None if body is None else orjson.dumps(body)
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -96,7 +97,7 @@ class Client:
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
                 continue
             try:
-                return json.loads(raw)
+                return orjson.loads(raw)
             except ValueError:
                 raise TeacherServerError(
                     f"teacher server {self.url}{path} answered something that is not JSON ({raw[:120]!r}); is "

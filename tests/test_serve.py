@@ -25,6 +25,7 @@ import yaml
 from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli
 
 from distill import training
+from distill.api import evaluate
 from distill.caching.reader import TeacherCache
 from distill.commands import cache as cache_recipe
 from distill.commands import generate as generate_recipe
@@ -35,6 +36,7 @@ from distill.server.client import Client, NoPromptLogprobs, parse_sglang, parse_
 from distill.tokenizer import byte_tokenizer
 
 TINY_SERVE = REPO / "configs" / "tiny" / "serve_teacher.yaml"
+TINY_EVAL = REPO / "configs" / "tiny" / "eval.yaml"
 V = 263
 
 
@@ -290,6 +292,22 @@ def test_generate_with_the_server_teacher_trains(tmp_path, server):
                                                     "eval.every=0", "checkpoint.every=0", "log.progress=false",
                                                     "train.batch_size=4", "train.grad_accum=1"])
     assert training.train(student)["steps"] == 2
+
+
+def test_eval_with_the_server_teacher_equals_the_teacher_in_process(tmp_path, server, teacher_dir):
+    """distill eval against distill serve (which keeps vLLM's request rules): with the whole vocabulary
+    (top_k: all) the distance to the teacher is the in-process teacher's."""
+    common = [f"models.student.path={teacher_dir}", "models.student.config=null", "models.student.tokenizer=null",
+              "speculative=null", "max_batches=2"]
+    live = evaluate(TINY_EVAL, *common, out=str(tmp_path / "live.json"),
+                        teacher={"path": str(teacher_dir), "config": None, "tokenizer": None, "seed": 0})
+    remote = evaluate(TINY_EVAL, *common, "teacher=null", f"teacher.server={server}", "teacher.top_k=all",
+                          "teacher.tokenizer=byte", out=str(tmp_path / "remote.json"))
+    a, b = live.models["student"], remote.models["student"]
+    assert a["kl_to_teacher"] == pytest.approx(0, abs=1e-5)  # the student is the teacher
+    assert b["kl_to_teacher"] == pytest.approx(a["kl_to_teacher"], abs=1e-5)
+    assert b["top1_agreement"] == a["top1_agreement"] == 1.0
+    assert b["val_loss"] == a["val_loss"]
 
 
 def test_unusable_servers_are_refused_with_the_reason(tmp_path, server):

@@ -186,6 +186,94 @@ def test_a_lora_student_is_published_merged_and_its_served_run_equals_the_in_pro
     assert not any("lora" in name for name in published)  # an ordinary checkpoint: the adapters merged in
 
 
+def post_text(url: str, body: dict) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def publish_base(server: str, tmp_path: Path) -> TrainConfig:
+    """The server on the tiny student's base weights (what a LoRA student's adapters apply to)."""
+    cfg = load_config(TrainConfig, TINY_SERVED, [])
+    tok = byte_tokenizer()
+    save_pretrained(load_model(student_spec(cfg.student.seed), "student", tok), tok, tmp_path / "base")
+    assert post(f"{server}/update_weights_from_disk", {"model_path": str(tmp_path / "base")})[0] == 200
+    return cfg
+
+
+def test_load_lora_adapter_answers_as_vllm_and_serves_the_adapted_weights(server, tmp_path):
+    """vLLM's runtime LoRA API: LoadLoRAAdapterRequest {lora_name, lora_path, load_inplace} and
+    UnloadLoRAAdapterRequest (vllm/entrypoints/serve/lora/protocol.py); plain-text success, and its errors
+    (vllm/entrypoints/openai/serving_models.py, OpenAIServingModels.load_lora_adapter / unload_lora_adapter)."""
+    pytest.importorskip("peft")
+    from distill import lora
+    from distill.config import LoraConfig
+
+    cfg = publish_base(server, tmp_path)
+    tok = byte_tokenizer()
+    student = lora.add_adapters(load_model(student_spec(cfg.student.seed), "student", tok),
+                                LoraConfig(r=4, alpha=8, dropout=0.0), seed=3)
+    with torch.no_grad():  # adapters that change the model (B starts at zero)
+        for name, param in student.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    lora.save_adapter(student, tmp_path / "adapter")
+    status, text = post_text(f"{server}/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(tmp_path / "adapter")})
+    assert (status, text) == (200, "Success: LoRA adapter 'sql' added successfully.")
+    with urllib.request.urlopen(f"{server}/v1/models", timeout=30) as resp:
+        cards = json.loads(resp.read())["data"]
+    assert [c["id"] for c in cards][1:] == ["sql"] and cards[1]["parent"] == cards[0]["id"]
+
+    prompt = [tok.bos_token_id, *tok("12+7=", add_special_tokens=False)["input_ids"]]
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, stop_ids=(tok.eos_token_id,))
+    want = sample(lora.merged(student).eval(), [prompt], params, pad_id=tok.pad_token_id).completions()[0]
+    base = sample(load_model(student_spec(cfg.student.seed), "student", tok).eval(), [prompt], params,
+                  pad_id=tok.pad_token_id).completions()[0]
+    assert want != base  # the adapter changes what is sampled
+    status, done = post(f"{server}/v1/completions", {"model": "sql", "prompt": prompt, "max_tokens": 6,
+                                                     "temperature": 0, "return_token_ids": True})
+    assert status == 200 and done["choices"][0]["token_ids"] == want
+
+    status, body = post(f"{server}/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(tmp_path / "adapter")})
+    assert status == 400 and body["error"]["type"] == "BadRequestError"
+    assert "has already been loaded. If you want to load the adapter in place, set 'load_inplace'" in body["error"]["message"]
+    status, text = post_text(f"{server}/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(tmp_path / "adapter"),
+                                                                "load_inplace": True})
+    assert status == 200
+    status, body = post(f"{server}/v1/load_lora_adapter", {"lora_name": "other", "lora_path": str(tmp_path / "none")})
+    assert status in (400, 404) and body["error"]["code"] == status
+    status, text = post_text(f"{server}/v1/unload_lora_adapter", {"lora_name": "sql"})
+    assert (status, text) == (200, "Success: LoRA adapter 'sql' removed successfully.")
+    status, done = post(f"{server}/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0,
+                                                     "return_token_ids": True})
+    assert done["choices"][0]["token_ids"] == base  # the base weights again
+    status, body = post(f"{server}/v1/unload_lora_adapter", {"lora_name": "sql"})
+    assert status == 404 and body["error"]["type"] == "NotFoundError"
+    status, body = post(f"{server}/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path / "none")})
+    assert status == 404 and "No adapter found for" in body["error"]["message"]
+
+
+def test_a_lora_students_adapters_published_through_load_lora_adapter_equal_the_in_process_run(server, tmp_path):
+    pytest.importorskip("peft")
+    publish_base(server, tmp_path)
+    lora = ["student.lora.r=4", "student.lora.alpha=8", "student.lora.dropout=0", "train.max_steps=3",
+            "checkpoint.every=0", "eval.every=0"]
+    served = served_cfg(tmp_path / "served", server, *lora, "train.batches.sampler.publish=lora_adapter")
+    training.train(served)
+    training.train(served_cfg(tmp_path / "local", server, *lora, "train.batches.sampler=null"))
+    a, b = records(tmp_path / "served"), records(tmp_path / "local")
+    assert [r.pop("sampler_staleness") for r in a] == [0.0] * 3
+    assert_same_records(a, b)
+    published = sorted(p.name for p in (tmp_path / "served" / "sampler" / "step_00000002").iterdir())
+    assert "adapter_config.json" in published and "model.safetensors" not in published  # the adapters alone
+    assert post_text(f"{server}/v1/unload_lora_adapter", {"lora_name": "student"})[0] == 200
+    with pytest.raises(ValueError, match="publish=lora_adapter publishes a LoRA student's adapters"):
+        training.train(served_cfg(tmp_path / "plain", server, "train.batches.sampler.publish=lora_adapter"))
+
+
 def test_staleness_is_the_steps_since_the_weights_that_sampled(server, tmp_path):
     cfg = served_cfg(tmp_path / "run", server, "train.batches.sampler.sync_every=3", "train.max_steps=5",
                      "checkpoint.every=0")

@@ -510,8 +510,13 @@ class SamplerSpec(Section):
     ``/update_weights_from_disk``); docs/onpolicy.md."""
 
     server: str = Field(description="base URL of the server running the student, e.g. http://127.0.0.1:8001")
+    publish: Literal["weights", "lora_adapter"] = Field(
+        "weights", description="weights: the whole student through SGLang's /update_weights_from_disk (distill serve, "
+        "SGLang); lora_adapter: a LoRA student's adapters alone through vLLM's /v1/load_lora_adapter (vLLM started "
+        "with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, distill serve), sampled as `model`")
     sync_every: int = Field(1, gt=0, description="optimizer steps between two publications of the student's weights")
-    model: str | None = Field(None, description="the model name requests carry (default: the server's only one)")
+    model: str | None = Field(None, description="the model name requests carry (default: the server's only one; "
+                              "with publish: lora_adapter, the adapter's name, default `student`)")
     api_key_env: str | None = Field(None, description="environment variable holding the server's API key")
     max_in_flight: int = Field(8, gt=0, description="concurrent sampling requests")
     timeout: float = Field(120.0, gt=0, description="seconds per request (a weight update included)")

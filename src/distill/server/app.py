@@ -136,6 +136,9 @@ class ServedModel:
         self._decoded: list[str] | None = None
         # Held while a batch runs: what changes the model (a weight swap) takes it to wait for the batch's end.
         self.weights_lock = threading.Lock()
+        # LoRA adapters loaded at run time (vLLM's /v1/load_lora_adapter): their names answer as the model does,
+        # with the adapter merged into the served weights (server/weights.py).
+        self.adapters: dict[str, str] = {}
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="distill-serve-engine", daemon=True)
         self._worker.start()
@@ -284,7 +287,7 @@ class ServedModel:
 
 def _check_model(engine: ServedModel, name: str | None) -> None:
     # vllm/entrypoints/openai/engine/serving.py, OpenAIServing._check_model: 404 NotFoundError.
-    if name is not None and name != engine.name:
+    if name is not None and name != engine.name and name not in engine.adapters:
         raise ServeError(404, f"The model `{name}` does not exist.", "model")
 
 
@@ -533,9 +536,11 @@ def _add_routes(app, engine: ServedModel) -> None:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "distill",
-                                            "max_model_len": engine.max_len, "max_logprobs": engine.max_logprobs,
-                                            "logprobs_mode": engine.logprobs_mode}]}
+        card = {"object": "model", "created": 0, "owned_by": "distill", "max_model_len": engine.max_len,
+                "max_logprobs": engine.max_logprobs, "logprobs_mode": engine.logprobs_mode}
+        # An adapter's card names its path as root and the served model as parent, as vLLM's show_available_models.
+        adapters = [{"id": name, **card, "root": path, "parent": engine.name} for name, path in engine.adapters.items()]
+        return {"object": "list", "data": [{"id": engine.name, **card}, *adapters]}
 
     @app.get("/v1/output_head")
     async def head(model: str | None = None):

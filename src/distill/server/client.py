@@ -71,7 +71,9 @@ class Client:
         self.url = self.url.rstrip("/")
         self.received_bytes = 0  # response bodies read, for measurements
 
-    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+    def request(self, method: str, path: str, body: dict | None = None, *, text: bool = False):
+        """The server's JSON answer (``text``: its answer as text, for endpoints that answer in plain text, such
+        as vLLM's ``/v1/load_lora_adapter``)."""
         data = None if body is None else orjson.dumps(body)
         headers = {"Content-Type": "application/json"}
         if self.api_key:
@@ -96,6 +98,8 @@ class Client:
                 # writing): as retryable as a refused connection.
                 last = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
                 continue
+            if text:
+                return raw.decode(errors="replace")
             try:
                 return orjson.loads(raw)
             except ValueError:

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from distill import checkpoint as ckpt
+from distill import lora
 from distill.errors import TeacherServerError
 from distill.generation.sampling import SamplingParams
 from distill.models import save_pretrained
@@ -37,6 +38,17 @@ def write_weights(model, tokenizer, final: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     save_pretrained(model, tokenizer, tmp)
+    ckpt.commit_dir(tmp, final)
+    return final
+
+
+def write_adapter(model, final: Path) -> Path:
+    """A LoRA ``model``'s adapters alone (peft's ``adapter_config.json`` + ``adapter_model.safetensors``) at
+    ``final``, complete or absent."""
+    tmp = ckpt.tmp_dir_for(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lora.save_adapter(model, tmp)
     ckpt.commit_dir(tmp, final)
     return final
 
@@ -66,6 +78,23 @@ class SamplingServer:
             raise ValueError(f"train.batches.sampler.server={self.url} refused the student's weights from "
                              f"{directory}: {answer.get('message')}")
         return answer
+
+    def load_adapter(self, directory: Path, name: str) -> str:
+        """Ask the server to load the LoRA adapter in ``directory`` as ``name``, in place (vLLM's
+        ``/v1/load_lora_adapter``, vllm/entrypoints/serve/lora/protocol.py ``LoadLoRAAdapterRequest``); its answer
+        (plain text)."""
+        body = {"lora_name": name, "lora_path": str(Path(directory).resolve()), "load_inplace": True}
+        try:
+            return self.client.request("POST", "/v1/load_lora_adapter", body, text=True)
+        except ServerRefusal as exc:
+            raise ValueError(
+                f"train.batches.sampler.server={self.url} did not load the student's adapter from {directory}: "
+                f"{exc.message}. The server must serve the LoRA student's base model with runtime LoRA loading "
+                "(vLLM: --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; --max-lora-rank at least the "
+                "student's r) and read this path; or set train.batches.sampler.publish=weights"
+            ) from None
+        except TeacherServerError as exc:
+            raise self.unreachable(exc) from None
 
     def complete(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[list[int]]:
         """Each prompt's completion (token ids, the stop token included when it stopped), ``max_in_flight``

@@ -3,7 +3,9 @@ uses in place of distill's own sampling loop when its section names a server.
 
 Before a step's first sample, when no weights were published yet or ``sync_every`` optimizer steps passed since
 the last publication, the student's current weights are written to ``out_dir/sampler/step_XXXXXXXX/`` (an
-ordinary Hugging Face checkpoint; a LoRA student's adapters merged in) and the server loads them (:mod:`distill.server.publish`). A step then samples
+ordinary Hugging Face checkpoint; a LoRA student's adapters merged in) and the server loads them (:mod:`distill.server.publish`);
+with ``publish: lora_adapter`` a LoRA student's adapters alone are written there and loaded with vLLM's
+``/v1/load_lora_adapter``, then sampled by the adapter's name. A step then samples
 from the weights of step ``p <= step``: its **staleness** is ``step - p`` optimizer steps, logged as
 ``sampler_staleness`` (the mean over the steps that sampled). ``sync_every: 1`` samples from the current weights,
 as the in-process loop does; above 1 the samples come from an older policy, a bias this source does not correct
@@ -29,7 +31,7 @@ from distill import lora
 from distill.config import SamplerSpec
 from distill.generation.sampling import SamplingParams
 from distill.losses import IGNORE_INDEX
-from distill.server.publish import SamplingServer, write_weights
+from distill.server.publish import SamplingServer, write_adapter, write_weights
 from distill.sources.context import SourceContext
 
 logger = logging.getLogger("distill")
@@ -60,8 +62,13 @@ class ServedStudent:
         if spec.api_key_env and not key:
             raise ValueError(f"train.batches.sampler.api_key_env={spec.api_key_env}: that environment variable "
                              "is not set")
+        if spec.publish == "lora_adapter" and not lora.is_lora(ctx.student):
+            raise ValueError("train.batches.sampler.publish=lora_adapter publishes a LoRA student's adapters, but "
+                             "this student has none (student.lora); set train.batches.sampler.publish=weights")
         self.spec, self.source = spec, source
-        self.server = SamplingServer(spec.server, model=spec.model, api_key=key, timeout=spec.timeout,
+        # A published adapter is sampled by its name (vLLM: the adapter is a model of its own).
+        self.adapter = (spec.model or "student") if spec.publish == "lora_adapter" else None
+        self.server = SamplingServer(spec.server, model=self.adapter or spec.model, api_key=key, timeout=spec.timeout,
                                      retries=spec.retries, max_in_flight=spec.max_in_flight)
         self.root = Path(ctx.out_dir) / "sampler"
         self.published: int | None = None  # the optimizer step whose weights the server samples from
@@ -79,7 +86,7 @@ class ServedStudent:
         if not due and not self.loaded:
             directory = ckpt.step_dir(self.root, self.published)
             if directory.is_dir():
-                self.server.load(directory, str(self.published))
+                self._load(directory, self.published)
                 self.loaded = True
                 return
             logger.warning("train.batches.sampler: %s is gone; publishing the weights of step %d instead (the "
@@ -89,13 +96,22 @@ class ServedStudent:
             self.publish(ctx, step)
 
     def publish(self, ctx: SourceContext, step: int) -> None:
-        # A LoRA student is published with its adapters merged into a copy (the trained model keeps them).
-        model = lora.merged(copy.deepcopy(ctx.student)) if lora.is_lora(ctx.student) else ctx.student
-        directory = write_weights(model, ctx.tokenizer, ckpt.step_dir(self.root, step))
-        self.server.load(directory, str(step))
+        final = ckpt.step_dir(self.root, step)
+        if self.adapter is not None:  # the adapters alone, in peft's format
+            directory = write_adapter(ctx.student, final)
+        else:  # a LoRA student with its adapters merged into a copy (the trained model keeps them)
+            model = lora.merged(copy.deepcopy(ctx.student)) if lora.is_lora(ctx.student) else ctx.student
+            directory = write_weights(model, ctx.tokenizer, final)
+        self._load(directory, step)
         old, self.published, self.loaded = self.published, step, True
         if old is not None and old != step and old not in self.kept:
             shutil.rmtree(ckpt.step_dir(self.root, old), ignore_errors=True)
+
+    def _load(self, directory: Path, step: int) -> None:
+        if self.adapter is not None:
+            self.server.load_adapter(directory, self.adapter)
+        else:
+            self.server.load(directory, str(step))
 
     def sample(self, ctx: SourceContext, prompts: list[list[int]], seeds: list[int],
                params: SamplingParams) -> tuple[dict, int]:

@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "distill"
 LAYERS = [
     ("distill", "distill.errors", "distill.checkpoint", "distill.losses"),
     ("distill.config",),
-    ("distill.tokenizer", "distill.models", "distill.data"),
+    ("distill.tokenizer", "distill.models", "distill.data", "distill.crosstok"),
     ("distill.sharding", "distill.lora", "distill.caching", "distill.generation", "distill.server", "distill.evaluation",
      "distill.pruning"),
     ("distill.engines",),

@@ -6,6 +6,9 @@
 * :mod:`distill.losses.chunked`: the memory-efficient loss from final hidden states and the output layer, a
   chunk of rows at a time (:func:`chunked_kd_loss`), and the teacher signals it takes (:class:`DenseSignal`,
   :class:`MixtureSignal`).
+* :mod:`distill.losses.crosstok`: losses between a student and a teacher with another tokenizer, over groups of
+  rows aligned at shared byte boundaries (:class:`AlignedGroups`): P-KL through a sparse projection
+  (:class:`Projection`), GOLD's hybrid over exact matches (:class:`ExactMatches`) and ULD, naive and chunked.
 
 Every public name is importable from ``distill.losses``.
 """
@@ -23,6 +26,18 @@ from distill.losses.chunked import (
     naive_kd_loss,
     plan_chunks,
     temporaries_per_token,
+)
+from distill.losses.crosstok import (
+    CROSSTOK_METHODS,
+    AlignedGroups,
+    CrossTokMethod,
+    ExactMatches,
+    Projection,
+    chunked_crosstok_loss,
+    group_divergence,
+    group_logprobs,
+    naive_crosstok_loss,
+    sorted_l1,
 )
 from distill.losses.divergences import (
     DIVERGENCES,
@@ -48,32 +63,42 @@ from distill.losses.divergences import (
 from distill.losses.hidden import HiddenStateLoss, hidden_distance, uniform_layer_map
 
 __all__ = [
+    "CROSSTOK_METHODS",
     "DEFAULT_CUDA_MEMORY_BUDGET_BYTES",
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "DIVERGENCES",
     "FORWARD_KL",
     "IGNORE_INDEX",
     "OBJECTIVES",
+    "AlignedGroups",
+    "CrossTokMethod",
     "DenseSignal",
     "Divergence",
+    "ExactMatches",
     "HiddenStateLoss",
     "LinearHead",
     "LossSpec",
     "MixtureSignal",
     "Objective",
+    "Projection",
     "Signal",
     "SparseTarget",
     "TeacherSignal",
+    "chunked_crosstok_loss",
     "chunked_kd_loss",
     "cross_entropy_per_token",
     "default_memory_budget",
     "divergence_from_logprobs",
+    "group_divergence",
+    "group_logprobs",
     "hidden_distance",
     "kd_loss_per_token",
     "logits_into",
+    "naive_crosstok_loss",
     "naive_kd_loss",
     "plan_chunks",
     "reduce_loss",
+    "sorted_l1",
     "sparse_logprobs",
     "supervised_mask",
     "teacher_label_logprob",

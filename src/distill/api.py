@@ -17,6 +17,8 @@ Later ones win. Each returns a small result object; callbacks see the work as it
 * ``evaluate``: ``on_eval(name, metrics)`` as each model is measured;
 * ``prune``: ``on_eval(name, row)`` as each plan's calibration loss is measured.
 
+``preflight`` takes the config ``train`` takes and measures the run before it starts (no callbacks).
+
 A bad config raises :class:`distill.config.ConfigError` (a ``ValueError``) naming the key and what to write.
 """
 
@@ -33,6 +35,7 @@ from distill import training
 from distill.commands import cache as cache_command
 from distill.commands import eval as eval_command
 from distill.commands import generate as generate_command
+from distill.commands import preflight as preflight_command
 from distill.commands import prune as prune_command
 from distill.config import CacheConfig, EvalRunConfig, GenerateConfig, PruneConfig, TrainConfig, load_config
 from distill.evaluation.tables import eval_table
@@ -114,6 +117,27 @@ def train(config: ConfigSource, *overrides: str, resume: bool = False, on_step: 
     return TrainResult(out_dir=out_dir, student_dir=out_dir / "student", steps=summary["steps"],
                        tokens=summary["tokens"],
                        metrics={k: v for k, v in summary.items() if k not in ("steps", "tokens")}, config=cfg)
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    """What ``distill preflight`` measured on a sample of a training run's data, before any step."""
+
+    splits: dict  #: per split: the student's and the teacher's loss and bits per byte, the gap, the examples used
+    vocabulary: dict  #: the tokenizer's length, each output layer's rows, the sample's tokens each covers
+    cost: dict  #: seconds of one teacher signal and of one student forward + backward, and their ratio
+    report: dict = field(repr=False)  #: everything, as ``--json`` writes it (the cache's size, the reference)
+
+
+def preflight(config: ConfigSource, *overrides: str, batches: int = preflight_command.BATCHES,
+              json_out: str | Path | None = None, **settings) -> PreflightResult:
+    """``distill preflight``: the teacher's and the student's starting loss, the vocabulary's fit and the cost of
+    the teacher, on ``batches`` micro-batches per split of the run's own data; ``config`` is a ``train`` config.
+    Prints the report; ``json_out``: also write its numbers there."""
+    cfg = load_config(TrainConfig, config, list(overrides), settings)
+    report = preflight_command.main(cfg, batches=batches, json_out=json_out)
+    return PreflightResult(splits=report["splits"], vocabulary=report["vocabulary"], cost=report["cost"],
+                           report=report)
 
 
 def cache(config: ConfigSource, *overrides: str, on_step: Callback | None = None, **settings) -> CacheResult:

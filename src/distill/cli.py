@@ -237,6 +237,31 @@ def _eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    api.preflight(args.config, *args.overrides, batches=args.batches, json_out=args.json)
+    return 0
+
+
+def _preflight_parser(sub) -> None:
+    p = sub.add_parser(
+        "preflight",
+        help="before training: teacher and student loss on the run's data, vocabulary fit, the teacher's cost",
+        description="Measure a training run before it starts, on a few batches of its own data (the train split\n"
+        "and the eval split when there is one): the teacher's loss and bits per byte, the student's starting loss\n"
+        "and bits per byte (the gap), the tokenizer's length against each output layer and how many of the\n"
+        "sample's tokens each covers, one teacher signal against one student forward + backward on the same\n"
+        "micro-batch (measured once; a cache's size on disk instead of a forward), and what the quickstart's\n"
+        "measurement says to expect. Takes the config `distill train` takes; `distill train` logs the same report.\n\n"
+        "Config sections: as `distill train --help` lists them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="a distill train YAML config (see configs/tiny/train.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. teacher.path=runs/x/student")
+    p.add_argument("--batches", type=int, default=4, help="micro-batches of train.batch_size per split (default 4)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the numbers to FILE as JSON")
+    p.set_defaults(func=cmd_preflight)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     path = report.main(args.runs, evals=args.eval, out=args.out)
     print(path)
@@ -284,7 +309,7 @@ def _prune_parser(sub) -> None:
 
 PARSERS = {"train": _train_parser, "cache": _cache_parser, "generate": _generate_parser, "serve": _serve_parser,
            "eval": _eval_parser, "report": _report_parser, "quickstart": _quickstart_parser,
-           "prune": _prune_parser}
+           "prune": _prune_parser, "preflight": _preflight_parser}
 
 
 def build_parser() -> argparse.ArgumentParser:

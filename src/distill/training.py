@@ -50,6 +50,7 @@ from distill.config import LossConfig, OptimConfig, TrainConfig, dump_config
 from distill.data import build_datasets, collate
 from distill.engines import layer_states
 from distill.errors import NonFiniteLossError
+from distill.evaluation import preflight
 from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
 from distill.losses import IGNORE_INDEX, LinearHead, chunked_kd_loss, naive_kd_loss, reduce_loss
 from distill.models import (
@@ -501,6 +502,12 @@ def _train(cfg: TrainConfig, resume: bool, callbacks: Callbacks) -> dict:
     tokenizer, student, teacher, hook, hidden, source_class = _open_models(cfg, accelerator)
     train_ds, eval_ds = _read_data(cfg, accelerator, tokenizer, student, teacher)
     model, hidden, optimizer, scheduler = _prepare(cfg, accelerator, student, hidden)
+    if resume_from is None and accelerator.num_processes == 1:  # a resumed student is not the one it starts from
+        report = preflight.measure(accelerator.unwrap_model(model), tokenizer, teacher, {"train": train_ds, "eval": eval_ds},
+                                   batch_size=cfg.train.batch_size, batches=1, device=accelerator.device,
+                                   vocab_policy=cfg.loss.vocab_policy, teacher_spec=cfg.teacher)
+        for line in filter(None, preflight.render(report)):
+            logger.info("preflight: %s", line)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run = Run(cfg, accelerator, tokenizer, model, teacher, train_ds, eval_ds, pad_id, hidden=hidden)
     run.source = source_class(cfg.train.batches, run.source_context())

@@ -1,0 +1,289 @@
+"""The pre-flight report (``distill preflight``, and the same lines at the start of ``distill train``): on a few
+batches of the run's own data, before any step, what the run starts from and what it costs.
+
+* the teacher's loss (CE of the data under the teacher) and bits per byte, and the student's starting loss and
+  bits per byte, per split: the gap is what distillation can transfer;
+* vocabulary fit: the tokenizer's length against each output layer's rows (rows past the tokenizer are padding,
+  dropped under ``loss.vocab_policy=truncate``), and how many of the sample's target tokens each output layer
+  covers;
+* cost: one teacher signal (a no-grad forward of a live teacher, a cache read, one scoring request to a server)
+  against one student forward + backward on the same micro-batch, measured once; a cache's size on disk;
+* what to expect, read off a measurement the project already has (``QUICKSTART_RESULTS``), never a promise.
+
+The teacher's loss is read off its signal, whatever its kind: a dense signal (hidden states and output layer)
+gives it exactly; a sparse one (top-k, sampled) only where it holds the probability of every target token at
+temperature 1 (a server's top-k with the realized token does), else it is reported as not measurable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from distill.caching.reader import TeacherCache
+from distill.data import collate
+from distill.evaluation.metrics import (
+    eval_batch_indices,
+    eval_sums,
+    metrics_from_sums,
+    target_bytes,
+    token_byte_lengths,
+)
+from distill.losses import IGNORE_INDEX, DenseSignal, SparseTarget
+from distill.models import final_hidden, flat_positions, output_head
+
+QUICKSTART_RESULTS = Path("benchmarks/results/quickstart.json")
+_REPO_RESULTS = Path(__file__).resolve().parents[3] / QUICKSTART_RESULTS
+
+
+def sample_batches(n_rows: int, batch_size: int, batches: int) -> list[list[int]]:
+    """``batches`` micro-batches of example indices spread evenly over a split of ``n_rows`` examples."""
+    chosen = eval_batch_indices(math.ceil(n_rows / batch_size), batches)
+    return [list(range(b * batch_size, min((b + 1) * batch_size, n_rows))) for b in chosen]
+
+
+def output_rows(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def vocabulary_fit(tokenizer, student, teacher, labels: torch.Tensor, vocab_policy: str) -> dict:
+    """The tokenizer's length, each output layer's rows (a teacher without a model in this process: unknown) and
+    how many of the sample's target tokens ``labels`` (flat, supervised only) fall inside each."""
+    vocab = len(tokenizer)
+    out: dict = {"tokenizer": vocab, "sample_tokens": int(labels.numel()),
+                 "distinct_sample_tokens": int(labels.unique().numel()), "vocab_policy": vocab_policy, "models": {}}
+    models = {"student": student, "teacher": teacher.model if teacher is not None else None}
+    for name, model in models.items():
+        if model is None:
+            continue
+        rows = output_rows(model)
+        out["models"][name] = {"output_rows": rows, "padded_rows": max(rows - vocab, 0),
+                               "missing_rows": max(vocab - rows, 0),
+                               "uncovered_sample_tokens": int((labels >= rows).sum())}
+    return out
+
+
+@torch.no_grad()
+def teacher_ce_sums(signal, labels: torch.Tensor, eval_temperature: float) -> tuple[float, int] | None:
+    """(summed CE, positions) of the target tokens ``labels`` (flat, supervised only, as the signal's rows) under a
+    teacher's signal; None where the signal does not hold every target's probability at temperature 1."""
+    if isinstance(signal, DenseSignal):
+        hidden = signal.hidden.reshape(-1, signal.hidden.shape[-1])
+        logits = signal.head.logits(hidden).float()
+        logp = torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)
+        return float(-logp.double().sum()), int(labels.numel())
+    if isinstance(signal, SparseTarget) and abs(eval_temperature - 1.0) < 1e-12:
+        ids = signal.ids.reshape(-1, signal.ids.shape[-1])
+        probs = signal.probs.reshape(-1, signal.probs.shape[-1]).double()
+        hit = (ids == labels[:, None]) & (probs > 0)
+        if not bool(hit.any(-1).all()):
+            return None
+        return float(-(probs * hit).sum(-1).log().sum()), int(labels.numel())
+    return None
+
+
+def _batch(dataset, indices: list[int], pad_id: int, split: str, device) -> dict:
+    batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices], pad_id).items()}
+    return {**batch, "index": indices, "split": split}
+
+
+def _targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat next-token targets of a batch and which of them are supervised."""
+    labels = batch["labels"][:, 1:].reshape(-1)
+    return labels, labels != IGNORE_INDEX
+
+
+def split_losses(student, tokenizer, teacher, dataset, batches: list[list[int]], split: str, device) -> dict:
+    """The student's and the teacher's loss and bits per byte on ``batches`` of ``dataset``."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    vocab = len(tokenizer)
+    n_bytes = target_bytes((dataset[i] for b in batches for i in b), token_byte_lengths(tokenizer))
+    out: dict = {"examples": [i for b in batches for i in b], "target_bytes": n_bytes}
+    if output_rows(student) >= vocab:
+        sums = eval_sums(student, output_head(student, vocab), (_batch(dataset, b, pad, split, device)
+                                                                 for b in batches))
+        m = metrics_from_sums(sums, target_bytes=n_bytes)
+        out["student"] = {"loss": m["val_loss"], "bits_per_byte": m.get("bits_per_byte"), "tokens": m["val_tokens"]}
+    if teacher is not None and teacher.covers(split):
+        total, count = 0.0, 0
+        for b in batches:
+            batch = _batch(dataset, b, pad, split, device)
+            labels, mask = _targets(batch)
+            got = teacher_ce_sums(_rows(teacher.signal(batch), mask), labels[mask], teacher.eval_temperature)
+            if got is None:
+                total = None
+                break
+            total, count = total + got[0], count + got[1]
+        out["teacher"] = None if total is None else {
+            "loss": total / max(count, 1), "bits_per_byte": total / (n_bytes * math.log(2)) if n_bytes else None,
+            "tokens": count}
+    if out.get("teacher") and out.get("student"):
+        out["gap"] = out["student"]["loss"] - out["teacher"]["loss"]
+    return out
+
+
+def _rows(signal, mask: torch.Tensor):
+    """A signal's supervised rows (dense or sparse); other signals as they are."""
+    index = mask.nonzero().squeeze(1)
+    if isinstance(signal, DenseSignal):
+        hidden = signal.hidden.reshape(-1, signal.hidden.shape[-1])
+        return DenseSignal(hidden.index_select(0, index.to(hidden.device)), signal.head)
+    if isinstance(signal, SparseTarget):
+        k = signal.ids.shape[-1]
+        return SparseTarget(signal.ids.reshape(-1, k)[index], signal.probs.reshape(-1, k)[index],
+                            None if signal.tail is None else signal.tail.reshape(-1)[index])
+    return signal
+
+
+def step_cost(student, tokenizer, teacher, batch: dict) -> dict:
+    """Seconds of one teacher signal (no grad) and of one student forward + backward on ``batch``, each timed
+    once after one untimed call; the ratio is one sample, not a benchmark."""
+    vocab = len(tokenizer)
+    out: dict = {"batch_examples": len(batch["index"]), "batch_tokens": int(batch["attention_mask"].sum())}
+    if output_rows(student) >= vocab:
+        head = output_head(student, vocab)
+        labels, mask = _targets(batch)
+
+        def student_step() -> None:
+            hidden = flat_positions(final_hidden(student, batch))[mask]
+            loss = torch.nn.functional.cross_entropy(head.logits(hidden).float(), labels[mask])
+            loss.backward()
+
+        was_training = student.training
+        student.train()
+        out["student_step_s"] = _timed(student_step)
+        student.zero_grad(set_to_none=True)
+        student.train(was_training)
+    if teacher is not None and teacher.covers(batch["split"]):
+        with torch.no_grad():
+            out["teacher_signal_s"] = _timed(lambda: teacher.signal(batch))
+        out["teacher_kind"] = teacher.kind
+    if out.get("student_step_s") and out.get("teacher_signal_s") is not None:
+        out["ratio"] = out["teacher_signal_s"] / out["student_step_s"]
+    return out
+
+
+def _timed(fn) -> float:
+    fn()  # untimed: first-call allocations and lazy set-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def cache_size(cache_dir: str | None) -> dict | None:
+    """A teacher cache's size per split from its manifest: bytes, stored positions, bytes per token."""
+    if cache_dir is None:
+        return None
+    train = TeacherCache(cache_dir, "train")
+    return {split: TeacherCache(cache_dir, split).stats() if split != "train" else train.stats()
+            for split in train.manifest["splits"]}
+
+
+def quickstart_reference() -> dict | None:
+    """The quickstart's measured losses (``QUICKSTART_RESULTS``), where this is a checkout that has them."""
+    if not _REPO_RESULTS.is_file():
+        return None
+    d = json.loads(_REPO_RESULTS.read_text())
+    teacher, scratch, distilled = (d[k]["val_loss"] for k in ("teacher", "scratch", "distilled"))
+    return {"path": str(QUICKSTART_RESULTS), "teacher": teacher, "scratch": scratch, "distilled": distilled,
+            "alpha": d["settings"]["loss"]["alpha"]}
+
+
+def measure(student, tokenizer, teacher, datasets: dict, *, batch_size: int, batches: int, device,
+            vocab_policy: str, teacher_spec=None) -> dict:
+    """The whole report as numbers: ``datasets`` maps split names to datasets (a missing eval split: None);
+    ``teacher_spec``: the config's teacher section, whose ``cache`` directory (where it names one) is measured."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    report: dict = {"teacher": teacher.describe() if teacher is not None else None, "batch_size": batch_size,
+                    "batches": batches, "splits": {}}
+    labels = []
+    with torch.random.fork_rng(devices=[]):  # a run that follows draws the same numbers as without the report
+        for split, dataset in datasets.items():
+            if dataset is None or len(dataset) == 0:
+                continue
+            chosen = sample_batches(len(dataset), batch_size, batches)
+            report["splits"][split] = split_losses(student, tokenizer, teacher, dataset, chosen, split, device)
+            for b in chosen:
+                for i in b:
+                    ex = torch.as_tensor(dataset[i]["labels"][1:], dtype=torch.long)
+                    labels.append(ex[ex != IGNORE_INDEX])
+        report["vocabulary"] = vocabulary_fit(tokenizer, student, teacher, torch.cat(labels) if labels else
+                                              torch.zeros(0, dtype=torch.long), vocab_policy)
+        first = sample_batches(len(datasets["train"]), batch_size, 1)[0]
+        report["cost"] = step_cost(student, tokenizer, teacher, _batch(datasets["train"], first, pad, "train", device))
+    report["cache"] = cache_size(getattr(teacher_spec, "cache", None))  # the YAML key, read as the user wrote it
+    report["reference"] = quickstart_reference()
+    return report
+
+
+def _num(x, fmt: str = ".4f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def render(report: dict) -> list[str]:
+    """The report as lines of text, section by section."""
+    lines = [f"teacher: {report['teacher'] or 'none (plain CE: nothing to distill)'}",
+             f"sample: {report['batches']} batch(es) of {report['batch_size']} examples per split", "", "losses (nats/token, bits/byte):"]
+    for split, s in report["splits"].items():
+        stu, tea = s.get("student"), s.get("teacher")
+        lines.append(f"  {split}: student {_num(stu and stu['loss'])} ({_num(stu and stu['bits_per_byte'], '.3f')} "
+                     f"bpb), teacher {_num(tea and tea['loss'])} ({_num(tea and tea['bits_per_byte'], '.3f')} bpb), "
+                     f"gap {_num(s.get('gap'))} over {stu['tokens'] if stu else tea['tokens'] if tea else 0} tokens")
+        if "teacher" in s and tea is None:
+            lines.append(f"  {split}: the teacher's signal does not hold every target's probability at temperature 1"
+                         " (sampled or top-k targets, a mixture): its loss is not measured")
+    v = report["vocabulary"]
+    lines += ["", f"vocabulary: tokenizer {v['tokenizer']} tokens; the sample has {v['sample_tokens']} target tokens "
+                  f"({v['distinct_sample_tokens']} distinct)"]
+    for name, m in v["models"].items():
+        note = (f", {m['padded_rows']} padding rows past the tokenizer (vocab_policy={v['vocab_policy']}: "
+                + ("dropped)" if v["vocab_policy"] == "truncate" else "refused)") if m["padded_rows"] else "")
+        if m["missing_rows"]:
+            note += f", {m['missing_rows']} tokenizer tokens without a row: training refuses this model"
+        lines.append(f"  {name}: {m['output_rows']} output rows{note}; covers "
+                     f"{v['sample_tokens'] - m['uncovered_sample_tokens']} of {v['sample_tokens']} sample tokens")
+    lines += ["", *_cost_lines(report), "", *expectation(report)]
+    return lines
+
+
+def _cost_lines(report: dict) -> list[str]:
+    c = report["cost"]
+    lines = [f"cost (one micro-batch of {c['batch_examples']} examples, {c['batch_tokens']} tokens; measured once):"]
+    lines.append(f"  student forward + backward: {_num(c.get('student_step_s'), '.4f')} s")
+    if "teacher_signal_s" in c:
+        lines.append(f"  teacher signal ({c['teacher_kind']}, no grad): {c['teacher_signal_s']:.4f} s"
+                     + (f" = {c['ratio']:.2f}x the student's step" if "ratio" in c else ""))
+    for split, s in (report.get("cache") or {}).items():
+        lines.append(f"  cache on disk, {split}: {s['bytes']:,} bytes, {s['positions']:,} positions, "
+                     f"{s['bytes_per_token']:.2f} bytes/token")
+    return lines
+
+
+def expectation(report: dict) -> list[str]:
+    """What to expect, read off the quickstart's measurement: a statement of what happened there, not a promise."""
+    ref = report["reference"]
+    split = report["splits"].get("eval") or report["splits"].get("train") or {}
+    gap = split.get("gap")
+    lines = ["what to expect (a past measurement, not a promise):"]
+    if ref is None:
+        return lines + ["  (the quickstart's results are not in this installation)"]
+    ref_gap, gain = ref["scratch"] - ref["teacher"], ref["scratch"] - ref["distilled"]
+    lines.append(f"  in the quickstart's measurement ({ref['path']}) a teacher {ref_gap:.2f} nats better than the "
+                 f"student trained alone (teacher {ref['teacher']:.3f}, scratch student {ref['scratch']:.3f}) gave a "
+                 f"distilled student {gain:.2f} nats better than scratch (loss.alpha={ref['alpha']:g}); a teacher much "
+                 "closer to the student would be expected to give little")
+    if gap is not None and gap <= 0:
+        lines.append(f"  here the teacher's loss is not below the untrained student's (gap {gap:.2f} nats): by that "
+                     "measurement it would be expected to give nothing (an untrained or random teacher?)")
+    elif gap is not None:
+        lines.append(f"  here the teacher is {gap:.2f} nats better than the untrained student; the student trained "
+                     "alone closes part of that, so the gap that counts (to the student trained alone) would be smaller")
+    return lines

@@ -66,29 +66,31 @@ def ref_group_dists(logits: torch.Tensor, group: list[int], labels: list[int], n
 
 
 def ref_loss(method, zs, zt, groups: AlignedGroups, kind="forward_kl", t=1.0, w_dense=None, pairs=None):
-    """The group's classes: e^c times the first row's probabilities of some tokens, and one more class with
-    the rest, (1 − e^c) + e^c · (the first row's mass on the other tokens)."""
+    """pkl and gold's divergence: the first rows' probabilities of some tokens (pkl: those W reaches, the
+    student's pushed through W; gold: the matched ones), renormalized on each side. ULD: the group's
+    probabilities e^c · π and the tail 1 − e^c (gold's sorted L1: the unmatched tokens' e^c · π)."""
     s = ref_group_dists(zs, groups.student_group.tolist(), groups.student_labels.tolist(), groups.num_groups, t)
     te = ref_group_dists(zt, groups.teacher_group.tolist(), groups.teacher_labels.tolist(), groups.num_groups, t)
+
+    def norm(xs):
+        return [x / sum(xs) for x in xs]
+
     out = []
     for (qs, es), (pt, et) in zip(s, te, strict=True):
         if method == "uld":
             out.append(ref_sorted_l1([es * x for x in qs] + [1 - es], [et * x for x in pt] + [1 - et]))
         elif method == "pkl":
             support = [j for j in range(len(pt)) if any(w_dense[i][j] > 0 for i in range(len(qs)))]
-            unmapped = [i for i in range(len(qs)) if not any(w > 0 for w in w_dense[i])]
-            pushed = [es * sum(qs[i] * w_dense[i][j] for i in range(len(qs))) for j in support]
-            q = pushed + [(1 - es) + es * sum(qs[i] for i in unmapped)]
-            p = [et * pt[j] for j in support] + [(1 - et) + et * sum(pt[j] for j in range(len(pt)) if j not in support)]
+            q = norm([sum(qs[i] * w_dense[i][j] for i in range(len(qs))) for j in support])
+            p = norm([pt[j] for j in support])
             out.append(ref_divergence(p, q, kind))
         else:  # gold
             s_m, t_m = [i for i, _ in pairs], [j for _, j in pairs]
-            s_rest = [i for i in range(len(qs)) if i not in s_m]
-            t_rest = [j for j in range(len(pt)) if j not in t_m]
-            q = [es * qs[i] for i in s_m] + [(1 - es) + es * sum(qs[i] for i in s_rest)]
-            p = [et * pt[j] for j in t_m] + [(1 - et) + et * sum(pt[j] for j in t_rest)]
-            out.append(ref_divergence(p, q, kind) + ref_sorted_l1([es * qs[i] for i in s_rest],
-                                                                  [et * pt[j] for j in t_rest]))
+            q = norm([qs[i] for i in s_m])
+            p = norm([pt[j] for j in t_m])
+            s_rest = [es * qs[i] for i in range(len(qs)) if i not in s_m]
+            t_rest = [et * pt[j] for j in range(len(pt)) if j not in t_m]
+            out.append(ref_divergence(p, q, kind) + ref_sorted_l1(s_rest, t_rest))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -188,6 +190,20 @@ def test_groups_against_reference(kind, temperature):
         got = naive_crosstok_loss(zs, zt, groups, method, spec, projection=projection, matches=matches)
         want = ref_loss(method, zs, zt, groups, kind, temperature, w_dense, pairs)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KL_LIKE)
+def test_pkl_partial_support_against_reference(kind):
+    """Teacher token 4 reached by no student token: both sides are renormalized over tokens 0-3."""
+    zs, zt, groups, projection, w_dense, _, _ = cross_case(seed=2)
+    ids, weights = projection.ids.clone(), projection.weights.clone()
+    weights[3] = torch.tensor([1.0, 0.0], dtype=weights.dtype)  # row 3: token 3 alone
+    w_dense[3] = [0.0, 0.0, 0.0, 1.0, 0.0]
+    partial = Projection(ids, weights, 5)
+    assert partial.support().tolist() == [True, True, True, True, False]
+    got = naive_crosstok_loss(zs, zt, groups, "pkl", LossSpec(divergence=kind), projection=partial)
+    want = ref_loss("pkl", zs, zt, groups, kind, 1.0, w_dense)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["pkl", "gold", "uld"])

@@ -145,7 +145,7 @@ def load_projection(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTraine
     """W and the exact matches from the cache directory, built and written there first when absent. Returns
     them and the cache file's path."""
     key = projection_key(student_tok, teacher_tok, top_k=top_k, pieces=pieces, reverse=reverse)
-    path = Path(cache_dir) / f"crosstok-{key}.safetensors"
+    path = Path(cache_dir).expanduser() / f"crosstok-{key}.safetensors"
     if path.is_file():
         with safe_open(str(path), "pt") as f:
             t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)

@@ -11,15 +11,19 @@ distribution on one side, at temperature T, has V + 1 classes:
 "the text after the first token did not follow"). With groups of one token c = 0 and the tail is exactly
 zero, so every loss here equals its same-tokenizer counterpart. The three methods (``CROSSTOK_METHODS``):
 
-* ``pkl``: the student's group distribution pushed through the projection W (:class:`Projection`, student
-  token -> weighted teacher tokens), compared with the teacher's over the teacher tokens W reaches plus one
-  tail class each (the student's mass on tokens W maps nowhere, the teacher's mass on tokens W never
-  reaches, added to each side's tail). The divergence is ``spec.divergence`` (forward KL by default).
+* ``pkl``: the student's first-row distribution pushed through the projection W (:class:`Projection`,
+  student token -> weighted teacher tokens) against the teacher's first row, over the teacher tokens W
+  reaches, each side renormalized over them; the divergence is ``spec.divergence`` (forward KL by default).
 * ``gold``: exact vocabulary matches (:class:`ExactMatches`, pairs with the same bytes) get
-  ``spec.divergence`` over the matched classes plus one class holding everything else; the unmatched
-  probabilities of both sides get ULD's sorted L1.
+  ``spec.divergence`` between the two first rows renormalized over the matched tokens; the unmatched tokens'
+  group probabilities ``P`` (without the tail) get ULD's sorted L1.
 * ``uld``: ULD alone, ``Σ_k |sort(P_s)_k − sort(P_t)_k|`` over the V + 1 classes, the shorter side padded
   with zeros (identity-blind).
+
+A divergence over some tokens renormalizes both sides over them, so e^c cancels there: mass the other side
+cannot name (a teacher token W never reaches, an unmatched token) is left out rather than compared with
+nothing, and a tail is never compared with a side whose tail is exactly zero (a group of one token), which
+would make a KL infinite. The later rows enter through ULD's terms (and through the cross-entropy).
 
 Each function returns the divergence **per group** (no T² factor, no reduction). :func:`chunked_crosstok_loss`
 computes it from final hidden states and output layers a chunk of groups at a time under activation
@@ -132,29 +136,11 @@ class AlignedGroups:
                                  f"{self.num_groups - 1} in ascending row order, each at least once")
 
 
-def _safe_logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """logaddexp with -inf (and a finite gradient) where both are -inf."""
-    both = (a == -math.inf) & (b == -math.inf)
-    return torch.logaddexp(a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)).masked_fill(both, -math.inf)
-
-
 def _log1mexp(c: torch.Tensor) -> torch.Tensor:
     """log(1 − e^c) for c <= 0: -inf (with a zero gradient) at c = 0, a group of one token."""
     x = c.clamp_max(-1e-30)
     out = torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
     return torch.where(c < 0, out, torch.full_like(out, -math.inf))
-
-
-def _masked_lse(logp: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """log Σ_{mask} exp(logp) over the last axis; -inf when nothing is masked in (known from ``mask`` alone)."""
-    if mask is None or not bool(mask.any()):
-        return torch.full(logp.shape[:-1], -math.inf, dtype=logp.dtype, device=logp.device)
-    return torch.logsumexp(logp[..., mask], dim=-1)
-
-
-def _tail(c: torch.Tensor, log_rest: torch.Tensor) -> torch.Tensor:
-    """log of the tail class: (1 − e^c) + e^c · exp(log_rest)."""
-    return _safe_logaddexp(_log1mexp(c), c + log_rest)
 
 
 def _divergence(lq: torch.Tensor, lp: torch.Tensor, spec: LossSpec) -> torch.Tensor:
@@ -169,8 +155,13 @@ def sorted_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().sum(-1)
 
 
-def _pkl(s_logp, s_c, t_logp, t_c, spec: LossSpec, projection: Projection) -> torch.Tensor:
-    support, mapped = projection.support().to(s_logp.device), projection.mapped().to(s_logp.device)
+def _normalized(classes: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (G, C) of some classes, renormalized over them."""
+    return classes - torch.logsumexp(classes, dim=-1, keepdim=True)
+
+
+def _pkl(s_logp, t_logp, spec: LossSpec, projection: Projection) -> torch.Tensor:
+    support = projection.support().to(s_logp.device)
     m = s_logp.detach().amax(-1, keepdim=True)
     w_t = projection.transposed(s_logp.device, s_logp.dtype)
     pushed = torch.sparse.mm(w_t, (s_logp - m).exp().T).T  # (G, V_t): q W, relative to exp(m)
@@ -178,12 +169,8 @@ def _pkl(s_logp, s_c, t_logp, t_c, spec: LossSpec, projection: Projection) -> to
     if not everything:
         pushed = pushed[:, support]
     tiny = torch.finfo(pushed.dtype).tiny
-    s_cls = pushed.clamp_min(tiny).log() + m + s_c.unsqueeze(-1)
-    s_tail = _tail(s_c, _masked_lse(s_logp, None if bool(mapped.all()) else ~mapped))
-    t_cls = (t_logp if everything else t_logp[:, support]) + t_c.unsqueeze(-1)
-    t_tail = _tail(t_c, _masked_lse(t_logp, None if everything else ~support))
-    lq = torch.cat([s_cls, s_tail.unsqueeze(-1)], -1)
-    lp = torch.cat([t_cls, t_tail.unsqueeze(-1)], -1)
+    lq = _normalized(pushed.clamp_min(tiny).log() + m)
+    lp = _normalized(t_logp if everything else t_logp[:, support])
     return _divergence(lq, lp, spec)
 
 
@@ -191,8 +178,8 @@ def _gold(s_logp, s_c, t_logp, t_c, spec: LossSpec, matches: ExactMatches) -> to
     s_ids, t_ids = matches.student_ids.to(s_logp.device), matches.teacher_ids.to(s_logp.device)
     s_rest = torch.ones(s_logp.shape[-1], dtype=torch.bool, device=s_logp.device).index_fill_(0, s_ids, False)
     t_rest = torch.ones(t_logp.shape[-1], dtype=torch.bool, device=t_logp.device).index_fill_(0, t_ids, False)
-    lq = torch.cat([s_logp[:, s_ids] + s_c.unsqueeze(-1), _tail(s_c, _masked_lse(s_logp, s_rest)).unsqueeze(-1)], -1)
-    lp = torch.cat([t_logp[:, t_ids] + t_c.unsqueeze(-1), _tail(t_c, _masked_lse(t_logp, t_rest)).unsqueeze(-1)], -1)
+    lq = _normalized(s_logp[:, s_ids])
+    lp = _normalized(t_logp[:, t_ids])
     matched = _divergence(lq, lp, spec)
     if not bool(s_rest.any()) and not bool(t_rest.any()):
         return matched
@@ -232,7 +219,7 @@ def group_divergence(
             raise ValueError(f"projection W is {projection.num_student} x {projection.num_teacher} but the "
                              f"vocabularies are {student_logp.shape[-1]} (student) and {teacher_logp.shape[-1]} "
                              "(teacher): build W from these two tokenizers")
-        return _pkl(student_logp, student_later, teacher_logp, teacher_later, spec, projection)
+        return _pkl(student_logp, teacher_logp, spec, projection)
     if method == "gold":
         if matches is None:
             raise ValueError("the gold cross-tokenizer loss needs the exact vocabulary matches")

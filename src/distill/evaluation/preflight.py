@@ -26,13 +26,7 @@ import torch
 
 from distill.caching.reader import TeacherCache
 from distill.data import collate
-from distill.evaluation.metrics import (
-    eval_batch_indices,
-    eval_sums,
-    metrics_from_sums,
-    target_bytes,
-    token_byte_lengths,
-)
+from distill.evaluation.metrics import eval_batch_indices, target_bytes, token_byte_lengths
 from distill.losses import IGNORE_INDEX, DenseSignal, SparseTarget
 from distill.models import final_hidden, flat_positions, output_head
 
@@ -68,9 +62,10 @@ def vocabulary_fit(tokenizer, student, teacher, labels: torch.Tensor, vocab_poli
 
 
 @torch.no_grad()
-def teacher_ce_sums(signal, labels: torch.Tensor, eval_temperature: float) -> tuple[float, int] | None:
-    """(summed CE, positions) of the target tokens ``labels`` (flat, supervised only, as the signal's rows) under a
-    teacher's signal; None where the signal does not hold every target's probability at temperature 1."""
+def ce_sums(signal, labels: torch.Tensor, eval_temperature: float) -> tuple[float, int] | None:
+    """(summed CE in float64, positions) of the target tokens ``labels`` (flat, supervised only, as the signal's
+    rows) under a model's signal; None where the signal does not hold every target's probability at temperature
+    1 (``temperature``: the one it is at)."""
     if isinstance(signal, DenseSignal):
         hidden = signal.hidden.reshape(-1, signal.hidden.shape[-1])
         logits = signal.head.logits(hidden).float()
@@ -98,32 +93,41 @@ def _targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def split_losses(student, tokenizer, teacher, dataset, batches: list[list[int]], split: str, device) -> dict:
-    """The student's and the teacher's loss and bits per byte on ``batches`` of ``dataset``."""
+    """The student's and the teacher's loss and bits per byte on ``batches`` of ``dataset``, both read off a
+    signal by :func:`ce_sums` (the student's: its hidden states and output layer), so that a teacher equal to
+    the student has a gap of exactly 0."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     vocab = len(tokenizer)
     n_bytes = target_bytes((dataset[i] for b in batches for i in b), token_byte_lengths(tokenizer))
     out: dict = {"examples": [i for b in batches for i in b], "target_bytes": n_bytes}
+    batch_list = [_batch(dataset, b, pad, split, device) for b in batches]
     if output_rows(student) >= vocab:
-        sums = eval_sums(student, output_head(student, vocab), (_batch(dataset, b, pad, split, device)
-                                                                 for b in batches))
-        m = metrics_from_sums(sums, target_bytes=n_bytes)
-        out["student"] = {"loss": m["val_loss"], "bits_per_byte": m.get("bits_per_byte"), "tokens": m["val_tokens"]}
+        head = output_head(student, vocab)
+        was_training = student.training
+        student.eval()
+        out["student"] = _loss(lambda batch: DenseSignal(flat_positions(final_hidden(student, batch)), head),
+                               batch_list, 1.0, n_bytes)
+        student.train(was_training)
     if teacher is not None and teacher.covers(split):
-        total, count = 0.0, 0
-        for b in batches:
-            batch = _batch(dataset, b, pad, split, device)
-            labels, mask = _targets(batch)
-            got = teacher_ce_sums(_rows(teacher.signal(batch), mask), labels[mask], teacher.eval_temperature)
-            if got is None:
-                total = None
-                break
-            total, count = total + got[0], count + got[1]
-        out["teacher"] = None if total is None else {
-            "loss": total / max(count, 1), "bits_per_byte": total / (n_bytes * math.log(2)) if n_bytes else None,
-            "tokens": count}
+        out["teacher"] = _loss(teacher.signal, batch_list, teacher.eval_temperature, n_bytes)
     if out.get("teacher") and out.get("student"):
         out["gap"] = out["student"]["loss"] - out["teacher"]["loss"]
     return out
+
+
+@torch.no_grad()
+def _loss(signal_of, batches: list[dict], temperature: float, n_bytes: int) -> dict | None:
+    """Loss (nats per target token), bits per byte and tokens of a signal over ``batches``; None where the
+    signal cannot give it."""
+    total, count = 0.0, 0
+    for batch in batches:
+        labels, mask = _targets(batch)
+        got = ce_sums(_rows(signal_of(batch), mask), labels[mask], temperature)
+        if got is None:
+            return None
+        total, count = total + got[0], count + got[1]
+    return {"loss": total / max(count, 1), "bits_per_byte": total / (n_bytes * math.log(2)) if n_bytes else None,
+            "tokens": count}
 
 
 def _rows(signal, mask: torch.Tensor):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_crosstok_align import train_bpe
+from tokenizers import Tokenizer, decoders, models, normalizers
+from transformers import PreTrainedTokenizerFast
 
 from distill.config import TrainConfig, load_config
 from distill.crosstok import build_projection, preflight, retokenize_batch, text_span, token_bytes
@@ -102,6 +104,38 @@ def test_sequence_cut_inside_a_character(byte, bpe):
     t_bytes = group_bytes(cross.groups, "teacher", cross.teacher_batch["input_ids"], t_table)
     assert s_bytes == t_bytes and b"".join(s_bytes.values()) == b"".join(t_table[i] for i in
                                                                          cross.teacher_batch["input_ids"][0, 1:n_t])
+
+
+def sentencepiece_like() -> PreTrainedTokenizerFast:
+    """A Llama-2-style tokenizer: ``▁`` for spaces, a prefix space, bytes as ``<0xNN>`` pieces (byte fallback)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["\u2581", "t", "h", "e", "a", "c", "1", "2", "\u2581t", "\u2581th", "\u2581the", "at", "\u2581c",
+                  "\u2581cat", "12"]:
+        vocab[piece] = len(vocab)
+    merges = [("\u2581", "t"), ("\u2581t", "h"), ("\u2581th", "e"), ("a", "t"), ("\u2581", "c"), ("\u2581c", "at"),
+              ("1", "2")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_sentencepiece_teacher(byte):
+    """``▁`` pieces are spaces, ``<0xNN>`` pieces their byte, and the prefix space the teacher adds is not part
+    of the text: a byte student aligns with it, every kept group the same bytes on both sides."""
+    sp = sentencepiece_like()
+    table = token_bytes(sp)
+    assert table[sp.convert_tokens_to_ids("\u2581the")] == b" the" and table[3 + 0xE6] == b"\xe6"
+    batch = student_batch(byte, ["the cat \u65e5 12x"], prompt=0)
+    s_table = token_bytes(byte)
+    cross = retokenize_batch(batch, sp, s_table, table, teacher_pad_id=sp.unk_token_id)
+    t_ids = cross.teacher_batch["input_ids"]
+    assert sp.convert_ids_to_tokens(t_ids[0].tolist())[:2] == ["\u2581", "<0x3C>"]  # the student's <|bos|> as text
+    s_bytes = group_bytes(cross.groups, "student", batch["input_ids"], s_table)
+    t_bytes = group_bytes(cross.groups, "teacher", t_ids, table)
+    assert s_bytes == t_bytes and b"".join(s_bytes.values()).endswith(b" 12x<|eos|>")
 
 
 def test_text_span_cuts_partial_characters():

@@ -104,7 +104,8 @@ def align(student: Sequence[bytes], teacher: Sequence[bytes]) -> Alignment:
         raise ValueError(
             f"the two tokenizations cover different bytes (from byte {at}: student {s_text[at:at + 16]!r}, "
             f"teacher {t_text[at:at + 16]!r}): the teacher must tokenize the student's decoded text as it is "
-            "(no normalizer that changes it, no added prefix space, special tokens written as text)")
+            "(no normalizer that changes it, special tokens written as text; retokenize_batch takes off a prefix "
+            "space the teacher adds)")
     s_ends, t_ends = _ends(student), _ends(teacher)
     shared = (set(s_ends) & set(t_ends)) - {0}
 

@@ -5,7 +5,8 @@ Each sequence's real tokens (``attention_mask`` 1, right padding) are turned bac
 tokenizes their text as it is (special tokens written as text, none added). A sequence cut mid-character
 (packing cuts at token boundaries, and a byte-level student's token can be part of a character) is read from
 its first token that starts a character to its last that ends one; the tokens outside that span are in no
-group (they keep their cross-entropy). Rows follow the training run's convention: row ``b * (T - 1) + t``
+group (they keep their cross-entropy). A prefix space the teacher's tokenizer adds (SentencePiece) is not
+part of the text: it is taken off the teacher's first token. Rows follow the training run's convention: row ``b * (T - 1) + t``
 predicts token ``t + 1`` of sequence b, on each side with its own T.
 """
 
@@ -49,6 +50,15 @@ def text_span(pieces: list[bytes]) -> tuple[int, int]:
     while k1 > k0 and not _decodable(pieces[k0:k1]):
         k1 -= 1
     return k0, k1
+
+
+def teacher_pieces(t_ids: list[int], teacher_bytes: list[bytes], text: bytes) -> list[bytes]:
+    """The teacher tokens' bytes for ``text``; a space the teacher's tokenizer puts before the text
+    (SentencePiece's prefix space) is taken off its first token, so that both sides cover the same bytes."""
+    pieces = [teacher_bytes[i] for i in t_ids]
+    if pieces and pieces[0].startswith(b" ") and b"".join(pieces) == b" " + text:
+        pieces[0] = pieces[0][1:]
+    return pieces
 
 
 def _pad_groups(part: AlignedGroups, start: int, width_s: int, width_t: int) -> AlignedGroups:
@@ -96,7 +106,8 @@ def retokenize_batch(batch: dict, teacher_tok: PreTrainedTokenizerBase, student_
             part = AlignedGroups(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                                  torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0)
         else:
-            alignment = align([student_bytes[i] for i in s_ids[k0:k1]], [teacher_bytes[i] for i in t_ids])
+            span = [student_bytes[i] for i in s_ids[k0:k1]]
+            alignment = align(span, teacher_pieces(t_ids, teacher_bytes, b"".join(span)))
             supervised = (labels[b, k0:k1] != IGNORE_INDEX).tolist()
             part = label_groups(alignment, s_ids[k0:k1], t_ids, supervised)
         parts.append(_pad_groups(part, k0, ids.shape[1] - 1, width_t - 1))

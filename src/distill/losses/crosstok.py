@@ -57,7 +57,7 @@ class Projection:
     ids: torch.Tensor
     weights: torch.Tensor
     num_teacher: int
-    _sparse: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.ids.shape != self.weights.shape or self.ids.dim() != 2:
@@ -75,21 +75,19 @@ class Projection:
         """The projection between a tokenizer and itself."""
         return cls(torch.arange(vocab_size).unsqueeze(1), torch.ones(vocab_size, 1), vocab_size)
 
-    def mapped(self) -> torch.Tensor:
-        """(V_s,) bool: student tokens that map to some teacher token."""
-        return (self.weights > 0).any(-1)
-
     def support(self) -> torch.Tensor:
-        """(V_t,) bool: teacher tokens some student token maps to."""
-        out = torch.zeros(self.num_teacher, dtype=torch.bool)
-        return out.index_fill_(0, self.ids[self.weights > 0], True)
+        """(V_t,) bool: teacher tokens some student token maps to (computed once)."""
+        if "support" not in self._cache:
+            out = torch.zeros(self.num_teacher, dtype=torch.bool)
+            self._cache["support"] = out.index_fill_(0, self.ids[self.weights > 0], True)
+        return self._cache["support"]
 
     def transposed(self, device, dtype) -> torch.Tensor:
         """Wᵀ as a sparse (V_t, V_s) COO tensor of the nonzero entries (built once per device and dtype)."""
         key = (str(device), dtype)
-        if key not in self._sparse:
-            self._sparse[key] = self._build_transposed(device, dtype)
-        return self._sparse[key]
+        if key not in self._cache:
+            self._cache[key] = self._build_transposed(device, dtype)
+        return self._cache[key]
 
     def _build_transposed(self, device, dtype) -> torch.Tensor:
         keep = self.weights > 0

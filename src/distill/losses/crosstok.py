@@ -32,7 +32,6 @@ checkpointing, so no (rows, V) tensor of either vocabulary exists beyond one chu
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -132,13 +131,6 @@ class AlignedGroups:
                     g.numel() and int(g.max()) >= self.num_groups):
                 raise ValueError(f"aligned groups: the {side}'s rows must number the groups 0 .. "
                                  f"{self.num_groups - 1} in ascending row order, each at least once")
-
-
-def _log1mexp(c: torch.Tensor) -> torch.Tensor:
-    """log(1 − e^c) for c <= 0: -inf (with a zero gradient) at c = 0, a group of one token."""
-    x = c.clamp_max(-1e-30)
-    out = torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-    return torch.where(c < 0, out, torch.full_like(out, -math.inf))
 
 
 def _divergence(lq: torch.Tensor, lp: torch.Tensor, spec: LossSpec) -> torch.Tensor:

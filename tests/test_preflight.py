@@ -56,7 +56,7 @@ def test_cli_prints_every_section_and_writes_json(tmp_path, capsys):
     text = capsys.readouterr().out
     for section in ("teacher: live model", "losses (nats/token, bits/byte):", "  train: student", "  eval: student",
                     "vocabulary: tokenizer 263 tokens", "  student: 263 output rows", "cost (one micro-batch",
-                    "teacher signal (live, no grad)", "what to expect", "benchmarks/results/quickstart.json"):
+                    "teacher signal (live teacher, no grad)", "what to expect", "benchmarks/results/quickstart.json"):
         assert section in text, section
     report = json.loads(out.read_text())
     assert set(report["splits"]) == {"train", "eval"}

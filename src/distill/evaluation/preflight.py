@@ -243,7 +243,7 @@ def render(report: dict) -> list[str]:
                      f"gap {_num(s.get('gap'))} over {stu['tokens'] if stu else tea['tokens'] if tea else 0} tokens")
         if "teacher" in s and tea is None:
             lines.append(f"  {split}: the teacher's signal does not hold every target's probability at temperature 1"
-                         " (sampled or top-k targets, a mixture): its loss is not measured")
+                         " (sampled or top-k targets, a mixture, a teacher not speaking yet): its loss is not measured")
     v = report["vocabulary"]
     lines += ["", f"vocabulary: tokenizer {v['tokenizer']} tokens; the sample has {v['sample_tokens']} target tokens "
                   f"({v['distinct_sample_tokens']} distinct)"]
@@ -263,7 +263,7 @@ def _cost_lines(report: dict) -> list[str]:
     lines = [f"cost (one micro-batch of {c['batch_examples']} examples, {c['batch_tokens']} tokens; measured once):"]
     lines.append(f"  student forward + backward: {_num(c.get('student_step_s'), '.4f')} s")
     if "teacher_signal_s" in c:
-        lines.append(f"  teacher signal ({c['teacher_kind']}, no grad): {c['teacher_signal_s']:.4f} s"
+        lines.append(f"  teacher signal ({c['teacher_kind']} teacher, no grad): {c['teacher_signal_s']:.4f} s"
                      + (f" = {c['ratio']:.2f}x the student's step" if "ratio" in c else ""))
     for split, s in (report.get("cache") or {}).items():
         lines.append(f"  cache on disk, {split}: {s['bytes']:,} bytes, {s['positions']:,} positions, "

@@ -131,3 +131,10 @@ def test_a_cached_teacher_reports_its_manifest(tmp_path, capsys):
         assert report["cache"][split]["bytes_per_token"] == pytest.approx(info["bytes_per_token"], abs=1e-4)
     assert "teacher_signal_s" in report["cost"]
     assert "cache on disk, train:" in capsys.readouterr().out
+
+
+def test_a_bad_config_or_batch_count_is_refused_with_the_key():
+    res = run_cli_here("preflight", str(TINY_TRAIN), "loss.alpha=7")
+    assert res.returncode == 2 and "loss.alpha" in res.stderr, res.stderr
+    res = run_cli_here("preflight", str(TINY_TRAIN), "--batches", "0")
+    assert res.returncode == 2 and "--batches" in res.stderr, res.stderr

@@ -134,6 +134,8 @@ def preflight(config: ConfigSource, *overrides: str, batches: int = preflight_co
     """``distill preflight``: the teacher's and the student's starting loss, the vocabulary's fit and the cost of
     the teacher, on ``batches`` micro-batches per split of the run's own data; ``config`` is a ``train`` config.
     Prints the report; ``json_out``: also write its numbers there."""
+    if batches < 1:
+        raise ValueError(f"preflight: batches={batches}; give 1 or more micro-batches per split (--batches N)")
     cfg = load_config(TrainConfig, config, list(overrides), settings)
     report = preflight_command.main(cfg, batches=batches, json_out=json_out)
     return PreflightResult(splits=report["splits"], vocabulary=report["vocabulary"], cost=report["cost"],

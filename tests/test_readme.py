@@ -51,6 +51,7 @@ NOT_RUN = {
     "bash scripts/test.sh": "the test suite itself, this test included",
     "distill train my.yaml loss.divergence=jsd loss.beta=0.9": MY,
     "distill train my.yaml --resume": MY,
+    "distill preflight my.yaml teacher.path=runs/big/student --batches 8 --json runs/preflight.json": MY,
     "accelerate launch --multi_gpu --num_processes 2 -m distill train my.yaml": MY,
     "distill generate my.yaml n=8 scorer=verifier verifier=distill.tasks.arithmetic:verify keep=best": MY,
     "distill train my.yaml train.batches=skd train.batches.skd_top_k=5": MY,
@@ -79,6 +80,8 @@ RUN = {
     "distill train configs/tiny/train.yaml out_dir=runs/tiny":
         ["runs/tiny/config.yaml", "runs/tiny/metrics.jsonl", "runs/tiny/student/config.json",
          "runs/tiny/checkpoints/step_00000020"],
+    "distill preflight configs/tiny/train.yaml": ["losses (nats/token, bits/byte):", "vocabulary:", "cost (",
+                                                  "what to expect"],
     "distill cache configs/tiny/cache.yaml out_dir=runs/tiny-cache": ["runs/tiny-cache/manifest.json"],
     "distill cache configs/tiny/cache.yaml out_dir=runs/tiny-sampled mode=sampled n=50":
         ["runs/tiny-sampled/manifest.json"],

@@ -33,7 +33,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from distill.checkpoint import atomic_write_text
 from distill.errors import ConfigError
-from distill.losses import LossSpec, Objective
+from distill.losses import DIVERGENCES, CrossTokMethod, LossSpec, Objective
 
 # File extension -> the `datasets` builder that reads it (data.source may be such a file).
 DATA_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -458,6 +458,10 @@ class LossConfig(Section):
     chunk_size: int | None = Field(None, gt=0, description="tokens per chunk; default: chosen from a memory budget")
     vocab_policy: Literal["truncate", "error"] = "truncate"
     hidden: HiddenLossConfig | None = Field(None, description="hidden-state (representation) distillation term")
+    crosstok: CrossTokMethod | None = Field(
+        None, description="a live teacher with another tokenizer: compare the two over groups of tokens aligned at "
+        "shared byte boundaries, pkl (projection KL through W), gold (exact matches + sorted L1) or uld (sorted L1); "
+        "null: the teacher must share the student's tokenizer (docs/cross_tokenizer.md)")
 
     def spec(self, baseline: float = 0.0):
         """The loss itself as a :class:`distill.losses.LossSpec` (what the losses and the chunked path take);
@@ -472,6 +476,8 @@ class LossConfig(Section):
         if self.divergence == "sampled_reverse_kl":
             text += (f", baseline: running mean of f (decay {self.baseline_decay:g})" if self.baseline == "running"
                      else ", baseline: none")
+        if self.crosstok is not None:
+            text += f", cross-tokenizer: {self.crosstok} over byte-aligned groups"
         h = self.hidden
         if h is not None:
             layers = h.layers if h.layers == "uniform" else ", ".join(f"{s}->{t}" for s, t in sorted(h.layers.items()))
@@ -883,6 +889,29 @@ class TrainConfig(Section):
                              "the student has no adapters: set student.lora (e.g. student.lora.r=8) or use another teacher")
         if isinstance(self.teacher, ModelSpec) and self.teacher.lora is not None:
             raise ValueError("teacher.lora: LoRA adapters are trained on the student only; remove teacher.lora")
+        return self
+
+    @model_validator(mode="after")
+    def _crosstok_needs_live_teacher(self) -> TrainConfig:
+        if self.loss.crosstok is None:
+            return self
+        what = f"loss.crosstok={self.loss.crosstok}"
+        if not isinstance(self.teacher, ModelSpec):
+            kind = "no teacher" if self.teacher is None else f"teacher: {{{_teacher_kind(self.teacher)}: ...}}"
+            raise ValueError(f"{what} distills from a live teacher with its own tokenizer (teacher: {{path: ..., "
+                             f"tokenizer: ...}} or {{config: ...}}), but the run has {kind}; cached, server and "
+                             "mixed teachers are not supported across tokenizers: use a live teacher or set "
+                             "loss.crosstok=null")
+        if not isinstance(self.train.batches, DatasetBatches):
+            raise ValueError(f"{what} trains on the dataset's examples only; train.batches="
+                             f"{self.train.batches.source} (the student's own samples) is not supported across "
+                             "tokenizers: set train.batches=dataset or loss.crosstok=null")
+        if self.loss.hidden is not None:
+            raise ValueError(f"{what}: loss.hidden compares hidden states position by position, which two "
+                             "tokenizations do not share; set loss.hidden=null")
+        if self.loss.divergence not in DIVERGENCES:
+            raise ValueError(f"{what}: loss.divergence={self.loss.divergence} is an on-policy objective; choose one of "
+                             f"{', '.join(DIVERGENCES)}")
         return self
 
     @model_validator(mode="before")

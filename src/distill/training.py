@@ -52,7 +52,15 @@ from distill.engines import layer_states
 from distill.errors import NonFiniteLossError
 from distill.evaluation import preflight
 from distill.evaluation.metrics import eval_batch_indices, eval_sums, metrics_from_sums
-from distill.losses import IGNORE_INDEX, LinearHead, chunked_kd_loss, naive_kd_loss, reduce_loss
+from distill.losses import (
+    IGNORE_INDEX,
+    CrossTokSignal,
+    LinearHead,
+    chunked_kd_loss,
+    crosstok_kd_loss,
+    naive_kd_loss,
+    reduce_loss,
+)
 from distill.models import (
     check_tokenizer_saves,
     count_parameters,
@@ -148,7 +156,10 @@ def kd_step_loss(model, student_head_fn, teacher: Teacher | None, batch: dict, n
     head = student_head_fn()
     spec = loss.spec(baseline)
     # Training logs CE, the divergence and KL; the argmax statistics are evaluation's.
-    if loss.chunked:
+    if isinstance(signal, CrossTokSignal):  # a teacher with another tokenizer: per group (docs/methods.md §14)
+        value, out = crosstok_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunked=loss.chunked,
+                                      chunk_size=loss.chunk_size)
+    elif loss.chunked:
         value, out = chunked_kd_loss(hidden, head, labels, signal, num_tokens, spec, chunk_size=loss.chunk_size,
                                      top1_stats=False)
     else:
@@ -557,7 +568,8 @@ def _open_models(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
         cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path, loss=cfg.loss.spec(),
         seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy, device=accelerator.device, student=student,
         optimizer_for=functools.partial(make_optimizer, cfg=cfg),
-        model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm))
+        model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm),
+        crosstok=cfg.loss.crosstok, cache_dir=cfg.out_dir)
     hidden = hidden_state_loss(cfg.loss.hidden, student, teacher, cfg.train.seed) if cfg.loss.hidden else None
     source = source_type(cfg.train.batches)
     source.check_teacher(cfg.train.batches, TeacherView.of(teacher))  # before the data: a cache scores no new text

@@ -8,7 +8,8 @@
   :class:`MixtureSignal`).
 * :mod:`distill.losses.crosstok`: losses between a student and a teacher with another tokenizer, over groups of
   rows aligned at shared byte boundaries (:class:`AlignedGroups`): P-KL through a sparse projection
-  (:class:`Projection`), GOLD's hybrid over exact matches (:class:`ExactMatches`) and ULD, naive and chunked.
+  (:class:`Projection`), GOLD's hybrid over exact matches (:class:`ExactMatches`) and ULD, naive and chunked;
+  :func:`crosstok_kd_loss`, a micro-batch's whole loss toward such a teacher (:class:`CrossTokSignal`).
 
 Every public name is importable from ``distill.losses``.
 """
@@ -31,9 +32,11 @@ from distill.losses.crosstok import (
     CROSSTOK_METHODS,
     AlignedGroups,
     CrossTokMethod,
+    CrossTokSignal,
     ExactMatches,
     Projection,
     chunked_crosstok_loss,
+    crosstok_kd_loss,
     group_divergence,
     group_logprobs,
     naive_crosstok_loss,
@@ -72,6 +75,7 @@ __all__ = [
     "OBJECTIVES",
     "AlignedGroups",
     "CrossTokMethod",
+    "CrossTokSignal",
     "DenseSignal",
     "Divergence",
     "ExactMatches",
@@ -86,6 +90,7 @@ __all__ = [
     "TeacherSignal",
     "chunked_crosstok_loss",
     "chunked_kd_loss",
+    "crosstok_kd_loss",
     "cross_entropy_per_token",
     "default_memory_budget",
     "divergence_from_logprobs",

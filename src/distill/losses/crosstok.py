@@ -32,13 +32,19 @@ checkpointing, so no (rows, V) tensor of either vocabulary exists beyond one chu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from distill.losses.chunked import DEFAULT_MEMORY_BUDGET_BYTES, DenseSignal, LinearHead
+from distill.losses.chunked import (
+    DEFAULT_MEMORY_BUDGET_BYTES,
+    DenseSignal,
+    LinearHead,
+    chunked_kd_loss,
+    naive_kd_loss,
+)
 from distill.losses.divergences import FORWARD_KL, LossSpec, divergence_from_logprobs, tempered
 
 CrossTokMethod = Literal["pkl", "gold", "uld"]
@@ -298,3 +304,69 @@ def chunked_crosstok_loss(
     if not out:
         return student_hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
+
+
+@dataclass
+class CrossTokSignal:
+    """A teacher with another tokenizer, as the training loss reads it: its final hidden states over its own
+    rows and its output layer (``teacher``, N_t rows), the groups of both sides' rows, the method, and W and the
+    exact matches (``projection`` is also what the logged KL reads, whatever the method)."""
+
+    teacher: DenseSignal
+    groups: AlignedGroups
+    method: CrossTokMethod
+    projection: Projection
+    matches: ExactMatches
+
+
+def crosstok_kd_loss(
+    student_hidden: torch.Tensor,
+    student_head: LinearHead,
+    labels: torch.Tensor,
+    signal: CrossTokSignal,
+    num_tokens: int | float | torch.Tensor,
+    spec: LossSpec = FORWARD_KL,
+    *,
+    chunked: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's loss toward a teacher with another tokenizer: ``alpha * CE(labels) / num_tokens + (1 -
+    alpha) * s * Σ_groups D / num_tokens`` (``s = T^2`` with ``t2_scale``), the CE over the student's own
+    supervised rows and D the per-group divergence of ``signal.method`` (docs/methods.md §14).
+
+    student_hidden (N_s, H) and labels (N_s,) as for :func:`~distill.losses.chunked.chunked_kd_loss`;
+    ``chunked``: the memory-efficient path (else materialized logits, the reference). Returns ``(loss,
+    stats)``, stats detached: ``ce_sum`` and ``count`` over the supervised student tokens, ``div_sum`` (the
+    per-group divergences summed) and ``kl_sum`` (pkl's forward KL at T summed over the groups, whatever the
+    method: with one tokenizer on both sides it is the ordinary KL)."""
+    ce_spec = replace(spec, alpha=1.0)
+    if chunked:
+        ce, stats = chunked_kd_loss(student_hidden, student_head, labels, None, num_tokens, ce_spec,
+                                    chunk_size=chunk_size, top1_stats=False)
+    else:
+        ce = naive_kd_loss(student_hidden, student_head, labels, None, num_tokens, ce_spec)
+        with torch.no_grad():
+            _, stats = chunked_kd_loss(student_hidden.detach(), student_head, labels, None, num_tokens, ce_spec,
+                                       top1_stats=False)
+    per_group = _group_loss(student_hidden, student_head, signal, signal.method, spec, chunked)
+    stats["div_sum"] = per_group.detach().double().sum()
+    if signal.method == "pkl" and spec.is_forward_kl:
+        stats["kl_sum"] = stats["div_sum"]
+    else:
+        with torch.no_grad():
+            kl = _group_loss(student_hidden.detach(), student_head, signal, "pkl",
+                             replace(spec, divergence="forward_kl"), chunked)
+        stats["kl_sum"] = kl.double().sum()
+    total = per_group.sum() if per_group.numel() else student_hidden.sum() * 0.0
+    loss = ce if spec.alpha == 1.0 else spec.alpha * ce + (1.0 - spec.alpha) * spec.scale * total / num_tokens
+    return loss, stats
+
+
+def _group_loss(student_hidden: torch.Tensor, student_head: LinearHead, signal: CrossTokSignal,
+                method: CrossTokMethod, spec: LossSpec, chunked: bool) -> torch.Tensor:
+    """The per-group divergence (G,) of ``method``, chunked or from materialized logits."""
+    kw = dict(projection=signal.projection, matches=signal.matches)
+    if chunked:
+        return chunked_crosstok_loss(student_hidden, student_head, signal.teacher, signal.groups, method, spec, **kw)
+    teacher_logits = signal.teacher.head.logits(signal.teacher.hidden.detach())
+    return naive_crosstok_loss(student_head.logits(student_hidden), teacher_logits, signal.groups, method, spec, **kw)

@@ -11,6 +11,10 @@ them); the model behind a teacher is an engine (:mod:`distill.engines`), in this
   final hidden states and output layer (:class:`distill.losses.chunked.DenseSignal`; the loss forms the logits
   a chunk of rows at a time). Server: sparse signal, scored on token ids: its top-k and the realized token at
   the loss temperature, and the tail mass.
+* :class:`~distill.teachers.crosstok.CrossTokTeacher` (a live teacher with ``loss.crosstok``): a teacher with a
+  tokenizer of its own, scoring its tokenization of each batch; its signal
+  (:class:`distill.losses.CrossTokSignal`) is compared with the student's over byte-aligned groups
+  (docs/methods.md §14). Evaluation measures no distance to it (it covers no eval split).
 * :class:`~distill.teachers.cached.CachedTeacher` (``teacher: {cache: DIR}``): targets captured by
   ``distill cache``. Sparse signal: ids + probabilities, with or without the tail mass
   (:class:`distill.losses.SparseTarget`).
@@ -74,6 +78,7 @@ from distill.losses import HiddenStateLoss, LossSpec, uniform_layer_map
 from distill.models import check_tokenizers_agree, load_model, load_tokenizer, resolve_vocab
 from distill.teachers.base import HiddenStates, Teacher
 from distill.teachers.cached import CachedTeacher
+from distill.teachers.crosstok import CrossTokTeacher, projection_dir
 from distill.teachers.engine import EngineTeacher
 from distill.teachers.mixture import MixtureTeacher
 from distill.teachers.peers import PeersTeacher
@@ -100,13 +105,17 @@ def open_teacher(
     field: str = "teacher",
     optimizer_for=None,
     model_step=None,
+    crosstok: str | None = None,
+    cache_dir: str | None = None,
 ) -> tuple[Teacher | None, LoopHook | None]:
     """The teacher a config describes, checked against this run (tokenizer, vocabulary, sequence length,
     temperature, divergence), on ``device``, and the loop hook it needs from the training run (None for a
     teacher that does not change the loop); (None, None) for ``teacher: null``. ``student``: the model being
     trained (self-distillation copies it; a LoRA student's base is it); co-distillation's peers train beside
     it, each with ``optimizer_for(model) -> (optimizer, scheduler)`` and the run's ``model_step``
-    (:class:`distill.training_hooks.PeersHook`)."""
+    (:class:`distill.training_hooks.PeersHook`). ``crosstok``: ``loss.crosstok``, a live teacher then keeps its
+    own tokenizer (:class:`~distill.teachers.crosstok.CrossTokTeacher`, W cached under ``cache_dir``'s
+    ``crosstok/`` or ``$DISTILL_CACHE/crosstok``)."""
     if spec is None:
         return None, None
     if isinstance(spec, PeersTeacherSpec):
@@ -129,10 +138,24 @@ def open_teacher(
     if isinstance(spec, ServerTeacherSpec):
         return EngineTeacher(open_engine(spec, tokenizer, temperature=loss.temperature), "server"), None
     teacher_tok = load_tokenizer(spec, field)
-    check_tokenizers_agree(tokenizer, teacher_tok, student_ref, spec.tokenizer or spec.path)
+    if crosstok is None:
+        _same_tokenizer(tokenizer, teacher_tok, student_ref, spec.tokenizer or spec.path, field)
     engine = open_engine(spec, teacher_tok, field=field, vocab_policy=vocab_policy, device=device,
                          sharded=sharding.is_sharded())
+    if crosstok is not None:
+        return CrossTokTeacher(engine, tokenizer, teacher_tok, crosstok, projection_dir(cache_dir)), None
     return EngineTeacher(engine, "live"), None
+
+
+def _same_tokenizer(tokenizer, teacher_tok, student_ref: str, teacher_ref: str, field: str) -> None:
+    try:
+        check_tokenizers_agree(tokenizer, teacher_tok, student_ref, teacher_ref)
+    except ValueError as exc:
+        if field != "teacher":
+            raise
+        raise ValueError(f"{exc} A live teacher with another tokenizer trains with distill train when "
+                         "loss.crosstok is set (pkl, gold or uld; docs/cross_tokenizer.md); distill eval "
+                         "measures no distance to such a teacher (leave its teacher out).") from None
 
 
 def _mixture(spec: MixtureTeacherSpec, tokenizer, student_ref: str, loss: LossSpec, seq_len: int,

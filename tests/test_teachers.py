@@ -211,3 +211,50 @@ def check_state_round_trip(kind: str, teacher, hook, setting, batch) -> None:
     if kind == "peers":  # the schedule resumes at the kept step
         for (_, s1), (_, s2) in zip(hook.optimizers, fresh_hook.optimizers, strict=True):
             assert s1.last_epoch == s2.last_epoch == 1 and s1.get_last_lr() == s2.get_last_lr()
+
+
+def test_cross_tokenizer_teacher_keeps_what_applies(setting, tmp_path):
+    """A live teacher with its own tokenizer (loss.crosstok) keeps the protocol's members and capabilities, but
+    its signal is over its own rows and vocabulary, so the contract's row-for-row checks against the student's
+    batch do not apply. What does: it covers train and not eval (evaluation measures no distance to it), and
+    its signal's dense part has one row per next-token position of its own tokenization of the batch, whose
+    probabilities sum to 1 and equal the teacher model's on that tokenization (tokenized here from the text)."""
+    from distill.commands.quickstart import train_tokenizer
+    from distill.losses import CrossTokSignal
+
+    data = REPO / "configs" / "tiny" / "data" / "docstrings.jsonl"
+    bpe_dir = train_tokenizer(data, 400, tmp_path / "bpe")
+    tok, cfg = setting["tok"], setting["cfg"]
+    spec = cfg.teacher.model_copy(update={"tokenizer": str(bpe_dir)})
+    teacher, hook = open_teacher(spec, tokenizer=tok, student_ref="byte", loss=LossSpec(), seq_len=cfg.data.seq_len,
+                                 vocab_policy="truncate", device="cpu", crosstok="pkl", cache_dir=str(tmp_path))
+    assert hook is None
+    for name in (*Teacher.__annotations__, "signal", "covers", "describe"):
+        assert hasattr(teacher, name), name
+    for name in CAPABILITIES:
+        value = getattr(teacher, name)
+        assert value is None or callable(value) or isinstance(value, (HiddenStates, list, torch.nn.Module)), name
+    assert teacher.eval_estimates in ("exact", "topk_tail", "topk", "sampled") and teacher.eval_temperature > 0
+    assert isinstance(teacher.describe(), str) and "pkl" in teacher.describe()
+    assert teacher.covers("train") and not teacher.covers("eval")
+    batch = setting["batch"]
+    signal = teacher.signal(batch)
+    assert isinstance(signal, CrossTokSignal)
+    t_tok = teacher.tokenizer
+    model = teacher.model
+    start = 0
+    for b in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][b].sum())
+        text = tok.decode(batch["input_ids"][b, :n].tolist())
+        ids = torch.tensor([t_tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            want = torch.softmax(model(input_ids=ids).logits[0, :-1, :len(t_tok)].double(), -1)
+        width = signal.teacher.hidden.shape[0] // batch["input_ids"].shape[0]  # T_t - 1 rows per sequence
+        rows = signal.teacher.hidden[b * width:b * width + want.shape[0]]
+        got = torch.softmax(signal.teacher.head.logits(rows).double(), -1)
+        assert signal.teacher.head.num_classes == len(t_tok) != V
+        torch.testing.assert_close(got.sum(-1), torch.ones(len(got), dtype=torch.float64))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        start += want.shape[0]
+    assert start > 0
+    signal.groups.check()

@@ -172,3 +172,12 @@ def test_what_is_not_supported_across_tokenizers_is_refused(overrides, named):
     with pytest.raises(ConfigError, match="loss.crosstok=pkl") as info:
         load_config(TrainConfig, raw, overrides)
     assert named in str(info.value)
+
+
+def test_eval_refuses_a_teacher_with_another_tokenizer(tmp_path, bpe_dir):
+    """distill eval measures no distance to a teacher with another tokenizer: it says so, and what to do."""
+    result = run_cli_here("eval", str(REPO / "configs" / "tiny" / "eval.yaml"), f"out={tmp_path / 'eval.json'}",
+                          f"teacher.tokenizer={bpe_dir}", "speculative=null")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "distill eval measures no distance to such a teacher" in result.stderr
+    assert not (tmp_path / "eval.json").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli_here
+from conftest import REPO, crash_after_checkpoint, run_cli_here
 
 from distill.commands.quickstart import train_tokenizer
 from distill.config import ConfigError, ModelSpec, TrainConfig, load_config
@@ -181,3 +181,20 @@ def test_eval_refuses_a_teacher_with_another_tokenizer(tmp_path, bpe_dir):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "distill eval measures no distance to such a teacher" in result.stderr
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, bpe_dir, monkeypatch):
+    """The cross-tokenizer teacher keeps no state: a run stopped after its step-2 checkpoint and resumed (W read
+    back from its cache file) writes the same records as a run that was never stopped."""
+    common = [f"teacher.tokenizer={bpe_dir}", "train.max_steps=4", "checkpoint.every=2", "eval.every=0"]
+    whole = train(tmp_path / "whole", *common)
+    crash_after_checkpoint(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli_here("train", str(CONFIG), *quiet(tmp_path / "resumed"), *common)
+    monkeypatch.undo()
+    result = run_cli_here("train", str(CONFIG), *quiet(tmp_path / "resumed"), *common, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [json.loads(x) for x in (tmp_path / "resumed" / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "ce", "div", "kl", "grad_norm")
+    later = [{k: r[k] for k in keys} for r in resumed if r["split"] == "train" and r["step"] > 2]
+    assert later and later == [{k: r[k] for k in keys} for r in whole if r["split"] == "train" and r["step"] > 2]

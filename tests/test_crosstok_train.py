@@ -161,7 +161,7 @@ def test_another_tokenizer_without_the_setting_names_it(bpe_dir):
 @pytest.mark.parametrize(("overrides", "named"), [
     (["teacher=null"], "no teacher"),
     (["teacher.cache=runs/some_cache"], "teacher: {cache: ...}"),
-    (["train.batches=gkd", "data.packing=false"], "train.batches=gkd"),
+    (["train.batches=skd", "data.packing=false"], "train.batches=skd"),
     (["loss.hidden.weight=1.0"], "loss.hidden=null"),
     (["loss.divergence=sampled_reverse_kl"], "on-policy objective"),
 ])
@@ -198,3 +198,38 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, bpe_dir, monkeypatch)
     keys = ("step", "loss", "ce", "div", "kl", "grad_norm")
     later = [{k: r[k] for k in keys} for r in resumed if r["split"] == "train" and r["step"] > 2]
     assert later and later == [{k: r[k] for k in keys} for r in whole if r["split"] == "train" and r["step"] > 2]
+
+
+GKD = REPO / "configs" / "tiny" / "gkd.yaml"
+
+
+def train_gkd(tmp_path: Path, *overrides: str) -> list[dict]:
+    result = run_cli_here("train", str(GKD), *quiet(tmp_path), *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gkd_on_the_students_samples_with_one_tokenizer_against_the_ordinary_run(tmp_path):
+    """GKD's on-policy steps re-tokenize the student's own samples for the teacher. With the student's tokenizer
+    on both sides (and JSD, configs/tiny/gkd.yaml's divergence) every group is one token and its divergence the
+    ordinary one, so the runs agree until the first step on the student's samples. There, a random student's
+    bytes are not all valid UTF-8, and a sample's tokens from its first invalid byte on are in no group (they
+    keep their CE): the same CE, and no more divergence than the ordinary run's (the terms left out are >= 0)."""
+    cross = [r for r in train_gkd(tmp_path / "cross", "loss.crosstok=pkl") if r["split"] == "train"]
+    plain = [r for r in train_gkd(tmp_path / "plain") if r["split"] == "train"]
+    assert len(cross) == len(plain) == 8 and [r["on_policy"] for r in cross] == [r["on_policy"] for r in plain]
+    first = next(i for i, r in enumerate(plain) if r["on_policy"] == 1.0)
+    for a, b in zip(cross[:first], plain[:first], strict=True):
+        for key in ("loss", "ce", "div", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    a, b = cross[first], plain[first]
+    assert a["ce"] == pytest.approx(b["ce"], rel=1e-5)
+    assert 0 <= a["div"] <= b["div"] * (1 + 1e-5) and 0 <= a["kl"] <= b["kl"] * (1 + 1e-5)
+    assert a["div"] > 0  # the samples were scored (8 of them: all starting with an invalid byte is ~0.5^8)
+
+
+def test_gkd_from_a_bpe_teacher(tmp_path, bpe_dir):
+    records = train_gkd(tmp_path, f"teacher.tokenizer={bpe_dir}", "loss.crosstok=gold")
+    steps = [r for r in records if r["split"] == "train"]
+    assert sum(r["on_policy"] for r in steps) > 0
+    assert all(math.isfinite(r[k]) and r[k] >= 0 for r in steps for k in ("loss", "div", "kl"))

@@ -902,10 +902,10 @@ class TrainConfig(Section):
                              f"tokenizer: ...}} or {{config: ...}}), but the run has {kind}; cached, server and "
                              "mixed teachers are not supported across tokenizers: use a live teacher or set "
                              "loss.crosstok=null")
-        if not isinstance(self.train.batches, DatasetBatches):
-            raise ValueError(f"{what} trains on the dataset's examples only; train.batches="
-                             f"{self.train.batches.source} (the student's own samples) is not supported across "
-                             "tokenizers: set train.batches=dataset or loss.crosstok=null")
+        if not isinstance(self.train.batches, (DatasetBatches, GkdBatches)):
+            raise ValueError(f"{what} trains on the dataset's examples or GKD's mix of them and the student's own "
+                             f"samples (re-tokenized for the teacher); train.batches={self.train.batches.source} is not "
+                             "supported across tokenizers: set train.batches to dataset or gkd, or loss.crosstok=null")
         if self.loss.hidden is not None:
             raise ValueError(f"{what}: loss.hidden compares hidden states position by position, which two "
                              "tokenizations do not share; set loss.hidden=null")

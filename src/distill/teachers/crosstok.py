@@ -6,7 +6,8 @@ its own tokens (final hidden states and output layer, a dense signal over its ow
 the aligned groups of both sides' rows, the method, and W and the exact matches
 (:func:`distill.crosstok.load_projection`, cached on disk keyed by both tokenizers' fingerprints). Evaluation
 measures no distance to such a teacher: it covers no ``eval`` split (held-out CE, perplexity and calibration of
-the student are reported as without a teacher).
+the student are reported as without a teacher). Any student batch is re-tokenized alike: the dataset's
+examples and GKD's samples of the student (config.py refuses the other batch sources).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class CrossTokTeacher:
     eval_estimates = "exact"  # never read: it covers no eval split
     eval_temperature = 1.0
     max_positions = None  # the teacher's own length is checked on its tokens (signal)
-    scores_any_text = False  # trains on the dataset's examples only (config.py refuses other batch sources)
+    scores_any_text = True  # any student batch is re-tokenized, the student's own samples too
     states = None  # hidden states do not line up position by position across tokenizations
     corrector = None
     names = None

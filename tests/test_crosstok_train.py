@@ -67,10 +67,12 @@ def test_each_method_trains_a_byte_student_from_a_bpe_teacher(tmp_path, bpe_dir,
     assert list((tmp_path / "run" / "crosstok").glob("crosstok-*.safetensors"))  # W cached under out_dir
 
 
-def test_one_tokenizer_on_both_sides_equals_the_ordinary_run(tmp_path):
+@pytest.mark.parametrize("chunked", ["true", "false"])
+def test_one_tokenizer_on_both_sides_equals_the_ordinary_run(tmp_path, chunked):
     """With the student's tokenizer on both sides W is the identity and every group one token: pkl's loss is the
-    ordinary loss, computed another way (the groups, W, the per-group sum), so the runs agree step by step."""
-    common = ["teacher.tokenizer=byte", "train.max_steps=6"]
+    ordinary loss, computed another way (the groups, W, the per-group sum), so the runs agree step by step, on
+    the chunked path and on materialized logits."""
+    common = ["teacher.tokenizer=byte", "train.max_steps=6", f"loss.chunked={chunked}"]
     cross = train(tmp_path / "cross", *common, "loss.crosstok=pkl")
     plain = train(tmp_path / "plain", *common, "loss.crosstok=null")
     cross_train = [r for r in cross if r["split"] == "train"]

@@ -564,12 +564,7 @@ def _open_models(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
     if cfg.student.lora is not None:  # only the adapters train (distill/lora.py)
         student = lora.add_adapters(student, cfg.student.lora, seed=cfg.student.seed)
         logger.info("student: %s", lora.describe(student))
-    teacher, hook = open_teacher(
-        cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path, loss=cfg.loss.spec(),
-        seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy, device=accelerator.device, student=student,
-        optimizer_for=functools.partial(make_optimizer, cfg=cfg),
-        model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm),
-        crosstok=cfg.loss.crosstok, cache_dir=cfg.out_dir)
+    teacher, hook = open_run_teacher(cfg, tokenizer, student, accelerator.device)
     hidden = hidden_state_loss(cfg.loss.hidden, student, teacher, cfg.train.seed) if cfg.loss.hidden else None
     source = source_type(cfg.train.batches)
     source.check_teacher(cfg.train.batches, TeacherView.of(teacher))  # before the data: a cache scores no new text
@@ -577,6 +572,17 @@ def _open_models(cfg: TrainConfig, accelerator: Accelerator) -> tuple:
                 teacher.describe() if teacher is not None else "none (plain CE)",
                 cfg.loss.describe() if teacher is not None else "CE")
     return tokenizer, student, teacher, hook, hidden, source
+
+
+def open_run_teacher(cfg: TrainConfig, tokenizer, student, device) -> tuple:
+    """The run's teacher and its loop hook (:func:`distill.teachers.open_teacher` with the run's settings), as
+    training and the pre-flight report open it."""
+    return open_teacher(
+        cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path, loss=cfg.loss.spec(),
+        seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy, device=device, student=student,
+        optimizer_for=functools.partial(make_optimizer, cfg=cfg),
+        model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm),
+        crosstok=cfg.loss.crosstok, cache_dir=cfg.out_dir)
 
 
 def _read_data(cfg: TrainConfig, accelerator: Accelerator, tokenizer, student, teacher: Teacher | None) -> tuple:

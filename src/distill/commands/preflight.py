@@ -12,7 +12,6 @@ one batch per split before its first step. See ``docs/preflight.md`` and :mod:`d
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -23,8 +22,7 @@ from distill.config import TrainConfig
 from distill.data import build_datasets
 from distill.evaluation.preflight import measure, render
 from distill.models import has_accelerator, load_model, load_tokenizer, max_positions
-from distill.teachers import open_teacher
-from distill.training import make_optimizer, model_step
+from distill.training import open_run_teacher
 
 BATCHES = 4  # micro-batches per split: enough for a loss to two digits on small data, seconds on CPU
 
@@ -38,11 +36,7 @@ def main(cfg: TrainConfig, batches: int = BATCHES, json_out: str | Path | None =
     student = load_model(cfg.student, "student", tokenizer).to(device)
     if cfg.student.lora is not None:  # as the run trains it: a LoRA student's base can be its teacher
         student = lora.add_adapters(student, cfg.student.lora, seed=cfg.student.seed)
-    teacher, _ = open_teacher(
-        cfg.teacher, tokenizer=tokenizer, student_ref=cfg.student.tokenizer or cfg.student.path, loss=cfg.loss.spec(),
-        seq_len=cfg.data.seq_len, vocab_policy=cfg.loss.vocab_policy, device=device, student=student,
-        optimizer_for=functools.partial(make_optimizer, cfg=cfg),
-        model_step=functools.partial(model_step, loss=cfg.loss, max_grad_norm=cfg.optim.max_grad_norm))
+    teacher, _ = open_run_teacher(cfg, tokenizer, student, device)
     limits = [m for m in (max_positions(student), teacher and teacher.max_positions) if m]
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=min(limits) if limits else None)
     if teacher is not None and teacher.check_data is not None:

@@ -51,6 +51,10 @@ def vocabulary_fit(tokenizer, student, teacher, labels: torch.Tensor, vocab_poli
     out: dict = {"tokenizer": vocab, "sample_tokens": int(labels.numel()),
                  "distinct_sample_tokens": int(labels.unique().numel()), "vocab_policy": vocab_policy, "models": {}}
     models = {"student": student, "teacher": teacher.model if teacher is not None else None}
+    own = getattr(teacher, "tokenizer", None)  # a teacher with a vocabulary of its own (loss.crosstok)
+    if own is not None:
+        models["teacher"] = None
+        out["teacher_tokenizer"] = len(own)
     for name, model in models.items():
         if model is None:
             continue
@@ -243,7 +247,8 @@ def render(report: dict) -> list[str]:
                      f"gap {_num(s.get('gap'))} over {stu['tokens'] if stu else tea['tokens'] if tea else 0} tokens")
         if "teacher" in s and tea is None:
             lines.append(f"  {split}: the teacher's signal does not hold every target's probability at temperature 1"
-                         " (sampled or top-k targets, a mixture, a teacher not speaking yet): its loss is not measured")
+                         " (sampled or top-k targets, a mixture, a teacher with another tokenizer, a teacher not speaking yet): its loss"
+                         " is not measured")
     v = report["vocabulary"]
     lines += ["", f"vocabulary: tokenizer {v['tokenizer']} tokens; the sample has {v['sample_tokens']} target tokens "
                   f"({v['distinct_sample_tokens']} distinct)"]
@@ -254,6 +259,9 @@ def render(report: dict) -> list[str]:
             note += f", {m['missing_rows']} tokenizer tokens without a row: training refuses this model"
         lines.append(f"  {name}: {m['output_rows']} output rows{note}; covers "
                      f"{v['sample_tokens'] - m['uncovered_sample_tokens']} of {v['sample_tokens']} sample tokens")
+    if "teacher_tokenizer" in v:
+        lines.append(f"  teacher: a tokenizer of its own, {v['teacher_tokenizer']} tokens (loss.crosstok: the text is "
+                     "re-tokenized for it; see the cross-tokenizer line of the run's log)")
     lines += ["", *_cost_lines(report), "", *expectation(report)]
     return lines
 

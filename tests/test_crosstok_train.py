@@ -185,6 +185,18 @@ def test_eval_refuses_a_teacher_with_another_tokenizer(tmp_path, bpe_dir):
     assert not (tmp_path / "eval.json").exists()
 
 
+def test_preflight_opens_the_cross_tokenizer_teacher_as_training_does(tmp_path, bpe_dir):
+    """distill preflight on a loss.crosstok config: the teacher of its own tokenizer is opened (not refused), its
+    vocabulary is reported as its own, and the pre-flight warning for numerals split differently is logged."""
+    result = run_cli_here("preflight", str(CONFIG), f"out_dir={tmp_path / 'run'}", f"teacher.tokenizer={bpe_dir}",
+                          "--json", str(tmp_path / "preflight.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "preflight.json").read_text())
+    assert report["vocabulary"]["teacher_tokenizer"] == len(load_tokenizer(ModelSpec(path=str(bpe_dir)), "t")) == 512
+    assert "teacher" not in report["vocabulary"]["models"]  # its rows are not measured against the student's tokens
+    assert "the student splits" in result.stderr  # a numeral the two tokenizers split differently
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, bpe_dir, monkeypatch):
     """The cross-tokenizer teacher keeps no state: a run stopped after its step-2 checkpoint and resumed (W read
     back from its cache file) writes the same records as a run that was never stopped."""

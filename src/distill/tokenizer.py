@@ -56,7 +56,7 @@ QWEN2_SPLIT = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table, the alphabet ``pre_tokenizers.ByteLevel`` maps bytes to."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -71,7 +71,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """The built-in byte-level tokenizer: ids 0..255 are bytes, then the 7 special tokens (vocab 263)."""
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
     vocab = {byte_chars[b]: b for b in range(256)}
     # A BPE with no merges emits one token per (byte-level) character, i.e. one token per byte. The model's
     # settings, the normalizer and the pre-tokenizer are Qwen2Tokenizer's (see the module docstring).

@@ -22,21 +22,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.losses import IGNORE_INDEX, AlignedGroups
+from distill.tokenizer import bytes_to_unicode
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _gpt2_byte_decoder() -> dict[str, int]:
     """GPT-2's printable character -> byte (the inverse of the table ``pre_tokenizers.ByteLevel`` uses)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = {b: chr(b) for b in printable}
-    shift = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + shift)
-            shift += 1
-    return {c: b for b, c in chars.items()}
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _decoder_types(tok: PreTrainedTokenizerBase) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,23 @@ def kill_when(cmd: list[str], ready, *, env: dict | None = None, timeout: float 
     finally:
         (os.killpg if group else os.kill)(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models run fastest so, and a busy machine does not stall OpenMP
+    (a test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -32,14 +32,7 @@ from distill.data import build_datasets, collate
 from distill.losses import IGNORE_INDEX, SparseTarget, chunked_kd_loss, naive_kd_loss
 from distill.models import final_hidden, load_model, load_tokenizer, output_head
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny models are fastest so, and busy machines do not stall OpenMP."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def cfg_with(out: Path, *overrides: str) -> CacheConfig:

@@ -19,12 +19,7 @@ from distill.tokenizer import byte_tokenizer
 TINY_EVAL = REPO / "configs" / "tiny" / "eval.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

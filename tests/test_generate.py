@@ -34,13 +34,7 @@ TINY_GENERATE = REPO / "configs" / "tiny" / "generate.yaml"
 TINY_TRAIN = REPO / "configs" / "tiny" / "train.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode fastest on one thread (and do not stall when the other core is busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def tiny_model(seed: int = 0, vocab: int = 263, init: float = 0.2):

@@ -29,12 +29,7 @@ TINY = {"gkd": REPO / "configs" / "tiny" / "gkd.yaml", "skd": REPO / "configs" /
         "distillm": REPO / "configs" / "tiny" / "distillm.yaml"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def cfg_of(tmp_path: Path, method: str, *overrides: str) -> TrainConfig:

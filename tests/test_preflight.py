@@ -18,13 +18,7 @@ from distill.evaluation.preflight import render
 from distill.losses import IGNORE_INDEX
 from distill.models import load_model, load_tokenizer, save_pretrained
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def reference_loss(model, examples: list[dict]) -> tuple[float, int]:

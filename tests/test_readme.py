@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli_here
+from conftest import REPO, free_port, run_cli_here
 
 README = REPO / "README.md"
 
@@ -211,12 +210,6 @@ def test_seqkd_config_trains_on_a_generated_set():
 # ------------------------------------------------------------------------------------------- running it
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> int:
     with urllib.request.urlopen(url, timeout=30) as resp:
         return resp.status
@@ -292,7 +285,7 @@ def test_readme_runs_as_written(tmp_path, monkeypatch):
     work = tmp_path / "clone"
     shutil.copytree(REPO / "configs", work / "configs")
     monkeypatch.chdir(work)
-    port = _free_port()
+    port = free_port()
     servers: list[subprocess.Popen] = []
     t_all = time.perf_counter()
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli
+from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, free_port, run_cli
 
 from distill import training
 from distill.api import evaluate
@@ -38,12 +37,6 @@ from distill.tokenizer import byte_tokenizer
 TINY_SERVE = REPO / "configs" / "tiny" / "serve_teacher.yaml"
 TINY_EVAL = REPO / "configs" / "tiny" / "eval.yaml"
 V = 263
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(url: str, body: dict | str | None = None, headers: dict | None = None) -> tuple[int, dict]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, free_port
 from safetensors.torch import load_file
 
 from distill import training
@@ -30,18 +29,7 @@ TINY_SERVED = REPO / "configs" / "tiny" / "gkd_served.yaml"
 TIMING = {"tokens_per_s", "step_seconds", "gen_seconds", "train_seconds", "teacher_seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def start_server(model_dir: Path, port: int) -> subprocess.Popen:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -83,6 +90,75 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def http(url: str, body: dict | str | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """GET ``url`` (no body) or POST ``body`` as JSON; (status, the JSON answer), errors included."""
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
+                                 method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def start_server(model_dir: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """``distill serve MODEL_DIR --port PORT EXTRA`` as a subprocess, once ``/health`` answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(model_dir), "--port", str(port), *extra],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 90
+    while True:
+        try:
+            if http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                return proc
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"distill serve exited: {proc.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("distill serve did not come up")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def serving_in_process(model, tokenizer, name: str = "tiny", **engine_kwargs):
+    """``distill serve``'s app on ``model``, in this process (uvicorn on a thread); yields its URL and stops it
+    afterwards. ``engine_kwargs``: ``ServedModel``'s (``max_logprobs``, ``logprobs_mode``, ...)."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from distill.server.app import ServedModel, build_app
+
+    engine = ServedModel(model, tokenizer, name, **engine_kwargs)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the in-process server did not come up"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A stand-in HTTP server's handler: quiet, and ``_send`` answers a status with a JSON body."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 def free_port() -> int:

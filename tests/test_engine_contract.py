@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
 import yaml
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, JsonHandler, http, serving_in_process
 
 from distill.config import ModelSpec, ServerTeacherSpec
 from distill.engines import ServerEngine
@@ -35,15 +32,6 @@ MAX_LOGPROBS = 20  # vLLM's default --max-logprobs (vllm/config/model.py, ModelC
 MAX_LEN = 256  # the tiny teacher's max_position_embeddings
 
 
-def http(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 @pytest.fixture(scope="module")
 def model():
     spec = ModelSpec(**yaml.safe_load(TINY_TRAIN.read_text())["teacher"])
@@ -53,20 +41,8 @@ def model():
 @pytest.fixture(scope="module")
 def url(model):
     """``distill serve``'s app with vLLM's default cap, in this process (uvicorn on a thread)."""
-    uvicorn = pytest.importorskip("uvicorn")
-    from distill.server.app import ServedModel, build_app
-
-    engine = ServedModel(model, byte_tokenizer(), "tiny", max_logprobs=MAX_LOGPROBS)
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the in-process server did not come up"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving_in_process(model, byte_tokenizer(), "tiny", max_logprobs=MAX_LOGPROBS) as address:
+        yield address
 
 
 SEQ = [256, *b"def f(x): return x"]
@@ -325,22 +301,11 @@ def test_the_clients_sglang_path_scores_like_its_vllm_path(url):
 # such route (FastAPI's 404). A server answering so is what a teacher with ``signal: hidden`` meets on vLLM.
 
 
-class _LikeVLLM(BaseHTTPRequestHandler):
+class _LikeVLLM(JsonHandler):
     """No /v1/output_head (404), and completions that ignore ``return_hidden_states``; ``head``: a server that
     has the route (the refusal then comes from the completions)."""
 
     head = False
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):  # noqa: N802 (the standard library's name)
         if self.path == "/v1/output_head" and self.head:

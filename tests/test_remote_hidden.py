@@ -10,8 +10,6 @@ vocabulary's size, ``prompt_logprobs == -1`` too) and vllm/config/model.py, Mode
 from __future__ import annotations
 
 import json
-import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SMALL_DATA, TINY_TRAIN
+from conftest import REPO, SMALL_DATA, TINY_TRAIN, serving_in_process
 
 from distill import training
 from distill.config import ModelSpec, ServerTeacherSpec, TrainConfig, load_config
@@ -55,21 +53,6 @@ def teacher_dir(tmp_path_factory) -> Path:
     return out
 
 
-def start(model, max_logprobs: int):
-    uvicorn = pytest.importorskip("uvicorn")
-    from distill.server.app import ServedModel, build_app
-
-    engine = ServedModel(model, byte_tokenizer(), "tiny-teacher", max_logprobs=max_logprobs)
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the in-process server did not come up"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-
 @pytest.fixture(scope="module")
 def model(teacher_dir):
     return load_model(ModelSpec(path=str(teacher_dir)), "teacher").eval()
@@ -78,19 +61,15 @@ def model(teacher_dir):
 @pytest.fixture(scope="module")
 def url(model):
     """The teacher served with no cap (``distill serve --max-logprobs -1``)."""
-    server, thread, address = start(model, -1)
-    yield address
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving_in_process(model, byte_tokenizer(), "tiny-teacher", max_logprobs=-1) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
 def capped(model):
     """The teacher served with vLLM's default cap of 20."""
-    server, thread, address = start(model, 20)
-    yield address
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving_in_process(model, byte_tokenizer(), "tiny-teacher", max_logprobs=20) as address:
+        yield address
 
 
 def reference(model, seq: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

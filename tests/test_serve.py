@@ -12,8 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, SMALL_DATA, TINY_CACHE, TINY_TRAIN, free_port, run_cli
+from conftest import (
+    REPO,
+    SMALL_DATA,
+    TINY_CACHE,
+    TINY_TRAIN,
+    JsonHandler,
+    free_port,
+    http,
+    run_cli,
+    start_server,
+)
 
 from distill import training
 from distill.api import evaluate
@@ -37,36 +45,6 @@ from distill.tokenizer import byte_tokenizer
 TINY_SERVE = REPO / "configs" / "tiny" / "serve_teacher.yaml"
 TINY_EVAL = REPO / "configs" / "tiny" / "eval.yaml"
 V = 263
-
-
-def http(url: str, body: dict | str | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
-                                 method="GET" if body is None else "POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def start_server(model_dir: Path, port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(model_dir), "--port", str(port), *extra],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
-    while True:
-        try:
-            if http(f"http://127.0.0.1:{port}/health")[0] == 200:
-                return proc
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"distill serve exited: {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("distill serve did not come up")
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -326,21 +304,10 @@ def test_unusable_servers_are_refused_with_the_reason(tmp_path, server):
             "teacher.server=http://127.0.0.1:9", "teacher.retries=1", "teacher.timeout=2")]))
 
 
-class _Fake(BaseHTTPRequestHandler):
+class _Fake(JsonHandler):
     """A server that tokenizes like the byte tokenizer and scores in vLLM's shape, badly on purpose."""
 
     mode = "noisy"
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})

@@ -5,9 +5,7 @@ killed mid-run then ``--resume``."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, free_port
+from conftest import REPO, free_port, start_server
+from conftest import http as post
 from safetensors.torch import load_file
 
 from distill import training
@@ -30,25 +29,6 @@ TIMING = {"tokens_per_s", "step_seconds", "gen_seconds", "train_seconds", "teach
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
-
-
-def start_server(model_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", str(model_dir), "--port", str(port)],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return proc
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"distill serve exited: {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("distill serve did not come up")
-        time.sleep(0.2)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -95,15 +75,6 @@ def assert_same_records(a: list[dict], b: list[dict]) -> None:
         assert set(ra) == set(rb)
         for key in set(ra) - TIMING:
             assert ra[key] == (pytest.approx(rb[key], rel=1e-6, abs=1e-9) if isinstance(rb[key], float) else rb[key]), key
-
-
-def post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 # ------------------------------------------------------------------------------------------- the endpoint

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import copy
 import functools
-import threading
-import time
 
 import pytest
 import torch
-from conftest import REPO, SHARP_TEACHER, SMALL_CACHE, TINY_CACHE
+from conftest import REPO, SHARP_TEACHER, SMALL_CACHE, TINY_CACHE, serving_in_process
 
 from distill import training
 from distill.config import (
@@ -52,21 +50,9 @@ def setting(tiny_caches):
 @pytest.fixture(scope="module")
 def served(setting):
     """``distill serve``'s app on the same model, in this process (uvicorn on a thread)."""
-    uvicorn = pytest.importorskip("uvicorn")
-    from distill.server.app import ServedModel, build_app
-
-    engine = ServedModel(setting["model"], setting["tok"], "tiny", max_logprobs=300, logprobs_mode="processed")
-    server = uvicorn.Server(uvicorn.Config(build_app(engine), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the in-process server did not come up"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with serving_in_process(setting["model"], setting["tok"], "tiny", max_logprobs=300,
+                            logprobs_mode="processed") as address:
+        yield address
 
 
 def _probs(model, batch) -> torch.Tensor:

@@ -22,6 +22,7 @@ from distill.losses import (
     LinearHead,
     LossSpec,
     Projection,
+    SparseTarget,
     chunked_crosstok_loss,
     naive_crosstok_loss,
     token_divergence,
@@ -259,6 +260,114 @@ def test_chunked_equals_naive(method, chunk_groups):
     # logits only for a chunk's rows: one group has at most 2 rows a side, groups 0-2 have 4 student and 4
     # teacher rows, all four groups 6 student rows (row 4 is in none)
     assert CountingHead.most_rows == {1: 2, 3: 4, None: 6}[chunk_groups]
+
+
+def sparse_rows(zt: torch.Tensor, t: float, keep: list[list[int]]) -> SparseTarget:
+    """A server's answer for the teacher rows ``zt``: the ids ``keep[r]`` of row r with their probabilities at
+    T (the rest of the row unsent), padded to one width with probability 0 and id 0."""
+    probs = torch.softmax(zt.double() / t, -1)
+    width = max(len(k) for k in keep)
+    ids = torch.zeros(zt.shape[0], width, dtype=torch.long)
+    out = torch.zeros(zt.shape[0], width, dtype=zt.dtype)
+    for r, k in enumerate(keep):
+        ids[r, :len(k)], out[r, :len(k)] = torch.tensor(k), probs[r, k].to(zt.dtype)
+    return SparseTarget(ids, out)
+
+
+def ref_sparse_loss(method, zs, zt, groups, keep, kind="forward_kl", t=1.0, w_dense=None, pairs=None):
+    """ref_loss with a teacher that sent only ids ``keep[r]`` of each row r, at their probabilities under the
+    whole softmax: pkl and gold's divergence run over the teacher tokens it sent (each side renormalized over
+    them; none: 0), ULD's vectors hold 0 where it sent nothing; a later row's label is always among what it
+    sent (the realized token), so e^c is the dense one."""
+    s = ref_group_dists(zs, groups.student_group.tolist(), groups.student_labels.tolist(), groups.num_groups, t)
+    t_rows = groups.teacher_group.tolist()
+    te = ref_group_dists(zt, t_rows, groups.teacher_labels.tolist(), groups.num_groups, t)
+
+    def norm(xs):
+        return [x / sum(xs) for x in xs]
+
+    out = []
+    for g, ((qs, es), (pt, et)) in enumerate(zip(s, te, strict=True)):
+        sent = set(keep[t_rows.index(g)])
+        pt = [x if j in sent else 0.0 for j, x in enumerate(pt)]
+        if method == "uld":
+            out.append(ref_sorted_l1([es * x for x in qs] + [1 - es], [et * x for x in pt] + [1 - et]))
+        elif method == "pkl":
+            support = [j for j in sent if any(w_dense[i][j] > 0 for i in range(len(qs)))]
+            q = norm([sum(qs[i] * w_dense[i][j] for i in range(len(qs))) for j in support])
+            out.append(ref_divergence(norm([pt[j] for j in support]), q, kind) if support else 0.0)
+        else:  # gold
+            kept = [(i, j) for i, j in pairs if j in sent]
+            matched = ref_divergence(norm([pt[j] for _, j in kept]), norm([qs[i] for i, _ in kept]), kind) if kept else 0.0
+            s_rest = [es * qs[i] for i in range(len(qs)) if all(i != a for a, _ in pairs)]
+            t_rest = [et * pt[j] for j in range(len(pt)) if all(j != b for _, b in pairs)]
+            out.append(matched + ref_sorted_l1(s_rest, t_rest))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", KL_LIKE)
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_sparse_teacher_with_every_id_equals_the_dense_one(kind, temperature):
+    """A server that sends every id (top_k: all) at T gives the dense teacher's loss, for every method."""
+    zs, zt, groups, projection, _, matches, _ = cross_case(seed=6)
+    spec = LossSpec(divergence=kind, temperature=temperature)
+    every = sparse_rows(zt, temperature, [list(range(5))] * 5)
+    for method in ("pkl", "gold", "uld"):
+        dense = naive_crosstok_loss(zs, zt, groups, method, spec, projection=projection, matches=matches)
+        sparse = naive_crosstok_loss(zs, every, groups, method, spec, projection=projection, matches=matches)
+        torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
+
+
+# Rows 0..4 of cross_case's teacher; group firsts are rows 0, 1, 2, 4. Row 3 (group 2's later row, label 3)
+# sends its label. Row 1 sends none of the ids pkl's W reaches in a way that leaves group 1 something.
+TOP2 = [[0, 3], [4, 1], [1, 4], [3, 2], [2, 0]]
+
+
+@pytest.mark.parametrize("kind", KL_LIKE)
+@pytest.mark.parametrize("method", ["pkl", "gold", "uld"])
+def test_sparse_top_k_teacher_against_reference(kind, method):
+    zs, zt, groups, projection, w_dense, matches, pairs = cross_case(seed=7)
+    spec = LossSpec(divergence=kind, temperature=1.3)
+    got = naive_crosstok_loss(zs, sparse_rows(zt, 1.3, TOP2), groups, method, spec, projection=projection,
+                              matches=matches)
+    want = ref_sparse_loss(method, zs, zt, groups, TOP2, kind, 1.3, w_dense, pairs)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    dense = naive_crosstok_loss(zs, zt, groups, method, spec, projection=projection, matches=matches)
+    assert float((got - dense).abs().max()) > 1e-3  # what the server did not send changes the loss
+
+
+def test_sparse_teacher_naming_nothing_compared_gives_zero_and_finite_gradients():
+    """A group whose first teacher row sent none of the tokens the divergence runs over compares nothing."""
+    zs, zt, groups, projection, _, matches, _ = cross_case(seed=8)
+    keep = [[3], [1], [2], [3], [4]]  # row 0 (group 0's first) sends only token 3, which no exact match names
+    target = sparse_rows(zt, 1.0, keep)
+    a = zs.clone().requires_grad_()
+    got = naive_crosstok_loss(a, target, groups, "gold", projection=projection, matches=matches)
+    want = ref_sparse_loss("gold", zs, zt, groups, keep, pairs=[(0, 0), (2, 2), (4, 1)])
+    torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)  # group 0: the sorted L1 alone
+    got.sum().backward()
+    assert torch.isfinite(a.grad).all()
+    b = zs.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: naive_crosstok_loss(x, target, groups, "gold", projection=projection, matches=matches), (b,))
+
+
+@pytest.mark.parametrize("method", ["pkl", "gold", "uld"])
+def test_chunked_equals_naive_for_a_sparse_teacher(method):
+    zs, zt, groups, projection, _, matches, _ = cross_case(seed=9, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    h_s, w_s = torch.randn(7, 8, generator=g, requires_grad=True), torch.randn(6, 8, generator=g, requires_grad=True)
+    proj32 = Projection(projection.ids, projection.weights.float(), 5)
+    target = sparse_rows(zt, 1.5, TOP2)
+    spec = LossSpec(temperature=1.5)
+    naive = naive_crosstok_loss(h_s @ w_s.T, target, groups, method, spec, projection=proj32, matches=matches)
+    grads = torch.autograd.grad(naive.sum(), (h_s, w_s))
+    for chunk_groups in (1, 3, None):
+        chunked = chunked_crosstok_loss(h_s, LinearHead(w_s), target, groups, method, spec, projection=proj32,
+                                        matches=matches, chunk_groups=chunk_groups)
+        torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-6)
+        for a, b in zip(torch.autograd.grad(chunked.sum(), (h_s, w_s)), grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_refusals():

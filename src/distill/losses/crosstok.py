@@ -25,6 +25,13 @@ cannot name (a teacher token W never reaches, an unmatched token) is left out ra
 nothing, and a tail is never compared with a side whose tail is exactly zero (a group of one token), which
 would make a KL infinite. The later rows enter through ULD's terms (and through the cross-entropy).
 
+A sparse teacher (a server's top-k log-probabilities and the realized token, :class:`SparseTarget`) names
+only the ids it sent: its other ids are -inf (:func:`sparse_logprobs`). ``pkl`` and ``gold``'s divergence
+then run over the teacher tokens it named (each side renormalized over them, as above: the biased top-k
+convention of a cache without its tail), and ULD's vectors have zeros where it sent nothing. The later rows
+need only their labels' log-probabilities, which a server always sends (the realized token). With every id
+sent (``top_k: all``) this is the dense computation, to rounding.
+
 Each function returns the divergence **per group** (no T² factor, no reduction). :func:`chunked_crosstok_loss`
 computes it from final hidden states and output layers a chunk of groups at a time under activation
 checkpointing, so no (rows, V) tensor of either vocabulary exists beyond one chunk, in forward or backward.
@@ -32,6 +39,7 @@ checkpointing, so no (rows, V) tensor of either vocabulary exists beyond one chu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
@@ -45,7 +53,7 @@ from distill.losses.chunked import (
     chunked_kd_loss,
     naive_kd_loss,
 )
-from distill.losses.divergences import FORWARD_KL, LossSpec, divergence_from_logprobs, tempered
+from distill.losses.divergences import FORWARD_KL, LossSpec, SparseTarget, divergence_from_logprobs, tempered
 
 CrossTokMethod = Literal["pkl", "gold", "uld"]
 CROSSTOK_METHODS: tuple[str, ...] = get_args(CrossTokMethod)
@@ -156,6 +164,20 @@ def _normalized(classes: torch.Tensor) -> torch.Tensor:
     return classes - torch.logsumexp(classes, dim=-1, keepdim=True)
 
 
+def _compared(s_classes: torch.Tensor, t_classes: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """``spec``'s divergence (G,) between two sides' log-masses over some classes (G, C), each side renormalized
+    over the classes the teacher names: every class of a dense teacher; of a sparse one (a server's top-k) the
+    ids it sent, a finite entry (:func:`sparse_logprobs`). A group where it names none compares nothing (0)."""
+    known = t_classes > -math.inf
+    if bool(known.all()):
+        return _divergence(_normalized(s_classes), _normalized(t_classes), spec)
+    named = known.any(-1, keepdim=True)
+    t = torch.where(named, t_classes, torch.zeros_like(t_classes))
+    s = torch.where(known | ~named, s_classes, torch.full_like(s_classes, -math.inf))
+    value = _divergence(_normalized(s), _normalized(t), spec)
+    return torch.where(named.squeeze(-1), value, torch.zeros_like(value))
+
+
 def _pkl(s_logp, t_logp, spec: LossSpec, projection: Projection) -> torch.Tensor:
     support = projection.support().to(s_logp.device)
     m = s_logp.detach().amax(-1, keepdim=True)
@@ -165,18 +187,14 @@ def _pkl(s_logp, t_logp, spec: LossSpec, projection: Projection) -> torch.Tensor
     if not everything:
         pushed = pushed[:, support]
     tiny = torch.finfo(pushed.dtype).tiny
-    lq = _normalized(pushed.clamp_min(tiny).log() + m)
-    lp = _normalized(t_logp if everything else t_logp[:, support])
-    return _divergence(lq, lp, spec)
+    return _compared(pushed.clamp_min(tiny).log() + m, t_logp if everything else t_logp[:, support], spec)
 
 
 def _gold(s_logp, s_c, t_logp, t_c, spec: LossSpec, matches: ExactMatches) -> torch.Tensor:
     s_ids, t_ids = matches.student_ids.to(s_logp.device), matches.teacher_ids.to(s_logp.device)
     s_rest = torch.ones(s_logp.shape[-1], dtype=torch.bool, device=s_logp.device).index_fill_(0, s_ids, False)
     t_rest = torch.ones(t_logp.shape[-1], dtype=torch.bool, device=t_logp.device).index_fill_(0, t_ids, False)
-    lq = _normalized(s_logp[:, s_ids])
-    lp = _normalized(t_logp[:, t_ids])
-    matched = _divergence(lq, lp, spec)
+    matched = _compared(s_logp[:, s_ids], t_logp[:, t_ids], spec)
     if not bool(s_rest.any()) and not bool(t_rest.any()):
         return matched
     s_un = (s_logp[:, s_rest] + s_c.unsqueeze(-1)).exp()
@@ -225,17 +243,32 @@ def group_divergence(
     raise ValueError(f"unknown cross-tokenizer loss {method!r}; choose one of {', '.join(CROSSTOK_METHODS)}")
 
 
+def sparse_logprobs(target: SparseTarget, num_classes: int) -> torch.Tensor:
+    """(R, V) log-probabilities of a sparse teacher's R rows (a server's top-k and realized token, at the
+    temperature it scored at): its entries' values, -inf at every id it did not send (its padding, ``probs``
+    0, included)."""
+    ids, probs = target.ids, target.probs
+    real = probs > 0
+    columns = torch.where(real, ids, torch.full_like(ids, num_classes))  # padding lands in a column dropped below
+    values = torch.where(real, probs.clamp_min(torch.finfo(probs.dtype).tiny).log(),
+                         torch.full_like(probs, -math.inf))
+    out = torch.full((ids.shape[0], num_classes + 1), -math.inf, dtype=probs.dtype, device=probs.device)
+    return out.scatter_(1, columns, values)[:, :num_classes]
+
+
 def group_logprobs(logits: torch.Tensor, group: torch.Tensor, labels: torch.Tensor, num_groups: int,
-                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   temperature: float, *, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One side's parts of each group from its rows' logits (R, V), their groups (R,) in [0, num_groups)
     or -1, ascending, and their labels (R,): the first row's log-probabilities (G, V) and the later labels'
-    summed log-probabilities c (G,), both at temperature T."""
+    summed log-probabilities c (G,), both at temperature T. ``normalized``: the rows are log-probabilities
+    already, at the temperature they were scored at (a sparse teacher's, :func:`sparse_logprobs`)."""
     inside = group >= 0
     rows = inside.nonzero().squeeze(1)
     g = group[rows]
     first = torch.ones_like(g, dtype=torch.bool)
     first[1:] = g[1:] != g[:-1]
-    logp = torch.log_softmax(tempered(logits.index_select(0, rows), temperature), dim=-1)
+    picked = logits.index_select(0, rows)
+    logp = picked if normalized else torch.log_softmax(tempered(picked, temperature), dim=-1)
     first_logp = logp[first]
     later = ~first
     label_logp = logp[later].gather(-1, labels[rows][later].unsqueeze(-1)).squeeze(-1)
@@ -243,17 +276,29 @@ def group_logprobs(logits: torch.Tensor, group: torch.Tensor, labels: torch.Tens
     return first_logp, c
 
 
-def naive_crosstok_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, groups: AlignedGroups,
-                        method: CrossTokMethod, spec: LossSpec = FORWARD_KL, *, projection: Projection | None = None,
-                        matches: ExactMatches | None = None) -> torch.Tensor:
-    """Reference: the per-group divergence (G,) from materialized logits (N_s, V_s) and (N_t, V_t)."""
+def naive_crosstok_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | SparseTarget,
+                        groups: AlignedGroups, method: CrossTokMethod, spec: LossSpec = FORWARD_KL, *,
+                        projection: Projection | None = None, matches: ExactMatches | None = None,
+                        teacher_vocab: int | None = None) -> torch.Tensor:
+    """Reference: the per-group divergence (G,) from materialized logits (N_s, V_s) and (N_t, V_t), or a sparse
+    teacher's N_t rows (its ``teacher_vocab`` ids, default: W's)."""
     groups.check()
     s_logp, s_c = group_logprobs(student_logits, groups.student_group, groups.student_labels, groups.num_groups,
                                  spec.temperature)
     with torch.no_grad():
-        t_logp, t_c = group_logprobs(teacher_logits, groups.teacher_group, groups.teacher_labels,
-                                     groups.num_groups, spec.temperature)
+        sparse = isinstance(teacher_logits, SparseTarget)
+        rows = sparse_logprobs(teacher_logits, _teacher_vocab(teacher_vocab, projection)) if sparse else teacher_logits
+        t_logp, t_c = group_logprobs(rows, groups.teacher_group, groups.teacher_labels, groups.num_groups,
+                                     spec.temperature, normalized=sparse)
     return group_divergence(s_logp, s_c, t_logp, t_c, method, spec, projection=projection, matches=matches)
+
+
+def _teacher_vocab(teacher_vocab: int | None, projection: Projection | None) -> int:
+    if teacher_vocab is not None:
+        return teacher_vocab
+    if projection is None:
+        raise ValueError("a sparse teacher's rows need the teacher's vocabulary size (teacher_vocab or W)")
+    return projection.num_teacher
 
 
 def _rows_of(group: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
@@ -263,7 +308,7 @@ def _rows_of(group: torch.Tensor, g0: int, g1: int) -> torch.Tensor:
 def chunked_crosstok_loss(
     student_hidden: torch.Tensor,
     student_head: LinearHead,
-    teacher: DenseSignal,
+    teacher: DenseSignal | SparseTarget,
     groups: AlignedGroups,
     method: CrossTokMethod,
     spec: LossSpec = FORWARD_KL,
@@ -271,16 +316,21 @@ def chunked_crosstok_loss(
     projection: Projection | None = None,
     matches: ExactMatches | None = None,
     chunk_groups: int | None = None,
+    teacher_vocab: int | None = None,
 ) -> torch.Tensor:
     """The per-group divergence (G,) from the student's final hidden states (N_s, H) and output layer and a
-    teacher's (:class:`DenseSignal`, N_t rows), ``chunk_groups`` groups at a time.
+    teacher's N_t rows: its final hidden states and output layer (:class:`DenseSignal`), or a server's top-k
+    log-probabilities over ``teacher_vocab`` ids (default: W's; :class:`SparseTarget`, at the temperature it
+    scored at), ``chunk_groups`` groups at a time.
 
     Each chunk forms the logits of its own rows only, inside :func:`torch.utils.checkpoint.checkpoint`: nothing
     V-sized is kept between chunks, and backward recomputes one chunk at a time (the teacher's logits too, a
     constant). The value and gradients equal :func:`naive_crosstok_loss` on materialized logits.
     """
     groups.check()
-    v_s, v_t = student_head.num_classes, teacher.head.num_classes
+    sparse = isinstance(teacher, SparseTarget)
+    v_s = student_head.num_classes
+    v_t = _teacher_vocab(teacher_vocab, projection) if sparse else teacher.head.num_classes
     if chunk_groups is None:  # each row: its logits and about four V-sized temporaries, both sides
         chunk_groups = max(1, DEFAULT_MEMORY_BUDGET_BYTES // (4 * 5 * (v_s + v_t)))
     if chunk_groups < 1:
@@ -291,12 +341,13 @@ def chunked_crosstok_loss(
         s_rows, t_rows = _rows_of(groups.student_group, g0, g1), _rows_of(groups.teacher_group, g0, g1)
         s_group, s_lab = groups.student_group[s_rows] - g0, groups.student_labels[s_rows]
         t_group, t_lab = groups.teacher_group[t_rows] - g0, groups.teacher_labels[t_rows]
-        t_hidden = teacher.rows(t_rows).detach()
+        t_part = teacher[t_rows] if sparse else teacher.rows(t_rows).detach()
 
-        def chunk(h_s, s_group=s_group, s_lab=s_lab, t_hidden=t_hidden, t_group=t_group, t_lab=t_lab, n=g1 - g0):
+        def chunk(h_s, s_group=s_group, s_lab=s_lab, t_part=t_part, t_group=t_group, t_lab=t_lab, n=g1 - g0):
             s_logp, s_c = group_logprobs(student_head.logits(h_s), s_group, s_lab, n, spec.temperature)
             with torch.no_grad():
-                t_logp, t_c = group_logprobs(teacher.head.logits(t_hidden), t_group, t_lab, n, spec.temperature)
+                rows = sparse_logprobs(t_part, v_t) if sparse else teacher.head.logits(t_part)
+                t_logp, t_c = group_logprobs(rows, t_group, t_lab, n, spec.temperature, normalized=sparse)
             return group_divergence(s_logp, s_c, t_logp, t_c, method, spec, projection=projection, matches=matches)
 
         h_s = student_hidden.index_select(0, s_rows)
@@ -308,11 +359,12 @@ def chunked_crosstok_loss(
 
 @dataclass
 class CrossTokSignal:
-    """A teacher with another tokenizer, as the training loss reads it: its final hidden states over its own
-    rows and its output layer (``teacher``, N_t rows), the groups of both sides' rows, the method, and W and the
-    exact matches (``projection`` is also what the logged KL reads, whatever the method)."""
+    """A teacher with another tokenizer, as the training loss reads it: its N_t rows over its own tokens
+    (``teacher``: its final hidden states and output layer, or a server's top-k log-probabilities), the groups
+    of both sides' rows, the method, and W and the exact matches (``projection`` is also what the logged KL
+    reads, whatever the method, and gives the teacher's vocabulary size)."""
 
-    teacher: DenseSignal
+    teacher: DenseSignal | SparseTarget
     groups: AlignedGroups
     method: CrossTokMethod
     projection: Projection
@@ -368,5 +420,6 @@ def _group_loss(student_hidden: torch.Tensor, student_head: LinearHead, signal: 
     kw = dict(projection=signal.projection, matches=signal.matches)
     if chunked:
         return chunked_crosstok_loss(student_hidden, student_head, signal.teacher, signal.groups, method, spec, **kw)
-    teacher_logits = signal.teacher.head.logits(signal.teacher.hidden.detach())
+    teacher = signal.teacher
+    teacher_logits = teacher if isinstance(teacher, SparseTarget) else teacher.head.logits(teacher.hidden.detach())
     return naive_crosstok_loss(student_head.logits(student_hidden), teacher_logits, signal.groups, method, spec, **kw)

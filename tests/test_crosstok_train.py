@@ -162,7 +162,7 @@ def test_another_tokenizer_without_the_setting_names_it(bpe_dir):
 
 @pytest.mark.parametrize(("overrides", "named"), [
     (["teacher=null"], "no teacher"),
-    (["teacher.cache=runs/some_cache"], "teacher: {cache: ...}"),
+    (["teacher.cache=runs/some_cache"], "a cache holds the teacher's top-k at the positions of the tokenization"),
     (["train.batches=skd", "data.packing=false"], "train.batches=skd"),
     (["loss.hidden.weight=1.0"], "loss.hidden=null"),
     (["loss.divergence=sampled_reverse_kl"], "on-policy objective"),

@@ -459,7 +459,7 @@ class LossConfig(Section):
     vocab_policy: Literal["truncate", "error"] = "truncate"
     hidden: HiddenLossConfig | None = Field(None, description="hidden-state (representation) distillation term")
     crosstok: CrossTokMethod | None = Field(
-        None, description="a live teacher with another tokenizer: compare the two over groups of tokens aligned at "
+        None, description="a live or served teacher with another tokenizer: compare the two over groups of tokens aligned at "
         "shared byte boundaries, pkl (projection KL through W), gold (exact matches + sorted L1) or uld (sorted L1); "
         "null: the teacher must share the student's tokenizer (docs/cross_tokenizer.md)")
 
@@ -892,16 +892,31 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _crosstok_needs_live_teacher(self) -> TrainConfig:
+    def _crosstok_needs_one_teacher(self) -> TrainConfig:
         if self.loss.crosstok is None:
             return self
         what = f"loss.crosstok={self.loss.crosstok}"
-        if not isinstance(self.teacher, ModelSpec):
+        if isinstance(self.teacher, TeacherCacheSpec):
+            raise ValueError(f"{what}: a cache holds the teacher's top-k at the positions of the tokenization it was "
+                             "built on (the student's), but across tokenizers the loss needs the teacher's rows of its "
+                             "own tokenization of each batch (and of the student's samples under gkd). Serve the "
+                             "teacher instead (teacher: {server: URL, tokenizer: ...}, e.g. distill serve or vLLM), "
+                             "use it live, or set loss.crosstok=null")
+        if not isinstance(self.teacher, (ModelSpec, ServerTeacherSpec)):
             kind = "no teacher" if self.teacher is None else f"teacher: {{{_teacher_kind(self.teacher)}: ...}}"
-            raise ValueError(f"{what} distills from a live teacher with its own tokenizer (teacher: {{path: ..., "
-                             f"tokenizer: ...}} or {{config: ...}}), but the run has {kind}; cached, server and "
-                             "mixed teachers are not supported across tokenizers: use a live teacher or set "
-                             "loss.crosstok=null")
+            raise ValueError(f"{what} distills from one teacher with its own tokenizer, live (teacher: {{path: ..., "
+                             f"tokenizer: ...}} or {{config: ...}}) or served (teacher: {{server: URL, tokenizer: "
+                             f"...}}), but the run has {kind}; mixed teachers are not supported across tokenizers: "
+                             "use one teacher or set loss.crosstok=null")
+        if isinstance(self.teacher, ServerTeacherSpec):
+            if self.teacher.tokenizer is None:
+                raise ValueError(f"{what}: teacher.tokenizer is not set; a served teacher with another tokenizer "
+                                 "needs a local copy of it (a directory or hub id: the one the server loads) to "
+                                 "tokenize each batch's text for it and to build W")
+            if self.teacher.top_k != "all" and self.teacher.signal == "logprobs" and not self.teacher.realized_token:
+                raise ValueError(f"{what}: teacher.realized_token=false drops the teacher's own next token when it is "
+                                 "outside the top-k, but a group of several teacher tokens needs the later tokens' "
+                                 "log-probs; set teacher.realized_token=true (the default)")
         if not isinstance(self.train.batches, (DatasetBatches, GkdBatches)):
             raise ValueError(f"{what} trains on the dataset's examples or GKD's mix of them and the student's own "
                              f"samples (re-tokenized for the teacher); train.batches={self.train.batches.source} is not "

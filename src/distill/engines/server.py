@@ -154,9 +154,10 @@ class ServerEngine:
                 "server started with --max-logprobs -1)") from None
         if got["vocab_size"] != self.vocab_size:
             raise ValueError(
-                f"teacher.server={self.url} has an output layer of {got['vocab_size']} classes, the student's "
-                f"tokenizer {self.vocab_size} ids: token-level distillation needs one vocabulary; use the teacher's "
-                "tokenizer for the student")
+                f"teacher.server={self.url} has an output layer of {got['vocab_size']} classes, the tokenizer it is "
+                f"read with (the student's, or teacher.tokenizer with loss.crosstok) {self.vocab_size} ids: "
+                "set teacher.tokenizer to the served model's own tokenizer (with loss.crosstok), or use the "
+                "teacher's tokenizer for the student")
         self._head = LinearHead(got["weight"], got["bias"], logit_scale=got["logit_scale"], softcap=got["softcap"],
                                 vocab_size=got["vocab_size"])
         if first.shape[-1] != got["weight"].shape[1]:

@@ -11,7 +11,7 @@ them); the model behind a teacher is an engine (:mod:`distill.engines`), in this
   final hidden states and output layer (:class:`distill.losses.chunked.DenseSignal`; the loss forms the logits
   a chunk of rows at a time). Server: sparse signal, scored on token ids: its top-k and the realized token at
   the loss temperature, and the tail mass.
-* :class:`~distill.teachers.crosstok.CrossTokTeacher` (a live teacher with ``loss.crosstok``): a teacher with a
+* :class:`~distill.teachers.crosstok.CrossTokTeacher` (a live or served teacher with ``loss.crosstok``): a teacher with a
   tokenizer of its own, scoring its tokenization of each batch; its signal
   (:class:`distill.losses.CrossTokSignal`) is compared with the student's over byte-aligned groups
   (docs/methods.md §14). Evaluation measures no distance to it (it covers no eval split).
@@ -113,8 +113,8 @@ def open_teacher(
     teacher that does not change the loop); (None, None) for ``teacher: null``. ``student``: the model being
     trained (self-distillation copies it; a LoRA student's base is it); co-distillation's peers train beside
     it, each with ``optimizer_for(model) -> (optimizer, scheduler)`` and the run's ``model_step``
-    (:class:`distill.training_hooks.PeersHook`). ``crosstok``: ``loss.crosstok``, a live teacher then keeps its
-    own tokenizer (:class:`~distill.teachers.crosstok.CrossTokTeacher`, W cached under ``cache_dir``'s
+    (:class:`distill.training_hooks.PeersHook`). ``crosstok``: ``loss.crosstok``, a live or served teacher then
+    keeps its own tokenizer (:class:`~distill.teachers.crosstok.CrossTokTeacher`, W cached under ``cache_dir``'s
     ``crosstok/`` or ``$DISTILL_CACHE/crosstok``)."""
     if spec is None:
         return None, None
@@ -135,6 +135,10 @@ def open_teacher(
         return student_base_teacher(student, tokenizer), None
     if isinstance(spec, TeacherCacheSpec):
         return CachedTeacher(spec, tokenizer, loss, seq_len, device), None
+    if isinstance(spec, ServerTeacherSpec) and crosstok is not None:  # it scores its own tokens
+        teacher_tok = load_tokenizer(spec, field)
+        engine = open_engine(spec, teacher_tok, temperature=loss.temperature)
+        return CrossTokTeacher(engine, tokenizer, teacher_tok, crosstok, projection_dir(cache_dir)), None
     if isinstance(spec, ServerTeacherSpec):
         return EngineTeacher(open_engine(spec, tokenizer, temperature=loss.temperature), "server"), None
     teacher_tok = load_tokenizer(spec, field)

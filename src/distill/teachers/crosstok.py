@@ -1,9 +1,12 @@
-"""A live teacher with a tokenizer of its own (``teacher: {path: DIR}`` or ``{config: ..., tokenizer: ...}`` with
-``loss.crosstok: pkl | gold | uld``; docs/cross_tokenizer.md, docs/methods.md §14).
+"""A teacher with a tokenizer of its own, live (``teacher: {path: DIR}`` or ``{config: ..., tokenizer: ...}``) or
+served (``teacher: {server: URL, tokenizer: ...}``), with ``loss.crosstok: pkl | gold | uld``; docs/cross_tokenizer.md,
+docs/methods.md §14.
 
 Each batch's text is re-tokenized for the teacher (:func:`distill.crosstok.retokenize_batch`), the teacher scores
-its own tokens (final hidden states and output layer, a dense signal over its own rows), and the signal carries
-the aligned groups of both sides' rows, the method, and W and the exact matches
+its own tokens (live, or a server with ``signal: hidden``: final hidden states and output layer, a dense signal
+over its own rows; a server with ``signal: logprobs``: its top-k and realized token per row, sparse, every id
+with ``top_k: all``), and the signal carries the aligned groups of both sides' rows, the method, and W and the
+exact matches
 (:func:`distill.crosstok.load_projection`, cached on disk keyed by both tokenizers' fingerprints). Evaluation
 measures no distance to such a teacher: it covers no ``eval`` split (held-out CE, perplexity and calibration of
 the student are reported as without a teacher). Any student batch is re-tokenized alike: the dataset's
@@ -31,8 +34,9 @@ def projection_dir(out_dir: str | None) -> Path:
 
 
 class CrossTokTeacher:
-    """A live teacher over its own tokenization of each batch (:mod:`distill.teachers.base` for the protocol).
-    Its signal is a :class:`distill.losses.CrossTokSignal`, which the training loss reads group by group."""
+    """A teacher over its own tokenization of each batch, its engine a model in this process or a server
+    (:mod:`distill.teachers.base` for the protocol). Its signal is a :class:`distill.losses.CrossTokSignal`,
+    which the training loss reads group by group."""
 
     kind = "cross-tokenizer"
     eval_estimates = "exact"  # never read: it covers no eval split
@@ -74,8 +78,8 @@ class CrossTokTeacher:
                              "positions the teacher model has; lower data.seq_len (the student's tokens) so that "
                              "the teacher's tokens of the same text fit")
         device = batch["input_ids"].device
-        dense = self.engine.score({k: v.to(device) for k, v in cross.teacher_batch.items()})
+        rows = self.engine.score({k: v.to(device) for k, v in cross.teacher_batch.items()})
         g = cross.groups
         groups = AlignedGroups(g.student_group.to(device), g.student_labels.to(device), g.teacher_group.to(device),
                                g.teacher_labels.to(device), g.num_groups)
-        return CrossTokSignal(dense, groups, self.method, self.projection, self.matches)
+        return CrossTokSignal(rows, groups, self.method, self.projection, self.matches)

@@ -918,9 +918,12 @@ class TrainConfig(Section):
                                  "outside the top-k, but a group of several teacher tokens needs the later tokens' "
                                  "log-probs; set teacher.realized_token=true (the default)")
         if not isinstance(self.train.batches, (DatasetBatches, GkdBatches)):
+            why = {"skd": " (SKD's teacher replaces a student token with a token of its own vocabulary, which the "
+                          "student's tokens cannot hold)"}.get(self.train.batches.source, "")
             raise ValueError(f"{what} trains on the dataset's examples or GKD's mix of them and the student's own "
                              f"samples (re-tokenized for the teacher); train.batches={self.train.batches.source} is not "
-                             "supported across tokenizers: set train.batches to dataset or gkd, or loss.crosstok=null")
+                             f"supported across tokenizers{why}: set train.batches to dataset or gkd, or "
+                             "loss.crosstok=null")
         if self.loss.hidden is not None:
             raise ValueError(f"{what}: loss.hidden compares hidden states position by position, which two "
                              "tokenizations do not share; set loss.hidden=null")

@@ -11,6 +11,15 @@ that case's alone. The measured step includes the output-layer matmuls of both m
            the fused chunked JSD of a live teacher, for comparison. Its loss is the unscaled
            ``beta KL(P||M) + (1-beta) KL(Q||M)``; ours divides by ``beta (1-beta)`` (docs/methods.md), so the
            recorded ``loss`` differs by that factor (4 at beta=0.5).
+* torchtune: (forward KL only, CPU or CUDA, when ``torchtune`` is installed: the ``bench`` extra) torchtune's
+           ``ForwardKLWithChunkedOutputLoss`` fed as its knowledge-distillation recipe feeds it: the student's
+           and the teacher's logits as lists of ``num_output_chunks`` = 8 per-chunk output matmuls (its
+           ``TransformerDecoder.chunked_output``), ``.backward()``. Its loss is the cross-entropy
+           ``-sum p_t log q_s`` over tokens (``ForwardKLLoss`` leaves out the teacher's entropy), so the
+           recorded ``loss`` is the forward KL plus the teacher's mean entropy; the record also has
+           ``teacher_entropy`` and ``forward_kl`` (= loss - T^2 teacher_entropy), which equals the naive loss.
+
+``--no-peers`` skips the peers (torchtune, Liger).
 
 ``--dtype bfloat16`` runs hidden states and weights in bf16 (the usual GPU setting); the losses still
 accumulate in fp32.
@@ -18,9 +27,10 @@ accumulate in fp32.
 Peak memory: on CPU, the growth of the process's peak RSS (``ru_maxrss``) over its RSS just before the
 step (inputs allocated, a small warm-up done); on CUDA, ``torch.cuda.max_memory_allocated`` over the
 allocated bytes before the step. Both include the gradients of W and h (``grad_bytes`` in the record).
-By default (``--malloc pinned``) the CPU workers run with glibc's mmap threshold fixed at 128 KiB, so
-that every tensor allocation is its own mapping, returned on free, and RSS tracks live tensor bytes (the
-CPU analogue of ``max_memory_allocated``). With glibc's default dynamic threshold (``--malloc
+By default (``--malloc hook``) an LD_PRELOAD shim counts live malloc'd bytes and their peak (the CPU
+analogue of ``max_memory_allocated``); without a C compiler (or with ``--malloc pinned``) the CPU workers
+run with glibc's mmap threshold fixed at 128 KiB, so that every tensor allocation is its own mapping,
+returned on free, and RSS tracks live tensor bytes. With glibc's default dynamic threshold (``--malloc
 default``) freed chunk temporaries are kept in the heap, which adds some fragmentation to the chunked
 path's RSS (about +60 MiB at V=128k) but saves it page faults (about 25% faster); the naive path's
 allocations are mmapped either way.
@@ -36,6 +46,7 @@ machine is otherwise idle) and ``cpu_seconds``. Before each case the runner wait
     python benchmarks/loss_memory.py            # full: V in {32k, 128k}, tokens {2048, 4096} (+8192 on GPU)
     python benchmarks/loss_memory.py --quick    # V=128k, 2048 tokens, forward KL only
     python benchmarks/loss_memory.py --calibrate  # V-sized temporaries per token of one chunk
+    python benchmarks/loss_memory.py --peers-table --out benchmarks/results/loss_memory.json  # docs table
 
 Writes a list of records (impl, divergence, vocab, tokens, hidden, peak_bytes, seconds, ...) to
 ``--out`` (default ``runs/benchmarks/loss_memory.json``; the committed record: ``--out benchmarks/results/loss_memory.json``) and prints a table with the ratios.
@@ -213,6 +224,52 @@ def naive_loss(h, w, th, tw, kind, temperature, num_tokens):
     return div * temperature**2 / num_tokens
 
 
+# torchtune's default num_output_chunks, the value its knowledge-distillation configs use.
+TORCHTUNE_CHUNKS = 8
+
+
+def torchtune_loss(h, w, th, tw, labels, temperature, num_chunks=TORCHTUNE_CHUNKS):
+    """torchtune's ``ForwardKLWithChunkedOutputLoss`` (torchtune 0.6.1), fed as its recipe feeds it.
+
+    As read in torchtune 0.6.1: ``recipes/knowledge_distillation_single_device.py`` (``_loss_step``) calls
+    the student and (under ``no_grad``) the teacher with ``set_num_output_chunks(loss.num_output_chunks)``,
+    so each returns ``TransformerDecoder.chunked_output(h)`` = ``[self.output(c) for c in h.chunk(n, dim=1)]``
+    (``torchtune/modules/transformer.py``; ``output`` a bias-free ``nn.Linear``), and passes the two lists
+    with labels of shape [b, s] to ``kd_loss_fn(logits, teacher_logits, labels)``
+    (``torchtune/modules/loss/kd_losses.py``), which sums ``-sum_v p_t log q_s`` over each chunk's
+    non-ignored tokens and divides by their count. Here b = 1 and no label is ignored, so it divides by the
+    token count as the naive loss does; torchtune has no temperature, so logits are divided by T (only
+    when T != 1) and the loss multiplied by T^2, as the naive path does.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torchtune.modules.loss import ForwardKLWithChunkedOutputLoss
+
+    loss_fn = ForwardKLWithChunkedOutputLoss(num_output_chunks=num_chunks)
+
+    def chunked_output(hidden, weight):
+        out = [F.linear(c, weight) for c in hidden.unsqueeze(0).chunk(num_chunks, dim=1)]
+        return out if temperature == 1.0 else [o / temperature for o in out]
+
+    logits = chunked_output(h, w)
+    with torch.no_grad():
+        teacher_logits = chunked_output(th, tw)
+    return loss_fn(logits, teacher_logits, labels.unsqueeze(0)) * temperature**2
+
+
+def teacher_entropy(th, tw, temperature, rows=256) -> float:
+    """Mean entropy of the teacher's softmax(logits / T) over tokens, a few rows at a time."""
+    import torch
+    import torch.nn.functional as F
+
+    total = 0.0
+    with torch.no_grad():
+        for c in th.split(rows):
+            lt = F.log_softmax((c @ tw.T).float() / temperature, dim=-1)
+            total += float(-(lt.exp() * lt).sum())
+    return total / th.shape[0]
+
+
 def _make_inputs(vocab, tokens, hidden, device, teacher, k=64, dtype="float32"):
     import torch
 
@@ -256,6 +313,10 @@ def _step(impl, kind, inp, temperature, chunk_size, budget, grad=True, loss_chun
             loss = LigerFusedLinearJSD(jsd_beta=BETA, temperature=temperature)(
                 inp["h"], inp["w"], inp["th"], inp["tw"], None
             )
+        elif impl == "torchtune":
+            if kind != "forward_kl":
+                raise ValueError("torchtune: only forward_kl")
+            loss = torchtune_loss(inp["h"], inp["w"], inp["th"], inp["tw"], inp["labels"], temperature)
         else:
             if "tw" in inp:
                 teacher = DenseSignal(inp["th"], LinearHead(inp["tw"]))
@@ -368,6 +429,10 @@ def worker(args) -> dict:
             cpu_seconds=statistics.median(cpu_times),
             cpu_times=cpu_times,
         )
+        if args.impl == "torchtune":
+            # torchtune's value is the cross-entropy with the teacher: KL + the teacher's entropy.
+            ent = teacher_entropy(inp["th"], inp["tw"], args.temperature)
+            record.update(teacher_entropy=ent, forward_kl=loss - args.temperature**2 * ent)
     except (MemoryError, RuntimeError) as e:  # allocation failures under the address-space cap
         if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
             raise
@@ -452,9 +517,20 @@ def _has_liger() -> bool:
     return True
 
 
+def _has_torchtune() -> bool:
+    try:
+        import torchtune.modules.loss  # noqa: F401
+    except Exception:  # not installed, or a torchao that does not match it
+        return False
+    return True
+
+
+IMPL_ORDER = {"naive": 0, "chunked": 1, "liger": 2, "torchtune": 3}
+
+
 def _sorted(records: list[dict]) -> list[dict]:
     order = {d: i for i, d in enumerate(DIVERGENCES)}
-    impls = {"naive": 0, "chunked": 1, "liger": 2}
+    impls = IMPL_ORDER
     return sorted(
         records,
         key=lambda r: (
@@ -479,14 +555,14 @@ def print_table(records: list[dict]) -> None:
         key = (r.get("dtype", "float32"), r["divergence"], r["vocab"], r["tokens"])
         by_key.setdefault(key, {})[r["impl"]] = r
     header = (
-        f"{'dtype':<10}{'divergence':<16}{'V':>8}{'tokens':>8}{'naive mem':>12}{'chunked mem':>13}{'mem ratio':>11}"
+        f"{'dtype':<10}{'divergence':<24}{'V':>8}{'tokens':>8}{'naive mem':>12}{'chunked mem':>13}{'mem ratio':>11}"
         f"{'naive time':>12}{'chunked time':>14}{'time ratio':>12}{'cpu-s ratio':>13}{'cpu share':>11}"
     )
     print(header)
     print("-" * len(header))
     for (dt, div, v, n), group in by_key.items():
         nv = group.get("naive", {})
-        for impl in ("chunked", "liger"):
+        for impl in ("chunked", "liger", "torchtune"):
             if impl not in group:
                 continue
             ch = group[impl]
@@ -498,9 +574,9 @@ def print_table(records: list[dict]) -> None:
             cr = f"{cc / nc:.2f}" if nc and cc and nv.get("device") == "cpu" else "-"
             nu, cu = nv.get("cpu_utilization"), ch.get("cpu_utilization")
             share = f"{nu:.2f}/{cu:.2f}" if nu is not None and cu is not None and cr != "-" else "-"
-            name = div if impl == "chunked" else f"{div} (liger)"
+            name = div if impl == "chunked" else f"{div} ({impl})"
             print(
-                f"{dt:<10}{name:<16}{v:>8}{n:>8}{_fmt_bytes(nm):>12}{_fmt_bytes(cm):>13}{mr:>11}"
+                f"{dt:<10}{name:<24}{v:>8}{n:>8}{_fmt_bytes(nm):>12}{_fmt_bytes(cm):>13}{mr:>11}"
                 f"{_fmt_s(nt):>12}{_fmt_s(ct):>14}{tr:>12}{cr:>13}{share:>11}"
             )
     for r in records:
@@ -511,6 +587,42 @@ def print_table(records: list[dict]) -> None:
             print(
                 f"  note: {where}: got {r['cpu_utilization']:.0%} of the CPU (other load): wall time inflated"
             )
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def peers_table(records: list[dict]) -> str:
+    """The markdown table of docs/benchmarks.md's "side by side with torchtune": for each case that has a
+    torchtune record, the naive, chunked and torchtune rows of that case (same run), with the ratios to
+    the naive row."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        key = (r.get("device", "cpu"), r.get("dtype", "float32"), r["divergence"], r["vocab"], r["tokens"])
+        groups.setdefault(key, {})[r["impl"]] = r
+    lines = [
+        "| impl | V | tokens | peak | peak / naive | time (/ naive) | CPU time (/ naive) | CPU share | loss |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for key in sorted(k for k, g in groups.items() if "torchtune" in g and "naive" in g):
+        group = groups[key]
+        nv = group["naive"]
+        for impl in sorted(group, key=lambda i: IMPL_ORDER.get(i, 99)):
+            r = group[impl]
+            if r.get("error") or r.get("peak_bytes") is None:
+                continue
+            loss = f"{r['loss']:.4f}"
+            if impl == "torchtune":
+                loss += f" (= {r['forward_kl']:.4f} + teacher entropy {r['teacher_entropy']:.4f})"
+            lines.append(
+                f"| {impl} | {r['vocab']:,} | {r['tokens']:,} | {_gib(r['peak_bytes'])} "
+                f"| {r['peak_bytes'] / nv['peak_bytes']:.3f} "
+                f"| {_fmt_s(r['seconds'])} ({r['seconds'] / nv['seconds']:.2f}) "
+                f"| {_fmt_s(r['cpu_seconds'])} ({r['cpu_seconds'] / nv['cpu_seconds']:.2f}) "
+                f"| {r['cpu_utilization']:.2f} | {loss} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def calibrate(args) -> None:
@@ -571,6 +683,12 @@ def main(argv=None) -> None:
         "(the naive path computes only the loss)",
     )
     p.add_argument("--no-liger", action="store_true", help="skip Liger-Kernel's fused JSD on CUDA")
+    p.add_argument(
+        "--no-peers", action="store_true", help="skip the peers (torchtune's chunked forward KL, Liger's JSD)"
+    )
+    p.add_argument(
+        "--peers-table", action="store_true", help="print the markdown peers table of --out and exit"
+    )
     p.add_argument("--repeats", type=int, default=3, help="at most this many timed runs per case")
     p.add_argument("--min-time", type=float, default=20.0, help="stop repeating once this many seconds ran")
     p.add_argument("--chunk-size", type=int, default=None)
@@ -623,6 +741,9 @@ def main(argv=None) -> None:
         rec = worker(args)
         print(json.dumps(rec), flush=True)
         return
+    if args.peers_table:
+        print(peers_table(json.loads(args.out.read_text())), end="")
+        return
 
     args.hook_path = build_malloc_hook() if args.malloc == "hook" else None
     if args.malloc == "hook" and args.hook_path is None:
@@ -644,14 +765,21 @@ def main(argv=None) -> None:
     vocabs = args.vocabs or vocabs
     tokens_list = args.tokens_list or tokens_list
 
-    liger = cuda and not args.no_liger and _has_liger()
+    liger = cuda and not args.no_liger and not args.no_peers and _has_liger()
+    torchtune = not args.no_peers and _has_torchtune()
+    if not args.no_peers and not torchtune:
+        print("torchtune not importable (pip install -e '.[bench]'): no torchtune rows")
+    peer_of = {
+        "liger": lambda d: liger and d == "jsd",
+        "torchtune": lambda d: torchtune and d == "forward_kl",
+    }
     cases = [
         (d, v, n, impl)
         for d in divergences
         for v in vocabs
         for n in tokens_list
-        for impl in ("naive", "chunked", "liger")
-        if impl != "liger" or (liger and d == "jsd")
+        for impl in ("naive", "chunked", "liger", "torchtune")
+        if impl not in peer_of or peer_of[impl](d)
     ]
     records: list[dict] = []
     kept: list[dict] = []
@@ -709,9 +837,9 @@ def main(argv=None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_sorted(kept + records), indent=1) + "\n")
 
-    # Sanity: both implementations give the same loss.
+    # Sanity: the implementations give the same loss (torchtune's: once its teacher entropy is taken off).
     for r in records:
-        if r["impl"] == "chunked" and r.get("loss") is not None:
+        if r["impl"] in ("chunked", "torchtune") and r.get("loss") is not None:
             twin = next(
                 (
                     x
@@ -723,10 +851,11 @@ def main(argv=None) -> None:
                 ),
                 None,
             )
-            if twin is not None and not math.isclose(r["loss"], twin["loss"], rel_tol=1e-3, abs_tol=1e-5):
+            value = r["forward_kl"] if r["impl"] == "torchtune" else r["loss"]
+            if twin is not None and not math.isclose(value, twin["loss"], rel_tol=1e-3, abs_tol=1e-5):
                 print(
                     f"WARNING: loss differs for {r['divergence']} V={r['vocab']} N={r['tokens']}: "
-                    f"chunked {r['loss']} vs naive {twin['loss']}"
+                    f"{r['impl']} {value} vs naive {twin['loss']}"
                 )
     print()
     print_table(_sorted(kept + records))

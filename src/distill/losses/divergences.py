@@ -247,11 +247,13 @@ class _SparseTailLogprobs(torch.autograd.Function):
     member; present ids are distinct). Returns (..., K + 1): ``z[ids] - lse(z)`` and
     ``log sum_{j not in ids} exp(z_j) - lse(z)`` (``-inf`` when the ids cover the vocabulary).
 
-    One exp pass serves both normalizers and the analytic backward, and nothing else is V-sized: the tail
-    sum is the total minus the ids' share, both summed in float64 (so the difference is exact to ~1e-16 of
-    the total however small the tail). Rows where that could still lose digits (a tail below 1e-9 of the
-    total, or one whose terms underflow next to the row maximum) get an exact logsumexp over their
-    non-member ids instead.
+    One exp pass serves both normalizers and the analytic backward, and what is kept for backward is one
+    V-sized tensor: the exps with the members' set to 0 (``outside``; a minimum, so that a padded duplicate of
+    a member never restores it). The tail is summed directly over it, not as the total minus the members'
+    share, and backward keeps the members' and the other ids' terms apart: every sum is of terms >= 0 and
+    nothing cancels, so value and gradient are exact to the dtype's rounding however small the tail, with
+    no float64 pass over V. Rows whose tail terms underflow next to the row maximum get an exact logsumexp
+    over their non-member ids instead.
     """
 
     @staticmethod
@@ -259,28 +261,29 @@ class _SparseTailLogprobs(torch.autograd.Function):
         m = z.amax(-1, keepdim=True)
         m = m.masked_fill(~torch.isfinite(m), 0.0)
         e = torch.exp(z - m)
-        s_all = e.sum(-1, keepdim=True, dtype=torch.float64)
-        e_ids = e.gather(-1, ids).masked_fill(~present, 0.0)
-        rest = s_all - e_ids.sum(-1, keepdim=True, dtype=torch.float64)  # relative to exp(m)
-        weak = (rest <= s_all * 1e-9) | (rest < torch.finfo(z.dtype).tiny * math.exp(20.0))
-        weak = weak.squeeze(-1)
-        log_rest = rest.clamp_min(0.0).log().to(z.dtype)
+        s_all = e.sum(-1, keepdim=True)  # relative to exp(m), like rest
+        e_ids = e.gather(-1, ids)
+        outside = e.scatter_reduce_(-1, ids, e_ids.masked_fill(present, 0.0), "amin")  # in place: members -> 0
+        del e
+        rest = outside.sum(-1, keepdim=True)
+        weak = (rest < torch.finfo(z.dtype).tiny * math.exp(20.0)).squeeze(-1)
+        log_rest = rest.log()
         rows = None
         if bool(weak.any()):
             rows = weak.nonzero(as_tuple=True)
             member = _members(z[rows].shape, ids[rows], present[rows])
             # -inf when the ids cover the vocabulary; exact however far below the maximum the tail lies.
             log_rest[rows] = torch.logsumexp(z[rows].masked_fill(member, -math.inf), dim=-1, keepdim=True) - m[rows]
-        log_all = s_all.log().to(z.dtype)
+        log_all = s_all.log()
         out = torch.cat([z.gather(-1, ids) - m - log_all, log_rest - log_all], dim=-1)
-        ctx.save_for_backward(z, e, s_all, log_rest, ids, present)
+        ctx.save_for_backward(z, outside, e_ids, s_all, log_rest, ids, present)
         ctx.rows = rows
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        z, e, s_all, log_rest, ids, present = ctx.saved_tensors
+        z, outside, e_ids, s_all, log_rest, ids, present = ctx.saved_tensors
         k = ids.shape[-1]
         g_ids, g_tail = g[..., :k], g[..., k:]
         # d/dz_j of (z_id - lse) = [j = id] - softmax_j; of (log rest - lse) = [j not in ids] e_j / rest - softmax_j.
@@ -289,9 +292,11 @@ class _SparseTailLogprobs(torch.autograd.Function):
         rows = ctx.rows
         if rows is not None:
             coef[rows] = 0.0  # handled exactly below
-        # One V-sized pass: every j gets e_j * (coef - sum(g) / total); members then give back e_j * coef.
-        grad = e * (coef - (g.sum(-1, keepdim=True) / s_all).to(e.dtype))
-        back = g_ids - (e.gather(-1, ids) * coef).masked_fill(~present, 0.0)
+        per_total = g.sum(-1, keepdim=True) / s_all  # softmax_j = e_j / total
+        # One V-sized pass over the other ids: e_j * (g_tail / rest - sum(g) / total); the members' own terms,
+        # g_id - e_id * sum(g) / total, are added at their ids (a padding entry adds its g, which is 0).
+        grad = outside * (coef - per_total)
+        back = g_ids - (e_ids * per_total).masked_fill(~present, 0.0)
         grad.scatter_add_(-1, ids, back)
         if rows is not None:
             member = _members(z[rows].shape, ids[rows], present[rows])

@@ -29,7 +29,7 @@ from distill.teachers import HiddenStates, Teacher, open_teacher
 from distill.tokenizer import byte_tokenizer
 
 KINDS = ["live", "cache_topk", "cache_sampled", "server", "mixture", "student_base", "self", "peers"]
-CAPABILITIES = ("states", "corrector", "names", "model", "diagnose", "check_data")
+CAPABILITIES = ("states", "corrector", "names", "model", "diagnose", "check_data", "prefetch")
 V = 263  # the byte tokenizer's vocabulary
 
 

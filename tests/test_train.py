@@ -576,6 +576,55 @@ def test_cached_teacher_refuses_batches_that_are_not_dataset_examples(tiny_cache
     assert not teacher.scores_any_text and teacher.covers("eval") and teacher.eval_estimates == "topk_tail"
 
 
+def test_prefetched_cache_targets_are_the_ones_signal_decodes_and_keep_their_errors(tiny_caches):
+    """prefetch(batch) decodes on a helper thread what signal(batch) would; signal then takes it (the same
+    tensors), and a batch whose tokens are not the cached ones raises the cache's error at signal()."""
+    from distill.caching.reader import CacheMismatchError
+    from distill.config import TeacherCacheSpec
+    from distill.losses import LossSpec
+    from distill.teachers import CachedTeacher
+
+    cfg = cache_run(Path("unused"), tiny_caches["topk"]["out"])
+    tok = byte_tokenizer()
+    train_ds, _ = build_datasets(cfg.data, tok)
+    teacher = CachedTeacher(TeacherCacheSpec(cache=str(tiny_caches["topk"]["out"])), tok, LossSpec(), seq_len=128,
+                            device="cpu")
+    batches = [{**collate([train_ds[i] for i in idx], tok.pad_token_id), "index": idx, "split": "train"}
+               for idx in ([0, 1, 2], [3, 4, 5])]
+    direct = [teacher.signal(b) for b in batches]
+    for b in batches:
+        teacher.prefetch(b)
+    assert len(teacher._ahead) == 2
+    for b, want in zip(batches, direct, strict=True):
+        got = teacher.signal(b)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.probs, want.probs) and torch.equal(got.tail, want.tail)
+    assert not teacher._ahead  # each prefetched target is taken once
+    wrong = {**batches[0], "input_ids": batches[0]["input_ids"].flip(1)}
+    teacher.prefetch(wrong)
+    with pytest.raises(CacheMismatchError, match="do not match the teacher cache"):
+        teacher.signal(wrong)
+
+
+def test_training_from_a_cache_with_and_without_prefetch_is_the_same(tmp_path, tiny_caches, monkeypatch):
+    """The run hands each next step's batches to the cache to decode ahead; the records are those of a run that
+    decodes each batch when it trains on it (grad accumulation: two micro-batches a step)."""
+    from distill.teachers import CachedTeacher
+
+    common = ["train.max_steps=4", "log.every=1", "eval.every=2", "checkpoint.every=0", "train.grad_accum=2"]
+    ahead = cache_run(tmp_path / "ahead", tiny_caches["topk"]["out"], *common)
+    handed = []
+    real = CachedTeacher.prefetch
+    monkeypatch.setattr(CachedTeacher, "prefetch", lambda self, batch: handed.append(batch["index"]) or real(self, batch))
+    training.train(ahead)
+    assert len(handed) == 8  # every micro-batch of the 4 steps, each ahead of its step (the first one's at start)
+    monkeypatch.setattr(CachedTeacher, "prefetch", None)
+    inline = cache_run(tmp_path / "inline", tiny_caches["topk"]["out"], *common)
+    training.train(inline)
+    keys = ("step", "loss", "ce", "kl", "div", "grad_norm", "val_loss", "kl_to_teacher")
+    runs = [[{k: r.get(k) for k in keys} for r in read_metrics(Path(c.out_dir))] for c in (ahead, inline)]
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
+
+
 def test_capped_eval_samples_batches_across_the_whole_split():
     assert eval_batch_indices(10, None) == list(range(10))
     assert eval_batch_indices(10, 20) == list(range(10))

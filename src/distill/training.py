@@ -641,8 +641,21 @@ def _loop(run: Run, optimizer, scheduler, hook: LoopHook | None, metrics: Metric
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # keep redirected logs short
     window = Window(accelerator, start_step, teacher.names if teacher is not None else None, run.hidden is not None)
     last_eval: dict = {}
+    # A source whose batches depend on the step alone hands the next step's to a teacher that prepares its signal
+    # ahead (a cache decodes them on a helper thread while this step trains).
+    prefetch = teacher.prefetch if teacher is not None and source.ahead else None
+    ahead: list[dict] | None = None
     for step in range(start_step, cfg.train.max_steps):
-        micro_batches = source.batches(source_ctx, step)
+        micro_batches = ahead if ahead is not None else source.batches(source_ctx, step)
+        ahead = None
+        if prefetch is not None:
+            if step == start_step:
+                for batch in micro_batches:
+                    prefetch(batch)
+            if step + 1 < cfg.train.max_steps:
+                ahead = source.batches(source_ctx, step + 1)
+                for batch in ahead:
+                    prefetch(batch)
         lr, grad_norm, tokens = optimizer_step(run, optimizer, scheduler, micro_batches, step, window, last_ckpt, hook)
         tokens_seen += tokens
         done = step + 1

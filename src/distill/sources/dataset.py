@@ -25,6 +25,9 @@ class DatasetSource:
       below, so a resumed run draws what an uninterrupted one does and every process makes the same choices.
     * ``baseline``: sampled_reverse_kl's running baseline (:class:`distill.sources.onpolicy.RunningBaseline`)
       when the source's batches can be the student's own samples, else None.
+    * ``ahead``: True when ``batches(ctx, step)`` is a function of (seed, step) alone, the student playing no
+      part: the run then forms the next step's batches while this one trains, so that a teacher with
+      ``prefetch`` (a cache) prepares their signal meanwhile.
     * ``observe_eval(metrics)``: after each evaluation (``val_loss``, ...), the same on every process.
     * ``log_fields(step, steps, reduce)``: what the source adds to the train log for the ``steps`` steps up to
       ``step``; ``reduce(values)`` sums a list of floats over the processes (every process calls it alike).
@@ -33,6 +36,7 @@ class DatasetSource:
     """
 
     baseline = None
+    ahead = True
 
     @staticmethod
     def check_teacher(settings: DatasetBatches, teacher: TeacherView | None) -> None:

@@ -38,6 +38,8 @@ class AdaptiveThreshold:
 class DistillmSource:
     """The student's samples, its replay buffer or the dataset's completions, by phi (module docstring)."""
 
+    ahead = False  # its batches are the student's own samples, drawn when the step comes
+
     @staticmethod
     def check_teacher(settings: DistillmBatches, teacher: TeacherView | None) -> None:
         check_teacher(settings.source, teacher)

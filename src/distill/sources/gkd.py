@@ -15,6 +15,8 @@ from distill.sources.onpolicy import OnPolicy, check_teacher, coin
 class GkdSource:
     """The student's samples or the dataset's completions, step by step (module docstring)."""
 
+    ahead = False  # its batches are the student's own samples, drawn when the step comes
+
     @staticmethod
     def check_teacher(settings: GkdBatches, teacher: TeacherView | None) -> None:
         check_teacher(settings.source, teacher)

@@ -19,6 +19,8 @@ from distill.sources.onpolicy import OnPolicy, check_teacher
 class SkdSource:
     """The student's completions, corrected by the teacher as they are written (module docstring)."""
 
+    ahead = False  # its batches are the student's own samples, drawn when the step comes
+
     @staticmethod
     def check_teacher(settings: SkdBatches, teacher: TeacherView | None) -> None:
         check_teacher(settings.source, teacher)

@@ -22,6 +22,9 @@ The capabilities, each None where the teacher does not have it (never a method t
 * ``diagnose``: ``diagnose(batch) -> str | None``, a cause for a non-finite loss that lies with the teacher;
 * ``check_data``: ``check_data(train_ds, eval_ds)``, refuse data it cannot score, before training on it (a
   cache of other data); None for a teacher that scores whatever it is sent.
+* ``prefetch``: ``prefetch(batch)``, start working out the signal of a batch the run will ask for later, off
+  the training thread (a cache: reading, checking and decoding its targets); ``signal`` of that batch then
+  waits for it. None where there is nothing to do ahead.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Teacher(Protocol):
     model: torch.nn.Module | None
     diagnose: Callable[[dict], str | None] | None
     check_data: Callable[[object, object], None] | None
+    prefetch: Callable[[dict], None] | None
 
     def signal(self, batch: dict):
         """Its signal for the batch (module docstring)."""

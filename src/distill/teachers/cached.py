@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from distill.caching.codec import data_fingerprint
 from distill.caching.reader import TeacherCache
 from distill.config import TeacherCacheSpec
@@ -22,6 +24,8 @@ class CachedTeacher:
     states = corrector = names = model = diagnose = None
 
     def __init__(self, spec: TeacherCacheSpec, tokenizer, loss: LossSpec, seq_len: int, device):
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[tuple, Future] = {}
         train = TeacherCache(spec.cache, "train", topk_tail=spec.topk_tail)
         self.path, self.device = train.path, device
         self.caches = {"train": train}
@@ -69,7 +73,24 @@ class CachedTeacher:
     def covers(self, split: str) -> bool:
         return split in self.caches
 
+    def prefetch(self, batch: dict) -> None:
+        """Read, check and decode the targets of ``batch`` (a dataset batch the run will train on later) on a
+        helper thread; :meth:`signal` of that batch takes the result (or the error) from there."""
+        if "index" not in batch or batch.get("split") not in self.caches:
+            return
+        key = _key(batch)
+        if key not in self._ahead:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distill-cache")
+            self._ahead[key] = self._pool.submit(self._targets, batch)
+
     def signal(self, batch: dict) -> SparseTarget:
+        ahead = self._ahead.pop(_key(batch), None) if "index" in batch else None
+        flat = ahead.result() if ahead is not None else self._targets(batch)
+        return flat.to(self.device)
+
+    def _targets(self, batch: dict) -> SparseTarget:
+        """The batch's targets, flattened to its ``B * (T - 1)`` rows, on the CPU."""
         if "index" not in batch:
             raise ValueError(
                 "a cached teacher can only score the dataset examples it was captured on; these batches are "
@@ -81,6 +102,11 @@ class CachedTeacher:
         examples = [{"input_ids": ids[i, :n], "labels": labels[i, :n]} for i, n in enumerate(lengths)]
         target = cache.batch_target(batch["index"], examples, width=ids.shape[1])
         k = target.ids.shape[-1]
-        flat = SparseTarget(target.ids.reshape(-1, k), target.probs.reshape(-1, k),
+        return SparseTarget(target.ids.reshape(-1, k), target.probs.reshape(-1, k),
                             None if target.tail is None else target.tail.reshape(-1))
-        return flat.to(self.device)
+
+
+def _key(batch: dict) -> tuple:
+    """A dataset batch's identity: its split and the examples it holds, in order."""
+    index = batch["index"]
+    return batch["split"], tuple(int(i) for i in (index.tolist() if hasattr(index, "tolist") else index))

@@ -48,6 +48,7 @@ class CrossTokTeacher:
     names = None
     diagnose = None
     check_data = None
+    prefetch = None
 
     def __init__(self, engine, student_tok, teacher_tok, method: str, cache_dir: Path):
         self.engine, self.tokenizer, self.method = engine, teacher_tok, method

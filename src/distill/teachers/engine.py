@@ -22,6 +22,7 @@ class EngineTeacher:
 
     names = None
     check_data = None  # an engine scores whatever it is sent
+    prefetch = None  # its signal is one forward pass or request, made when asked
     scores_any_text = True  # an engine scores any text it is sent
 
     def __init__(self, engine, kind: str, *, description: str | None = None, ready: Callable[[], bool] | None = None):

@@ -14,7 +14,7 @@ class MixtureTeacher:
     (speculative KD corrects with one teacher)."""
 
     kind = "mixture"
-    states = corrector = model = None
+    states = corrector = model = prefetch = None
 
     def __init__(self, spec: MixtureTeacherSpec, members: list, temperatures: list[float], loss: LossSpec):
         self.spec, self.members, self.temperatures = spec, members, temperatures

@@ -25,7 +25,7 @@ class PeersTeacher:
     eval_estimates = "exact"
     eval_temperature = 1.0
     scores_any_text = True
-    states = corrector = model = check_data = None  # the peers score whatever they are given
+    states = corrector = model = check_data = prefetch = None  # the peers score whatever they are given
 
     def __init__(self, spec: PeersTeacherSpec, hook: PeersHook):
         self.spec, self.hook, self.names = spec, hook, hook.names

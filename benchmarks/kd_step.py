@@ -9,11 +9,13 @@ robin so that drift hits every variant alike:
 * ``live``: a KD step from the live teacher (forward KL, alpha = 0): ``train.kd_step_loss`` with a
   teacher over a :class:`distill.engines.LocalEngine`, backward, AdamW step;
 * ``topk_tail``: a KD step from a top-k + tail cache (k = 64, ``distill cache``), through
-  :class:`distill.teachers.CachedTeacher` (reading, checking and decoding the targets included);
+  :class:`distill.teachers.CachedTeacher`, which reads, checks and decodes the next batch's targets on its
+  helper thread while this step runs (``prefetch``, as the training run does; the first batch's before it);
 * ``sampled``: the same from a sampled cache (N = 50).
 
-Ratios: ``live / (ce + teacher_forward)`` (the physical bound is 1.0) and ``cache / ce``. Each cached step is
-also split into the teacher's signal (``teacher.signal``: read + hash check + decode) and the rest.
+Ratios: ``live / (ce + teacher_forward)`` (the physical bound is 1.0) and ``cache / ce``. For each cached step
+the extra over a CE step is recorded, and the teacher's decoding alone (``teacher.signal`` on the same batch
+again, inline: read + hash check + decode), which the step itself no longer waits for.
 
     python benchmarks/kd_step.py            # trains the quickstart teacher first if $DISTILL_CACHE lacks it
     python benchmarks/kd_step.py --quick    # the fast preset (smaller models), fewer repetitions
@@ -146,6 +148,9 @@ def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[di
             else:
                 model, opt = students[variant]
                 head = _head_fn(model, vocab)
+                if variant in signal_times:  # as the training run: the next batch is decoded while this one trains
+                    for ahead in batches[r:r + 2] if r == 0 else batches[r + 1:r + 2]:
+                        teachers[variant].prefetch(ahead)
                 loss_value, _ = kd_step_loss(model, head, teachers[variant], batch, n,
                                              ce_loss if variant == "ce" else loss)
                 loss_value.backward()
@@ -174,7 +179,9 @@ def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[di
     }
     for v in ("topk_tail", "sampled"):
         sig = statistics.median(signal_times[v])
-        out[f"{v}_breakdown"] = {"signal": sig, "rest_minus_ce": med[v] - sig - med["ce"]}
+        # The signal is decoded ahead on the helper thread (its time measured again here, inline): the step's
+        # extra over a CE step is what is left on the training thread.
+        out[f"{v}_breakdown"] = {"signal": sig, "extra_over_ce": med[v] - med["ce"]}
     return out
 
 
@@ -210,7 +217,7 @@ def table(r: dict) -> str:
     for v in ("topk_tail", "sampled"):
         b = r[f"{v}_breakdown"]
         lines.append(f"| {v} cache KD | {s[v]['median']:.3f} | {r[f'{v}_vs_ce']:.3f} x ce "
-                     f"(signal {b['signal']:.3f} s, rest {b['rest_minus_ce']:+.3f} s) |")
+                     f"(extra {b['extra_over_ce']:+.3f} s; decoding, ahead: {b['signal']:.3f} s) |")
     return "\n".join(lines)
 
 

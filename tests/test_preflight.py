@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL_CACHE, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli_here
+from conftest import REPO, SMALL_CACHE, SMALL_DATA, TINY_CACHE, TINY_TRAIN, run_cli_here
 
 from distill import api
 from distill.config import TrainConfig, load_config
@@ -132,3 +132,37 @@ def test_a_bad_config_or_batch_count_is_refused_with_the_key():
     assert res.returncode == 2 and "loss.alpha" in res.stderr, res.stderr
     res = run_cli_here("preflight", str(TINY_TRAIN), "--batches", "0")
     assert res.returncode == 2 and "--batches" in res.stderr, res.stderr
+
+
+def test_what_to_expect_reads_the_distillation_map():
+    """The map's line for a gap equal to one measured teacher's gap: that teacher, its gains per alpha and the
+    better alpha, each as benchmarks/results/kd_map.json has it."""
+    from distill.evaluation.preflight import (
+        KD_MAP_RESULTS,
+        expectation,
+        kd_map_reference,
+        quickstart_reference,
+    )
+
+    path = REPO / KD_MAP_RESULTS
+    if not path.is_file() or "a" not in json.loads(path.read_text()):
+        pytest.skip("no distillation map in this checkout")
+    rows = json.loads(path.read_text())["a"]["map"]
+    strongest = max(rows, key=lambda r: r["teacher_gap"]["mean"])["teacher"]
+    mine = [r for r in rows if r["teacher"] == strongest]
+    gap = mine[0]["teacher_gap"]["mean"]
+    best = max(mine, key=lambda r: r["gain"]["mean"])
+    report = {"reference": quickstart_reference(), "kd_map": kd_map_reference(),
+              "splits": {"eval": {"gap": gap}}}
+    text = "\n".join(expectation(report))
+    assert str(KD_MAP_RESULTS) in text
+    line = next(x for x in text.splitlines() if "the map's teacher nearest this gap" in x)
+    assert f"'{strongest}', {gap:+.2f} nats" in line
+    for r in mine:
+        seeds = ", ".join(f"{p['gain']:+.2f}" for p in r["per_seed"].values())
+        assert f"{r['gain']['mean']:+.2f} at loss.alpha={r['alpha']:g} (seeds: {seeds})" in line
+    if best["gain"]["mean"] > 0:
+        assert f"loss.alpha={best['alpha']:g} did best there" in line
+    else:
+        assert "no alpha beat the student trained alone there" in line
+    assert "nearest this gap" not in "\n".join(expectation({**report, "splits": {}}))  # no gap: the summary only

@@ -6,7 +6,8 @@
 On a few batches of the train split (and of the eval split when there is one): the teacher's loss and bits per
 byte, the student's starting loss and bits per byte and the gap between them; the vocabulary's fit to each
 output layer; one teacher signal against one student training step on the same micro-batch (a cache's size
-on disk); and what the project's own measurement says to expect. ``distill train`` logs the same report on
+on disk); and what the project's own measurements (the quickstart's, and the distillation map of
+``benchmarks/results/kd_map.json``) say to expect. ``distill train`` logs the same report on
 one batch per split before its first step. See ``docs/preflight.md`` and :mod:`distill.evaluation.preflight`.
 """
 

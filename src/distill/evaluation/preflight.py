@@ -8,7 +8,8 @@ batches of the run's own data, before any step, what the run starts from and wha
   covers;
 * cost: one teacher signal (a no-grad forward of a live teacher, a cache read, one scoring request to a server)
   against one student forward + backward on the same micro-batch, measured once; a cache's size on disk;
-* what to expect, read off a measurement the project already has (``QUICKSTART_RESULTS``), never a promise.
+* what to expect, read off measurements the project already has (``QUICKSTART_RESULTS``, and the distillation
+  map ``KD_MAP_RESULTS`` where present), never a promise.
 
 The teacher's loss is read off its signal, whatever its kind: a dense signal (hidden states and output layer)
 gives it exactly; a sparse one (top-k, sampled) only where it holds the probability of every target token at
@@ -31,7 +32,9 @@ from distill.losses import IGNORE_INDEX, DenseSignal, SparseTarget
 from distill.models import final_hidden, flat_positions, output_head
 
 QUICKSTART_RESULTS = Path("benchmarks/results/quickstart.json")
-_REPO_RESULTS = Path(__file__).resolve().parents[3] / QUICKSTART_RESULTS
+KD_MAP_RESULTS = Path("benchmarks/results/kd_map.json")  # benchmarks/kd_map.py: KD gain against the teacher's gap
+_REPO = Path(__file__).resolve().parents[3]
+_REPO_RESULTS = _REPO / QUICKSTART_RESULTS
 
 
 def sample_batches(n_rows: int, batch_size: int, batches: int) -> list[list[int]]:
@@ -205,6 +208,28 @@ def quickstart_reference() -> dict | None:
             "alpha": d["settings"]["loss"]["alpha"]}
 
 
+def kd_map_reference(path: Path | None = None) -> dict | None:
+    """The distillation map's part (a) (``KD_MAP_RESULTS``, written by ``benchmarks/kd_map.py``), where this is a
+    checkout that has it: per measured teacher, its gap to the student trained alone and the KD gain over that
+    student per ``loss.alpha`` (means over the seeds, and each seed's)."""
+    path = path if path is not None else _REPO / KD_MAP_RESULTS
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    if not d.get("a"):
+        return None
+    points: dict = {}
+    for row in d["a"]["map"]:
+        p = points.setdefault(row["teacher"], {"teacher": row["teacher"], "teacher_gap": row["teacher_gap"]["mean"],
+                                               "teacher_val_loss": row["teacher_val_loss"], "gain": {},
+                                               "gain_per_seed": {}})
+        alpha = format(row["alpha"], "g")
+        p["gain"][alpha] = row["gain"]["mean"]
+        p["gain_per_seed"][alpha] = [v["gain"] for v in row["per_seed"].values()]
+    return {"path": str(KD_MAP_RESULTS), "student_steps": d["a"]["student_steps"], "seeds": d["seeds"],
+            "points": sorted(points.values(), key=lambda p: p["teacher_gap"])}
+
+
 def measure(student, tokenizer, teacher, datasets: dict, *, batch_size: int, batches: int, device,
             vocab_policy: str, teacher_spec=None) -> dict:
     """The whole report as numbers: ``datasets`` maps split names to datasets (a missing eval split: None);
@@ -229,6 +254,7 @@ def measure(student, tokenizer, teacher, datasets: dict, *, batch_size: int, bat
         report["cost"] = step_cost(student, tokenizer, teacher, _batch(datasets["train"], first, pad, "train", device))
     report["cache"] = cache_size(getattr(teacher_spec, "cache", None))  # the YAML key, read as the user wrote it
     report["reference"] = quickstart_reference()
+    report["kd_map"] = kd_map_reference()
     return report
 
 
@@ -284,7 +310,7 @@ def expectation(report: dict) -> list[str]:
     ref = report["reference"]
     split = report["splits"].get("eval") or report["splits"].get("train") or {}
     gap = split.get("gap")
-    lines = ["what to expect (a past measurement, not a promise):"]
+    lines = ["what to expect (past measurements, not a promise):"]
     if ref is None:
         return lines + ["  (the quickstart's results are not in this installation)"]
     ref_gap, gain = ref["scratch"] - ref["teacher"], ref["scratch"] - ref["distilled"]
@@ -298,4 +324,33 @@ def expectation(report: dict) -> list[str]:
     elif gap is not None:
         lines.append(f"  here the teacher is {gap:.2f} nats better than the untrained student; the student trained "
                      "alone closes part of that, so the gap that counts (to the student trained alone) would be smaller")
+    return lines + kd_map_lines(report.get("kd_map"), gap)
+
+
+def _best_alpha(point: dict) -> str:
+    return max(point["gain"], key=point["gain"].get)
+
+
+def kd_map_lines(kd_map: dict | None, gap: float | None) -> list[str]:
+    """What the distillation map measured: each teacher's gap to the student trained alone against the KD gain at
+    the best alpha; and, for a measured ``gap``, the map's teacher whose gap is nearest it."""
+    if kd_map is None:
+        return []
+    seeds = ", ".join(map(str, kd_map["seeds"]))
+    summary = "; ".join(f"{p['teacher_gap']:+.2f} -> {p['gain'][_best_alpha(p)]:+.2f} (loss.alpha={_best_alpha(p)})"
+                        for p in kd_map["points"])
+    lines = [f"  in the distillation map ({kd_map['path']}: the quickstart's fast student, {kd_map['student_steps']} "
+             f"steps, seeds {seeds}; gaps and gains in nats/token), the teacher's gap to the student trained alone "
+             f"-> KD gain over it at the best alpha: {summary}"]
+    if gap is None:
+        return lines
+    p = min(kd_map["points"], key=lambda p: abs(p["teacher_gap"] - gap))
+    best = _best_alpha(p)
+    gains = ", ".join(f"{g:+.2f} at loss.alpha={a} (seeds: {', '.join(f'{x:+.2f}' for x in p['gain_per_seed'][a])})"
+                      for a, g in p["gain"].items())
+    verdict = (f"loss.alpha={best} did best there" if p["gain"][best] > 0
+               else "no alpha beat the student trained alone there")
+    lines.append(f"  the map's teacher nearest this gap ({gap:.2f}) is '{p['teacher']}', {p['teacher_gap']:+.2f} nats "
+                 f"from the student trained alone: KD gave {gains}; {verdict}. This run's gap is to the untrained "
+                 "student, an upper bound on the map's kind of gap, so the nearest point may flatter the teacher")
     return lines

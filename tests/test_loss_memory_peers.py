@@ -1,6 +1,7 @@
 """benchmarks/loss_memory.py's peers: the docs' "side by side with torchtune" table is the committed record's,
-and torchtune's chunked forward KL, fed as the benchmark feeds it, is our naive forward KL plus the teacher's
-entropy (with the same gradients)."""
+and in that record torchtune's chunked forward KL, fed as the benchmark feeds it, is our naive forward KL plus
+the teacher's entropy (the benchmark computes both on the same inputs; torchtune itself is in the ``bench``
+extra, installed apart from ``dev``, so the suite reads its numbers from the record rather than running it)."""
 
 from __future__ import annotations
 
@@ -35,25 +36,3 @@ def test_docs_peers_table_is_the_committed_record():
     assert table.count("| torchtune |") == len(peers)
     docs = (REPO / "docs" / "benchmarks.md").read_text()
     assert table in docs, f"docs/benchmarks.md should hold, as written by peers_table():\n{table}"
-
-
-def test_torchtune_loss_is_naive_forward_kl_plus_teacher_entropy():
-    pytest.importorskip("torchtune.modules.loss", reason="torchtune is in the bench extra only")
-    import torch
-
-    lm = bench()
-    g = torch.Generator().manual_seed(0)
-    vocab, tokens, hidden = 300, 40, 16  # 40 tokens in 8 chunks of 5
-    for temperature in (1.0, 2.0):
-        w = torch.randn(vocab, hidden, generator=g).requires_grad_()
-        h = torch.randn(tokens, hidden, generator=g).requires_grad_()
-        tw, th = torch.randn(vocab, hidden, generator=g), torch.randn(tokens, hidden, generator=g)
-        labels = torch.randint(vocab, (tokens,), generator=g)
-        naive = lm.naive_loss(h, w, th, tw, "forward_kl", temperature, tokens)
-        grads = torch.autograd.grad(naive, (w, h))
-        ours = lm.torchtune_loss(h, w, th, tw, labels, temperature)
-        their_grads = torch.autograd.grad(ours, (w, h))
-        entropy = lm.teacher_entropy(th, tw, temperature, rows=7)
-        assert ours.item() - temperature**2 * entropy == pytest.approx(naive.item(), rel=1e-5)
-        for a, b in zip(grads, their_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

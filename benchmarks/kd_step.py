@@ -65,6 +65,8 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="decode each cached batch when its step asks (what the helper thread saves, by difference)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "kd_step")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -103,8 +105,10 @@ def main(argv=None) -> dict:
             teacher = CachedTeacher(TeacherCacheSpec(cache=cfg.out_dir), tokenizer, spec.spec(), preset.seq_len, "cpu")
             teacher.check_data(dataset, None)
             caches[name] = (teacher, summary["splits"]["train"]["bytes_per_token"])
-        result = measure(preset, tokenizer, teacher_dir, caches, batches, spec, args.warmup)
+        result = measure(preset, tokenizer, teacher_dir, caches, batches, spec, args.warmup,
+                         prefetch=not args.no_prefetch)
     result.update(
+        prefetch=not args.no_prefetch,
         preset=preset_name,
         batch_size=preset.batch_size,
         seq_len=preset.seq_len,
@@ -125,7 +129,7 @@ def main(argv=None) -> dict:
 
 
 def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
-            warmup: int) -> dict:
+            warmup: int, prefetch: bool = True) -> dict:
     vocab = len(tokenizer)
     teacher = EngineTeacher(LocalEngine(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), vocab_size=vocab), "live")
     students = {}
@@ -148,7 +152,7 @@ def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[di
             else:
                 model, opt = students[variant]
                 head = _head_fn(model, vocab)
-                if variant in signal_times:  # as the training run: the next batch is decoded while this one trains
+                if prefetch and variant in signal_times:  # as the training run: the next batch decoded meanwhile
                     for ahead in batches[r:r + 2] if r == 0 else batches[r + 1:r + 2]:
                         teachers[variant].prefetch(ahead)
                 loss_value, _ = kd_step_loss(model, head, teachers[variant], batch, n,

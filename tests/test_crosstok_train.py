@@ -197,6 +197,30 @@ def test_preflight_opens_the_cross_tokenizer_teacher_as_training_does(tmp_path, 
     assert "the student splits" in result.stderr  # a numeral the two tokenizers split differently
 
 
+def test_preflight_measures_a_cross_tokenizer_teacher_on_its_own_tokens(tmp_path, bpe_dir):
+    """distill preflight reads a teacher of another tokenizer on its own tokens of the sample's text: with the
+    student's tokenizer on both sides its loss and bits per byte are the ordinary teacher's, to rounding; with a
+    BPE teacher its loss is per BPE token, and only the bits per byte gap is reported."""
+    reports = {}
+    for name, extra in (("cross", ["teacher.tokenizer=byte", "loss.crosstok=pkl"]),
+                        ("plain", ["teacher.tokenizer=byte", "loss.crosstok=null"]),
+                        ("bpe", [f"teacher.tokenizer={bpe_dir}"])):
+        result = run_cli_here("preflight", str(CONFIG), f"out_dir={tmp_path / name}", *extra,
+                              "--json", str(tmp_path / f"{name}.json"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["splits"]["train"]
+    cross, plain, bpe = reports["cross"], reports["plain"], reports["bpe"]
+    assert cross["teacher"]["own_tokens"] and "own_tokens" not in plain["teacher"]
+    assert cross["teacher"]["tokens"] == plain["teacher"]["tokens"]  # clean text: every target is in a group
+    assert cross["teacher"]["loss"] == pytest.approx(plain["teacher"]["loss"], rel=1e-5)
+    assert cross["teacher"]["bits_per_byte"] == pytest.approx(plain["teacher"]["bits_per_byte"], rel=1e-5)
+    assert cross["gap_bits_per_byte"] == pytest.approx(
+        plain["student"]["bits_per_byte"] - plain["teacher"]["bits_per_byte"], rel=1e-4)
+    assert "gap" not in cross and "gap" in plain
+    assert bpe["teacher"]["tokens"] < plain["teacher"]["tokens"]  # fewer BPE tokens for the same text
+    assert math.isfinite(bpe["teacher"]["bits_per_byte"]) and "gap_bits_per_byte" in bpe
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, bpe_dir, monkeypatch):
     """The cross-tokenizer teacher keeps no state: a run stopped after its step-2 checkpoint and resumed (W read
     back from its cache file) writes the same records as a run that was never stopped."""

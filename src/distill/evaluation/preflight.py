@@ -28,7 +28,7 @@ import torch
 from distill.caching.reader import TeacherCache
 from distill.data import collate
 from distill.evaluation.metrics import eval_batch_indices, target_bytes, token_byte_lengths
-from distill.losses import IGNORE_INDEX, DenseSignal, SparseTarget
+from distill.losses import IGNORE_INDEX, CrossTokSignal, DenseSignal, SparseTarget
 from distill.models import final_hidden, flat_positions, output_head
 
 QUICKSTART_RESULTS = Path("benchmarks/results/quickstart.json")
@@ -115,26 +115,43 @@ def split_losses(student, tokenizer, teacher, dataset, batches: list[list[int]],
         out["student"] = _loss(lambda batch: DenseSignal(flat_positions(final_hidden(student, batch)), head),
                                batch_list, 1.0, n_bytes)
         student.train(was_training)
+    own = getattr(teacher, "tokenizer", None)  # a teacher with a vocabulary of its own (loss.crosstok)
     if teacher is not None and teacher.covers(split):
-        out["teacher"] = _loss(teacher.signal, batch_list, teacher.eval_temperature, n_bytes)
+        own_bytes = token_byte_lengths(own) if own is not None else None
+        out["teacher"] = _loss(teacher.signal, batch_list, teacher.eval_temperature, n_bytes, own_bytes)
     if out.get("teacher") and out.get("student"):
-        out["gap"] = out["student"]["loss"] - out["teacher"]["loss"]
+        if own is None:
+            out["gap"] = out["student"]["loss"] - out["teacher"]["loss"]
+        else:  # per token of two tokenizations: only bits per byte compare
+            out["gap_bits_per_byte"] = out["student"]["bits_per_byte"] - out["teacher"]["bits_per_byte"]
     return out
 
 
 @torch.no_grad()
-def _loss(signal_of, batches: list[dict], temperature: float, n_bytes: int) -> dict | None:
+def _loss(signal_of, batches: list[dict], temperature: float, n_bytes: int,
+          own_bytes: torch.Tensor | None = None) -> dict | None:
     """Loss (nats per target token), bits per byte and tokens of a signal over ``batches``; None where the
-    signal cannot give it."""
-    total, count = 0.0, 0
+    signal cannot give it. A teacher of another tokenizer (:class:`~distill.losses.CrossTokSignal`) is read on
+    its own tokens of the same text, the targets of its aligned groups, with their bytes from ``own_bytes``
+    (UTF-8 bytes per id of its tokenizer, :func:`~distill.evaluation.metrics.token_byte_lengths`): its loss is per teacher token, its bits per byte compare with the
+    student's."""
+    total, count, crossed_bytes = 0.0, 0, 0
     for batch in batches:
-        labels, mask = _targets(batch)
-        got = ce_sums(_rows(signal_of(batch), mask), labels[mask], temperature)
+        signal = signal_of(batch)
+        if isinstance(signal, CrossTokSignal) and own_bytes is not None:
+            labels = signal.groups.teacher_labels
+            mask = labels != IGNORE_INDEX
+            signal = signal.teacher
+            crossed_bytes += int(own_bytes[labels[mask].cpu()].sum())
+        else:
+            labels, mask = _targets(batch)
+        got = ce_sums(_rows(signal, mask), labels[mask], temperature)
         if got is None:
             return None
         total, count = total + got[0], count + got[1]
+    n_bytes = crossed_bytes if own_bytes is not None else n_bytes
     return {"loss": total / max(count, 1), "bits_per_byte": total / (n_bytes * math.log(2)) if n_bytes else None,
-            "tokens": count}
+            "tokens": count, **({"own_tokens": True} if own_bytes is not None else {})}
 
 
 def _rows(signal, mask: torch.Tensor):
@@ -268,12 +285,16 @@ def render(report: dict) -> list[str]:
              f"sample: {report['batches']} batch(es) of {report['batch_size']} examples per split", "", "losses (nats/token, bits/byte):"]
     for split, s in report["splits"].items():
         stu, tea = s.get("student"), s.get("teacher")
+        if tea and tea.get("own_tokens"):  # a teacher of another tokenizer: per token of its own; bpb compare
+            gap = f"gap {_num(s.get('gap_bits_per_byte'), '.3f')} bpb (the teacher's loss is per token of its own tokenizer)"
+        else:
+            gap = f"gap {_num(s.get('gap'))}"
         lines.append(f"  {split}: student {_num(stu and stu['loss'])} ({_num(stu and stu['bits_per_byte'], '.3f')} "
                      f"bpb), teacher {_num(tea and tea['loss'])} ({_num(tea and tea['bits_per_byte'], '.3f')} bpb), "
-                     f"gap {_num(s.get('gap'))} over {stu['tokens'] if stu else tea['tokens'] if tea else 0} tokens")
+                     f"{gap} over {stu['tokens'] if stu else tea['tokens'] if tea else 0} tokens")
         if "teacher" in s and tea is None:
             lines.append(f"  {split}: the teacher's signal does not hold every target's probability at temperature 1"
-                         " (sampled or top-k targets, a mixture, a teacher with another tokenizer, a teacher not speaking yet): its loss"
+                         " (sampled or top-k targets, a mixture, a teacher not speaking yet): its loss"
                          " is not measured")
     v = report["vocabulary"]
     lines += ["", f"vocabulary: tokenizer {v['tokenizer']} tokens; the sample has {v['sample_tokens']} target tokens "

@@ -40,7 +40,6 @@ class CrossTokTeacher:
 
     kind = "cross-tokenizer"
     eval_estimates = "exact"  # never read: it covers no eval split
-    eval_temperature = 1.0
     max_positions = None  # the teacher's own length is checked on its tokens (signal)
     scores_any_text = True  # any student batch is re-tokenized, the student's own samples too
     states = None  # hidden states do not line up position by position across tokenizations
@@ -52,6 +51,8 @@ class CrossTokTeacher:
 
     def __init__(self, engine, student_tok, teacher_tok, method: str, cache_dir: Path):
         self.engine, self.tokenizer, self.method = engine, teacher_tok, method
+        # A dense engine's logits are tempered by the loss; a server's log-probs come at the loss's temperature.
+        self.eval_temperature = 1.0 if engine.dense else engine.temperature
         self.model = engine.model
         self.projection, self.matches, self.path = load_projection(student_tok, teacher_tok, cache_dir)
         self.s_table, self.t_table = token_bytes(student_tok), token_bytes(teacher_tok)

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from conftest import REPO
+from conftest import REPO, benchmark_module
 
 SECTION = "## Measured: which cross-tokenizer loss teaches best"
 
 
 def bench():
-    spec = importlib.util.spec_from_file_location("cross_tokenizer_bench", REPO / "benchmarks" / "cross_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("cross_tokenizer")
 
 
 def test_docs_tables_are_the_committed_record():

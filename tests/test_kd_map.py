@@ -3,19 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from conftest import REPO
+from conftest import REPO, benchmark_module
 
 SECTION = "## When distillation pays (kd_map)"
 
 
 def bench():
-    spec = importlib.util.spec_from_file_location("kd_map_bench", REPO / "benchmarks" / "kd_map.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("kd_map")
 
 
 def record() -> dict:

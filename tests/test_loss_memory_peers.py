@@ -5,20 +5,16 @@ extra, installed apart from ``dev``, so the suite reads its numbers from the rec
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-from conftest import REPO
+from conftest import REPO, benchmark_module
 
 RESULTS = REPO / "benchmarks" / "results" / "loss_memory.json"
 
 
 def bench():
-    spec = importlib.util.spec_from_file_location("loss_memory_bench", REPO / "benchmarks" / "loss_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("loss_memory")
 
 
 def test_docs_peers_table_is_the_committed_record():

@@ -135,20 +135,19 @@ def open_teacher(
         return student_base_teacher(student, tokenizer), None
     if isinstance(spec, TeacherCacheSpec):
         return CachedTeacher(spec, tokenizer, loss, seq_len, device), None
-    if isinstance(spec, ServerTeacherSpec) and crosstok is not None:  # it scores its own tokens
+    # A live model or a server: one engine, on the student's tokenizer or (loss.crosstok) on its own.
+    served = isinstance(spec, ServerTeacherSpec)
+    if served and crosstok is None:
+        teacher_tok = tokenizer  # the server's /tokenize is checked against the student's at start-up
+    else:
         teacher_tok = load_tokenizer(spec, field)
-        engine = open_engine(spec, teacher_tok, temperature=loss.temperature)
-        return CrossTokTeacher(engine, tokenizer, teacher_tok, crosstok, projection_dir(cache_dir)), None
-    if isinstance(spec, ServerTeacherSpec):
-        return EngineTeacher(open_engine(spec, tokenizer, temperature=loss.temperature), "server"), None
-    teacher_tok = load_tokenizer(spec, field)
-    if crosstok is None:
-        _same_tokenizer(tokenizer, teacher_tok, student_ref, spec.tokenizer or spec.path, field)
+        if crosstok is None:
+            _same_tokenizer(tokenizer, teacher_tok, student_ref, spec.tokenizer or spec.path, field)
     engine = open_engine(spec, teacher_tok, field=field, vocab_policy=vocab_policy, device=device,
-                         sharded=sharding.is_sharded())
-    if crosstok is not None:
+                         sharded=sharding.is_sharded(), temperature=loss.temperature)
+    if crosstok is not None:  # it scores its own tokens of each batch's text
         return CrossTokTeacher(engine, tokenizer, teacher_tok, crosstok, projection_dir(cache_dir)), None
-    return EngineTeacher(engine, "live"), None
+    return EngineTeacher(engine, "server" if served else "live"), None
 
 
 def _same_tokenizer(tokenizer, teacher_tok, student_ref: str, teacher_ref: str, field: str) -> None:

@@ -26,7 +26,7 @@ nothing, and a tail is never compared with a side whose tail is exactly zero (a 
 would make a KL infinite. The later rows enter through ULD's terms (and through the cross-entropy).
 
 A sparse teacher (a server's top-k log-probabilities and the realized token, :class:`SparseTarget`) names
-only the ids it sent: its other ids are -inf (:func:`sparse_logprobs`). ``pkl`` and ``gold``'s divergence
+only the ids it sent: its other ids are -inf (:func:`sent_logprobs`). ``pkl`` and ``gold``'s divergence
 then run over the teacher tokens it named (each side renormalized over them, as above: the biased top-k
 convention of a cache without its tail), and ULD's vectors have zeros where it sent nothing. The later rows
 need only their labels' log-probabilities, which a server always sends (the realized token). With every id
@@ -167,7 +167,7 @@ def _normalized(classes: torch.Tensor) -> torch.Tensor:
 def _compared(s_classes: torch.Tensor, t_classes: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """``spec``'s divergence (G,) between two sides' log-masses over some classes (G, C), each side renormalized
     over the classes the teacher names: every class of a dense teacher; of a sparse one (a server's top-k) the
-    ids it sent, a finite entry (:func:`sparse_logprobs`). A group where it names none compares nothing (0)."""
+    ids it sent, a finite entry (:func:`sent_logprobs`). A group where it names none compares nothing (0)."""
     known = t_classes > -math.inf
     if bool(known.all()):
         return _divergence(_normalized(s_classes), _normalized(t_classes), spec)
@@ -243,7 +243,7 @@ def group_divergence(
     raise ValueError(f"unknown cross-tokenizer loss {method!r}; choose one of {', '.join(CROSSTOK_METHODS)}")
 
 
-def sparse_logprobs(target: SparseTarget, num_classes: int) -> torch.Tensor:
+def sent_logprobs(target: SparseTarget, num_classes: int) -> torch.Tensor:
     """(R, V) log-probabilities of a sparse teacher's R rows (a server's top-k and realized token, at the
     temperature it scored at): its entries' values, -inf at every id it did not send (its padding, ``probs``
     0, included)."""
@@ -261,7 +261,7 @@ def group_logprobs(logits: torch.Tensor, group: torch.Tensor, labels: torch.Tens
     """One side's parts of each group from its rows' logits (R, V), their groups (R,) in [0, num_groups)
     or -1, ascending, and their labels (R,): the first row's log-probabilities (G, V) and the later labels'
     summed log-probabilities c (G,), both at temperature T. ``normalized``: the rows are log-probabilities
-    already, at the temperature they were scored at (a sparse teacher's, :func:`sparse_logprobs`)."""
+    already, at the temperature they were scored at (a sparse teacher's, :func:`sent_logprobs`)."""
     inside = group >= 0
     rows = inside.nonzero().squeeze(1)
     g = group[rows]
@@ -287,7 +287,7 @@ def naive_crosstok_loss(student_logits: torch.Tensor, teacher_logits: torch.Tens
                                  spec.temperature)
     with torch.no_grad():
         sparse = isinstance(teacher_logits, SparseTarget)
-        rows = sparse_logprobs(teacher_logits, _teacher_vocab(teacher_vocab, projection)) if sparse else teacher_logits
+        rows = sent_logprobs(teacher_logits, _teacher_vocab(teacher_vocab, projection)) if sparse else teacher_logits
         t_logp, t_c = group_logprobs(rows, groups.teacher_group, groups.teacher_labels, groups.num_groups,
                                      spec.temperature, normalized=sparse)
     return group_divergence(s_logp, s_c, t_logp, t_c, method, spec, projection=projection, matches=matches)
@@ -346,7 +346,7 @@ def chunked_crosstok_loss(
         def chunk(h_s, s_group=s_group, s_lab=s_lab, t_part=t_part, t_group=t_group, t_lab=t_lab, n=g1 - g0):
             s_logp, s_c = group_logprobs(student_head.logits(h_s), s_group, s_lab, n, spec.temperature)
             with torch.no_grad():
-                rows = sparse_logprobs(t_part, v_t) if sparse else teacher.head.logits(t_part)
+                rows = sent_logprobs(t_part, v_t) if sparse else teacher.head.logits(t_part)
                 t_logp, t_c = group_logprobs(rows, t_group, t_lab, n, spec.temperature, normalized=sparse)
             return group_divergence(s_logp, s_c, t_logp, t_c, method, spec, projection=projection, matches=matches)
 

@@ -244,6 +244,131 @@ def test_sampled_counts_are_unbiased(vocab):
     assert out["ids"].min() >= 5 and out["ids"].max() < vocab - zero_end
 
 
+def hybrid_estimates(out: dict, vocab: int, n: int) -> torch.Tensor:
+    """(rows, V) decoded hybrid probabilities of :func:`capture.hybrid_targets`' arrays, written out from the
+    format's description (codec: head codes / 255; ``(1 - sum(codes) / 255) * count / ceil(n * t)``)."""
+    codes = out["head_codes"].double()
+    rows = codes.shape[0]
+    rest = 1.0 - codes.sum(-1) / 255
+    draws = torch.ceil(torch.round(rest * 255) * n / 255 - 1e-9)
+    est = torch.zeros(rows, vocab, dtype=torch.float64).scatter_(1, out["head_ids"], codes / 255)
+    row = torch.repeat_interleave(torch.arange(rows), out["distinct"])
+    est[row, out["ids"]] += out["counts"].double() * (rest / draws.clamp_min(1))[row]
+    return est, draws
+
+
+@pytest.mark.parametrize("vocab", [40, 5000])  # one fp64 CDF; the two-level CDF (blocks of 256)
+def test_hybrid_targets_are_unbiased_and_sum_to_one(vocab):
+    gen = torch.Generator().manual_seed(1)
+    rows, n, head = 4000, 16, 2
+    logits = (2.0 * torch.randn(vocab, generator=gen)).expand(rows, vocab).contiguous()
+    p = torch.softmax(logits[0].double(), -1)
+    uniforms = torch.rand(rows, 2, generator=gen, dtype=torch.float64)
+    out = capture.hybrid_targets(logits, head, n, uniforms)
+    est, draws = hybrid_estimates(out, vocab, n)
+    assert torch.equal(out["head_ids"], p.topk(head).indices.expand(rows, head))
+    assert torch.equal(torch.from_numpy(codec.hybrid_draws(out["head_codes"].numpy(), n)), draws.long())
+    assert torch.equal(out["counts"].sum().reshape(1), draws.sum().long().reshape(1))
+    assert (out["distinct"] <= draws.long()).all() and not (est.scatter(1, out["head_ids"], 0.0) < 0).any()
+    assert torch.allclose(est.sum(-1), torch.ones(rows, dtype=torch.float64), atol=1e-12)
+    # The mean of 4,000 draws against the teacher: each id's z-score on its own standard error; the ids'
+    # errors are correlated (one rounding and one systematic offset per row), so no chi-square over them.
+    mean, se = est.mean(0), est.std(0) / rows**0.5
+    frequent = p * rows * n >= 25  # where the normal approximation holds
+    z = (mean - p)[frequent] / se[frequent]
+    assert (z.abs() <= 5).all(), z.abs().max()
+    # The test sees a bias of a fraction of a grid step: the head rounded to the nearest level is one.
+    nearest = capture.hybrid_targets(logits, head, n, torch.cat([torch.full((rows, 1), 0.5), uniforms[:, 1:]], 1))
+    biased, _ = hybrid_estimates(nearest, vocab, n)
+    top = p.argmax()
+    bias_z = (biased[:, top].mean() - p[top]) / (biased[:, top].std() / rows**0.5 + 1e-12)
+    assert bias_z.abs() > 5 or (biased[:, top].std() == 0 and abs(biased[0, top] - p[top]) > 1e-4)
+
+
+def test_hybrid_targets_edge_rows():
+    """A teacher sure of one token stores no draws; ids without mass are never drawn; a row whose only mass
+    is in the head draws nothing; systematic draws give each id floor or ceil of its expected count."""
+    v, n = 300, 16
+    logits = torch.full((4, v), -math.inf)
+    logits[0, 7] = 0.0  # all mass on one id
+    logits[1, :] = 0.0  # uniform
+    logits[1, 250:] = -math.inf
+    logits[2, [3, 9]] = torch.tensor([0.0, -0.5])  # all mass in a head of 2
+    logits[3, :] = torch.linspace(0, -8, v)
+    out = capture.hybrid_targets(logits, 2, n, torch.rand(4, 2, generator=torch.Generator().manual_seed(0),
+                                                          dtype=torch.float64))
+    est, draws = hybrid_estimates(out, v, n)
+    assert draws[0] == 0 and draws[2] == 0 and out["distinct"][0] == out["distinct"][2] == 0
+    assert est[0, 7] == 1.0 and math.isclose(float(est[2, 3] + est[2, 9]), 1.0)
+    assert out["ids"].max() < 250
+    row1 = torch.repeat_interleave(torch.arange(4), out["distinct"]) == 1
+    assert draws[1] == 16 and (out["counts"][row1] == 1).all()  # 248 equal ids, 16 draws: 16 different ones
+    q = torch.softmax(logits[3].double(), -1).scatter(0, out["head_ids"][3], 0.0)
+    expected = draws[3] * q / q.sum()
+    got = torch.zeros(v, dtype=torch.float64)
+    row3 = torch.repeat_interleave(torch.arange(4), out["distinct"]) == 3
+    got[out["ids"][row3]] = out["counts"][row3].double()
+    assert ((got - expected.floor() >= 0) & (got - expected.ceil() <= 0)).all()
+
+
+def test_hybrid_shard_roundtrip_and_size(tmp_path):
+    """Hybrid arrays survive the shard (rows without draws included); at the same noise as N = 50 sampled
+    targets on a high-entropy teacher it takes fewer bytes than they do."""
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 256, 4096
+    logits = 2.0 * torch.randn(rows, vocab, generator=gen)
+    logits[:64, 5] = 30.0  # sure of one token: no draws
+    out = capture.hybrid_targets(logits, 2, 16, torch.rand(rows, 2, generator=gen, dtype=torch.float64))
+    params = CacheParams.make("hybrid", vocab, n=16, head=2)
+    arrays = {k: v.numpy() for k, v in out.items()}
+    assert (arrays["distinct"][:64] == 0).all()
+    blob = codec.encode_shard(params, "train", 0, 0, [b"\0" * 8, b"\1" * 8], [101, rows - 99], [100, rows - 100],
+                              arrays)
+    path = tmp_path / "shard.bin"
+    path.write_bytes(blob)
+    entry = {"file": path.name, "examples": [0, 2], "bytes": len(blob), "sha256": codec.hashlib.sha256(blob).hexdigest()}
+    shard = reader._Shard(path, entry, params, tmp_path, "train")
+    assert shard.problem is None
+    back = [shard.rows(0), shard.rows(1)]
+    for key in ("head_ids", "head_codes", "distinct", "ids", "counts"):
+        assert np.array_equal(np.concatenate([b[key] for b in back]), arrays[key]), key
+    bad = {**arrays, "counts": arrays["counts"] + 1}
+    with pytest.raises(ValueError, match="do not add up to its draws"):
+        codec.encode_shard(params, "train", 0, 0, [b"\0" * 8], [rows + 1], [rows], bad)
+
+
+def test_hybrid_cache_reproduces_the_targets_and_trains(tmp_path, tiny):
+    cfg = load_config(CacheConfig, REPO / "configs" / "tiny" / "cache_hybrid.yaml",
+                      [f"out_dir={tmp_path / 'h'}", *SMALL_CACHE, *SHARP_TEACHER, "seed=5", "temperature=2.0"])
+    assert cfg.mode == "hybrid" and recipe.draws_per_token(cfg) == 16 and cfg.head == 1
+    summary = recipe.main(cfg)
+    ds, tok, teacher = tiny["ds"], tiny["tok"], tiny["teacher"]
+    cache = TeacherCache(cfg.out_dir)
+    assert cache.mode == "hybrid" and cache.manifest["params"]["head"] == 1 and cache.manifest["seed"] == 5
+    examples = [ds[i] for i in range(8, 16)]
+    logits = stored_row_logits(teacher, tok, examples)
+    for j, ex in enumerate(examples):
+        rows = torch.from_numpy(codec.stored_positions(ex["labels"]))
+        want = capture.hybrid_targets(logits[j] / 2.0, 1, 16, capture.example_uniforms(5, "train", 8 + j, len(rows), 2))
+        est, _ = hybrid_estimates(want, 263, 16)
+        t = cache.target(8 + j, ex["input_ids"], ex["labels"])
+        got = torch.zeros(len(rows), 263, dtype=torch.float64)
+        got.scatter_add_(1, t.ids[rows], t.probs[rows].double())
+        assert torch.allclose(got, est, atol=1e-6) and torch.equal(t.tail, torch.zeros(len(t.ids)))
+    assert summary["splits"]["train"]["bytes_per_token"] < tiny["summary"]["splits"]["train"]["bytes_per_token"] / 4
+    from distill import training
+    from distill.config import TrainConfig
+
+    run = load_config(TrainConfig, REPO / "configs" / "tiny" / "train.yaml",
+                      [f"out_dir={tmp_path / 'run'}", "teacher=null", f"teacher.cache={cfg.out_dir}",
+                       "loss.temperature=2.0", *SMALL_CACHE[1:-1], "train.max_steps=2", "eval.every=0",
+                       "log.progress=false"])
+    assert training.train(run)["steps"] == 2
+    with pytest.raises(ValueError, match=r"reverse_kl is infinite on hybrid targets"):
+        training.train(run.model_copy(update={"out_dir": str(tmp_path / "rkl"),
+                                              "loss": run.loss.model_copy(update={"divergence": "reverse_kl"})}))
+
+
 # ----------------------------------------------------------------------------------------------- the cache
 
 
@@ -487,7 +612,30 @@ def test_unsupported_format_version(copy_of):
     manifest = json.loads((copy_of / "manifest.json").read_text())
     manifest["version"] = 99
     (copy_of / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(reader.CacheError, match=f"unsupported format version 99.*reads version {codec.FORMAT_VERSION}"):
+    with pytest.raises(reader.CacheError, match="unsupported format version 99.*reads versions 2 and 3"):
+        TeacherCache(copy_of)
+
+
+def test_version_2_caches_still_read(copy_of, tiny):
+    """Version 3 added the hybrid mode and changed no layout of version 2 (top-k, sampled): a cache written
+    as version 2 (its manifest and every shard's header say so) reads to the same targets."""
+    ds = tiny["ds"]
+    want = TeacherCache(copy_of).target(3, ds[3]["input_ids"], ds[3]["labels"])
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["version"] = 2
+    for entry in manifest["splits"]["train"]["shards"]:
+        path = copy_of / entry["file"]
+        data = bytearray(path.read_bytes())
+        data[8:12] = (2).to_bytes(4, "little")
+        data[-32:] = codec.hashlib.sha256(data[:-32]).digest()
+        path.write_bytes(bytes(data))
+        entry["sha256"] = codec.hashlib.sha256(bytes(data)).hexdigest()
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    got = TeacherCache(copy_of).target(3, ds[3]["input_ids"], ds[3]["labels"])
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.probs, want.probs) and torch.equal(got.tail, want.tail)
+    manifest["params"]["mode"] = "dense"
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(reader.CacheError, match="unknown cache mode 'dense'"):
         TeacherCache(copy_of)
 
 

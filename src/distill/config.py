@@ -955,9 +955,13 @@ class CacheConfig(Section):
     out_dir: str = "runs/cache"
     teacher: ModelOrServer
     data: DataConfig
-    mode: Literal["topk", "sampled"] = "topk"
+    mode: Literal["topk", "sampled", "hybrid"] = "topk"
     k: int = Field(64, gt=0, description="top-k: ids kept per token")
-    n: int = Field(50, gt=0, description="sampled: draws per token (with replacement)")
+    n: int | None = Field(
+        None, gt=0, description="sampled: draws per token, with replacement (default 50); hybrid: draws at a tail of "
+        "mass 1 outside the head, ceil(n * tail) at each token (default 16)"
+    )
+    head: int = Field(1, gt=0, description="hybrid: the most probable ids kept with their probabilities")
     temperature: float = Field(1.0, gt=0, description="targets are softmax(logits / temperature)")
     prob_bits: int | None = Field(
         None, ge=2, le=16, description="top-k probability code bits (default: auto, <= 3 B/entry)"
@@ -968,7 +972,7 @@ class CacheConfig(Section):
     )
     batch_size: int = Field(8, gt=0, description="examples per teacher forward (per process)")
     shard_examples: int = Field(256, gt=0, description="examples per shard file")
-    seed: int = Field(0, description="sampled: seed of the draws")
+    seed: int = Field(0, description="sampled, hybrid: seed of the draws")
     vocab_policy: Literal["truncate", "error"] = "truncate"
     logits_memory_mb: int = Field(256, gt=0, description="memory for one chunk of teacher logits")
     progress: bool = True

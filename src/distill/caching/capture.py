@@ -1,7 +1,7 @@
 """Capture: a teacher's targets computed and written as cache shards (what ``distill cache`` runs).
 
 From the teacher's logits (divided by the capture temperature), :func:`topk_targets` and
-:func:`sampled_targets` give the codes the shards store (:mod:`distill.caching.codec`); :class:`Capturer` turns a
+:func:`sampled_targets` and :func:`hybrid_targets` give the codes the shards store (:mod:`distill.caching.codec`); :class:`Capturer` turns a
 shard's examples into those codes with the teacher's engine (:mod:`distill.engines`): from full logits, a chunk
 of rows at a time, for a dense one (a model in this process), from its top-k log-probabilities for a sparse one
 (a server); :func:`capture_split` writes one process's shards of a split (skipping complete ones) and
@@ -26,9 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.caching.codec import (
+    HEAD_LEVELS,
     encode_shard,
     encode_tail,
     example_hash,
+    hybrid_draws,
     shard_file_info,
     shard_name,
     stored_positions,
@@ -97,15 +99,64 @@ def sampled_targets(
     then its id on the fp32 cumulative sum within the block. ``work``: optional fp32 scratch of
     M * ceil(V / block) * block elements.
     """
+    e = _exps(logits, work)
+    return _distinct_counts(_inverse_cdf(e, logits.shape[1], uniforms).sort(dim=-1).values)
+
+
+def hybrid_targets(
+    logits: torch.Tensor, head: int, n: int, uniforms: torch.Tensor, work: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The hybrid cache's targets of each row of ``softmax(logits)`` (codec: ``hybrid``).
+
+    logits: (M, V); uniforms: (M, 2) in [0, 1): the first rounds the head's cumulative mass, the second places
+    the systematic draws. Returns ``head_ids`` (M, h) by probability, ``head_codes`` (M, h) (increments of
+    ``C_j = floor(255 S_j + u)``), and ``distinct``, ``ids``, ``counts`` of the ``ceil(t n)`` draws from the rest
+    of the distribution (``t = 1 - C_h / 255``), as :func:`sampled_targets` gives them.
+    """
     z = logits.float()
     m_rows, v = z.shape
-    n = uniforms.shape[1]
+    e = _exps(z, work)
+    ev = e[:, :v]
+    head_ids = z.topk(head, dim=-1, sorted=True).indices
+    total = ev.sum(-1).double()  # cascade-summed fp32: ~1e-7 relative
+    head_p = ev.gather(1, head_ids).double() / total.unsqueeze(1)
+    ev.scatter_(1, head_ids, 0.0)
+    tail = ev.sum(-1).double() / total  # the mass outside the head, without cancellation
+    cum = head_p.cumsum(-1)
+    cum[:, -1] = 1.0 - tail  # S_h: with no tail it is exactly 1, so C_h = 255 and no draws follow
+    levels = HEAD_LEVELS
+    c = torch.floor(cum.clamp(0.0, 1.0) * levels + uniforms[:, :1].to(cum)).clamp_(0, levels)
+    c = torch.cummax(c, dim=-1).values.long()  # rounding noise never makes a head probability negative
+    codes = torch.diff(c, dim=-1, prepend=torch.zeros(m_rows, 1, dtype=torch.long, device=c.device))
+    draws = torch.from_numpy(hybrid_draws(codes.cpu().numpy(), n)).to(z.device)
+    width = int(draws.max()) if m_rows else 0
+    j = torch.arange(max(width, 1), device=z.device, dtype=torch.float64)
+    points = (uniforms[:, 1:2].to(torch.float64) + j) / draws.clamp_min(1).unsqueeze(1).double()
+    valid = j < draws.unsqueeze(1)
+    picked = _inverse_cdf(e, v, torch.where(valid, points, 0.0).clamp_max_(1.0 - 1e-12))
+    picked = torch.where(valid, picked, v).sort(dim=-1).values  # a row's draws first, then the unused columns
+    return {"head_ids": head_ids, "head_codes": codes, **_distinct_counts(picked, valid)}
+
+
+def _exps(logits: torch.Tensor, work: torch.Tensor | None) -> torch.Tensor:
+    """``exp(z - max z)`` of each row in an fp32 buffer padded with zeros to whole sampling blocks."""
+    z = logits.float()
+    m_rows, v = z.shape
     block = sample_block(v)
     nb = -(-v // block)
     e = _work(work, m_rows, nb * block, z)
     torch.sub(z, z.max(dim=-1, keepdim=True).values, out=e[:, :v])
     e[:, :v].exp_()
     e[:, v:] = 0.0
+    return e
+
+
+def _inverse_cdf(e: torch.Tensor, v: int, uniforms: torch.Tensor) -> torch.Tensor:
+    """The id at each of the (M, N) ``uniforms`` on the cumulative distribution of the masses ``e``
+    (unnormalized, (M, whole blocks), zeros past ``v``). Overwrites ``e``."""
+    m_rows = e.shape[0]
+    block = sample_block(v)
+    nb = e.shape[1] // block
     if nb == 1:  # small vocabulary: one fp64 CDF
         cdf = e.double().cumsum_(-1)
         x = uniforms.to(torch.float64) * cdf[:, -1:]
@@ -116,18 +167,28 @@ def sampled_targets(
         x = uniforms.to(torch.float64) * bcdf[:, -1:]
         blk = torch.searchsorted(bcdf, x, right=True).clamp_max_(nb - 1)
         before = torch.where(blk > 0, bcdf.gather(1, (blk - 1).clamp_min(0)), torch.zeros_like(x))
-        seg = e3[torch.arange(m_rows, device=z.device).unsqueeze(1), blk]  # (M, N, block)
+        seg = e3[torch.arange(m_rows, device=e.device).unsqueeze(1), blk]  # (M, N, block)
         # within the block: stay strictly below its total so a rounding never lands on a zero-mass id
         r = (x - before).clamp_min(0.0).to(torch.float32).unsqueeze(-1)
         last = seg[..., -1:]
         r = torch.minimum(r, last - last.abs() * 1e-6)
         j = torch.searchsorted(seg, r, right=True).squeeze(-1).clamp_max_(block - 1)
         draws = (blk * block + j).clamp_max_(v - 1)
-    draws, _ = draws.sort(dim=-1)
-    start = torch.ones_like(draws, dtype=torch.bool)
-    start[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    return draws
+
+
+def _distinct_counts(draws: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Sorted (M, N) draws -> ``distinct`` (M,), ``ids`` and ``counts`` (rows one after the other). ``valid``:
+    which columns are draws, a prefix of each row (default: all)."""
+    m_rows, n = draws.shape
+    if valid is None:
+        valid = torch.ones_like(draws, dtype=torch.bool)
+    start = valid.clone()
+    start[:, 1:] &= draws[:, 1:] != draws[:, :-1]
     flat_start = start.reshape(-1).nonzero().squeeze(1)
-    counts = torch.diff(flat_start, append=torch.tensor([m_rows * n], device=flat_start.device))
+    flat_end = torch.cat([flat_start[1:], flat_start.new_tensor([m_rows * n])])
+    row_end = (torch.arange(m_rows, device=draws.device) * n + valid.sum(-1))  # one past each row's valid draws
+    counts = torch.minimum(flat_end, row_end[flat_start // n]) - flat_start
     return {"distinct": start.sum(-1), "ids": draws.reshape(-1)[flat_start], "counts": counts}
 
 
@@ -147,7 +208,7 @@ class Capturer:
     A dense engine (full logits): the teacher's final hidden states are computed per batch
     (``logits_to_keep=1``: no full logits), then the logits of the stored rows, a chunk of rows at a time into
     reused buffers (``logits_memory_mb`` bounds them), and the targets from each chunk (:func:`topk_targets` /
-    :func:`sampled_targets`). The targets of a chunk are computed on a helper thread while the main thread
+    :func:`sampled_targets` / :func:`hybrid_targets`). The targets of a chunk are computed on a helper thread while the main thread
     runs the next chunk's matmul (two sets of buffers), so on a machine with a spare core (or a GPU, where the
     helper thread also takes the device-to-host copies off the main thread) capture runs at nearly the speed
     of the bare forward.
@@ -175,7 +236,7 @@ class Capturer:
         self.temperature, self.seed, self.batch_size = temperature, seed, batch_size
         self.pad_id, self.device = pad_id, device
         v = params.vocab_size
-        if params.mode == "sampled":
+        if params.mode in ("sampled", "hybrid"):
             block = sample_block(v)
             self.work_width = -(-v // block) * block
             per_row = 4 * v + 4 * self.work_width + 4 * params.n * block + 64 * params.n
@@ -218,6 +279,8 @@ class Capturer:
             if p.mode == "topk":
                 out = topk_targets(z, p.k, p.prob_bits, work=work)
                 out["tail_codes"] = torch.from_numpy(encode_tail(out.pop("tail").cpu(), p.tail_bits))
+            elif p.mode == "hybrid":
+                out = hybrid_targets(z, p.head, p.n, uniforms, work=work)
             else:
                 out = sampled_targets(z, uniforms, work=work)
             return {key: val.cpu() for key, val in out.items()}
@@ -265,10 +328,11 @@ class Capturer:
             for b0, batch, sel in self.batches(examples):
                 rows = self.engine.hidden(batch)[sel]
                 uniforms = None
-                if p.mode == "sampled":
+                if p.mode != "topk":  # sampled: one uniform per draw; hybrid: two per position
                     uniforms = torch.cat(
                         [
-                            example_uniforms(self.seed, split, first_index + b0 + j, positions[b0 + j], p.n)
+                            example_uniforms(self.seed, split, first_index + b0 + j, positions[b0 + j],
+                                             p.n if p.mode == "sampled" else 2)
                             for j in range(sel.shape[0])
                         ]
                     ).to(self.device)
@@ -298,6 +362,8 @@ class Capturer:
                     "ids": np.zeros(0, np.int64),
                     "counts": np.zeros(0, np.int64),
                 }
+                if p.mode == "hybrid":
+                    arrays.update(head_ids=np.zeros((0, p.head), np.int64), head_codes=np.zeros((0, p.head), np.int64))
         return {"arrays": arrays, "positions": positions}
 
     def _capture_top_logprobs(self, examples: list[dict], on_batch=None) -> dict:

@@ -4,7 +4,9 @@
 tokenized dataset and stores, for every position whose next token is supervised, one of (docs/methods.md §2):
 
 * ``topk``: the k most probable ids, their probabilities and the tail mass ``1 - sum(top-k p)``;
-* ``sampled``: N draws with replacement from the teacher distribution, kept as distinct ids + counts.
+* ``sampled``: N draws with replacement from the teacher distribution, kept as distinct ids + counts;
+* ``hybrid``: the h most probable ids with their probabilities rounded without bias, and a systematic sample
+  of the rest of the distribution whose size follows the mass left to it (fewer bytes at the same noise).
 
 Probabilities are at the capture temperature ``T``: ``p = softmax(z / T)``. This module is the format (bit
 packing, Rice codes, quantization, hashes, the shard files, the manifest's constants);
@@ -45,6 +47,16 @@ Encoding (all integers little-endian; bit fields packed LSB-first, see :func:`pa
   ``probs = count / N``, ``tail = 0`` (unbiased: E[count / N] = p). Draws are inverse-CDF samples (fp64
   over blocks of 256 ids, fp32 within a block) with uniforms from a generator seeded by (seed, split,
   example index), so they do not depend on batching.
+* ``hybrid`` (``head`` = h, ``n``), per position: the h most probable ids (``id_bits`` each) and h 8-bit codes
+  ``c_j``: the cumulative head mass ``S_j = p_1 + ... + p_j`` on the grid ``1/255`` is ``C_j = floor(255 S_j +
+  u)`` (one uniform u per position, ``C_h`` from ``1 - tail`` so that no rounding pushes it past 255), stored as
+  increments ``c_j = C_j - C_{j-1}``; read back as ``p_j = c_j / 255`` (``E[C_j] = 255 S_j``: unbiased) and the
+  rest of the mass ``t = 1 - C_h / 255`` (unbiased for the tail mass). Then ``M = ceil(t n)`` draws from the
+  teacher with the head removed (renormalized), systematic: points ``(u' + i) / M`` on its cumulative
+  distribution (each id's count is ``floor`` or ``ceil`` of ``M q_i``, mean exactly ``M q_i``), stored as in
+  ``sampled`` (distinct ids as Rice-coded sorted gaps, counts less the last), with ``d`` in
+  ``bit_length(min(n, V - h))`` bits (``d = 0`` when ``t = 0``). Read back as ``t * count / M``. Every id's
+  decoded probability has the teacher's as its mean, and they sum to 1 (docs/methods.md §2).
 
 Files
 -----
@@ -79,10 +91,12 @@ from distill.checkpoint import atomic_write_bytes
 from distill.losses import IGNORE_INDEX
 
 FORMAT_NAME = "distill-teacher-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the hybrid mode; top-k and sampled shards are laid out as in 2
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 SHARD_MAGIC = b"DSTLSHRD"
+HEAD_LEVELS = 255  # hybrid: head probabilities on the grid 1/255 (8-bit codes)
 TAIL_LOGIT_RANGE = 20.0  # tail codes: logit(tail) in [-20, 20] on codes 1.., code 0 = (almost) no tail
 INDEX_DTYPE = np.dtype([("hash", "V8"), ("length", "<u4"), ("positions", "<u4")])
 _TRAILER = 32  # sha256 of the shard's content
@@ -256,6 +270,17 @@ def decode_tail(codes: np.ndarray, bits: int = 8) -> np.ndarray:
     return np.where(np.asarray(codes) == 0, 0.0, 1.0 / (1.0 + np.exp(-x)))
 
 
+def readable_versions() -> str:
+    return " and ".join(str(v) for v in READABLE_VERSIONS)
+
+
+def hybrid_draws(head_codes: np.ndarray, n: int) -> np.ndarray:
+    """A hybrid position's number of draws from its head codes (P, h): ``ceil(n * t)`` for the decoded rest
+    of the mass ``t = 1 - sum(codes) / 255`` (exact integer arithmetic; 0 when the head holds everything)."""
+    rest = HEAD_LEVELS - np.asarray(head_codes, dtype=np.int64).sum(-1)
+    return -(-(rest * n) // HEAD_LEVELS)
+
+
 # ---------------------------------------------------------------------------------------------- parameters
 
 
@@ -263,12 +288,13 @@ def decode_tail(codes: np.ndarray, bits: int = 8) -> np.ndarray:
 class CacheParams:
     """How targets are encoded; what the manifest records about the mode."""
 
-    mode: str  # "topk" | "sampled"
+    mode: str  # "topk" | "sampled" | "hybrid"
     vocab_size: int
     k: int = 0
     prob_bits: int = 0
     tail_bits: int = 0
     n: int = 0
+    head: int = 0  # hybrid: ids kept with their probabilities
 
     @property
     def id_bits(self) -> int:
@@ -279,12 +305,19 @@ class CacheParams:
         return (self.n - 1).bit_length()
 
     @property
+    def min_distinct(self) -> int:
+        """The fewest distinct sampled ids a position has: 1 (sampled), 0 (hybrid: no draws without a tail)."""
+        return 0 if self.mode == "hybrid" else 1
+
+    @property
     def distinct_bits(self) -> int:
+        if self.mode == "hybrid":
+            return min(self.n, self.vocab_size - self.head).bit_length()
         return (min(self.n, self.vocab_size) - 1).bit_length()
 
     @classmethod
     def make(cls, mode: str, vocab_size: int, *, k: int = 64, n: int = 50, prob_bits: int | None = None,
-             tail_bits: int | None = None):
+             tail_bits: int | None = None, head: int = 1):
         if mode == "topk":
             if not 1 <= k <= vocab_size:
                 raise ValueError(f"top-k: k={k} must be between 1 and the vocabulary size {vocab_size}")
@@ -301,7 +334,13 @@ class CacheParams:
             if n < 1:
                 raise ValueError(f"sampled: n={n} must be >= 1")
             return cls("sampled", vocab_size, n=n)
-        raise ValueError(f"unknown cache mode {mode!r} (expected topk or sampled)")
+        if mode == "hybrid":
+            if not 1 <= head < vocab_size:
+                raise ValueError(f"hybrid: head={head} must be at least 1 and below the vocabulary size {vocab_size}")
+            if n < 1:
+                raise ValueError(f"hybrid: n={n} must be >= 1")
+            return cls("hybrid", vocab_size, n=n, head=head)
+        raise ValueError(f"unknown cache mode {mode!r} (expected topk, sampled or hybrid)")
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {"mode": self.mode, "vocab_size": self.vocab_size, "id_bits": self.id_bits}
@@ -320,10 +359,15 @@ class CacheParams:
                 id_scheme="sorted-gaps-rice",
                 count_scheme="count-minus-1-rice",
             )
+            if self.mode == "hybrid":
+                out.update(head=self.head, head_levels=HEAD_LEVELS, head_scheme="cumulative-stochastic-rounding",
+                           draws="systematic-ceil-tail-times-n")
         return out
 
     @classmethod
     def from_json(cls, d: dict) -> CacheParams:
+        if d.get("mode") not in ("topk", "sampled", "hybrid"):
+            raise ValueError(f"unknown cache mode {d.get('mode')!r} (this distill reads topk, sampled and hybrid)")
         if d.get("mode") == "topk":
             return cls(
                 "topk",
@@ -332,6 +376,8 @@ class CacheParams:
                 prob_bits=int(d["prob_bits"]),
                 tail_bits=int(d["tail_bits"]),
             )
+        if d.get("mode") == "hybrid":
+            return cls("hybrid", int(d["vocab_size"]), n=int(d["n"]), head=int(d["head"]))
         return cls("sampled", int(d["vocab_size"]), n=int(d["n"]))
 
 
@@ -413,6 +459,7 @@ def encode_shard(
 
     topk: ``ids`` (P, k), ``codes`` (P, k - 1), ``tail_codes`` (P,).
     sampled: ``distinct`` (P,), ``ids`` (E,) increasing within each position, ``counts`` (E,).
+    hybrid: ``head_ids`` (P, h), ``head_codes`` (P, h), and the sampled arrays of the draws outside the head.
     """
     index = _shard_index(hashes, lengths, positions)
     total = int(index["positions"].sum())
@@ -420,6 +467,16 @@ def encode_shard(
         sections, entries, extra = _topk_sections(params, arrays, total)
     else:
         sections, entries, extra = _sampled_sections(params, arrays, index["positions"], total)
+        if params.mode == "hybrid":
+            head_ids = np.asarray(arrays["head_ids"]).reshape(total, params.head)
+            head_codes = np.asarray(arrays["head_codes"]).reshape(total, params.head)
+            draws = hybrid_draws(head_codes, params.n)
+            if not np.array_equal(np.bincount(np.repeat(np.arange(total), arrays["distinct"]), arrays["counts"],
+                                              minlength=total).astype(np.int64), draws):
+                raise ValueError("hybrid shard: the counts of a position do not add up to its draws")
+            sections = [("head_ids", pack_bits(head_ids.reshape(-1), params.id_bits)),
+                        ("head_codes", pack_bits(head_codes.reshape(-1), 8)), *sections]
+            entries += total * params.head
     sections = [("index", index.view(np.uint8)), *sections]
     layout, size = _section_layout(sections)
     header = {
@@ -466,14 +523,17 @@ def _sampled_sections(params: CacheParams, arrays: dict[str, np.ndarray], positi
     entries = int(distinct.sum())
     if len(distinct) != total or len(ids) != entries or len(counts) != entries:
         raise ValueError("sampled shard: distinct/ids/counts do not add up")
-    if entries and (distinct.min() < 1 or ids.min() < 0 or ids.max() >= params.vocab_size):
-        raise ValueError("sampled shard: ids outside the vocabulary or a position without draws")
-    row_start = np.cumsum(distinct) - distinct  # entry index of each position's first id
+    if total and distinct.min() < params.min_distinct:
+        raise ValueError("sampled shard: a position without draws")
+    if entries and (ids.min() < 0 or ids.max() >= params.vocab_size):
+        raise ValueError("sampled shard: ids outside the vocabulary")
+    drawn = distinct > 0
+    row_start = (np.cumsum(distinct) - distinct)[drawn]  # entry index of each position's first id
     gaps = ids - np.concatenate([[-1], ids[:-1]]) - 1  # ids increase within a row: gaps >= 0
     gaps[row_start] = ids[row_start]
     if entries and gaps.min() < 0:
         raise ValueError("sampled shard: ids must be distinct and increasing within each position")
-    last = np.cumsum(distinct) - 1  # the last count of each row is implied by the others
+    last = (np.cumsum(distinct) - 1)[drawn]  # the last count of each row is implied by the others
     keep = np.ones(entries, bool)
     keep[last] = False
     stored = counts[keep] - 1
@@ -483,9 +543,10 @@ def _sampled_sections(params: CacheParams, arrays: dict[str, np.ndarray], positi
     # Per example (and the end): the unary bit offset of its first id and of its first stored count.
     pos_off = np.concatenate([[0], np.cumsum(positions, dtype=np.int64)])
     entry_off = np.concatenate([[0], np.cumsum(distinct)]).astype(np.int64)[pos_off]
-    offsets = np.stack([id_bit[entry_off], count_bit[entry_off - pos_off]], 1).astype("<u8")
+    drawn_off = np.concatenate([[0], np.cumsum(drawn)]).astype(np.int64)[pos_off]  # rows with an implied count
+    offsets = np.stack([id_bit[entry_off], count_bit[entry_off - drawn_off]], 1).astype("<u8")
     sections = [
-        ("distinct", pack_bits(distinct - 1, params.distinct_bits)),
+        ("distinct", pack_bits(distinct - params.min_distinct, params.distinct_bits)),
         ("offsets", offsets.reshape(-1).view(np.uint8)),
         ("id_unary", id_unary),
         ("id_rem", id_rem),
@@ -531,8 +592,8 @@ def read_shard_header(data) -> tuple[dict, int]:
     if len(data) < 16 + _TRAILER or bytes(data[0:8]) != SHARD_MAGIC:
         raise ValueError("not a shard file (bad magic or too short)")
     version = int.from_bytes(data[8:12], "little")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"shard format version {version}, this distill reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"shard format version {version}, this distill reads versions {readable_versions()}")
     hlen = int.from_bytes(data[12:16], "little")
     if 16 + hlen > len(data) - _TRAILER:
         raise ValueError("header runs past the end of the file (truncated)")

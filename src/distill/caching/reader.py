@@ -18,15 +18,18 @@ import torch
 
 from distill.caching.codec import (
     FORMAT_NAME,
-    FORMAT_VERSION,
+    HEAD_LEVELS,
     INDEX_DTYPE,
     MANIFEST,
     PLAN,
+    READABLE_VERSIONS,
     CacheParams,
     decode_tail,
     example_hash,
+    hybrid_draws,
     ratio_levels,
     read_shard_header,
+    readable_versions,
     rice_decode,
     stored_positions,
     unpack_bits,
@@ -105,10 +108,11 @@ class _Shard:
             self.mm, INDEX_DTYPE, count=nb // INDEX_DTYPE.itemsize, offset=base + off
         )
         self.pos_off = np.concatenate([[0], np.cumsum(self.index["positions"], dtype=np.int64)])
-        if params.mode == "sampled":
-            d = unpack_bits(self.section("distinct"), params.distinct_bits, 0, int(self.pos_off[-1])) + 1
+        if params.mode in ("sampled", "hybrid"):
+            d = unpack_bits(self.section("distinct"), params.distinct_bits, 0, int(self.pos_off[-1])) + params.min_distinct
             self.distinct = d
             self.row_entry_off = np.concatenate([[0], np.cumsum(d)])
+            self.drawn_off = np.concatenate([[0], np.cumsum(d > 0)])  # rows before: each implies its last count
             self.bit_off = np.frombuffer(self.section("offsets"), "<u8").reshape(-1, 2).astype(np.int64)
             self.rice = header["rice"]
 
@@ -127,13 +131,19 @@ class _Shard:
             codes = unpack_bits(self.section("codes"), p.prob_bits, p0 * (p.k - 1), rows * (p.k - 1))
             tail_codes = unpack_bits(self.section("tail"), p.tail_bits, p0, rows)
             return {"ids": ids, "codes": codes.reshape(rows, p.k - 1), "tail_codes": tail_codes}
+        head = {}
+        if p.mode == "hybrid":
+            h = p.head
+            head = {"head_ids": unpack_bits(self.section("head_ids"), p.id_bits, p0 * h, rows * h).reshape(rows, h),
+                    "head_codes": unpack_bits(self.section("head_codes"), 8, p0 * h, rows * h).reshape(rows, h)}
         e0, e1 = int(self.row_entry_off[p0]), int(self.row_entry_off[p1])
         distinct = self.distinct[p0:p1]
         (i0, c0), (i1, c1) = self.bit_off[local], self.bit_off[local + 1]
         try:
             g = rice_decode(self.section("id_unary"), self.section("id_rem"), self.rice["ids"], e0, e1 - e0, i0, i1)
+            d0, d1 = int(self.drawn_off[p0]), int(self.drawn_off[p1])
             stored = rice_decode(self.section("count_unary"), self.section("count_rem"), self.rice["counts"],
-                                 e0 - p0, (e1 - e0) - rows, c0, c1) + 1
+                                 e0 - d0, (e1 - e0) - (d1 - d0), c0, c1) + 1
         except ValueError as exc:
             raise CorruptShardError(f"{self.where}: example {self.first + local} {exc}") from None
         # ids from gaps: within each row, id_j = sum_{i <= j} (gap_i + 1) - 1.
@@ -142,14 +152,16 @@ class _Shard:
         starts = self.row_entry_off[p0:p1] - e0
         ids = cs - np.repeat(cs[starts] - g[starts], distinct) - 1
         counts = np.empty(e1 - e0, np.int64)
-        last = np.cumsum(distinct) - 1
+        drawn = distinct > 0
+        last = (np.cumsum(distinct) - 1)[drawn]
         keep = np.ones(e1 - e0, bool)
         keep[last] = False
         counts[keep] = stored
         row_of = np.repeat(np.arange(rows), distinct)
         sums = np.bincount(row_of[keep], weights=stored, minlength=rows).astype(np.int64)
-        counts[last] = p.n - sums
-        return {"distinct": distinct, "ids": ids, "counts": counts}
+        draws = hybrid_draws(head["head_codes"], p.n) if head else np.full(rows, p.n, np.int64)
+        counts[last] = (draws - sums)[drawn]
+        return {**head, "distinct": distinct, "ids": ids, "counts": counts}
 
 
 class TeacherCache:
@@ -162,7 +174,7 @@ class TeacherCache:
 
     topk_tail: top-k caches only: keep the tail mass (``tail`` = stored tail, the loss runs over k + 1
     classes) or renormalize the top-k (``tail=None``). Sampled caches always give ``probs = counts / N``
-    and ``tail = 0``.
+    and ``tail = 0``; hybrid caches the head's decoded probabilities, then ``t * count / M``, and ``tail = 0``.
     """
 
     def __init__(
@@ -194,13 +206,17 @@ class TeacherCache:
                 f"{self.path} is not a distill teacher cache (manifest format {manifest.get('format')!r})"
             )
         version = manifest.get("version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CacheError(
-                f"teacher cache {self.path}: unsupported format version {version!r}; this distill reads version "
-                f"{FORMAT_VERSION}. Rebuild the cache with this distill (`distill cache`) or use a matching distill"
+                f"teacher cache {self.path}: unsupported format version {version!r}; this distill reads versions "
+                f"{readable_versions()}. Rebuild the cache with this distill (`distill cache`) or use a matching "
+                "distill"
             )
         self.manifest = manifest
-        self.params = CacheParams.from_json(manifest["params"])
+        try:
+            self.params = CacheParams.from_json(manifest["params"])
+        except (KeyError, ValueError) as exc:
+            raise CacheError(f"teacher cache {self.path}: manifest.json params: {exc}") from None
         splits = manifest["splits"]
         if split not in splits:
             raise CacheError(f"teacher cache {self.path} has no {split!r} split (it has {', '.join(splits)})")
@@ -354,16 +370,27 @@ class TeacherCache:
                 tail_full[idx] = torch.from_numpy(tail).float()
             return SparseTarget(ids_full, probs_full, tail_full)
         distinct = rows["distinct"]
-        width = int(distinct.max()) if n_rows else 1
+        h = p.head if p.mode == "hybrid" else 0
+        width = h + (int(distinct.max()) if n_rows else 0)
         row_of = np.repeat(np.arange(n_rows), distinct)
         starts = np.concatenate([[0], np.cumsum(distinct)[:-1]]) if n_rows else np.zeros(0, np.int64)
-        col = np.arange(len(row_of)) - np.repeat(starts, distinct)
-        ids_full = torch.zeros(t, width, dtype=torch.long)
-        probs_full = torch.zeros(t, width, dtype=torch.float32)
+        col = h + np.arange(len(row_of)) - np.repeat(starts, distinct)
+        ids_full = torch.zeros(t, max(width, 1), dtype=torch.long)
+        probs_full = torch.zeros(t, max(width, 1), dtype=torch.float32)
         r = torch.from_numpy(where[row_of])
         c = torch.from_numpy(col)
         ids_full[r, c] = torch.from_numpy(rows["ids"])
-        probs_full[r, c] = torch.from_numpy(rows["counts"] / p.n).float()
+        if h:  # head: codes / 255; draws: (1 - sum(codes) / 255) * count / M (codec: hybrid)
+            codes = rows["head_codes"]
+            draws = hybrid_draws(codes, p.n)
+            rest = (HEAD_LEVELS - codes.sum(-1)) / HEAD_LEVELS
+            weight = np.where(draws > 0, rest / np.maximum(draws, 1), 0.0)
+            idx = torch.from_numpy(where)
+            ids_full[idx, :h] = torch.from_numpy(rows["head_ids"])
+            probs_full[idx, :h] = torch.from_numpy(codes / HEAD_LEVELS).float()
+            probs_full[r, c] = torch.from_numpy(rows["counts"] * weight[row_of]).float()
+        else:
+            probs_full[r, c] = torch.from_numpy(rows["counts"] / p.n).float()
         return SparseTarget(ids_full, probs_full, torch.zeros(t, dtype=torch.float32))
 
     def batch_target(

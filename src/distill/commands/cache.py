@@ -2,6 +2,7 @@
 
     distill cache configs/tiny/cache.yaml out_dir=runs/cache          # tiny CPU run, seconds
     distill cache my.yaml mode=sampled n=50 temperature=1.0           # RS-KD targets
+    distill cache my.yaml mode=hybrid head=1 n=16                     # exact head + systematic draws (~20 B/token)
     accelerate launch --num_processes 2 -m distill cache my.yaml      # each process writes its own shards
 
 The data section is the one ``distill train`` uses, and the cache covers ``build_datasets``' train split
@@ -12,7 +13,7 @@ described in :mod:`distill.caching.codec`; train from it with ``teacher: {cache:
 Resume: running the same command again continues from the last complete shard (shards are written
 under a temporary name and renamed; each carries its own checksum, verified before it is skipped), and
 the finished cache is byte-identical to one written without interruption: the batches are fixed per
-shard and the draws of sampled mode depend only on (seed, split, example). ``plan.json`` (written first)
+shard and the draws of the sampled and hybrid modes depend only on (seed, split, example). ``plan.json`` (written first)
 records the settings; resuming with other settings is refused. The manifest is written last by the
 main process once every process has finished its shards. A complete cache (manifest present, same
 settings) is left alone.
@@ -39,6 +40,12 @@ from distill.models import has_accelerator, load_tokenizer
 from distill.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger("distill")
+DEFAULT_DRAWS = {"sampled": 50, "hybrid": 16}
+
+
+def draws_per_token(cfg: CacheConfig) -> int:
+    """``n`` as set, else the mode's default (draws are unused by top-k)."""
+    return cfg.n if cfg.n is not None else DEFAULT_DRAWS.get(cfg.mode, 50)
 
 
 # --------------------------------------------------------------------------------------------- the command
@@ -54,13 +61,13 @@ def main(cfg: CacheConfig, on_step: Callable[[dict], object] | None = None) -> d
         logger.setLevel(logging.WARNING)
 
     tokenizer = load_tokenizer(cfg.teacher, "teacher")
-    params = codec.CacheParams.make(cfg.mode, len(tokenizer), k=cfg.k, n=cfg.n, prob_bits=cfg.prob_bits,
-                                    tail_bits=cfg.tail_bits)
+    params = codec.CacheParams.make(cfg.mode, len(tokenizer), k=cfg.k, n=draws_per_token(cfg), head=cfg.head,
+                                    prob_bits=cfg.prob_bits, tail_bits=cfg.tail_bits)
     engine = open_engine(cfg.teacher, tokenizer, vocab_policy=cfg.vocab_policy, device=accelerator.device,
                          temperature=cfg.temperature, top_k=cfg.k)
-    if cfg.mode == "sampled" and not engine.dense:
-        raise ValueError("mode=sampled needs the teacher's whole distribution, which a server does not return; "
-                         "capture mode=topk from the server, or sampled targets from the model itself")
+    if cfg.mode != "topk" and not engine.dense:
+        raise ValueError(f"mode={cfg.mode} needs the teacher's whole distribution, which a server does not return; "
+                         f"capture mode=topk from the server, or {cfg.mode} targets from the model itself")
     with accelerator.main_process_first():
         train_ds, eval_ds = build_datasets(cfg.data, tokenizer, max_positions=engine.max_positions)
     datasets = {"train": train_ds, "eval": eval_ds}
@@ -121,7 +128,7 @@ def _identity(cfg: CacheConfig, tokenizer, params, sizes: dict[str, int], hashes
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "params": params.to_json(),
         "temperature": cfg.temperature,
-        "seed": cfg.seed if cfg.mode == "sampled" else None,
+        "seed": cfg.seed if cfg.mode != "topk" else None,
         "seq_len": cfg.data.seq_len,
         "capture": {"batch_size": cfg.batch_size, "logits_memory_mb": cfg.logits_memory_mb},
         "splits": {

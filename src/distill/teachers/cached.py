@@ -40,20 +40,21 @@ class CachedTeacher:
         if loss.divergence == "sampled_reverse_kl":
             raise ValueError("loss.divergence=sampled_reverse_kl needs the teacher's probability of the tokens the "
                              "student samples, which a cache does not hold; use a live teacher or a server teacher")
-        if train.mode == "sampled" and not loss.tolerates_zero_teacher_mass:
+        if train.mode != "topk" and not loss.tolerates_zero_teacher_mass:
             setting = f"loss.divergence={loss.divergence}"
             if loss.divergence == "jsd":
                 setting += f" with loss.beta={loss.beta:g}"
             elif loss.divergence == "skew_reverse_kl":
                 setting += f" with loss.skew={loss.skew:g}"
             raise ValueError(
-                f"{setting} is infinite on sampled targets (the teacher puts no mass outside the sampled ids, "
+                f"{setting} is infinite on {train.mode} targets (the teacher puts no mass outside the stored ids, "
                 "and this divergence contains KL(q || p)); use forward_kl, skew_kl, tvd, jsd with loss.beta < 1 "
                 "or skew_reverse_kl with loss.skew > 0"
             )
         self.mode = train.mode
         self.eval_temperature = train.temperature
-        self.eval_estimates = "sampled" if train.mode == "sampled" else ("topk_tail" if spec.topk_tail else "topk")
+        # hybrid targets are unbiased estimates like sampled ones: the same eval metrics hold for them
+        self.eval_estimates = "sampled" if train.mode != "topk" else ("topk_tail" if spec.topk_tail else "topk")
 
     def describe(self) -> str:
         split_note = "" if "eval" in self.caches else " (no eval split: eval reports no KL to the teacher)"

@@ -58,13 +58,19 @@ def read_metrics(out_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def test_help_lists_commands_and_sections():
-    res = run_cli("--help")
+def test_help_lists_commands_and_sections(capsys):
+    res = run_cli("--help")  # the installed command, in a fresh process
     assert res.returncode == 0 and "train" in res.stdout
-    res = run_cli("train", "--help")
-    assert res.returncode == 0
-    for section in ("student", "teacher", "data", "loss", "optim", "checkpoint", "--resume"):
-        assert section in res.stdout
+    from distill import cli
+
+    for command, wanted in (("train", ("student", "teacher", "data", "loss", "optim", "checkpoint", "--resume")),
+                            ("cache", ("mode", "hybrid", "head", "draws"))):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])  # the same parser, in this process
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for section in wanted:
+            assert section in out, (command, section)
 
 
 @pytest.mark.slow

@@ -81,7 +81,11 @@ def _describe(model: type[BaseModel], indent: str = "  ") -> str:
             lines += _section_lines(_entry(key, field.annotation), subs, indent, optional)
         else:
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            lines.append(f"{indent}{key} (default {default})")
+            literal = typing.get_origin(field.annotation) is typing.Literal
+            one_of = f"; one of {', '.join(map(str, typing.get_args(field.annotation)))}" if literal else ""
+            about = f": {field.description}" if field.description else ""
+            lines.append(textwrap.fill(f"{key} (default {default}{one_of}){about}", 110, initial_indent=indent,
+                                       subsequent_indent=indent + "    "))
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Offline teacher cache: size, write/read throughput, and the bare teacher forward for comparison.
 
-For each mode and parameter (top-k k = 8, 32, 64; sampled N = 16, 50) the same examples are captured with
+For each mode and parameter (top-k k = 8, 32, 64; sampled N = 16, 50; hybrid head 1, n = 16, 32) the same examples
+are captured with
 :class:`distill.caching.capture.Capturer` + :func:`distill.caching.capture.capture_split` (teacher forward,
 targets, encoding and atomic shard writes, the writer thread included) into a fresh directory, then read
 back at random (batches of 8 random examples through :meth:`TeacherCache.batch_target`, hash checks and
@@ -21,8 +22,8 @@ so they follow the teacher; ``fixed_width_bytes_per_token`` is what plain ``ceil
 files (headers, index and checksums included) over the stored positions; the manifest is a fixed size
 (``manifest_bytes``). The forward and the capture of each setting are timed back to back.
 
-    python benchmarks/cache.py            # V = 131,073 (18-bit ids), hidden 1024, all five settings (2-4 min on 2 CPU cores)
-    python benchmarks/cache.py --quick    # the tiny teacher of configs/tiny/cache.yaml (V = 263), k=64, N=50
+    python benchmarks/cache.py            # V = 131,073 (18-bit ids), hidden 1024, all seven settings (minutes on 2 CPU cores)
+    python benchmarks/cache.py --quick    # the tiny teacher of configs/tiny/cache.yaml (V = 263), k=64, N=50, hybrid n=16
 
 Writes a list of records to ``--out`` (default ``runs/benchmarks/cache.json``; the committed record: ``--out benchmarks/results/cache.json``). CPU timings use
 ``--threads`` intra-op threads (1 by default: stable on a shared machine).
@@ -55,8 +56,8 @@ from distill.models import final_hidden, flat_positions, output_head  # noqa: E4
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/cache.json
 DEFAULT_OUT = REPO / "runs" / "benchmarks" / "cache.json"
-FULL = [("topk", 8), ("topk", 32), ("topk", 64), ("sampled", 16), ("sampled", 50)]
-QUICK = [("topk", 64), ("sampled", 50)]
+FULL = [("topk", 8), ("topk", 32), ("topk", 64), ("sampled", 16), ("sampled", 50), ("hybrid", 16), ("hybrid", 32)]
+QUICK = [("topk", 64), ("sampled", 50), ("hybrid", 16)]
 
 
 def llama(vocab: int, hidden: int, layers: int, seed: int, max_pos: int = 1024):
@@ -189,7 +190,7 @@ def topk_quant_kl(logp: torch.Tensor, k: int, bits: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny teacher (V=263), top-k 64 and sampled 50 only")
+    ap.add_argument("--quick", action="store_true", help="tiny teacher (V=263), top-k 64, sampled 50, hybrid 16 only")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
@@ -223,7 +224,7 @@ def main() -> None:
     step_tps = None
     with tempfile.TemporaryDirectory(prefix="distill-cache-bench-") as tmp:
         for mode, value in settings:
-            params = codec.CacheParams.make(mode, vocab, **({"k": value} if mode == "topk" else {"n": value}))
+            params = codec.CacheParams.make(mode, vocab, **({"k": value} if mode == "topk" else {"n": value, "head": 1}))
             out = Path(tmp) / f"{mode}-{value}"
             out.mkdir()
             cap = Capturer(
@@ -302,8 +303,19 @@ def main() -> None:
                 distinct = [float(np.mean(cache.raw(i)[0]["distinct"])) for i in range(len(examples))]
                 d = float(np.mean(distinct))
                 rec["mean_distinct_ids"] = round(d, 2)
-                fixed = d * (params.id_bits + params.count_bits) - params.count_bits + params.distinct_bits
-                rec["fixed_width_bytes_per_token"] = round(fixed / 8, 2)
+                if mode == "sampled":
+                    fixed = d * (params.id_bits + params.count_bits) - params.count_bits + params.distinct_bits
+                    rec["fixed_width_bytes_per_token"] = round(fixed / 8, 2)
+                else:
+                    rec["head"] = params.head
+                    rec["mean_draws"] = round(float(np.mean(np.concatenate(
+                        [codec.hybrid_draws(cache.raw(i)[0]["head_codes"], params.n) for i in range(len(examples))]))), 2)
+                # The decoded targets of the first example's first rows against the exact teacher: the noise
+                # an unbiased target adds to the forward-KL gradient, E||p_hat - p||^2 (one draw per row).
+                t = cache.target(0, examples[0]["input_ids"], examples[0]["labels"])
+                est = torch.zeros(len(logp), vocab, dtype=torch.float64)
+                est.scatter_add_(1, t.ids[: len(logp)], t.probs[: len(logp)].double())
+                rec["target_sq_error"] = float(f"{float(((est - logp.double().exp()) ** 2).sum(-1).mean()):.4g}")
             records.append(rec)
             print(json.dumps(rec), flush=True)
 

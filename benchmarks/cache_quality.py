@@ -6,6 +6,8 @@ The same student (architecture, seed, steps, data order, forward KL at T=1, alph
 * ``topk_renorm``: a top-k cache, the k probabilities renormalized to sum to 1 (what most tools store);
 * ``topk_tail``: the same cache with the tail mass ``1 - sum(top-k)`` kept as one extra class;
 * ``sampled``: N draws with replacement from the teacher, stored as ids + counts (unbiased);
+* ``hybrid``: the teacher's most probable id(s) with their probabilities and ``ceil(n * tail)`` systematic draws
+  from the rest (unbiased; one student per ``--hybrid-n``);
 * ``scratch``: no teacher (plain cross-entropy), for reference.
 
 Everything is built with the library (quickstart corpus, tokenizer and cached teacher; ``distill cache``;
@@ -17,6 +19,8 @@ calibration error (15 bins of top-1 confidence), KL to the teacher and top-1 agr
     python benchmarks/cache_quality.py --preset default --steps 250
     python benchmarks/cache_quality.py --preset default --steps 250 --signals live sampled --seed 1 --reuse \
         --out benchmarks/results/cache_quality_seed1.json   # another draw of the sampled targets
+    python benchmarks/cache_quality.py --preset default --steps 250 --signals live hybrid --hybrid-n 8 16 32 \
+        --seed 0 --reuse --out benchmarks/results/cache_quality_hybrid.json   # the hybrid's size/quality curve
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from distill.config import CacheConfig, ModelSpec, TeacherCacheSpec  # noqa: E40
 
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/cache_quality.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "cache_quality.json"
-SIGNALS = ("scratch", "live", "topk_renorm", "topk_tail", "sampled")
+SIGNALS = ("scratch", "live", "topk_renorm", "topk_tail", "sampled", "hybrid")
 
 
 def main(argv=None) -> dict:
@@ -50,8 +54,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=200, help="student steps (each run the same)")
     p.add_argument("--k", type=int, default=12, help="top-k: ids kept per token")
     p.add_argument("--n", type=int, default=50, help="sampled: draws per token")
-    p.add_argument("--signals", nargs="+", choices=SIGNALS, default=list(SIGNALS), help="which students to train")
-    p.add_argument("--seed", type=int, default=0, help="sampled: seed of the draws")
+    p.add_argument("--head", type=int, default=1, help="hybrid: ids kept with their probabilities")
+    p.add_argument("--hybrid-n", type=int, nargs="+", default=[16], help="hybrid: draws at a tail of mass 1 (each a student)")
+    p.add_argument("--signals", nargs="+", choices=SIGNALS, default=list(SIGNALS[:-1]), help="which students to train")
+    p.add_argument("--seed", type=int, default=0, help="sampled, hybrid: seed of the draws")
     p.add_argument("--reuse", action="store_true", help="keep caches and students already complete in --work")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "cache_quality", help="corpus, caches, students")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -76,29 +82,39 @@ def main(argv=None) -> dict:
     data = student_cfg("scratch", None).data
     caches = {}
     suffix = f"_seed{args.seed}" if args.seed else ""
-    for mode, params in (("topk", {"k": args.k}), ("sampled", {"n": args.n, "seed": args.seed})):
+    wanted = [("topk", "topk", {"k": args.k}), ("sampled", "sampled", {"n": args.n, "seed": args.seed})]
+    wanted += [(f"hybrid_n{n}", "hybrid", {"head": args.head, "n": n, "seed": args.seed}) for n in args.hybrid_n]
+    for key, mode, params in wanted:
         if not any(name.startswith(mode) for name in args.signals):
             continue
-        cache_dir = work / f"cache_{mode}{suffix if mode == 'sampled' else ''}"
+        seeded = suffix if mode != "topk" else ""
+        stem = f"hybrid_h{args.head}_n{params['n']}" if mode == "hybrid" else key
+        cache_dir = work / f"cache_{stem}{seeded}"
         if not args.reuse:
             shutil.rmtree(cache_dir, ignore_errors=True)
         cfg = CacheConfig(out_dir=str(cache_dir), teacher=ModelSpec(path=str(teacher_dir)), data=data,
                                        mode=mode, batch_size=16, **params)
         summary = cache_recipe.main(cfg)  # a complete cache with the same settings is kept as is
-        caches[mode] = {"dir": cache_dir, **params, "bytes_per_token": summary["splits"]["train"]["bytes_per_token"],
-                        "capture_seconds": summary["seconds"]}
+        caches[key] = {"dir": cache_dir, "mode": mode, **params,
+                       "bytes_per_token": summary["splits"]["train"]["bytes_per_token"],
+                       "capture_seconds": summary["seconds"]}
 
     def signal(name: str):
         """None: no teacher; "live": the teacher model; else the cache spec the student trains from."""
         if name in ("scratch", "live"):
             return None if name == "scratch" else "live"
-        mode = "topk" if name.startswith("topk") else "sampled"
-        return TeacherCacheSpec(cache=str(caches[mode]["dir"]), topk_tail=name != "topk_renorm")
+        key = "topk" if name.startswith("topk") else name
+        return TeacherCacheSpec(cache=str(caches[key]["dir"]), topk_tail=name != "topk_renorm")
 
-    variants = {name: signal(name) for name in SIGNALS if name in args.signals}
+    names = [name for name in SIGNALS[:-1] if name in args.signals]
+    if "hybrid" in args.signals:
+        names += [f"hybrid_n{n}" for n in args.hybrid_n]
+    variants = {name: signal(name) for name in names}
     runs, seconds, dirs = {}, {}, {}
     for name, signal in variants.items():
-        run_name = f"{name}{suffix}" if name == "sampled" else name
+        run_name = name
+        if name == "sampled" or name.startswith("hybrid"):
+            run_name = f"{name}{suffix}" if name == "sampled" else f"hybrid_h{args.head}_n{caches[name]['n']}{suffix}"
         cfg = student_cfg(run_name, teacher_dir if signal == "live" else None)
         if isinstance(signal, TeacherCacheSpec):
             cfg = cfg.model_copy(update={"teacher": signal})
@@ -128,9 +144,13 @@ def main(argv=None) -> dict:
             rec.update(mode="topk", k=args.k, bytes_per_token=caches["topk"]["bytes_per_token"])
         elif name == "sampled":
             rec.update(mode="sampled", n=args.n, seed=args.seed, bytes_per_token=caches["sampled"]["bytes_per_token"])
+        elif name.startswith("hybrid"):
+            rec.update(teacher_signal="hybrid", mode="hybrid", head=args.head, n=caches[name]["n"], seed=args.seed,
+                       bytes_per_token=caches[name]["bytes_per_token"])
         records.append(rec)
     result = {
-        "settings": {"preset": args.preset, **asdict(preset), "k": args.k, "n": args.n,
+        "settings": {"preset": args.preset, **asdict(preset), "k": args.k, "n": args.n, "head": args.head,
+                     "hybrid_n": args.hybrid_n,
                      "python": sys.version.split()[0], "seconds": round(time.perf_counter() - t_start, 1),
                      "teacher_steps": teacher_info["steps"]},
         "records": records,
@@ -142,10 +162,46 @@ def main(argv=None) -> dict:
     for r in records:
         vs = f"{r['val_loss_vs_live']:+.2%}" if "val_loss_vs_live" in r else "-"
         bpt = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "-"
-        print(f"{r['teacher_signal']:<13}{r['val_loss']:>9.4f}{vs:>9}{r['val_ppl']:>9.2f}{r['val_ece']:>8.4f}"
+        label = f"hybrid n={r['n']}" if r["teacher_signal"] == "hybrid" else r["teacher_signal"]
+        print(f"{label:<13}{r['val_loss']:>9.4f}{vs:>9}{r['val_ppl']:>9.2f}{r['val_ece']:>8.4f}"
               f"{r['kl_to_teacher']:>9.4f}{r['top1_agreement']:>8.3f}{bpt:>9}")
     print(f"\nwrote {args.out} ({result['settings']['seconds']:.0f} s)")
     return result
+
+
+LABELS = {"scratch": "none (scratch)", "live": "live teacher (full KD)", "topk_renorm": "top-{k} renormalized",
+          "topk_tail": "top-{k} + tail bucket", "sampled": "sampled N={n}", "hybrid": "hybrid, head {head}, n={n}"}
+
+
+def tables(first: dict, *others: dict) -> str:
+    """The docs' table from records of the same settings whose draws differ (``--seed 0``, ``--seed 1``, ...):
+    every row of the first (its val loss, ECE, KL and agreement), and for the rows with draws (sampled, hybrid)
+    each record's gap to its live run and their mean."""
+    def key(r):
+        return r["teacher_signal"], r.get("n"), r.get("head")
+
+    seeds = [first, *others]
+    by_key = [{key(r): r for r in rec["records"]} for rec in seeds]
+    draw_seeds = " / ".join(str(next(r["seed"] for r in rec["records"] if "seed" in r)) for rec in seeds)
+    lines = [f"| teacher signal | bytes/token | val loss | vs live (draw seeds {draw_seeds}) | vs live, mean | ECE | "
+             "KL to teacher | "
+             "top-1 agreement |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in first["records"]:
+        if r["teacher_signal"] == "teacher":
+            continue
+        label = LABELS[r["teacher_signal"]].format(k=r.get("k"), n=r.get("n"), head=r.get("head"))
+        bpt = f"{r['bytes_per_token']:.1f}" if "bytes_per_token" in r else "–"
+        if r["teacher_signal"] == "live":
+            gaps = mean = "–"
+        elif r["teacher_signal"] in ("sampled", "hybrid"):
+            values = [found[key(r)]["val_loss_vs_live"] for found in by_key]
+            gaps = " / ".join(f"{v:+.2%}" for v in values)
+            mean = f"{sum(values) / len(values):+.2%}"
+        else:  # no draws: one student, whatever the seed
+            gaps, mean = f"{r['val_loss_vs_live']:+.2%}", "–"
+        lines.append(f"| {label} | {bpt} | {r['val_loss']:.3f} | {gaps} | {mean} | {r['val_ece']:.3f} | "
+                     f"{r['kl_to_teacher']:.3f} | {r['top1_agreement']:.1%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

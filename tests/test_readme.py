@@ -84,6 +84,7 @@ RUN = {
     "distill cache configs/tiny/cache.yaml out_dir=runs/tiny-cache": ["runs/tiny-cache/manifest.json"],
     "distill cache configs/tiny/cache.yaml out_dir=runs/tiny-sampled mode=sampled n=50":
         ["runs/tiny-sampled/manifest.json"],
+    "distill cache configs/tiny/cache_hybrid.yaml out_dir=runs/tiny-hybrid": ["runs/tiny-hybrid/manifest.json"],
     "distill train configs/tiny/train.yaml teacher=null teacher.cache=runs/tiny-cache out_dir=runs/tiny-from-cache":
         ["runs/tiny-from-cache/student/config.json"],
     "distill generate configs/tiny/generate.yaml out_dir=runs/tiny-gen": ["runs/tiny-gen/manifest.json"],

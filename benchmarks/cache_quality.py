@@ -87,15 +87,15 @@ def main(argv=None) -> dict:
     for key, mode, params in wanted:
         if not any(name.startswith(mode) for name in args.signals):
             continue
-        seeded = suffix if mode != "topk" else ""
-        stem = f"hybrid_h{args.head}_n{params['n']}" if mode == "hybrid" else key
-        cache_dir = work / f"cache_{stem}{seeded}"
+        # the name of the cache and of the student trained from it (top-k's two students have their own)
+        run = (f"hybrid_h{args.head}_n{params['n']}" if mode == "hybrid" else key) + (suffix if mode != "topk" else "")
+        cache_dir = work / f"cache_{run}"
         if not args.reuse:
             shutil.rmtree(cache_dir, ignore_errors=True)
         cfg = CacheConfig(out_dir=str(cache_dir), teacher=ModelSpec(path=str(teacher_dir)), data=data,
                                        mode=mode, batch_size=16, **params)
         summary = cache_recipe.main(cfg)  # a complete cache with the same settings is kept as is
-        caches[key] = {"dir": cache_dir, "mode": mode, **params,
+        caches[key] = {"dir": cache_dir, "run": run, "mode": mode, **params,
                        "bytes_per_token": summary["splits"]["train"]["bytes_per_token"],
                        "capture_seconds": summary["seconds"]}
 
@@ -112,9 +112,7 @@ def main(argv=None) -> dict:
     variants = {name: signal(name) for name in names}
     runs, seconds, dirs = {}, {}, {}
     for name, signal in variants.items():
-        run_name = name
-        if name == "sampled" or name.startswith("hybrid"):
-            run_name = f"{name}{suffix}" if name == "sampled" else f"hybrid_h{args.head}_n{caches[name]['n']}{suffix}"
+        run_name = caches[name]["run"] if name in caches else name
         cfg = student_cfg(run_name, teacher_dir if signal == "live" else None)
         if isinstance(signal, TeacherCacheSpec):
             cfg = cfg.model_copy(update={"teacher": signal})

@@ -633,6 +633,10 @@ def test_version_2_caches_still_read(copy_of, tiny):
     (copy_of / "manifest.json").write_text(json.dumps(manifest))
     got = TeacherCache(copy_of).target(3, ds[3]["input_ids"], ds[3]["labels"])
     assert torch.equal(got.ids, want.ids) and torch.equal(got.probs, want.probs) and torch.equal(got.tail, want.tail)
+    # the same `distill cache` command leaves the complete version-2 cache as it is (it reads)
+    again = recipe.main(tiny["cfg"].model_copy(update={"out_dir": str(copy_of)}))
+    assert again["shards_written"] == 0
+    assert json.loads((copy_of / "manifest.json").read_text())["version"] == 2
     manifest["params"]["mode"] = "dense"
     (copy_of / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(reader.CacheError, match="unknown cache mode 'dense'"):

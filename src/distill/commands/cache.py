@@ -163,6 +163,8 @@ def _check_same(found: dict, identity: dict, out_dir: Path, complete: bool) -> N
             f"{out_dir} holds something that is not a distill teacher cache; choose another out_dir"
         )
     found = {k: v for k, v in found.items() if k in identity}
+    if complete and found.get("version") in codec.READABLE_VERSIONS:
+        found["version"] = identity["version"]  # a complete cache of an earlier version reads as it is
     if complete:
         found["splits"] = {
             s: {k: v for k, v in info.items() if k in identity["splits"].get(s, {})}

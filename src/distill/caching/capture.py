@@ -124,8 +124,7 @@ def hybrid_targets(
     tail = ev.sum(-1).double() / total  # the mass outside the head, without cancellation
     cum = head_p.cumsum(-1)
     cum[:, -1] = 1.0 - tail  # S_h: with no tail it is exactly 1, so C_h = 255 and no draws follow
-    levels = HEAD_LEVELS
-    c = torch.floor(cum.clamp(0.0, 1.0) * levels + uniforms[:, :1].to(cum)).clamp_(0, levels)
+    c = torch.floor(cum.clamp(0.0, 1.0) * HEAD_LEVELS + uniforms[:, :1].to(cum)).clamp_(0, HEAD_LEVELS)
     c = torch.cummax(c, dim=-1).values.long()  # rounding noise never makes a head probability negative
     codes = torch.diff(c, dim=-1, prepend=torch.zeros(m_rows, 1, dtype=torch.long, device=c.device))
     draws = torch.from_numpy(hybrid_draws(codes.cpu().numpy(), n)).to(z.device)

@@ -159,7 +159,9 @@ class _Shard:
         counts[keep] = stored
         row_of = np.repeat(np.arange(rows), distinct)
         sums = np.bincount(row_of[keep], weights=stored, minlength=rows).astype(np.int64)
-        draws = hybrid_draws(head["head_codes"], p.n) if head else np.full(rows, p.n, np.int64)
+        if head:
+            head["draws"] = hybrid_draws(head["head_codes"], p.n)  # implied by the codes; _assemble weighs by it
+        draws = head["draws"] if head else np.full(rows, p.n, np.int64)
         counts[last] = (draws - sums)[drawn]
         return {**head, "distinct": distinct, "ids": ids, "counts": counts}
 
@@ -382,7 +384,7 @@ class TeacherCache:
         ids_full[r, c] = torch.from_numpy(rows["ids"])
         if h:  # head: codes / 255; draws: (1 - sum(codes) / 255) * count / M (codec: hybrid)
             codes = rows["head_codes"]
-            draws = hybrid_draws(codes, p.n)
+            draws = rows["draws"]
             rest = (HEAD_LEVELS - codes.sum(-1)) / HEAD_LEVELS
             weight = np.where(draws > 0, rest / np.maximum(draws, 1), 0.0)
             idx = torch.from_numpy(where)

@@ -5,7 +5,7 @@
 * :mod:`distill.losses.hidden`: the hidden-state term (:class:`HiddenStateLoss`, :func:`uniform_layer_map`).
 * :mod:`distill.losses.chunked`: the memory-efficient loss from final hidden states and the output layer, a
   chunk of rows at a time (:func:`chunked_kd_loss`), and the teacher signals it takes (:class:`DenseSignal`,
-  :class:`MixtureSignal`).
+  :class:`MixtureSignal`); :mod:`distill.losses.fused`, its loss chunks' forward KL and CE in closed form.
 * :mod:`distill.losses.crosstok`: losses between a student and a teacher with another tokenizer, over groups of
   rows aligned at shared byte boundaries (:class:`AlignedGroups`): P-KL through a sparse projection
   (:class:`Projection`), GOLD's hybrid over exact matches (:class:`ExactMatches`) and ULD, naive and chunked;

@@ -12,17 +12,18 @@ Two levels of chunking, both over supervised tokens only (unsupervised rows are 
   holds the gradient w.r.t. those logits, from which two matmuls give the chunk's rows of
   ``grad_hidden`` and its contribution to ``grad_weight`` (accumulated in fp32). Big chunks keep the
   GEMMs efficient;
-* a **loss chunk** of ``loss_chunk_size`` rows of a chunk goes through
-  :func:`distill.losses.kd_loss_per_token` (the math is not re-implemented) and autograd, which need
-  about ten V-sized fp32 temporaries per row (more for JSD); small loss chunks keep those small (and, on
-  CPU, cache-resident).
+* a **loss chunk** of ``loss_chunk_size`` rows of a chunk gets its loss and the gradient w.r.t. its logits:
+  for forward KL and plain CE in closed form (:mod:`distill.losses.fused`: a few V-wide passes into reused
+  work tensors), for every other divergence through :func:`distill.losses.kd_loss_per_token` and autograd,
+  which need about ten V-sized fp32 temporaries per row (more for JSD); small loss chunks keep those small
+  (and, on CPU, cache-resident).
 
 The value equals ``reduce_loss(kd_loss_per_token(logits, labels, teacher, ...)["loss"], mask, n)`` on
 materialized logits (up to summation order), and so do the gradients.
 
 Gradients are computed in the forward pass (a custom :class:`torch.autograd.Function`); backward only
 scales the stored gradients by the incoming gradient (in place), so nothing is recomputed. They already
-include the ``1 / num_tokens`` factor. Consequences: backward can run only once per call (no
+include the ``1 / num_tokens`` factor (applied to the (c, H) and (V, H) products, not to the (c, V) buffer). Consequences: backward can run only once per call (no
 ``retain_graph`` re-use, no double backward), and the teacher is a constant (no gradient reaches
 teacher tensors). Under ``torch.no_grad()``, or when nothing requires grad, no gradient work is done.
 
@@ -33,7 +34,7 @@ the budget goes to the loss chunk, ``loss_chunk_size = u / (4 n)``, and the rest
 ``chunk_size = (u - n * loss_chunk_size) / b`` with ``b`` the number of buffers (2 with a live teacher,
 else 1; half a row each in bf16). Both at least 1, at most the number of supervised rows; ``chunk_size``
 is rounded down to a multiple of 8 from 32 up. Defaults: :data:`DEFAULT_MEMORY_BUDGET_BYTES` (160 MiB)
-on CPU, e.g. at V = 128k forward KL: chunks of 120 rows, loss chunks of 8 (JSD 4); and
+on CPU, e.g. at V = 128k forward KL: chunks of 120 rows, loss chunks of 20 (JSD 4); and
 :data:`DEFAULT_CUDA_MEMORY_BUDGET_BYTES` (1 GiB) on a GPU. Either size can be given explicitly. The budget
 bounds the chunk temporaries; the fp32 weight gradient ``(V_rows, H)`` and the ``(N, H)`` hidden
 gradient come on top (the naive path has those as well).
@@ -48,6 +49,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from distill.losses import fused
 from distill.losses.divergences import (
     FORWARD_KL,
     IGNORE_INDEX,
@@ -215,9 +217,9 @@ def logits_into(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Te
 # up: (teacher type, divergence) -> (with gradients, without). These include the token's raw logits (and a
 # live teacher's), which live in the chunk buffers. The sparse row is for K = 64 with a tail.
 _TEMPORARIES: dict[tuple[str, str | None], tuple[int, int]] = {
-    ("none", None): (5, 3),
-    ("sparse", None): (7, 6),
-    ("dense", "forward_kl"): (11, 9),
+    ("none", None): (3, 3),  # closed form (distill.losses.fused)
+    ("sparse", None): (7, 6),  # the autograd path's (forward KL toward a tail in closed form takes 3)
+    ("dense", "forward_kl"): (6, 6),  # closed form
     ("dense", "reverse_kl"): (12, 9),
     ("dense", "jsd"): (20, 14),
     ("dense", "skew_kl"): (14, 10),
@@ -316,6 +318,7 @@ class _Plan:
     compute_dtype: torch.dtype | None  # the autocast dtype, or None (the weight's dtype)
     inv_num_tokens: torch.Tensor  # 1 / supervised tokens in the optimizer step (float64 scalar)
     needs: tuple[bool, bool, bool]  # gradients for (hidden, weight, bias)
+    scratch: fused.Scratch  # the closed-form loss's work tensors, reused from one loss chunk to the next
 
     @property
     def dense(self) -> bool:
@@ -436,27 +439,30 @@ class _Grads:
         self.b_view = None if self.b is None else self.b[:v]
 
     @torch.no_grad()
-    def add_chunk(self, d_c: torch.Tensor, h_c: torch.Tensor, sel, w_mm: torch.Tensor) -> None:
-        """``d_c`` (c, V): the loss gradient w.r.t. the chunk's raw logits (already / num_tokens)."""
+    def add_chunk(self, d_c: torch.Tensor, h_c: torch.Tensor, sel, w_mm: torch.Tensor, inv: torch.Tensor) -> None:
+        """``d_c`` (c, V): the summed loss's gradient w.r.t. the chunk's raw logits; ``inv``: 1 / num_tokens,
+        applied here to the (c, H) and (V,) products and to the hidden states, not to the (c, V) buffer."""
         if self.h is not None:
             g = d_c @ w_mm  # (c, H) in the matmul dtype
+            g.mul_(inv.to(g.dtype))
             if isinstance(sel, slice):
                 self.h[sel] = g
             else:
                 self.h.index_copy_(0, sel, g.to(self.h.dtype))
         if self.w_view is not None:
             if d_c.dtype == self.acc_dtype:
-                self.w_view.addmm_(d_c.t(), h_c)
+                self.w_view.addmm_(d_c.t(), h_c * inv.to(h_c.dtype))
             else:
                 # bf16/fp16 logits into the fp32 accumulator, in vocabulary slices so that any temporary
                 # stays at 1/8 of the chunk buffer.
                 v = d_c.shape[1]
                 step = max(1, -(-v // 8))
                 h_acc = h_c if d_c.is_cuda else h_c.to(self.acc_dtype)  # upcast once per chunk on CPU
+                h_acc = h_acc * inv.to(h_acc.dtype)
                 for s in range(0, v, step):
                     _accumulate_mm(self.w_view[s : s + step], d_c[:, s : s + step].t(), h_acc)
         if self.b_view is not None:
-            self.b_view += d_c.sum(0, dtype=self.acc_dtype)
+            self.b_view += d_c.sum(0, dtype=self.acc_dtype) * inv.to(self.acc_dtype)
 
 
 class _Stats:
@@ -549,8 +555,16 @@ class _Stats:
 
 def _loss_chunk(plan: _Plan, stats: _Stats, raw: torch.Tensor, lab: torch.Tensor, t_sig, need_grad: bool) -> None:
     """One loss chunk: loss and statistics from the raw logits ``raw`` (r, V, a view of the chunk buffer);
-    with ``need_grad`` the buffer rows are overwritten with d loss / d raw logits (already / num_tokens)."""
+    with ``need_grad`` the buffer rows are overwritten with d loss_sum / d raw logits (the division by the
+    number of tokens comes in :meth:`_Grads.add_chunk`). Forward KL and plain CE in closed form
+    (:mod:`distill.losses.fused`), everything else through :func:`kd_loss_per_token` and autograd."""
     spec = plan.spec
+    if fused.supports(spec, raw, t_sig):
+        loss = fused.loss_chunk(plan.head, spec, raw, lab, t_sig, need_grad,
+                                lambda z, ce, div: stats.add(z, lab, t_sig, ce, div), plan.scratch)
+        if loss is not None:
+            stats.loss += loss
+            return
     # Logging-only forward KL first, before the graph holds its saved tensors (lower peak).
     if t_sig is not None and plan.want_kl and not spec.is_forward_kl:
         stats.add_forward_kl(plan.head.postprocess(raw), t_sig)
@@ -566,8 +580,8 @@ def _loss_chunk(plan: _Plan, stats: _Stats, raw: torch.Tensor, lab: torch.Tensor
     stats.add(z.detach(), lab, t_sig, out["ce"].detach(), out["div"].detach() if "div" in out else None)
     del out, z
     if need_grad:
-        (d_raw,) = torch.autograd.grad(loss, leaf, grad_outputs=plan.inv_num_tokens.to(loss.dtype))
-        raw.copy_(d_raw)  # the buffer now holds d loss / d raw logits for these rows
+        (d_raw,) = torch.autograd.grad(loss, leaf)
+        raw.copy_(d_raw)  # the buffer now holds d loss_sum / d raw logits for these rows
     stats.loss += loss.detach()
 
 
@@ -628,7 +642,7 @@ def _mixture_loss_chunk(plan: _Plan, stats: _Stats, raw: torch.Tensor, lab: torc
     stats.add(z.detach(), lab, member_sigs[heaviest], ce, div)
     del z, total
     if need_grad:
-        (d_raw,) = torch.autograd.grad(loss, leaf, grad_outputs=plan.inv_num_tokens.to(loss.dtype))
+        (d_raw,) = torch.autograd.grad(loss, leaf)
         raw.copy_(d_raw)
     stats.loss += loss.detach()
 
@@ -669,7 +683,7 @@ def _run_chunks(plan: _Plan, s_hidden: torch.Tensor, s_weight: torch.Tensor, s_b
                     t_sig = None if sparse_c is None else sparse_c[i:j]
                 _loss_chunk(plan, stats, s_raw[i:j], lab_c[i:j], t_sig, need_grad)
             if need_grad:
-                grads.add_chunk(s_raw, h_c, sel, buffers.w)
+                grads.add_chunk(s_raw, h_c, sel, buffers.w, plan.inv_num_tokens)
     return stats.loss, stats.as_dict(), grads.h, grads.w, grads.b
 
 
@@ -885,6 +899,7 @@ def _make_plan(student_hidden: torch.Tensor, student_head: LinearHead, labels: t
         compute_dtype=_autocast_dtype(student_hidden.device.type),
         inv_num_tokens=_inv_num_tokens(num_tokens, student_hidden.device),
         needs=needs,
+        scratch=fused.Scratch(),
     )
 
 

@@ -17,8 +17,13 @@ Ratios: ``live / (ce + teacher_forward)`` (the physical bound is 1.0) and ``cach
 the extra over a CE step is recorded, and the teacher's decoding alone (``teacher.signal`` on the same batch
 again, inline: read + hash check + decode), which the step itself no longer waits for.
 
+``--autograd`` also runs ``ce``, ``live``, ``topk_tail`` and ``sampled`` with every loss chunk on the autograd path
+(:func:`distill.losses.fused.disabled`: the per-position loss and autograd instead of the closed-form forward KL
+and CE), each with its own student (and cached teacher), in the same rounds: ``autograd`` in the record.
+
     python benchmarks/kd_step.py            # trains the quickstart teacher first if $DISTILL_CACHE lacks it
     python benchmarks/kd_step.py --quick    # the fast preset (smaller models), fewer repetitions
+    python benchmarks/kd_step.py --autograd # beside the same steps on the autograd path
 
 Writes ``--out`` (default ``runs/benchmarks/kd_step.json``; the committed record: ``--out benchmarks/results/kd_step.json``): per variant the median and quartiles of the step
 time over ``--reps`` rounds (after ``--warmup`` rounds), and the CPU share the process got.
@@ -27,6 +32,7 @@ time over ``--reps`` rounds (after ``--warmup`` rounds), and the CPU share the p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -47,6 +53,7 @@ from distill.commands.quickstart import PRESETS, get_teacher, write_corpus  # no
 from distill.config import CacheConfig, DataConfig, LossConfig, ModelSpec, TeacherCacheSpec  # noqa: E402
 from distill.data import build_datasets, collate  # noqa: E402
 from distill.engines import LocalEngine  # noqa: E402
+from distill.losses import fused  # noqa: E402
 from distill.models import load_model, load_tokenizer  # noqa: E402
 from distill.teachers.cached import CachedTeacher  # noqa: E402
 from distill.teachers.engine import EngineTeacher  # noqa: E402
@@ -55,6 +62,7 @@ from distill.training import kd_step_loss  # noqa: E402
 # Quick or exploratory runs land here; the committed record is written only when asked: --out benchmarks/results/kd_step.json
 DEFAULT_OUT = ROOT / "runs" / "benchmarks" / "kd_step.json"
 VARIANTS = ("ce", "teacher_forward", "live", "topk_tail", "sampled")
+AUTOGRAD = ("ce", "live", "topk_tail", "sampled")  # --autograd: these again, as "<name>_autograd"
 
 
 def main(argv=None) -> dict:
@@ -65,6 +73,8 @@ def main(argv=None) -> dict:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--n", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--autograd", action="store_true",
+                   help="also the same steps with every loss chunk on the autograd path, in the same rounds")
     p.add_argument("--no-prefetch", action="store_true",
                    help="decode each cached batch when its step asks (what the helper thread saves, by difference)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "kd_step")
@@ -102,11 +112,13 @@ def main(argv=None) -> dict:
             cfg = CacheConfig(out_dir=str(Path(tmp) / name), teacher=ModelSpec(path=str(teacher_dir)), data=data,
                               mode=mode, splits=["train"], batch_size=16, progress=False, **extra)
             summary = cache_recipe.main(cfg)
-            teacher = CachedTeacher(TeacherCacheSpec(cache=cfg.out_dir), tokenizer, spec.spec(), preset.seq_len, "cpu")
-            teacher.check_data(dataset, None)
-            caches[name] = (teacher, summary["splits"]["train"]["bytes_per_token"])
+            for key in (name, f"{name}_autograd") if args.autograd else (name,):  # one helper thread each
+                teacher = CachedTeacher(TeacherCacheSpec(cache=cfg.out_dir), tokenizer, spec.spec(), preset.seq_len,
+                                        "cpu")
+                teacher.check_data(dataset, None)
+                caches[key] = (teacher, summary["splits"]["train"]["bytes_per_token"])
         result = measure(preset, tokenizer, teacher_dir, caches, batches, spec, args.warmup,
-                         prefetch=not args.no_prefetch)
+                         prefetch=not args.no_prefetch, autograd=args.autograd)
     result.update(
         prefetch=not args.no_prefetch,
         preset=preset_name,
@@ -117,7 +129,7 @@ def main(argv=None) -> dict:
         warmup=args.warmup,
         k=args.k,
         n=args.n,
-        cache_bytes_per_token={name: c[1] for name, c in caches.items()},
+        cache_bytes_per_token={name: c[1] for name, c in caches.items() if not name.endswith("_autograd")},
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
@@ -129,22 +141,27 @@ def main(argv=None) -> dict:
 
 
 def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
-            warmup: int, prefetch: bool = True) -> dict:
+            warmup: int, prefetch: bool = True, autograd: bool = False) -> dict:
     vocab = len(tokenizer)
     teacher = EngineTeacher(LocalEngine(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), vocab_size=vocab), "live")
+    variants = VARIANTS + tuple(f"{v}_autograd" for v in AUTOGRAD if autograd)
     students = {}
-    for name in ("ce", "live", "topk_tail", "sampled"):  # one student (same init) and optimizer per variant
+    for name in variants:  # one student (same init) and optimizer per variant
+        if name == "teacher_forward":
+            continue
         model = load_model(ModelSpec(config=preset.student, tokenizer=str(teacher_dir), seed=0), "student", tokenizer)
         students[name] = (model.train(), torch.optim.AdamW(model.parameters(), lr=1e-3))
-    teachers = {"ce": None, "live": teacher, "topk_tail": caches["topk_tail"][0], "sampled": caches["sampled"][0]}
+    teachers = {"ce": None, "live": teacher, **{name: c[0] for name, c in caches.items()}}
+    teachers.update({f"{v}_autograd": teachers[v] for v in ("ce", "live") if autograd})
+    cached = [v for v in variants if v.removesuffix("_autograd") in ("topk_tail", "sampled")]
     ce_loss = replace_loss(loss)
 
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     signal_times: dict[str, list[float]] = {"topk_tail": [], "sampled": []}
     cpu0, wall0 = process_cpu(), time.perf_counter()
     for r, batch in enumerate(batches):
         n = int((batch["labels"][:, 1:] != -100).sum())
-        for variant in VARIANTS:
+        for variant in variants:
             t0 = time.perf_counter()
             if variant == "teacher_forward":
                 with torch.no_grad():
@@ -152,12 +169,13 @@ def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[di
             else:
                 model, opt = students[variant]
                 head = _head_fn(model, vocab)
-                if prefetch and variant in signal_times:  # as the training run: the next batch decoded meanwhile
+                if prefetch and variant in cached:  # as the training run: the next batch decoded meanwhile
                     for ahead in batches[r:r + 2] if r == 0 else batches[r + 1:r + 2]:
                         teachers[variant].prefetch(ahead)
-                loss_value, _ = kd_step_loss(model, head, teachers[variant], batch, n,
-                                             ce_loss if variant == "ce" else loss)
-                loss_value.backward()
+                with fused.disabled() if variant.endswith("_autograd") else contextlib.nullcontext():
+                    loss_value, _ = kd_step_loss(model, head, teachers[variant], batch, n,
+                                                 ce_loss if variant.startswith("ce") else loss)
+                    loss_value.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -175,18 +193,27 @@ def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[di
     out = {
         "seconds": {v: summarize(t) for v, t in times.items()},
         "signal_seconds": {v: summarize(t) for v, t in signal_times.items()},
-        "live_vs_ce_plus_teacher_forward": med["live"] / (med["ce"] + med["teacher_forward"]),
-        "topk_tail_vs_ce": med["topk_tail"] / med["ce"],
-        "sampled_vs_ce": med["sampled"] / med["ce"],
+        **ratios(med),
         "cpu_share": round(cpu_share, 3),
         "tokens_per_step": int(sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)),
     }
+    if autograd:
+        out["autograd"] = ratios({v: med[f"{v}_autograd"] for v in AUTOGRAD} | {"teacher_forward": med["teacher_forward"]})
     for v in ("topk_tail", "sampled"):
         sig = statistics.median(signal_times[v])
         # The signal is decoded ahead on the helper thread (its time measured again here, inline): the step's
         # extra over a CE step is what is left on the training thread.
         out[f"{v}_breakdown"] = {"signal": sig, "extra_over_ce": med[v] - med["ce"]}
     return out
+
+
+def ratios(med: dict) -> dict:
+    """The ratios of the record from the variants' median step times."""
+    return {
+        "live_vs_ce_plus_teacher_forward": med["live"] / (med["ce"] + med["teacher_forward"]),
+        "topk_tail_vs_ce": med["topk_tail"] / med["ce"],
+        "sampled_vs_ce": med["sampled"] / med["ce"],
+    }
 
 
 def replace_loss(loss: LossConfig) -> LossConfig:
@@ -212,16 +239,28 @@ def process_cpu() -> float:
 
 def table(r: dict) -> str:
     s = r["seconds"]
+    ag = r.get("autograd")
     lines = [f"quickstart {r['preset']} preset, {r['tokens_per_step']} tokens/step, V={r['vocab_size']}, "
              f"{r['threads']} threads, CPU share {r['cpu_share']:.2f}",
-             "| step | median s | vs |", "| --- | --- | --- |"]
-    lines.append(f"| ce | {s['ce']['median']:.3f} | 1.00 |")
-    lines.append(f"| teacher forward (no grad) | {s['teacher_forward']['median']:.3f} | – |")
-    lines.append(f"| live KD | {s['live']['median']:.3f} | {r['live_vs_ce_plus_teacher_forward']:.3f} x (ce + teacher) |")
+             "| step | median s | vs |" + (" autograd path: median s | vs |" if ag else ""),
+             "| --- | --- | --- |" + (" --- | --- |" if ag else "")]
+
+    def row(name: str, label: str, ratio: str | None) -> str:
+        line = f"| {label} | {s[name]['median']:.3f} | {ratio if ratio else '–'} |"
+        if ag and f"{name}_autograd" in s:
+            key = {"ce": None, "live": "live_vs_ce_plus_teacher_forward"}.get(name, f"{name}_vs_ce")
+            line += f" {s[name + '_autograd']['median']:.3f} | {'1.00' if key is None else f'{ag[key]:.3f}'} |"
+        elif ag:
+            line += " – | – |"
+        return line
+
+    lines.append(row("ce", "ce", "1.00"))
+    lines.append(row("teacher_forward", "teacher forward (no grad)", None))
+    lines.append(row("live", "live KD", f"{r['live_vs_ce_plus_teacher_forward']:.3f} x (ce + teacher)"))
     for v in ("topk_tail", "sampled"):
         b = r[f"{v}_breakdown"]
-        lines.append(f"| {v} cache KD | {s[v]['median']:.3f} | {r[f'{v}_vs_ce']:.3f} x ce "
-                     f"(extra {b['extra_over_ce']:+.3f} s; decoding, ahead: {b['signal']:.3f} s) |")
+        lines.append(row(v, f"{v} cache KD", f"{r[f'{v}_vs_ce']:.3f} x ce (extra {b['extra_over_ce']:+.3f} s; "
+                                             f"decoding, ahead: {b['signal']:.3f} s)"))
     return "\n".join(lines)
 
 

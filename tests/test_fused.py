@@ -76,6 +76,7 @@ SPECS = [
     LossSpec(temperature=2.0, alpha=0.0),
     LossSpec(temperature=0.7, alpha=0.5, t2_scale=False),
     LossSpec(temperature=1.5, alpha=1.0),
+    LossSpec(temperature=1.0, alpha=1.0),
 ]
 
 
@@ -181,6 +182,9 @@ def test_other_divergences_and_renormalized_targets_are_not_fused(kind):
     assert not fused.supports(LossSpec(kind), raw, raw)
     assert not fused.supports(LossSpec(), raw, SparseTarget(torch.zeros(R, K, dtype=torch.long), torch.ones(R, K)))
     assert not fused.supports(LossSpec("sampled_reverse_kl"), raw, None)
+    with fused.disabled():
+        assert not fused.supports(LossSpec(), raw, raw)
+    assert fused.supports(LossSpec(), raw, raw)
 
 
 @pytest.mark.parametrize("teacher_kind", ["none", "dense", "tail"])

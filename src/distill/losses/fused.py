@@ -9,14 +9,18 @@ and for a sparse target with a tail (teacher probabilities ``p_i`` on ids S and 
 id, docs/methods.md §2) the tail class contributes ``-r * e_j / rest`` at every id j outside S (``e_j`` the
 exponentials, ``rest`` their sum outside S), so that
 
-    d KL / d z_j = q_j - p_j  (j in S),    q_j - r * e_j / rest  (j not in S).
+    d KL / d z_j = M q_j - p_j  (j in S),    M q_j - r * e_j / rest  (j not in S),
+
+M the target's mass (sum of the p_i and r: 1 up to the target's rounding, kept so that this is the gradient of
+the value computed).
 
 :func:`loss_chunk` computes this straight into the chunk's logit buffer (which then holds ``d loss_sum / d
 raw logits``), a few V-wide passes with no graph, where autograd through
 :func:`distill.losses.kd_loss_per_token` keeps about twice as many V-sized temporaries and runs the backward of
-every op. It is the chunked loss's path for the default objective; every other divergence, a sparse target
-renormalized over its ids (no tail), and bf16 logit buffers take the autograd path, which stays the reference
-(tests/test_chunked.py checks both against materialized logits and autograd).
+every op. It is the chunked loss's path for the default objective (bf16 / fp16 logit buffers are read into fp32
+and the gradient written back); every other divergence and a sparse target renormalized over its ids (no
+tail) take the autograd path, which stays the reference (tests/test_fused.py checks this module against it,
+tests/test_chunked.py both paths against materialized logits).
 
 Exactness is the autograd path's: the tail sum is taken directly over the exponentials outside S (never the
 total minus the members' share), so value and gradient stay exact to the dtype's rounding however small the
@@ -27,14 +31,29 @@ a NaN teacher gives NaN, as there.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from distill.losses.divergences import LossSpec, SparseTarget, upcast
 
-__all__ = ["Scratch", "loss_chunk", "supports"]
+__all__ = ["Scratch", "disabled", "loss_chunk", "supports"]
+
+_enabled = True
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block every loss chunk takes the autograd path (the reference): for comparisons
+    (``benchmarks/kd_step.py --autograd``) and for ruling this module out when debugging."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 class Scratch:
@@ -57,8 +76,8 @@ class Scratch:
 
 def supports(spec: LossSpec, raw: torch.Tensor, teacher) -> bool:
     """Whether :func:`loss_chunk` computes this chunk: forward KL (or no teacher: cross-entropy), a dense teacher
-    or a sparse target with a tail."""
-    if not raw.dtype.is_floating_point:
+    or a sparse target with a tail (and not inside :func:`disabled`)."""
+    if not _enabled or not raw.dtype.is_floating_point:
         return False
     if teacher is None:
         return spec.divergence != "sampled_reverse_kl"
@@ -96,12 +115,14 @@ def loss_chunk(head, spec: LossSpec, raw: torch.Tensor, labels: torch.Tensor, te
             return None
         ce, div = sparse.ce, sparse.div
     else:
-        lq = torch.log_softmax(z if t == 1.0 else z / t, -1, out=scratch.get(0, z))
+        zt = z if t == 1.0 else z / t
+        lq = torch.log_softmax(zt, -1, out=scratch.get(0, z))
         tz = teacher.to(z.dtype)
-        lp = torch.log_softmax(tz if t == 1.0 else tz / t, -1, out=scratch.get(1, z))
-        p = torch.exp(lp, out=scratch.get(2, z))
+        tz = tz if t == 1.0 else tz / t
+        lp = torch.log_softmax(tz, -1, out=scratch.get(1, z))
+        p = torch.softmax(tz, -1, out=scratch.get(2, z))  # (a softmax pass costs less than exp of lp here)
         div = _kl_rows(p, lp.sub_(lq))  # lp now holds log p - log q
-        del lp
+        del lp, tz
         ce = -lq.gather(-1, lab).squeeze(-1) if t == 1.0 else _ce(z, lab)
     if teacher is None or alpha == 1.0:
         loss = ce
@@ -115,20 +136,23 @@ def loss_chunk(head, spec: LossSpec, raw: torch.Tensor, labels: torch.Tensor, te
     # The CE part at T != 1 needs softmax(z) at T = 1: taken before raw (which may be z) is overwritten.
     q1 = torch.softmax(z, -1) if alpha > 0 and t != 1.0 and teacher is not None else None
     slope = _postprocess_slope(head, z) if head.has_postprocess else None
+    out = raw if raw.dtype == z.dtype else scratch.get(3, z)
     if sparse is not None:
-        grad = sparse.grad(a, alpha if t == 1.0 else 0.0, raw if raw.dtype == sparse.e.dtype else sparse.e)
+        grad = sparse.grad(a, alpha if t == 1.0 else 0.0, out)
+    elif p is None:  # teacher None: softmax(z) (the label's -1 below)
+        grad = torch.exp(lq, out=out)
     else:
-        # teacher None: exp(lq); dense: (a + alpha) q - a p at T = 1, a (q_T - p) otherwise.
-        grad = raw if raw.dtype == lq.dtype else lq
-        torch.exp(lq, out=grad)
-        if p is not None:
-            q_scale = a + alpha if t == 1.0 else a
-            if q_scale == a:
-                grad.sub_(p)
-                if a != 1.0:
-                    grad.mul_(a)
-            else:
-                grad.mul_(q_scale).sub_(p, alpha=a)
+        # (a + alpha) q - a p at T = 1, a (q_T - p) otherwise; q_T from a softmax pass (lp's tensor is free).
+        q = torch.softmax(zt, -1, out=scratch.get(1, z))
+        q_scale = a + alpha if t == 1.0 else a
+        if a == 0.0:  # alpha = 1: the teacher has no weight
+            grad = torch.mul(q, q_scale, out=out)
+        else:
+            if q_scale != a:
+                q.mul_(q_scale / a)
+            grad = torch.sub(q, p, out=out)
+            if a != 1.0:
+                grad.mul_(a)
     if q1 is not None:
         grad.add_(q1, alpha=alpha)
     if alpha > 0:
@@ -141,9 +165,9 @@ def loss_chunk(head, spec: LossSpec, raw: torch.Tensor, labels: torch.Tensor, te
 
 
 def _kl_rows(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """Per-row ``sum p * (log p - log q)`` from ``p`` and ``diff = log p - log q``, both (r, V), as batched dot
-    products (no (r, V) temporary). Zero-mass ids (``0 * -inf``) count 0; a NaN teacher stays NaN."""
-    div = torch.bmm(p.unsqueeze(1), diff.unsqueeze(2)).view(-1)
+    """Per-row ``sum p * (log p - log q)`` from ``p`` and ``diff = log p - log q``, both (r, V), as row dot
+    products. Zero-mass ids (``0 * -inf``) count 0; a NaN teacher stays NaN."""
+    div = torch.linalg.vecdot(p, diff)
     bad = torch.isnan(div)
     if bool(bad.any()):
         rows = bad.nonzero(as_tuple=True)
@@ -158,9 +182,9 @@ def _ce(z: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseTail:
-    """Forward KL toward a sparse target with a tail, from one exp pass over the (tempered) logits.
+    """Forward KL toward a sparse target with a tail, from one softmax pass over the (tempered) logits.
 
-    ``e`` holds ``exp(z_T - max)``, then (when some row has tail mass) with the members set to 0, so that the
+    ``e`` holds ``q_T = softmax(z_T)``, then (when some row has tail mass) with the members set to 0, so that the
     tail's sum is taken directly over the other ids (a minimum, so that a padded duplicate of a member never
     restores it). ``underflow``: some row with tail mass has its tail below what fp32 keeps next to its maximum.
     """
@@ -173,13 +197,12 @@ class _SparseTail:
         self.probs = probs = upcast(target.probs).to(dtype)
         self.tail = tail = upcast(target.tail).to(dtype).clamp_min(0.0)
         self.present = present = probs > 0
-        m = zt.amax(-1, keepdim=True)
-        m = m.masked_fill(~torch.isfinite(m), 0.0)
-        self.e = e = torch.sub(zt, m, out=work).exp_()
-        s_all = e.sum(-1, keepdim=True)
+        # One softmax pass (cheaper here than exp(z - max)): e = q_T. Its normalizer S (relative to exp(max))
+        # is 1 / q at the argmax, so log q_id = z_id - max - log S exactly, even where q_id underflows.
+        m, top = zt.max(-1, keepdim=True)
+        self.e = e = torch.softmax(zt, -1, out=work)
+        log_all = -e.gather(-1, top).log()
         self.e_ids = e.gather(-1, ids)
-        log_all = s_all.log()
-        self.inv_all = 1.0 / s_all
         lq_ids = zt.gather(-1, ids) - m - log_all
         logp = torch.where(present, probs, 1.0).log()
         div = torch.where(present, probs * (logp - lq_ids), 0.0).sum(-1)
@@ -190,7 +213,7 @@ class _SparseTail:
             e.scatter_reduce_(-1, ids, self.e_ids.masked_fill(present, 0.0), "amin")
             self.rest = rest = e.sum(-1)
             self.underflow = bool(((rest < tiny * math.exp(20.0)) & (tail > 0)).any())
-            lq_tail = rest.log() - log_all.squeeze(-1)
+            lq_tail = rest.log()
             div = div + torch.where(tail > 0, tail * (tail.clamp_min(tiny).log() - lq_tail), 0.0)
         self.div = div
         self.ce = (m + log_all).squeeze(-1) - z.gather(-1, lab).squeeze(-1) if t == 1.0 else _ce(z, lab)
@@ -198,12 +221,12 @@ class _SparseTail:
     def grad(self, a: float, ce_weight: float, out: torch.Tensor) -> torch.Tensor:
         """``a * d KL / d z_T + ce_weight * softmax(z_T)`` (the label's -1 left to the caller), into ``out``.
 
-        With M the target's mass (sum of p and r), outside the ids: ``e_j ((a M + ce_weight) / s_all - a r /
-        rest)``; at the ids: ``(a M + ce_weight) e_id / s_all - a p_id`` (with no tail anywhere, ``e`` still holds
-        the members)."""
-        e, inv_all = self.e, self.inv_all
+        With M the target's mass (sum of p and r), outside the ids: ``q_j (a M + ce_weight - a r / rest)`` (rest:
+        the student's mass outside the ids); at the ids: ``(a M + ce_weight) q_id - a p_id`` (with no tail
+        anywhere, ``e`` still holds the members)."""
+        e = self.e
         # The target's total mass (1 up to its rounding; kept, so that this is the gradient of the value computed).
-        q_coef = (a * (self.probs.sum(-1, keepdim=True) + self.tail.unsqueeze(-1)) + ce_weight) * inv_all
+        q_coef = a * (self.probs.sum(-1, keepdim=True) + self.tail.unsqueeze(-1)) + ce_weight
         if self.with_tail:
             tiny = torch.finfo(e.dtype).tiny
             share = torch.where(self.tail > 0, self.tail / self.rest.clamp_min(tiny), 0.0).unsqueeze(-1)

@@ -24,6 +24,7 @@ and CE), each with its own student (and cached teacher), in the same rounds: ``a
     python benchmarks/kd_step.py            # trains the quickstart teacher first if $DISTILL_CACHE lacks it
     python benchmarks/kd_step.py --quick    # the fast preset (smaller models), fewer repetitions
     python benchmarks/kd_step.py --autograd # beside the same steps on the autograd path
+    python benchmarks/kd_step.py --profile --reps 8 --out benchmarks/results/kd_step_profile.json  # per op
 
 Writes ``--out`` (default ``runs/benchmarks/kd_step.json``; the committed record: ``--out benchmarks/results/kd_step.json``): per variant the median and quartiles of the step
 time over ``--reps`` rounds (after ``--warmup`` rounds), and the CPU share the process got.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import platform
@@ -75,6 +77,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     p.add_argument("--autograd", action="store_true",
                    help="also the same steps with every loss chunk on the autograd path, in the same rounds")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of timing: each op's self CPU time per step (torch.profiler) and where each KD "
+                        "step's extra over its parts goes, per op")
     p.add_argument("--no-prefetch", action="store_true",
                    help="decode each cached batch when its step asks (what the helper thread saves, by difference)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "kd_step")
@@ -117,8 +122,12 @@ def main(argv=None) -> dict:
                                         "cpu")
                 teacher.check_data(dataset, None)
                 caches[key] = (teacher, summary["splits"]["train"]["bytes_per_token"])
-        result = measure(preset, tokenizer, teacher_dir, caches, batches, spec, args.warmup,
-                         prefetch=not args.no_prefetch, autograd=args.autograd)
+        if args.profile:
+            result = profile_ops(preset, tokenizer, teacher_dir, caches, batches, spec, args.warmup,
+                                 prefetch=not args.no_prefetch)
+        else:
+            result = measure(preset, tokenizer, teacher_dir, caches, batches, spec, args.warmup,
+                             prefetch=not args.no_prefetch, autograd=args.autograd)
     result.update(
         prefetch=not args.no_prefetch,
         preset=preset_name,
@@ -136,48 +145,23 @@ def main(argv=None) -> dict:
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
-    print(table(result))
+    print(json.dumps(result["extra_ms_per_step"], indent=1) if args.profile else table(result))
     return result
 
 
 def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
             warmup: int, prefetch: bool = True, autograd: bool = False) -> dict:
-    vocab = len(tokenizer)
-    teacher = EngineTeacher(LocalEngine(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), vocab_size=vocab), "live")
     variants = VARIANTS + tuple(f"{v}_autograd" for v in AUTOGRAD if autograd)
-    students = {}
-    for name in variants:  # one student (same init) and optimizer per variant
-        if name == "teacher_forward":
-            continue
-        model = load_model(ModelSpec(config=preset.student, tokenizer=str(teacher_dir), seed=0), "student", tokenizer)
-        students[name] = (model.train(), torch.optim.AdamW(model.parameters(), lr=1e-3))
-    teachers = {"ce": None, "live": teacher, **{name: c[0] for name, c in caches.items()}}
-    teachers.update({f"{v}_autograd": teachers[v] for v in ("ce", "live") if autograd})
-    cached = [v for v in variants if v.removesuffix("_autograd") in ("topk_tail", "sampled")]
-    ce_loss = replace_loss(loss)
+    step = Steps(preset, tokenizer, teacher_dir, caches, batches, loss, variants, prefetch)
+    teachers = step.teachers
 
     times: dict[str, list[float]] = {v: [] for v in variants}
     signal_times: dict[str, list[float]] = {"topk_tail": [], "sampled": []}
     cpu0, wall0 = process_cpu(), time.perf_counter()
     for r, batch in enumerate(batches):
-        n = int((batch["labels"][:, 1:] != -100).sum())
         for variant in variants:
             t0 = time.perf_counter()
-            if variant == "teacher_forward":
-                with torch.no_grad():
-                    teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            else:
-                model, opt = students[variant]
-                head = _head_fn(model, vocab)
-                if prefetch and variant in cached:  # as the training run: the next batch decoded meanwhile
-                    for ahead in batches[r:r + 2] if r == 0 else batches[r + 1:r + 2]:
-                        teachers[variant].prefetch(ahead)
-                with fused.disabled() if variant.endswith("_autograd") else contextlib.nullcontext():
-                    loss_value, _ = kd_step_loss(model, head, teachers[variant], batch, n,
-                                                 ce_loss if variant.startswith("ce") else loss)
-                    loss_value.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            step(variant, r)
             dt = time.perf_counter() - t0
             if variant in signal_times:  # the cached teacher's part alone, on the same batch
                 t1 = time.perf_counter()
@@ -205,6 +189,83 @@ def measure(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[di
         # extra over a CE step is what is left on the training thread.
         out[f"{v}_breakdown"] = {"signal": sig, "extra_over_ce": med[v] - med["ce"]}
     return out
+
+
+class Steps:
+    """One step of each variant on round ``r``'s batch: ``steps(variant, r)``. Each KD and CE variant has its own
+    student (same initialization) and optimizer; a cached variant prefetches the next round's targets."""
+
+    def __init__(self, preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
+                 variants: tuple[str, ...], prefetch: bool):
+        self.vocab = vocab = len(tokenizer)
+        self.teacher = EngineTeacher(
+            LocalEngine(load_model(ModelSpec(path=str(teacher_dir)), "teacher"), vocab_size=vocab), "live")
+        self.students = {}
+        for name in variants:
+            if name == "teacher_forward":
+                continue
+            model = load_model(ModelSpec(config=preset.student, tokenizer=str(teacher_dir), seed=0), "student",
+                               tokenizer)
+            self.students[name] = (model.train(), torch.optim.AdamW(model.parameters(), lr=1e-3))
+        self.teachers = {"ce": None, "live": self.teacher, **{name: c[0] for name, c in caches.items()}}
+        self.teachers.update({f"{v}_autograd": self.teachers[v] for v in ("ce", "live")})
+        self.cached = [v for v in variants if v.removesuffix("_autograd") in ("topk_tail", "sampled")]
+        self.batches, self.loss, self.ce_loss, self.prefetch = batches, loss, replace_loss(loss), prefetch
+
+    def __call__(self, variant: str, r: int) -> None:
+        batch, batches = self.batches[r], self.batches
+        if variant == "teacher_forward":
+            with torch.no_grad():
+                self.teacher.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        model, opt = self.students[variant]
+        if self.prefetch and variant in self.cached:  # as the training run: the next batch decoded meanwhile
+            for ahead in batches[r:r + 2] if r == 0 else batches[r + 1:r + 2]:
+                self.teachers[variant].prefetch(ahead)
+        with fused.disabled() if variant.endswith("_autograd") else contextlib.nullcontext():
+            loss_value, _ = kd_step_loss(model, _head_fn(model, self.vocab), self.teachers[variant], batch, n,
+                                         self.ce_loss if variant.startswith("ce") else self.loss)
+            loss_value.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def profile_ops(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
+                warmup: int, prefetch: bool = True) -> dict:
+    """Self CPU time per step of each op (torch.profiler) in each variant, and where a KD step's extra over its
+    parts goes: ``live - ce - teacher_forward`` and ``<cache> - ce`` per op (ops of 0.5 ms or more; the rest summed
+    as ``other``). ``_ChunkedKD``'s own time is the chunk loop's Python between ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = Steps(preset, tokenizer, teacher_dir, caches, batches, loss, VARIANTS, prefetch)
+    per_step: dict[str, dict[str, float]] = {}
+    for variant in VARIANTS:
+        for r in range(warmup):
+            step(variant, r)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for r in range(warmup, len(batches)):
+                step(variant, r)
+        steps = len(batches) - warmup
+        ops: dict[str, float] = {}
+        for e in prof.key_averages():
+            ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1000.0 / steps
+        per_step[variant] = ops
+
+    def diff(variant: str, minus: tuple[str, ...]) -> dict[str, float]:
+        keys = set(per_step[variant]).union(*(per_step[m] for m in minus))
+        d = {k: per_step[variant].get(k, 0.0) - sum(per_step[m].get(k, 0.0) for m in minus) for k in keys}
+        big = {k: round(v, 2) for k, v in sorted(d.items(), key=lambda kv: -abs(kv[1])) if abs(v) >= 0.5}
+        big["other"] = round(sum(v for k, v in d.items() if k not in big), 2)
+        big["total"] = round(sum(d.values()), 2)
+        return big
+
+    return {
+        "profile_ms_per_step": {v: round(sum(ops.values()), 2) for v, ops in per_step.items()},
+        "extra_ms_per_step": {"live": diff("live", ("ce", "teacher_forward")),
+                              "topk_tail": diff("topk_tail", ("ce",)), "sampled": diff("sampled", ("ce",))},
+        "profiled_steps": len(batches) - warmup,
+    }
 
 
 def ratios(med: dict) -> dict:

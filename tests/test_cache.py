@@ -68,8 +68,10 @@ def stored_row_logits(teacher, tok, examples: list[dict]) -> list[torch.Tensor]:
 # ----------------------------------------------------------------------------------------------- encoding
 
 
-@pytest.mark.parametrize("vocab", [263, 131073, 262144])
+@pytest.mark.parametrize("vocab", [263, 131073, 262144, 256, 65536, 2**32])
 def test_bit_packing_roundtrip_and_random_access(vocab):
+    """Any width; 8, 16 and 32 bits (read as whole words) also against the stream's definition: LSB-first,
+    so value i is the i-th little-endian word."""
     rng = np.random.default_rng(vocab)
     bits = codec.id_bits_for(vocab)
     assert bits == math.ceil(math.log2(vocab))
@@ -79,6 +81,8 @@ def test_bit_packing_roundtrip_and_random_access(vocab):
         packed = codec.pack_bits(values, bits)
         assert packed.nbytes == codec.packed_nbytes(n, bits) == math.ceil(n / 8) * bits
         assert np.array_equal(codec.unpack_bits(packed.tobytes(), bits, 0, n), values)
+        if bits in (8, 16, 32):
+            assert np.array_equal(np.frombuffer(packed.tobytes(), f"<u{bits // 8}")[:n], values)
         for start in range(0, n, max(1, n // 7)):
             count = int(rng.integers(0, n - start + 1))
             assert np.array_equal(codec.unpack_bits(packed, bits, start, count), values[start : start + count])
@@ -355,6 +359,12 @@ def test_hybrid_cache_reproduces_the_targets_and_trains(tmp_path, tiny):
         got = torch.zeros(len(rows), 263, dtype=torch.float64)
         got.scatter_add_(1, t.ids[rows], t.probs[rows].double())
         assert torch.allclose(got, est, atol=1e-6) and torch.equal(t.tail, torch.zeros(len(t.ids)))
+    idx = [3, 40, 9, 17]  # the batch, assembled at once, equals its examples' targets collated
+    exs = [ds[i] for i in idx]
+    bt = cache.batch_target(idx, exs, width=140)
+    want = collate_targets([cache.target(i, ex["input_ids"], ex["labels"]) for i, ex in zip(idx, exs, strict=True)],
+                           length=139)
+    assert torch.equal(bt.ids, want.ids) and torch.equal(bt.probs, want.probs) and torch.equal(bt.tail, want.tail)
     assert summary["splits"]["train"]["bytes_per_token"] < tiny["summary"]["splits"]["train"]["bytes_per_token"] / 4
     from distill import training
     from distill.config import TrainConfig
@@ -453,6 +463,26 @@ def test_random_access_across_shards_and_batches(tiny):
     assert bt.ids.shape == (4, 129, 64) and bt.tail.shape == (4, 129)
     assert (bt.probs[:, 127:] == 0).all()
     assert torch.equal(bt.ids[1, :127], got[idx[1]].ids)
+
+
+@pytest.mark.parametrize(("name", "topk_tail"), [("topk", True), ("topk", False), ("topk_all", True), ("sampled", True)])
+def test_batch_target_equals_the_examples_targets_collated(tiny, tiny_caches, name, topk_tail):
+    """The batch, assembled in one pass over all its examples' rows, equals the per-example targets padded and
+    stacked (collate_targets), whatever shards the examples come from and however wide the batch."""
+    cache, ds = TeacherCache(tiny_caches[name]["out"], topk_tail=topk_tail), tiny["ds"]
+    idx = [int(i) for i in np.random.default_rng(1).permutation(len(ds))[:6]]
+    exs = [ds[i] for i in idx]
+    longest = max(len(ex["input_ids"]) for ex in exs)
+    for width in (None, longest + 3):
+        got = cache.batch_target(idx, exs, width=width)
+        want = collate_targets([cache.target(i, ex["input_ids"], ex["labels"]) for i, ex in zip(idx, exs, strict=True)],
+                               length=(longest if width is None else width) - 1)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.probs, want.probs)
+        assert (got.tail is None) == (want.tail is None) == (not topk_tail)
+        if topk_tail:
+            assert torch.equal(got.tail, want.tail)
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        cache.batch_target(idx, exs, width=longest - 1)
 
 
 def test_collate_targets_pads_with_zero_probability():

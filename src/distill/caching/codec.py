@@ -155,6 +155,9 @@ def unpack_bits(buf, bits: int, start: int, count: int) -> np.ndarray:
         return np.zeros(0, np.int64)
     if bits == 0:
         return np.zeros(count, np.int64)
+    if bits in (8, 16, 32):  # whole little-endian words: the stream is the array itself
+        word = np.dtype(f"<u{bits // 8}")
+        return np.frombuffer(buf, word, count=count, offset=start * word.itemsize).astype(np.int64)
     dt = np.uint32 if bits <= 25 else np.uint64
     b0, b1 = start // 8, -(-(start + count) // 8)
     raw = np.frombuffer(buf, np.uint8, count=(b1 - b0) * bits, offset=b0 * bits).reshape(-1, bits)

@@ -331,6 +331,12 @@ class TeacherCache:
 
     def target(self, index: int, input_ids, labels) -> SparseTarget:
         """Example ``index``'s target (len - 1, K) aligned with ``labels[1:]``; unstored rows have probs 0."""
+        rows, where, t = self._checked_rows(index, input_ids, labels)
+        return self._assemble(rows, where, t)
+
+    def _checked_rows(self, index: int, input_ids, labels) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+        """Example ``index``'s decoded rows, the positions they go to and its length - 1, after checking that the
+        example is the one the cache was built from."""
         ids_np = np.asarray(
             input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64
         )
@@ -345,9 +351,7 @@ class TeacherCache:
                 "built from other data, another tokenizer or another sequence length; rebuild it with "
                 "`distill cache` on this data"
             )
-        where = stored_positions(lab_np)
-        t = max(len(ids_np) - 1, 0)
-        return self._assemble(rows, where, t)
+        return rows, stored_positions(lab_np), max(len(ids_np) - 1, 0)
 
     def _assemble(self, rows: dict[str, np.ndarray], where: np.ndarray, t: int) -> SparseTarget:
         p = self.params
@@ -398,17 +402,26 @@ class TeacherCache:
     def batch_target(
         self, indices: Sequence[int], examples: Sequence[dict], width: int | None = None
     ) -> SparseTarget:
-        """Targets of a collated batch: (B, width - 1, K), aligned with ``batch["labels"][:, 1:]``.
+        """Targets of a collated batch: (B, width - 1, K), aligned with ``batch["labels"][:, 1:]``; equal to
+        :func:`collate_targets` of the examples' :meth:`target`, assembled in one pass over the whole batch's rows.
 
         indices: the dataset index of each example; examples: dicts with ``input_ids`` and ``labels``;
-        width: the collated sequence length (default: the longest example).
+        width: the collated sequence length (default: the longest example; at least that).
         """
-        targets = [
-            self.target(i, ex["input_ids"], ex["labels"]) for i, ex in zip(indices, examples, strict=True)
-        ]
-        if width is None:
-            width = max(len(ex["input_ids"]) for ex in examples)
-        return collate_targets(targets, length=max(width - 1, 0))
+        parts = [self._checked_rows(i, ex["input_ids"], ex["labels"]) for i, ex in zip(indices, examples, strict=True)]
+        if not parts:
+            raise ValueError("batch_target got no examples")
+        longest = max(t for _, _, t in parts)
+        t = longest if width is None else max(width - 1, 0)
+        if t < longest:
+            raise ValueError(f"width {width} is shorter than the longest example ({longest + 1} tokens)")
+        # Every example's rows one after another, placed at b * t + position of the flattened (B * t) target.
+        rows = {key: np.concatenate([r[key] for r, _, _ in parts]) for key in parts[0][0]}
+        where = np.concatenate([b * t + w for b, (_, w, _) in enumerate(parts)])
+        flat = self._assemble(rows, where, len(parts) * t)
+        b, k = len(parts), flat.ids.shape[-1]
+        return SparseTarget(flat.ids.view(b, t, k), flat.probs.view(b, t, k),
+                            None if flat.tail is None else flat.tail.view(b, t))
 
     def iter_targets(self, dataset: Iterable[dict], start: int = 0) -> Iterator[tuple[int, SparseTarget]]:
         """Stream ``(index, target)`` for the examples of ``dataset`` from ``start`` on, shard by shard."""

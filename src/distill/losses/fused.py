@@ -198,10 +198,10 @@ class _SparseTail:
         self.tail = tail = upcast(target.tail).to(dtype).clamp_min(0.0)
         self.present = present = probs > 0
         # One softmax pass (cheaper here than exp(z - max)): e = q_T. Its normalizer S (relative to exp(max))
-        # is 1 / q at the argmax, so log q_id = z_id - max - log S exactly, even where q_id underflows.
-        m, top = zt.max(-1, keepdim=True)
+        # is 1 / the largest q, so log q_id = z_id - max - log S exactly, even where q_id underflows.
+        m = zt.amax(-1, keepdim=True)
         self.e = e = torch.softmax(zt, -1, out=work)
-        log_all = -e.gather(-1, top).log()
+        log_all = -e.amax(-1, keepdim=True).log()
         self.e_ids = e.gather(-1, ids)
         lq_ids = zt.gather(-1, ids) - m - log_all
         logp = torch.where(present, probs, 1.0).log()

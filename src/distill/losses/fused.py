@@ -110,20 +110,20 @@ def loss_chunk(head, spec: LossSpec, raw: torch.Tensor, labels: torch.Tensor, te
         lq = torch.log_softmax(z, -1, out=scratch.get(0, z))
         ce, div = -lq.gather(-1, lab).squeeze(-1), None
     elif isinstance(teacher, SparseTarget):
-        sparse = _SparseTail(z, t, teacher, lab, scratch.get(0, z))
+        sparse = _SparseTail(z, t, teacher, lab, scratch)
         if sparse.underflow:
             return None
         ce, div = sparse.ce, sparse.div
     else:
-        zt = z if t == 1.0 else z / t
+        zt = z if t == 1.0 else torch.div(z, t, out=scratch.get(5, z))
         lq = torch.log_softmax(zt, -1, out=scratch.get(0, z))
         tz = teacher.to(z.dtype)
-        tz = tz if t == 1.0 else tz / t
+        tz = tz if t == 1.0 else torch.div(tz, t, out=scratch.get(4, z))
         lp = torch.log_softmax(tz, -1, out=scratch.get(1, z))
         p = torch.softmax(tz, -1, out=scratch.get(2, z))  # (a softmax pass costs less than exp of lp here)
         div = _kl_rows(p, lp.sub_(lq))  # lp now holds log p - log q
         del lp, tz
-        ce = -lq.gather(-1, lab).squeeze(-1) if t == 1.0 else _ce(z, lab)
+        ce = -lq.gather(-1, lab).squeeze(-1) if t == 1.0 else _ce(z, lab, scratch.get(4, z))
     if teacher is None or alpha == 1.0:
         loss = ce
     else:
@@ -134,7 +134,8 @@ def loss_chunk(head, spec: LossSpec, raw: torch.Tensor, labels: torch.Tensor, te
     if not need_grad:
         return loss.sum()
     # The CE part at T != 1 needs softmax(z) at T = 1: taken before raw (which may be z) is overwritten.
-    q1 = torch.softmax(z, -1) if alpha > 0 and t != 1.0 and teacher is not None else None
+    q1 = (torch.softmax(z, -1, out=scratch.get(4, z)) if alpha > 0 and t != 1.0 and teacher is not None
+          else None)
     slope = _postprocess_slope(head, z) if head.has_postprocess else None
     out = raw if raw.dtype == z.dtype else scratch.get(3, z)
     if sparse is not None:
@@ -176,9 +177,9 @@ def _kl_rows(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
     return div
 
 
-def _ce(z: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
-    """Per-row CE at T = 1 from the logits."""
-    return torch.logsumexp(z, -1) - z.gather(-1, lab).squeeze(-1)
+def _ce(z: torch.Tensor, lab: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """Per-row CE at T = 1 from the logits (a log-softmax pass into ``work``: logsumexp costs more on a CPU)."""
+    return -torch.log_softmax(z, -1, out=work).gather(-1, lab).squeeze(-1)
 
 
 class _SparseTail:
@@ -189,8 +190,9 @@ class _SparseTail:
     restores it). ``underflow``: some row with tail mass has its tail below what fp32 keeps next to its maximum.
     """
 
-    def __init__(self, z: torch.Tensor, t: float, target: SparseTarget, lab: torch.Tensor, work: torch.Tensor):
-        zt = z if t == 1.0 else z / t
+    def __init__(self, z: torch.Tensor, t: float, target: SparseTarget, lab: torch.Tensor, scratch: Scratch):
+        work = scratch.get(0, z)
+        zt = z if t == 1.0 else torch.div(z, t, out=scratch.get(5, z))
         dtype = zt.dtype
         tiny = torch.finfo(dtype).tiny
         self.ids = ids = target.ids
@@ -216,7 +218,8 @@ class _SparseTail:
             lq_tail = rest.log()
             div = div + torch.where(tail > 0, tail * (tail.clamp_min(tiny).log() - lq_tail), 0.0)
         self.div = div
-        self.ce = (m + log_all).squeeze(-1) - z.gather(-1, lab).squeeze(-1) if t == 1.0 else _ce(z, lab)
+        self.ce = ((m + log_all).squeeze(-1) - z.gather(-1, lab).squeeze(-1) if t == 1.0
+                   else _ce(z, lab, scratch.get(4, z)))
 
     def grad(self, a: float, ce_weight: float, out: torch.Tensor) -> torch.Tensor:
         """``a * d KL / d z_T + ce_weight * softmax(z_T)`` (the label's -1 left to the caller), into ``out``.

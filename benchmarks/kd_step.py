@@ -233,24 +233,24 @@ class Steps:
 
 def profile_ops(preset, tokenizer, teacher_dir: Path, caches: dict, batches: list[dict], loss: LossConfig,
                 warmup: int, prefetch: bool = True) -> dict:
-    """Self CPU time per step of each op (torch.profiler) in each variant, and where a KD step's extra over its
-    parts goes: ``live - ce - teacher_forward`` and ``<cache> - ce`` per op (ops of 0.5 ms or more; the rest summed
+    """Self CPU time per step of each op (torch.profiler, one step at a time, round robin) in each variant, and
+    where a KD step's extra over its parts goes: ``live - ce - teacher_forward`` and ``<cache> - ce`` per op (ops of 0.5 ms or more; the rest summed
     as ``other``). ``_ChunkedKD``'s own time is the chunk loop's Python between ops."""
     from torch.profiler import ProfilerActivity, profile
 
     step = Steps(preset, tokenizer, teacher_dir, caches, batches, loss, VARIANTS, prefetch)
-    per_step: dict[str, dict[str, float]] = {}
-    for variant in VARIANTS:
-        for r in range(warmup):
-            step(variant, r)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for r in range(warmup, len(batches)):
+    per_step: dict[str, dict[str, float]] = {v: {} for v in VARIANTS}
+    steps = len(batches) - warmup
+    for r in range(len(batches)):  # round robin, as the timing: drift hits every variant alike
+        for variant in VARIANTS:
+            if r < warmup:
                 step(variant, r)
-        steps = len(batches) - warmup
-        ops: dict[str, float] = {}
-        for e in prof.key_averages():
-            ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1000.0 / steps
-        per_step[variant] = ops
+                continue
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                step(variant, r)
+            ops = per_step[variant]
+            for e in prof.key_averages():
+                ops[e.key] = ops.get(e.key, 0.0) + e.self_cpu_time_total / 1000.0 / steps
 
     def diff(variant: str, minus: tuple[str, ...]) -> dict[str, float]:
         keys = set(per_step[variant]).union(*(per_step[m] for m in minus))

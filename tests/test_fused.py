@@ -187,16 +187,17 @@ def test_other_divergences_and_renormalized_targets_are_not_fused(kind):
     assert fused.supports(LossSpec(), raw, raw)
 
 
+@pytest.mark.parametrize("spec", [LossSpec(alpha=0.2), LossSpec(temperature=2.0, alpha=0.2)], ids=["T1", "T2"])
 @pytest.mark.parametrize("teacher_kind", ["none", "dense", "tail"])
-def test_bf16_buffer_computes_in_fp32(teacher_kind):
+def test_bf16_buffer_computes_in_fp32(teacher_kind, spec):
     """A bf16 logit buffer (autocast): the math in fp32, the gradient written back in bf16, as autograd on the
     bf16 logits gives it."""
     raw, labels = _raw(10)
     raw = raw.bfloat16()
     teacher = {"none": None, "dense": torch.randn(R, V, generator=torch.Generator().manual_seed(11)).bfloat16(),
                "tail": _sparse(10)}[teacher_kind]
-    loss, seen, grad = _fused(HEADS["plain"], LossSpec(alpha=0.2), raw, labels, teacher)
-    ref_loss, ref_ce, _, ref_grad = _reference(HEADS["plain"], LossSpec(alpha=0.2), raw, labels, teacher)
+    loss, seen, grad = _fused(HEADS["plain"], spec, raw, labels, teacher)
+    ref_loss, ref_ce, _, ref_grad = _reference(HEADS["plain"], spec, raw, labels, teacher)
     assert grad.dtype == torch.bfloat16 and seen["ce"].dtype == torch.float32
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seen["ce"], ref_ce, rtol=1e-5, atol=1e-5)

@@ -117,8 +117,10 @@ def loss_chunk(head, spec: LossSpec, raw: torch.Tensor, labels: torch.Tensor, te
     else:
         zt = z if t == 1.0 else torch.div(z, t, out=scratch.get(5, z))
         lq = torch.log_softmax(zt, -1, out=scratch.get(0, z))
-        tz = teacher.to(z.dtype)
-        tz = tz if t == 1.0 else torch.div(tz, t, out=scratch.get(4, z))
+        # bf16 / fp16 teacher logits (autocast) are read into fp32 first; T divides in fp32
+        tz = teacher if teacher.dtype == z.dtype else scratch.get(4, z).copy_(teacher)
+        if t != 1.0:
+            tz = torch.div(tz, t, out=scratch.get(4, z))
         lp = torch.log_softmax(tz, -1, out=scratch.get(1, z))
         p = torch.softmax(tz, -1, out=scratch.get(2, z))  # (a softmax pass costs less than exp of lp here)
         div = _kl_rows(p, lp.sub_(lq))  # lp now holds log p - log q

@@ -23,9 +23,9 @@ materialized logits (up to summation order), and so do the gradients.
 
 Gradients are computed in the forward pass (a custom :class:`torch.autograd.Function`); backward only
 scales the stored gradients by the incoming gradient (in place), so nothing is recomputed. They already
-include the ``1 / num_tokens`` factor (applied to the (c, H) and (V, H) products, not to the (c, V) buffer). Consequences: backward can run only once per call (no
-``retain_graph`` re-use, no double backward), and the teacher is a constant (no gradient reaches
-teacher tensors). Under ``torch.no_grad()``, or when nothing requires grad, no gradient work is done.
+include the ``1 / num_tokens`` factor (applied to the (c, H) and (V, H) products, not to the (c, V)
+buffer). Consequences: backward can run only once per call (no ``retain_graph`` re-use, no double
+backward), and the teacher is a constant (no gradient reaches teacher tensors). Under ``torch.no_grad()``, or when nothing requires grad, no gradient work is done.
 
 Sizes (:func:`plan_chunks`): with ``u = memory_budget_bytes / (4 V)`` (how many V-sized fp32 rows fit)
 and ``n`` the V-sized fp32 temporaries one row of a loss chunk needs beyond the logit buffers (measured per

@@ -121,7 +121,8 @@ def test_the_lowest_layers_import_nothing_above_them():
     deps = {m: {t for t, _ in d} for m, d in _imports().items()}
     losses = {m: d for m, d in deps.items() if m.startswith("distill.losses")}
     assert all(t.startswith("distill.losses.") for d in losses.values() for t in d), losses
-    assert deps["distill.losses.chunked"] <= {"distill.losses.divergences"}
+    assert deps["distill.losses.chunked"] <= {"distill.losses.divergences", "distill.losses.fused"}
+    assert deps["distill.losses.fused"] <= {"distill.losses.divergences"}
     assert not any("distill.cli" in d for m, d in deps.items() if m not in ("distill.__main__", "distill.cli"))
 
 

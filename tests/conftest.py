@@ -171,6 +171,30 @@ def benchmark_module(name: str):
     return module
 
 
+def far_tail_problem(gap: float, dtype: torch.dtype):
+    """Three rows over 30 ids whose target keeps ids 0-2 (p = 0.5, 0.3, 0.1, tail 0.1) while the student's other
+    ids lie ``gap`` nats below them (the third row an ordinary one), and the float64 reference: ``(z, target,
+    reference)`` with z float64 (3, 30) and ``reference(zr)`` the student's and the target's log-probabilities over
+    the 3 ids + the tail class, the tail's a logsumexp over the tail ids (tests of the sparse tail's exactness)."""
+    from distill.losses import SparseTarget
+
+    v, k = 30, 3
+    z = torch.zeros(3, v, dtype=torch.float64)
+    z[:, :k] = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    z[:, k:] = -gap + torch.linspace(0.0, 3.0, v - k, dtype=torch.float64)
+    z[2, k:] = -2.0  # an ordinary row beside the extreme ones
+    ids = torch.arange(k).expand(3, k).contiguous()
+    target = SparseTarget(ids, torch.tensor([0.5, 0.3, 0.1]).expand(3, k).to(dtype), torch.full((3,), 0.1, dtype=dtype))
+
+    def reference(zr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.logsumexp(zr, -1, keepdim=True)
+        lq = torch.cat([zr[:, :k] - lse, torch.logsumexp(zr[:, k:], -1, keepdim=True) - lse], -1)
+        lp = torch.cat([target.probs.double(), target.tail.double()[:, None]], -1).log()
+        return lq, lp
+
+    return z, target, reference
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for a server a test starts)."""
     with socket.socket() as s:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import far_tail_problem
 
 from distill.losses import (
     LinearHead,
@@ -132,22 +133,11 @@ def test_tail_far_below_the_ids_is_exact(dtype, gap):
     (fp32 e^-30, e^-14: a student all but sure of the ids) keeps its exact log-mass and gradient, against a
     float64 logsumexp over the tail ids (a tail taken as the total minus the members' share would lose ~1e-7 /
     tail of its value in fp32)."""
-    v, k = 30, 3
-    z = torch.zeros(3, v, dtype=torch.float64)
-    z[:, :k] = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
-    z[:, k:] = -gap + torch.linspace(0.0, 3.0, v - k, dtype=torch.float64)
-    z[2, k:] = -2.0  # an ordinary row beside the extreme ones
-    ids = torch.arange(k).expand(3, k).contiguous()
-    probs = torch.tensor([0.5, 0.3, 0.1]).expand(3, k).to(dtype)
-    target = SparseTarget(ids, probs, torch.full((3,), 0.1, dtype=dtype))
-    labels = torch.tensor([0, 5, 1])
-    spec = LossSpec()
-    loss, seen, grad = _fused(HEADS["plain"], spec, z.to(dtype), labels, target)
+    z, target, reference = far_tail_problem(gap, dtype)
+    loss, seen, grad = _fused(HEADS["plain"], LossSpec(), z.to(dtype), torch.tensor([0, 5, 1]), target)
 
     zr = z.clone().requires_grad_()
-    lse = torch.logsumexp(zr, -1, keepdim=True)
-    lq = torch.cat([zr[:, :k] - lse, torch.logsumexp(zr[:, k:], -1, keepdim=True) - lse], -1)
-    lp = torch.cat([probs.double(), target.tail.double()[:, None]], -1).log()
+    lq, lp = reference(zr)
     ref = (lp.exp() * (lp - lq)).sum(-1)
     (ref_grad,) = torch.autograd.grad(ref.sum(), zr)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)

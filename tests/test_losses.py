@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import far_tail_problem
 
 from distill.losses import (
     DIVERGENCES,
@@ -775,23 +776,14 @@ def test_sparse_tail_far_below_the_kept_ids_stays_exact(dtype, gap, kind, kw):
     without underflowing (fp32: e^-30, e^-14: a student all but sure of the kept ids), keeps its exact
     log-mass and gradient; compared with logsumexp over the tail ids in float64. (A gradient formed as the
     members' share of the total minus their share of the tail loses ~1e-7 / tail of its value in fp32.)"""
-    v, k = 30, 3
-    z = torch.zeros(3, v, dtype=torch.float64)
-    z[:, :k] = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
-    z[:, k:] = -gap + torch.linspace(0.0, 3.0, v - k, dtype=torch.float64)
-    z[2, k:] = -2.0  # an ordinary row beside the extreme ones
-    ids = torch.arange(k).expand(3, k).contiguous()
-    target = SparseTarget(ids, torch.tensor([0.5, 0.3, 0.1]).expand(3, k).to(dtype), torch.full((3,), 0.1, dtype=dtype))
+    z, target, reference = far_tail_problem(gap, dtype)
 
     zs = z.to(dtype).requires_grad_()
     div = token_divergence(zs, target, kind, **kw)
     (grad,) = torch.autograd.grad(div.sum(), zs)
 
     zr = z.clone().requires_grad_()
-    lse = torch.logsumexp(zr, -1, keepdim=True)
-    lq = torch.cat([zr[:, :k] - lse, torch.logsumexp(zr[:, k:], -1, keepdim=True) - lse], -1)
-    lp = torch.cat([target.probs.double(), target.tail.double()[:, None]], -1).log()
-    ref = divergence_from_logprobs(lq, lp, kind, **kw)
+    ref = divergence_from_logprobs(*reference(zr), kind, **kw)
     (ref_grad,) = torch.autograd.grad(ref.sum(), zr)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
     assert torch.isfinite(div).all() and torch.isfinite(grad).all()

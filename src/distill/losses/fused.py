@@ -47,7 +47,8 @@ _enabled = True
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Inside the block every loss chunk takes the autograd path (the reference): for comparisons
-    (``benchmarks/kd_step.py --autograd``) and for ruling this module out when debugging."""
+    (``benchmarks/kd_step.py --autograd``) and for ruling this module out when debugging. The chunk planner
+    keeps the closed form's sizes, so the autograd path's temporaries may then exceed the memory budget."""
     global _enabled
     before, _enabled = _enabled, False
     try:

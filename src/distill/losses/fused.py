@@ -149,14 +149,12 @@ def loss_chunk(head, spec: LossSpec, raw: torch.Tensor, labels: torch.Tensor, te
         # (a + alpha) q - a p at T = 1, a (q_T - p) otherwise; q_T from a softmax pass (lp's tensor is free).
         q = torch.softmax(zt, -1, out=scratch.get(1, z))
         q_scale = a + alpha if t == 1.0 else a
-        if a == 0.0:  # alpha = 1: the teacher has no weight
-            grad = torch.mul(q, q_scale, out=out)
-        else:
-            if q_scale != a:
-                q.mul_(q_scale / a)
+        if q_scale == 1.0 and a == 1.0:  # the default (T = 1, alpha = 0): one pass
             grad = torch.sub(q, p, out=out)
-            if a != 1.0:
-                grad.mul_(a)
+        else:
+            grad = torch.mul(q, q_scale, out=out)
+            if a != 0.0:  # a = 0: alpha = 1, the teacher has no weight
+                grad.sub_(p, alpha=a)
     if q1 is not None:
         grad.add_(q1, alpha=alpha)
     if alpha > 0:
